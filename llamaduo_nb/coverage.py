@@ -1,0 +1,459 @@
+"""01_coverage: import, validate, curate and split the coverage dataset.
+
+Input shapes (auto-detected per row):
+  * instruction/response pairs: {"instruction"|"prompt", "response"|"completion"|"output", optional id, category}
+  * chat logs in the No Robots schema: {"prompt", "prompt_id", "messages": [{role, content}, ...], "category"}
+Sources: JSONL, CSV, a Hugging Face dataset saved with `save_to_disk`, or a hub dataset name (loaded with
+`datasets.load_dataset`; needs network, so it is exercised here only on local files).
+
+Validation is never silent: in `strict` mode the first bad row raises `DataFileError` (file, row, field),
+in `lenient` mode it is skipped and listed in `skipped.jsonl` and the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import CoverageConfig
+from .jsonio import DataFileError, read_json, write_json, write_jsonl
+from .runlayout import RunLayout
+
+INSTRUCTION_KEYS = ("instruction", "prompt", "question", "input")
+RESPONSE_KEYS = ("response", "completion", "output", "answer")
+ID_KEYS = ("id", "prompt_id")
+
+
+@dataclass
+class Skipped:
+    row: int
+    field: str | None
+    problem: str
+    id: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"row": self.row, "field": self.field, "problem": self.problem, "id": self.id}
+
+
+@dataclass
+class Imported:
+    source: str
+    rows: list[dict] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    n_read: int = 0
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def detect_format(source: str, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        return fmt
+    path = Path(source)
+    if path.is_dir():
+        return "hf_disk"
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return "jsonl"
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        return "hub"
+    if not path.exists():
+        raise FileNotFoundError(f"coverage source not found: {source} (a file, a folder, or a hub name owner/name)")
+    raise DataFileError(source, None, None, "unknown format; use .jsonl, .csv, a save_to_disk folder or set format")
+
+
+def _decode_lines(path: Path) -> Iterator[tuple[int, str]]:
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataFileError(path, lineno, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+
+
+def iter_raw_rows(source: str, fmt: str, cfg: CoverageConfig) -> Iterator[tuple[int, Any]]:
+    """Yield (row number, raw record). Row numbers are 1-based lines for JSONL/CSV, indices for datasets."""
+    import json
+
+    if fmt == "jsonl":
+        for lineno, line in _decode_lines(Path(source)):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield lineno, DataFileError(source, lineno, None, f"invalid JSON: {exc.msg}")
+    elif fmt == "csv":
+        path = Path(source)
+        try:
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = path.read_bytes()[: exc.start].count(b"\n") + 1
+            raise DataFileError(path, line, None, f"not valid UTF-8 ({exc.reason})") from exc
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+        for record in reader:
+            yield reader.line_num, record
+    elif fmt in ("hf_disk", "hub"):
+        import datasets
+
+        if fmt == "hf_disk":
+            ds = datasets.load_from_disk(source)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[cfg.hub_split]
+        else:
+            ds = datasets.load_dataset(source, cfg.hub_subset, split=cfg.hub_split)
+        for i, record in enumerate(ds, start=1):
+            yield i, record
+    else:
+        raise ValueError(f"unknown coverage format {fmt!r}")
+
+
+# --------------------------------------------------------------------------- normalising one row
+
+
+class RowProblem(Exception):
+    def __init__(self, field: str | None, problem: str):
+        self.field, self.problem = field, problem
+
+
+def _text(value: Any, name: str) -> str:
+    if value is None:
+        raise RowProblem(name, "missing")
+    if not isinstance(value, str):
+        raise RowProblem(name, f"expected text, got {type(value).__name__}")
+    if "\ufffd" in value:
+        raise RowProblem(name, "contains U+FFFD replacement characters (text was not valid UTF-8 upstream)")
+    if not value.strip():
+        raise RowProblem(name, "empty")
+    return value.strip()
+
+
+def _from_messages(messages: Any) -> tuple[str, str]:
+    if not isinstance(messages, list) or not messages:
+        raise RowProblem("messages", "expected a non-empty list of {role, content} turns")
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise RowProblem(f"messages[{i}]", "expected an object with 'role' and 'content'")
+        turns.append(m)
+    dialogue = [m for m in turns if m["role"] != "system"]
+    roles = [m["role"] for m in dialogue]
+    if roles.count("user") > 1 or roles.count("assistant") > 1:
+        raise RowProblem("messages", f"multi-turn conversation ({len(dialogue)} turns); only single-turn pairs are used")
+    if roles != ["user", "assistant"]:
+        raise RowProblem("messages", f"expected a user turn followed by an assistant turn, got roles {roles}")
+    return _text(dialogue[0]["content"], "messages[user].content"), _text(dialogue[1]["content"], "messages[assistant].content")
+
+
+def normalize_row(record: Any) -> tuple[str | None, str, str, str]:
+    """Return (id or None, instruction, response, category) or raise RowProblem naming the field."""
+    if not isinstance(record, dict):
+        raise RowProblem(None, f"expected an object, got {type(record).__name__}")
+    if record.get("messages") is not None:
+        instruction, response = _from_messages(record["messages"])
+        prompt = record.get("prompt")
+        if isinstance(prompt, str) and prompt.strip() and prompt.strip() != instruction:
+            raise RowProblem("prompt", "differs from the user turn in 'messages'")
+    else:
+        ikey = next((k for k in INSTRUCTION_KEYS if k in record), None)
+        rkey = next((k for k in RESPONSE_KEYS if k in record), None)
+        if ikey is None:
+            raise RowProblem("instruction", f"missing (expected one of {INSTRUCTION_KEYS} or 'messages')")
+        if rkey is None:
+            raise RowProblem("response", f"missing (expected one of {RESPONSE_KEYS} or 'messages')")
+        instruction, response = _text(record[ikey], ikey), _text(record[rkey], rkey)
+    raw_id = next((record[k] for k in ID_KEYS if record.get(k) not in (None, "")), None)
+    row_id = None if raw_id is None else str(raw_id).strip()
+    category = record.get("category") or "uncategorized"
+    if not isinstance(category, str):
+        raise RowProblem("category", f"expected text, got {type(category).__name__}")
+    return row_id, instruction, response, category.strip()
+
+
+def normalize_prompt(text: str) -> str:
+    """Key under which two prompts count as the same prompt (case, unicode form and whitespace ignored)."""
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().casefold()
+
+
+def content_id(instruction: str) -> str:
+    return "cov-" + hashlib.sha256(normalize_prompt(instruction).encode()).hexdigest()[:12]
+
+
+def import_coverage(cfg: CoverageConfig) -> Imported:
+    """Read and validate the coverage dataset per `cfg.strictness`."""
+    fmt = detect_format(cfg.source, cfg.format)
+    result = Imported(source=cfg.source)
+    seen_ids: dict[str, int] = {}
+    seen_prompts: dict[str, int] = {}
+    wanted = set(cfg.categories) if cfg.categories else None
+
+    def reject(row: int, fld: str | None, problem: str, row_id: str | None = None) -> None:
+        if cfg.strictness == "strict":
+            raise DataFileError(cfg.source, row, fld, problem)
+        result.skipped.append(Skipped(row, fld, problem, row_id))
+
+    for rownum, record in iter_raw_rows(cfg.source, fmt, cfg):
+        result.n_read += 1
+        if isinstance(record, DataFileError):
+            reject(rownum, None, record.problem)
+            continue
+        try:
+            row_id, instruction, response, category = normalize_row(record)
+        except RowProblem as p:
+            reject(rownum, p.field, p.problem)
+            continue
+        if wanted is not None and category not in wanted:
+            continue
+        if len(instruction) + len(response) > cfg.max_chars:
+            reject(rownum, "response", f"over-long row: {len(instruction) + len(response)} chars > max_chars {cfg.max_chars}", row_id)
+            continue
+        row_id = row_id or content_id(instruction)
+        if row_id in seen_ids:
+            reject(rownum, "id", f"duplicate id {row_id!r} (first seen in row {seen_ids[row_id]})", row_id)
+            continue
+        key = normalize_prompt(instruction)
+        if key in seen_prompts:
+            reject(rownum, "instruction", f"duplicate prompt (same as row {seen_prompts[key]})", row_id)
+            continue
+        seen_ids[row_id], seen_prompts[key] = rownum, rownum
+        result.rows.append(
+            {"id": row_id, "instruction": instruction, "response": response, "category": category, "source": f"{cfg.source}#{rownum}"}
+        )
+    if not result.rows:
+        raise DataFileError(cfg.source, None, None, "no usable rows after validation")
+    if cfg.max_rows is not None and len(result.rows) > cfg.max_rows:
+        result.rows = _stratified_sample(result.rows, cfg.max_rows)
+    return result
+
+
+def _stratified_sample(rows: list[dict], n: int) -> list[dict]:
+    """Take `n` rows round-robin over categories, in file order (deterministic)."""
+    by_cat: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_cat[r["category"]].append(r)
+    picked: list[dict] = []
+    queues = [list(v) for _, v in sorted(by_cat.items())]
+    while len(picked) < n:
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    order = {id(r): i for i, r in enumerate(rows)}
+    return sorted(picked, key=lambda r: order[id(r)])
+
+
+# --------------------------------------------------------------------------- split
+
+
+def _rank(seed: int, row_id: str) -> str:
+    return hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest()
+
+
+def split_rows(rows: Iterable[dict], train_ratio: float, seed: int, stratify_by: str | None = "category") -> tuple[list[dict], list[dict]]:
+    """Deterministic split by Phi, stratified, seeded; independent of input order.
+
+    Within each stratum rows are ordered by sha256(seed:id) and the first round(n * Phi) go to train; a
+    stratum with at least two rows always keeps one row on each side.
+    """
+    strata: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        strata[str(r.get(stratify_by, "")) if stratify_by else ""].append(r)
+    train, test = [], []
+    for key in sorted(strata):
+        group = sorted(strata[key], key=lambda r: _rank(seed, r["id"]))
+        n_train = round(len(group) * train_ratio)
+        if len(group) >= 2:
+            n_train = min(max(n_train, 1), len(group) - 1)
+        train.extend(group[:n_train])
+        test.extend(group[n_train:])
+    by_id = lambda r: r["id"]  # noqa: E731
+    return sorted(train, key=by_id), sorted(test, key=by_id)
+
+
+# --------------------------------------------------------------------------- curation decisions
+
+
+def load_decisions(path: Path) -> dict[str, dict]:
+    """Curation decisions: {id: {"action": accept|reject|edit, "instruction"?, "response"?, "split"?}}."""
+    if not path.is_file():
+        return {}
+    data = read_json(path)
+    decisions = data.get("decisions", data) if isinstance(data, dict) else None
+    if not isinstance(decisions, dict):
+        raise DataFileError(path, None, "decisions", "expected an object mapping row id -> decision")
+    for row_id, d in decisions.items():
+        if not isinstance(d, dict) or d.get("action") not in ("accept", "reject", "edit"):
+            raise DataFileError(path, None, f"decisions.{row_id}.action", "must be one of accept, reject, edit")
+        if d.get("split") not in (None, "train", "test"):
+            raise DataFileError(path, None, f"decisions.{row_id}.split", "must be train, test or null")
+    return decisions
+
+
+def save_decisions(path: Path, decisions: dict[str, dict]) -> None:
+    write_json(path, {"version": 1, "decisions": decisions})
+
+
+def apply_edits(rows: list[dict], decisions: dict[str, dict]) -> tuple[list[dict], list[str]]:
+    """Drop rejected rows and apply edits; returns (rows, ids of rejected rows)."""
+    out, rejected = [], []
+    for r in rows:
+        d = decisions.get(r["id"])
+        if d is None or d["action"] == "accept":
+            out.append(r)
+        elif d["action"] == "reject":
+            rejected.append(r["id"])
+        else:
+            edited = dict(r)
+            for key in ("instruction", "response", "category"):
+                if isinstance(d.get(key), str) and d[key].strip():
+                    edited[key] = d[key].strip()
+            edited["curated"] = True
+            out.append(edited)
+    return out, rejected
+
+
+def apply_moves(train: list[dict], test: list[dict], decisions: dict[str, dict]) -> tuple[list[dict], list[dict]]:
+    """Move rows between splits as the curator decided."""
+    rows = {r["id"]: ("train", r) for r in train} | {r["id"]: ("test", r) for r in test}
+    for row_id, d in decisions.items():
+        if d.get("split") and row_id in rows:
+            rows[row_id] = (d["split"], rows[row_id][1])
+    new_train = sorted((r for s, r in rows.values() if s == "train"), key=lambda r: r["id"])
+    new_test = sorted((r for s, r in rows.values() if s == "test"), key=lambda r: r["id"])
+    return new_train, new_test
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class CoverageResult:
+    train: list[dict]
+    test: list[dict]
+    report: dict
+
+
+def check_disjoint(train: list[dict], test: list[dict]) -> None:
+    train_prompts = {normalize_prompt(r["instruction"]) for r in train}
+    leaked = [r["id"] for r in test if normalize_prompt(r["instruction"]) in train_prompts]
+    if leaked:
+        raise ValueError(f"prompts present in both splits (after curation edits): {leaked[:5]}")
+    if not train or not test:
+        raise ValueError(f"a split is empty (train={len(train)}, test={len(test)}); add rows or change train_ratio")
+
+
+def build_coverage(cfg: CoverageConfig, seed: int, decisions: dict[str, dict] | None = None) -> CoverageResult:
+    imported = import_coverage(cfg)
+    decisions = decisions or {}
+    rows, rejected = apply_edits(imported.rows, decisions)
+    train, test = split_rows(rows, cfg.train_ratio, seed, cfg.stratify_by)
+    train, test = apply_moves(train, test, decisions)
+    check_disjoint(train, test)
+    per_cat = {
+        split: dict(sorted(Counter(r["category"] for r in rs).items())) for split, rs in (("train", train), ("test", test))
+    }
+    report = {
+        "source": cfg.source,
+        "rows_read": imported.n_read,
+        "rows_valid": len(imported.rows),
+        "skipped": len(imported.skipped),
+        "skipped_by_problem": dict(Counter(_problem_kind(s.problem) for s in imported.skipped)),
+        "curation": {"rejected": len(rejected), "edited": sum(1 for d in decisions.values() if d["action"] == "edit"),
+                     "moved": sum(1 for d in decisions.values() if d.get("split"))},
+        "train_ratio": cfg.train_ratio,
+        "seed": seed,
+        "train": len(train),
+        "test": len(test),
+        "per_category": per_cat,
+        "skipped_rows": [s.as_dict() for s in imported.skipped],
+    }
+    return CoverageResult(train, test, report)
+
+
+def _problem_kind(problem: str) -> str:
+    for kind in ("duplicate id", "duplicate prompt", "multi-turn", "over-long", "UTF-8", "empty", "missing", "invalid JSON"):
+        if kind in problem:
+            return kind
+    return "other"
+
+
+def write_coverage(result: CoverageResult, layout: RunLayout) -> dict[str, Path]:
+    """Write the declared 01 outputs; the split files are written last so their presence means done."""
+    write_jsonl(layout.skipped_file, result.report["skipped_rows"])
+    write_json(layout.coverage_report, {k: v for k, v in result.report.items() if k != "skipped_rows"})
+    write_jsonl(layout.test_file, result.test)
+    write_jsonl(layout.train_file, result.train)
+    return {"train": layout.train_file, "test": layout.test_file, "report": layout.coverage_report}
+
+
+def curation_path(cfg: CoverageConfig, layout: RunLayout) -> Path:
+    return Path(cfg.curation_file) if cfg.curation_file else layout.curation_file
+
+
+def run_coverage(cfg: CoverageConfig, seed: int, layout: RunLayout) -> CoverageResult:
+    """Import, validate, apply saved curation decisions, split and write — the non-interactive path."""
+    result = build_coverage(cfg, seed, load_decisions(curation_path(cfg, layout)))
+    write_coverage(result, layout)
+    return result
+
+
+def split_table(result: CoverageResult):
+    """Rows per category and split, as a DataFrame (for display and the bar plot)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(result.report["per_category"]).fillna(0).astype(int)
+    frame["total"] = frame.sum(axis=1)
+    return frame
+
+
+def plot_split(result: CoverageResult, path: Path | None = None):
+    """Bar plot of rows per category per split, and prompt/response length histograms."""
+    import matplotlib.pyplot as plt
+
+    table = split_table(result).drop(columns="total")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    table.plot.bar(ax=ax1, rot=20)
+    ax1.set_title("Rows per category and split")
+    ax1.set_ylabel("rows")
+    for split, rows in (("train", result.train), ("test", result.test)):
+        ax2.hist([len(r["instruction"].split()) + len(r["response"].split()) for r in rows], bins=15, alpha=0.6, label=split)
+    ax2.set_title("Words per pair (prompt + response)")
+    ax2.legend()
+    fig.tight_layout()
+    if path is not None:
+        from .jsonio import atomic_write
+
+        with atomic_write(path, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=110)
+    return fig
+
+
+def split_of(result: CoverageResult) -> dict[str, str]:
+    """Row id -> "train" | "test", for the curation view."""
+    return {r["id"]: "train" for r in result.train} | {r["id"]: "test" for r in result.test}
+
+
+def preview(rows: list[dict], n: int = 5):
+    import pandas as pd
+
+    frame = pd.DataFrame(rows[:n])[["id", "category", "instruction", "response"]]
+    return frame.assign(
+        instruction=frame.instruction.str.slice(0, 120), response=frame.response.str.slice(0, 120)
+    )
+
+
+
+def skipped_table(result: CoverageResult):
+    import pandas as pd
+
+    return pd.DataFrame(result.report["skipped_rows"], columns=["row", "field", "problem", "id"])

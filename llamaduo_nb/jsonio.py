@@ -1,0 +1,96 @@
+"""The one place that reads and writes run files: atomic writes, JSONL and JSON.
+
+Every file a stage declares is written through `atomic_write` (temp file in the same folder, fsync,
+`os.replace`), so a reader never sees half a file: either the old content, the new one, or nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+class DataFileError(ValueError):
+    """A data file is malformed; the message names the file, the row (1-based line) and the field."""
+
+    def __init__(self, path: str | Path, row: int | None, field: str | None, problem: str):
+        self.path, self.row, self.field, self.problem = str(path), row, field, problem
+        where = str(path)
+        if row is not None:
+            where += f", row {row}"
+        if field is not None:
+            where += f", field '{field}'"
+        super().__init__(f"{where}: {problem}")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Open a temp file next to `path`; on success fsync and rename it over `path`, on error delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    with atomic_write(path) as fh:
+        json.dump(obj, fh, indent=2, ensure_ascii=False, sort_keys=False, default=str)
+        fh.write("\n")
+    return Path(path)
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataFileError(path, exc.lineno, None, f"invalid JSON: {exc.msg}") from exc
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
+    """Write rows as JSON Lines atomically; returns the number of rows written."""
+    n = 0
+    with atomic_write(path) as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, default=str))
+            fh.write("\n")
+            n += 1
+    return n
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict]:
+    """Yield the objects of a JSONL file; blank lines are skipped, bad lines raise DataFileError."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataFileError(path, lineno, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataFileError(path, lineno, None, f"invalid JSON: {exc.msg}") from exc
+            if not isinstance(obj, dict):
+                raise DataFileError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
+            yield obj
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return list(iter_jsonl(path))

@@ -1,0 +1,197 @@
+"""Where every artifact of a run lives: one method per path, and nothing else in the package builds paths.
+
+    outputs/<run>/
+      params.yaml            resolved params of the run (what every notebook reads)
+      state.json             runner state: finished notebooks, decisions, timings
+      calls.sqlite           service-LLM call cache + cost ledger (see callcache.py)
+      coverage/              01: train.jsonl, test.jsonl, report.json, curation.json, 01_coverage.ipynb
+      cycle_00/ cycle_01/ …  02-05 of each cycle: adapter/, train_log.jsonl, responses.jsonl,
+                             judgments.jsonl, metrics.json, synthetic.jsonl, synth_report.json, notebooks
+      deploy/                06: merged/, gguf/, Modelfile, parity.json, economics.json, notebook
+      summary.md             written by the runner at the end
+
+The record schemas of these files are documented in `schemas.py`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGES = ("01_coverage", "02_finetune", "03_batch_inference", "04_evaluate", "05_synthesize", "06_deploy")
+
+
+def cache_home() -> Path:
+    """Machine-wide cache for derived model files (dequantised student, GGUF copies); not per run."""
+    return Path(os.environ.get("LLAMADUO_CACHE", Path.home() / ".cache" / "llamaduo_nb"))
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    @classmethod
+    def for_run(cls, outputs_dir: str | Path, run_name: str) -> RunLayout:
+        return cls(Path(outputs_dir) / run_name)
+
+    # ---- run level
+    @property
+    def params_file(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def calls_db(self) -> Path:
+        return self.root / "calls.sqlite"
+
+    @property
+    def ledger_csv(self) -> Path:
+        return self.root / "ledger.csv"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.root / "summary.md"
+
+    @property
+    def summary_json(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    # ---- 01 coverage
+    @property
+    def coverage_dir(self) -> Path:
+        return self.root / "coverage"
+
+    @property
+    def train_file(self) -> Path:
+        return self.coverage_dir / "train.jsonl"
+
+    @property
+    def test_file(self) -> Path:
+        return self.coverage_dir / "test.jsonl"
+
+    @property
+    def coverage_report(self) -> Path:
+        return self.coverage_dir / "report.json"
+
+    @property
+    def skipped_file(self) -> Path:
+        return self.coverage_dir / "skipped.jsonl"
+
+    @property
+    def curation_file(self) -> Path:
+        return self.coverage_dir / "curation.json"
+
+    @property
+    def split_plot(self) -> Path:
+        return self.coverage_dir / "split.png"
+
+    # ---- cycles
+    def cycle_dir(self, cycle: int) -> Path:
+        return self.root / f"cycle_{cycle:02d}"
+
+    def adapter_dir(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "adapter"
+
+    def train_data_file(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "train_data.jsonl"
+
+    def train_log(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "train_log.jsonl"
+
+    def train_summary(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "finetune.json"
+
+    def loss_plot(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "loss.png"
+
+    def responses_file(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "responses.jsonl"
+
+    def inference_summary(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "inference.json"
+
+    def judgments_file(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "judgments.jsonl"
+
+    def metrics_file(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "metrics.json"
+
+    def scores_plot(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "precision_vs_similarity.png"
+
+    def synthetic_file(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "synthetic.jsonl"
+
+    def synthetic_rejected_file(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "synthetic_rejected.jsonl"
+
+    def synth_report(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "synth_report.json"
+
+    def synth_plot(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "synth_counts.png"
+
+    # ---- 06 deploy
+    @property
+    def deploy_dir(self) -> Path:
+        return self.root / "deploy"
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.deploy_dir / "merged"
+
+    @property
+    def gguf_dir(self) -> Path:
+        return self.deploy_dir / "gguf"
+
+    def gguf_file(self, qtype: str) -> Path:
+        return self.gguf_dir / f"model-{qtype.lower()}.gguf"
+
+    @property
+    def modelfile(self) -> Path:
+        return self.deploy_dir / "Modelfile"
+
+    @property
+    def vllm_launch(self) -> Path:
+        return self.deploy_dir / "serve_vllm.sh"
+
+    @property
+    def parity_report(self) -> Path:
+        return self.deploy_dir / "parity.json"
+
+    @property
+    def economics_report(self) -> Path:
+        return self.deploy_dir / "economics.json"
+
+    @property
+    def deploy_report(self) -> Path:
+        return self.deploy_dir / "deploy.json"
+
+    # ---- notebooks
+    def notebook_out(self, stage: str, cycle: int | None = None) -> Path:
+        """Executed notebooks are saved beside the files they wrote."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+        if stage == "01_coverage":
+            folder = self.coverage_dir
+        elif stage == "06_deploy":
+            folder = self.deploy_dir
+        else:
+            if cycle is None:
+                raise ValueError(f"{stage} needs a cycle number")
+            folder = self.cycle_dir(cycle)
+        return folder / f"{stage}.ipynb"
+
+    def cycles(self) -> list[int]:
+        """Cycle numbers that have a folder, in order."""
+        if not self.root.is_dir():
+            return []
+        return sorted(int(p.name.split("_")[1]) for p in self.root.glob("cycle_[0-9][0-9]") if p.is_dir())

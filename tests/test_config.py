@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import pytest
+
+from llamaduo_nb.config import ConfigError, load_config, table5_lora
+
+
+def test_shipped_params_load(project_root):
+    demo = load_config(project_root / "params" / "demo.yaml")
+    assert demo.providers[0].kind == "embedded"
+    paper = load_config(project_root / "params" / "paper_gemma7b.yaml")
+    assert paper.inference.k == 4 and paper.evaluate.m == 10
+    assert paper.evaluate.zetas == [50.0, 70.0]
+    assert {p.kind for p in paper.providers} == {"openai", "anthropic", "google"}
+
+
+def test_unknown_key_names_the_key_and_shows_an_example(make_params):
+    path = make_params({"inference": {"kk": 4}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "'inference.kk'" in msg and "unknown key" in msg
+    assert "k: 4" in msg  # the example of the right shape
+    assert str(path) in msg
+
+
+def test_unknown_top_level_key(make_params):
+    with pytest.raises(ConfigError, match="'judge_model'.*unknown key"):
+        load_config(make_params({"judge_model": "gpt-4o"}))
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "problem"),
+    [
+        ({"coverage": {"train_ratio": 1.2}}, "coverage.train_ratio", "between 0 and 1"),
+        ({"coverage": {"train_ratio": 0}}, "coverage.train_ratio", "between 0 and 1"),
+        ({"inference": {"k": 0}}, "inference.k", ">= 1"),
+        ({"evaluate": {"m": 0}}, "evaluate.m", ">= 1"),
+        ({"inference": {"k": "4"}}, "inference.k", "expected an integer"),
+        ({"inference": {"k": True}}, "inference.k", "expected an integer"),
+        ({"evaluate": {"judges": ["gpt4o"]}}, "evaluate.judges", "not a declared provider"),
+        ({"evaluate": {"decision_statistic": "coverage@60"}}, "evaluate.decision_statistic", "listed in zetas"),
+        ({"coverage": {"strictness": "loose"}}, "coverage.strictness", "not one of"),
+        ({"loop": {"max_cycles": 0}}, "loop.max_cycles", ">= 1"),
+        ({"providers": [{"name": "x", "kind": "openai", "model": "m", "api_key_env": "sk-abc"}]}, "providers[0].api_key_env", "NAME of an environment variable"),
+    ],
+)
+def test_impossible_values_are_errors(make_params, extra, key, problem):
+    with pytest.raises(ConfigError) as err:
+        load_config(make_params(extra))
+    assert f"'{key}'" in str(err.value)
+    assert problem in str(err.value)
+
+
+def test_missing_required_section(make_params, tmp_path):
+    path = make_params()
+    text = path.read_text().replace("coverage:", "coverage_old:")
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="coverage"):
+        load_config(path)
+
+
+def test_overrides_use_dotted_keys(make_params):
+    cfg = load_config(make_params(), {"loop.max_cycles": 5, "inference.k": 3})
+    assert cfg.loop.max_cycles == 5 and cfg.inference.k == 3
+
+
+def test_ints_are_accepted_for_floats(make_params):
+    cfg = load_config(make_params({"evaluate": {"epsilon": 60}}))
+    assert cfg.evaluate.epsilon == 60.0 and isinstance(cfg.evaluate.epsilon, float)
+
+
+def test_table5_schedule():
+    assert table5_lora(1_000) == (8, 16)
+    assert table5_lora(16_000) == (8, 16)
+    assert table5_lora(32_000) == (16, 32)
+    assert table5_lora(64_000) == (32, 64)
+    assert table5_lora(256_000) == (32, 64)
