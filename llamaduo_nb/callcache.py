@@ -1,0 +1,390 @@
+"""Persistent call cache and cost ledger for service-LLM calls: one SQLite file per run (`<run>/calls.sqlite`).
+
+Two tables live in that file:
+
+* `calls`  — the cache. Key: SHA-256 of the canonical JSON of the full request (provider kind, model,
+  endpoint, messages, sampling parameters, JSON schema, repeat index). Re-running a stage after a
+  crash replays finished calls for free, and the M repeats of one judgment never collapse into one
+  answer because the repeat index is part of the key. Only successful calls are cached.
+* `ledger` — one row per real call (cache hits add nothing): when, which stage and cycle, which
+  provider and model, tokens, latency, cost in USD from `params/prices.yaml`, ok/error, attempts.
+
+Nothing here ever sees an API key: requests are stored as the JSON the caller built, never with
+headers or client settings. The database runs in WAL mode with a busy timeout; each thread gets its
+own connection, so threads of one process and several processes may write at the same time.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import sqlite3
+import threading
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .jsonio import atomic_write
+
+LEDGER_COLUMNS = (
+    "id",
+    "ts",
+    "stage",
+    "cycle",
+    "provider",
+    "kind",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "latency_s",
+    "cost_usd",
+    "ok",
+    "error",
+    "attempts",
+    "cache_key",
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    cache_key     TEXT PRIMARY KEY,
+    created_at    TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    request_json  TEXT NOT NULL,
+    text          TEXT NOT NULL,
+    input_tokens  INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    latency_s     REAL NOT NULL,
+    cost_usd      REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts            TEXT NOT NULL,
+    stage         TEXT NOT NULL,
+    cycle         INTEGER,
+    provider      TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    input_tokens  INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    latency_s     REAL NOT NULL,
+    cost_usd      REAL NOT NULL,
+    ok            INTEGER NOT NULL,
+    error         TEXT,
+    attempts      INTEGER NOT NULL,
+    cache_key     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_stage_cycle ON ledger (stage, cycle);
+"""
+
+
+def canonical_json(obj: Any) -> str:
+    """One spelling per value: sorted keys, no spaces, UTF-8 kept; the basis of the cache key."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def request_key(request: Mapping[str, Any]) -> str:
+    """SHA-256 hex digest of the canonical JSON of a full request description."""
+    return hashlib.sha256(canonical_json(request).encode("utf-8")).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class CachedCall:
+    cache_key: str
+    text: str
+    input_tokens: int
+    output_tokens: int
+    latency_s: float
+    cost_usd: float
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    stage: str
+    cycle: int | None
+    provider: str
+    kind: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    latency_s: float
+    cost_usd: float
+    ok: bool
+    error: str | None
+    attempts: int
+    cache_key: str
+    ts: str = field(default_factory=_now)
+
+
+class CallCache:
+    """The cache + ledger of one run. Use as a context manager or call `close()`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        conn = self._conn()
+        with conn:
+            conn.executescript(_SCHEMA)
+
+    # ---- connections: one per thread, all closed together
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> CallCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- cache
+    def get(self, cache_key: str) -> CachedCall | None:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT cache_key, text, input_tokens, output_tokens, latency_s, cost_usd FROM calls WHERE cache_key = ?",
+                (cache_key,),
+            )
+            .fetchone()
+        )
+        return CachedCall(**dict(row)) if row is not None else None
+
+    def put(
+        self,
+        cache_key: str,
+        request: Mapping[str, Any],
+        text: str,
+        input_tokens: int,
+        output_tokens: int,
+        latency_s: float,
+        cost_usd: float,
+    ) -> None:
+        """Store a finished call; a second put for the same key keeps the first answer."""
+        conn = self._conn()
+        with conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO calls (cache_key, created_at, kind, model, request_json, text,"
+                " input_tokens, output_tokens, latency_s, cost_usd) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    cache_key,
+                    _now(),
+                    str(request.get("kind", "")),
+                    str(request.get("model", "")),
+                    canonical_json(dict(request)),
+                    text,
+                    int(input_tokens),
+                    int(output_tokens),
+                    float(latency_s),
+                    float(cost_usd),
+                ),
+            )
+
+    def n_cached(self) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM calls").fetchone()[0])
+
+    # ---- ledger
+    def record(self, row: LedgerRow) -> None:
+        conn = self._conn()
+        with conn:
+            conn.execute(
+                "INSERT INTO ledger (ts, stage, cycle, provider, kind, model, input_tokens, output_tokens,"
+                " latency_s, cost_usd, ok, error, attempts, cache_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    row.ts,
+                    row.stage,
+                    row.cycle,
+                    row.provider,
+                    row.kind,
+                    row.model,
+                    int(row.input_tokens),
+                    int(row.output_tokens),
+                    float(row.latency_s),
+                    float(row.cost_usd),
+                    1 if row.ok else 0,
+                    row.error,
+                    int(row.attempts),
+                    row.cache_key,
+                ),
+            )
+
+    def ledger_rows(self, stage: str | None = None, cycle: int | None = None) -> list[dict[str, Any]]:
+        """Ledger rows as dicts in call order, optionally only one stage and/or cycle."""
+        sql, args = f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger", []
+        where = []
+        if stage is not None:
+            where.append("stage = ?")
+            args.append(stage)
+        if cycle is not None:
+            where.append("cycle = ?")
+            args.append(cycle)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = [dict(r) for r in self._conn().execute(sql + " ORDER BY id", args)]
+        for r in rows:
+            r["ok"] = bool(r["ok"])
+        return rows
+
+
+def read_ledger(
+    db_path: str | Path, stage: str | None = None, cycle: int | None = None
+) -> list[dict[str, Any]]:
+    """Ledger rows of a run's calls.sqlite (empty when the run never called a service LLM)."""
+    if not Path(db_path).is_file():
+        return []
+    with CallCache(db_path) as cache:
+        return cache.ledger_rows(stage=stage, cycle=cycle)
+
+
+def ledger_frame(db_path: str | Path, stage: str | None = None, cycle: int | None = None):
+    """The ledger as a pandas DataFrame with the columns of LEDGER_COLUMNS (possibly zero rows)."""
+    import pandas as pd
+
+    return pd.DataFrame(read_ledger(db_path, stage=stage, cycle=cycle), columns=list(LEDGER_COLUMNS))
+
+
+def export_ledger_csv(db_path: str | Path, csv_path: str | Path) -> int:
+    """Write the whole ledger to CSV atomically (e.g. `RunLayout.ledger_csv`); returns the number of rows."""
+    rows = read_ledger(db_path)
+    with atomic_write(csv_path) as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(LEDGER_COLUMNS), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return len(rows)
+
+
+# --------------------------------------------------------------------------- prices
+
+
+class PriceError(ValueError):
+    """`params/prices.yaml` is malformed; the message names the file and the entry."""
+
+
+_PRICES_EXAMPLE = "models:\n  gpt-4o: {input: 2.50, output: 10.00}   # USD per 1M tokens\ndefault: null"
+_FREE_KINDS = frozenset({"embedded"})
+
+
+@dataclass(frozen=True)
+class Price:
+    input: float  # USD per 1M input tokens
+    output: float  # USD per 1M output tokens
+
+
+class PriceTable:
+    """USD per 1M input/output tokens by model name.
+
+    Lookup: exact name, else the longest listed name that prefixes the model id (so a dated id such as
+    `gpt-4o-mini-2024-07-18` finds `gpt-4o-mini`, not `gpt-4o`), else `default`, else 0 with one warning
+    per model. Providers of kind `embedded` run on this machine and always cost 0.
+    """
+
+    def __init__(self, prices: Mapping[str, Price], default: Price | None = None, source: str = "<prices>"):
+        self.prices = dict(prices)
+        self.default = default
+        self.source = source
+        self._warned: set[str] = set()
+        self._warn_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: str | Path) -> PriceTable:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise PriceError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise PriceError(f"{path}: expected a mapping at the top level; example:\n{_PRICES_EXAMPLE}")
+        unknown = set(data) - {"currency", "unit", "models", "default"}
+        if unknown:
+            raise PriceError(f"{path}: unknown key(s) {sorted(unknown)}; example:\n{_PRICES_EXAMPLE}")
+        models = data.get("models") or {}
+        if not isinstance(models, dict):
+            raise PriceError(
+                f"{path}, key 'models': expected a mapping of model -> price; example:\n{_PRICES_EXAMPLE}"
+            )
+        prices = {str(name): _price(entry, path, f"models.{name}") for name, entry in models.items()}
+        default = data.get("default")
+        return cls(prices, None if default is None else _price(default, path, "default"), str(path))
+
+    def lookup(self, model: str) -> Price | None:
+        if model in self.prices:
+            return self.prices[model]
+        prefixes = [name for name in self.prices if model.startswith(name)]
+        if prefixes:
+            return self.prices[max(prefixes, key=len)]
+        return self.default
+
+    def cost(self, kind: str, model: str, input_tokens: int, output_tokens: int) -> float:
+        if kind in _FREE_KINDS:
+            return 0.0
+        price = self.lookup(model)
+        if price is None:
+            with self._warn_lock:
+                first = model not in self._warned
+                self._warned.add(model)
+            if first:
+                warnings.warn(
+                    f"no price for model '{model}' in {self.source}; its calls are ledgered at $0. "
+                    f"Add e.g. `{model}: {{input: 1.0, output: 2.0}}` under `models:` (USD per 1M tokens).",
+                    stacklevel=2,
+                )
+            return 0.0
+        return (input_tokens * price.input + output_tokens * price.output) / 1_000_000
+
+
+def _price(entry: Any, path: Path, key: str) -> Price:
+    if not isinstance(entry, dict) or set(entry) != {"input", "output"}:
+        raise PriceError(
+            f"{path}, key '{key}': expected {{input: <USD/1M>, output: <USD/1M>}}, got {entry!r}"
+        )
+    for side in ("input", "output"):
+        value = entry[side]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise PriceError(f"{path}, key '{key}.{side}': expected a number >= 0, got {value!r}")
+    return Price(float(entry["input"]), float(entry["output"]))
+
+
+def resolve_prices_path(prices_file: str | Path) -> Path:
+    """A relative prices file is looked up from the working directory, then from the project root."""
+    path = Path(prices_file)
+    if path.is_absolute() or path.is_file():
+        return path
+    in_project = Path(__file__).resolve().parents[1] / path
+    return in_project if in_project.is_file() else path
+
+
+def load_prices(prices_file: str | Path) -> PriceTable:
+    """Load the price table; a missing file gives an empty table (every call $0) and one warning."""
+    path = resolve_prices_path(prices_file)
+    if not path.is_file():
+        warnings.warn(f"price table {prices_file} not found; every call is ledgered at $0", stacklevel=2)
+        return PriceTable({}, None, str(prices_file))
+    return PriceTable.load(path)
