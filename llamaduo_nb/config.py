@@ -88,8 +88,15 @@ class StudentConfig:
     revision: str | None = None
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+    # torch CPU threads for fine-tuning and inference (null: torch's default, one per core). When other work
+    # keeps the cores busy, 1 can be several times faster: a 2-thread matmul waits for a preempted thread.
+    cpu_threads: int | None = None
 
     EXAMPLE = "model_id: google/gemma-7b\nrevision: main\ntorch_dtype: bfloat16"
+
+    def validate(self) -> None:
+        _check(bool(self.model_id), "model_id", "name a hub id, a local folder or embedded:smollm2")
+        _check(self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads", "must be >= 1 or null")
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,8 @@ class InferenceConfig:
     max_new_tokens: int = 256
     batch_size: int = 4  # prompts per generate() call (each expands to K sequences)
     seed: int = 1234
+    merge_adapter: bool = True  # transformers engine: fold the LoRA weights into the base first
+    share_prompt_cache: bool = True  # transformers engine: prefill each prompt once, reuse it for K samples
 
     EXAMPLE = "engine: auto\nk: 4\ntemperature: 0.7\ntop_p: 0.9\nmax_new_tokens: 512"
 
@@ -157,6 +166,7 @@ class EvaluateConfig:
     judge_aggregation: Literal["mean", "min", "all"] = "mean"  # combine judges: average, worst, or all must pass
     temperature: float = 1.0  # judge sampling temperature (M repeats only differ when > 0)
     max_tokens: int = 256
+    min_scored_share: float = 0.5  # a judge scoring fewer rows than this share cannot pass the model
 
     EXAMPLE = "judges: [gpt4o, claude]\nm: 10\nzetas: [50, 70]\nepsilon: 70\ndecision_statistic: mean"
 
@@ -170,6 +180,9 @@ class EvaluateConfig:
             z = float(self.decision_statistic.split("@", 1)[1])
             _check(z in [float(x) for x in self.zetas], "decision_statistic", f"zeta {z:g} must be listed in zetas")
         _check(0 <= self.epsilon <= 100, "epsilon", "must lie in [0, 100]")
+        _check(self.temperature >= 0, "temperature", "must be >= 0 (M repeats only differ when > 0)")
+        _check(0 <= self.min_scored_share <= 1, "min_scored_share", "must lie in [0, 1], e.g. 0.5")
+        _check(self.max_tokens >= 1, "max_tokens", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -183,7 +196,7 @@ class SynthesizeConfig:
     max_tokens: int = 1024
     dedup_threshold: float = 0.7  # ROUGE-L F1 at or above which a new row duplicates an old one
     decontam_threshold: float = 0.6  # ROUGE-L F1 against a test item that counts as contamination
-    max_response_chars: int = 6000
+    max_response_chars: int = 6000  # quality rule "too_long": longer instructions or responses are rejected
 
     EXAMPLE = "generator: gpt4o\npairs_per_request: 5\ntarget_per_cycle: 1000\ngrowth: double"
 
@@ -193,6 +206,9 @@ class SynthesizeConfig:
         _check(self.max_requests_per_cycle >= 1, "max_requests_per_cycle", "must be >= 1")
         _check(0 < self.dedup_threshold <= 1, "dedup_threshold", "must lie in (0, 1]")
         _check(0 < self.decontam_threshold <= 1, "decontam_threshold", "must lie in (0, 1]")
+        _check(self.temperature >= 0, "temperature", "must be >= 0")
+        _check(self.max_tokens >= 1, "max_tokens", "must be >= 1")
+        _check(self.max_response_chars >= 1, "max_response_chars", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -205,18 +221,43 @@ class LoopConfig:
         _check(self.max_cycles >= 1, "max_cycles", "must be >= 1")
 
 
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+
+
 @dataclass(frozen=True)
 class DeployConfig:
     enabled: bool = True
     select: Literal["first_passing", "best"] = "first_passing"  # which cycle's model to ship
-    gguf_types: list[str] = field(default_factory=lambda: ["f16", "q8_0"])
+    gguf_types: list[str] = field(default_factory=lambda: ["f16", "q8_0"])  # any of f32, f16, bf16, q8_0
     serve: bool = True  # start llama.cpp's server on the exported GGUF and run the parity check
+    serve_gguf: str = "q8_0"  # which exported GGUF the served endpoint (and the judged parity check) uses
+    n_ctx: int = 2048  # context length of the llama.cpp server
     parity_tolerance: float = 5.0  # max allowed drop of the decision statistic (points)
     parity_m: int | None = None  # judge repeats for the parity check (None: evaluate.m)
+    greedy_prompts: int = 8  # test prompts for the greedy exact-match check, per GGUF type (0: skip)
+    greedy_max_new_tokens: int = 64
+    gguf_tokenizer_pre: str | None = None  # llama.cpp pre-tokenizer name; None: the embedded GGUF's, else default
+    convert_script: str | None = None  # llama.cpp convert_hf_to_gguf.py, for students the built-in exporter lacks
     hf_repo: str | None = None  # push merged weights when HF_TOKEN is set
+    hf_private: bool = True
     economics_file: str = "params/economics.yaml"
 
-    EXAMPLE = "select: first_passing\ngguf_types: [f16, q8_0]\nserve: true\nparity_tolerance: 5"
+    EXAMPLE = "select: first_passing\ngguf_types: [f16, q8_0]\nserve: true\nserve_gguf: q8_0\nparity_tolerance: 5"
+
+    def validate(self) -> None:
+        _check(len(self.gguf_types) >= 1, "gguf_types", f"list at least one of {list(GGUF_TYPES)}")
+        for i, qtype in enumerate(self.gguf_types):
+            _check(qtype in GGUF_TYPES, f"gguf_types[{i}]", f"{qtype!r} is not one of {list(GGUF_TYPES)}")
+        _check(len(set(self.gguf_types)) == len(self.gguf_types), "gguf_types", "each type once")
+        _check(not self.serve or self.serve_gguf in self.gguf_types, "serve_gguf",
+               f"{self.serve_gguf!r} must be one of gguf_types {self.gguf_types}")
+        _check(self.n_ctx >= 256, "n_ctx", "must be >= 256")
+        _check(self.parity_tolerance >= 0, "parity_tolerance", "must be >= 0 (points of the decision statistic)")
+        _check(self.parity_m is None or self.parity_m >= 1, "parity_m", "must be >= 1 or null")
+        _check(self.greedy_prompts >= 0, "greedy_prompts", "must be >= 0")
+        _check(self.greedy_max_new_tokens >= 1, "greedy_max_new_tokens", "must be >= 1")
+        _check(self.hf_repo is None or re.fullmatch(r"[\w.-]+/[\w.-]+", self.hf_repo) is not None,
+               "hf_repo", "'owner/name', e.g. my-org/smollm2-task-student")
 
 
 @dataclass(frozen=True)

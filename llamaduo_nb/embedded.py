@@ -243,12 +243,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if the parent (a notebook kernel) dies without cleaning up."""
-    with contextlib.suppress(Exception):
+def _parent_death_signal() -> Any:
+    """A pre-exec hook that makes the server get SIGTERM when its parent (a notebook kernel) dies without
+    cleaning up (Linux prctl PR_SET_PDEATHSIG), or None elsewhere.
+
+    libc is resolved here, in the parent: the hook runs between fork and exec, where a multi-threaded
+    parent's child must not import anything.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except OSError:
+        return None
+    return lambda: prctl(1, signal.SIGTERM)
 
 
 class LlamaServer:
@@ -383,7 +393,7 @@ class LlamaServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=_parent_death_signal(),
             )
         url = f"http://{self.host}:{port}/v1/models"
         deadline = time.monotonic() + self.startup_timeout_s

@@ -118,6 +118,9 @@ class RunLayout:
     def inference_summary(self, cycle: int) -> Path:
         return self.cycle_dir(cycle) / "inference.json"
 
+    def output_lengths_plot(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "output_lengths.png"
+
     def judgments_file(self, cycle: int) -> Path:
         return self.cycle_dir(cycle) / "judgments.jsonl"
 
@@ -174,6 +177,41 @@ class RunLayout:
     @property
     def deploy_report(self) -> Path:
         return self.deploy_dir / "deploy.json"
+
+    @property
+    def model_card(self) -> Path:
+        return self.merged_dir / "README.md"
+
+    @property
+    def cycles_plot(self) -> Path:
+        return self.deploy_dir / "cycles.png"
+
+    @property
+    def greedy_parity_file(self) -> Path:
+        return self.deploy_dir / "greedy_parity.jsonl"
+
+    @property
+    def parity_responses_file(self) -> Path:
+        return self.deploy_dir / "parity_responses.jsonl"
+
+    @property
+    def parity_judgments_file(self) -> Path:
+        return self.deploy_dir / "parity_judgments.jsonl"
+
+    @property
+    def parity_plot(self) -> Path:
+        return self.deploy_dir / "parity.png"
+
+    @property
+    def ledger_plot(self) -> Path:
+        return self.deploy_dir / "ledger_costs.png"
+
+    @property
+    def breakeven_plot(self) -> Path:
+        return self.deploy_dir / "breakeven.png"
+
+    def server_log(self, qtype: str) -> Path:
+        return self.logs_dir / f"llama_server_{qtype.lower()}.log"
 
     # ---- notebooks
     def notebook_out(self, stage: str, cycle: int | None = None) -> Path:

@@ -11,27 +11,67 @@ stage fails with file, row and field when an upstream file is not what it declar
   coverage/curation.json                             {"version": 1, "decisions": {id: {action, instruction?, response?, split?}}}
 
 02_finetune (cycle t)
-  cycle_NN/train_data.jsonl                          COVERAGE_ROW (+ lineage for synthetic rows): the data of cycle t
+  cycle_NN/train_data.jsonl                          COVERAGE_ROW (+ lineage for synthetic rows) + {origin}: the data
+      of cycle t; origin is "coverage" or "synthetic/cycle_NN" (train split ∪ synthetic.jsonl of cycles < t)
   cycle_NN/adapter/                                  PEFT adapter + tokenizer (save_pretrained)
-  cycle_NN/train_log.jsonl                           {step, loss, learning_rate, epoch, ...} per logging step
-  cycle_NN/finetune.json                             rows, tokens, steps, wall time, tokens/s, lora r/alpha, quantization
+  cycle_NN/train_log.jsonl                           {step, loss, learning_rate, grad_norm, mean_token_accuracy,
+      num_input_tokens_seen, epoch, elapsed_s} per logging step
+  cycle_NN/finetune.json                             {cycle, base_model, init_from, rows, rows_by_origin,
+      tokenized_rows, rows_dropped_prompt_too_long, rows_cut_at_max_length, loss_mask, lora {r, alpha, source,
+      dropout, target_modules}, quantization ("none" | "4bit"), device, dtype, mixed_precision, steps, epochs,
+      tokens, wall_time_s, cpu_time_s, tokens_per_s, first_loss, final_loss, torch_threads, versions, ...}
+  cycle_NN/loss.png                                  loss and learning rate per logging step
 
 03_batch_inference
-  cycle_NN/responses.jsonl                           RESPONSE_ROW, one per (prompt, sample)
-  cycle_NN/inference.json                            engine, rows, tokens generated, wall time
+  cycle_NN/responses.jsonl                           RESPONSE_ROW, one per (prompt, sample):
+      {prompt_id, instruction, reference, candidate, sample_index (0..K-1), category, model_id, model_revision,
+       adapter (relative to the run folder), output_tokens, finish_reason ("stop" | "length"),
+       generation {engine, k, temperature, top_p, do_sample, max_new_tokens, seed, batch_size, sample_seed}}
+  cycle_NN/inference.json                            {engine, prompts, k, rows, tokens_generated, prompt_tokens,
+      prompt_tokens_computed, load_time_s, wall_time_s, cpu_time_s, tokens_per_s, finish_reasons, ...}
+  cycle_NN/output_lengths.png                        histogram of generated tokens per answer
 
 04_evaluate
-  cycle_NN/judgments.jsonl                           JUDGMENT_ROW, one per (prompt, sample, judge, repeat)
-  cycle_NN/metrics.json                              METRICS (the runner reads decision.passed)
+  cycle_NN/judgments.jsonl                           JUDGMENT_ROW, one per (prompt, sample, judge, repeat):
+      {prompt_id, sample_index, category, judge, repeat, similarity, precision, ok, error, cached,
+       cache_key, raw}; a failure has ok=false, similarity/precision null, error "<kind>: <text>" with kind
+       request | parse | range, and raw = the start of the reply (null for successes and request errors)
+  cycle_NN/metrics.json                              METRICS (the runner reads decision.passed):
+      {cycle, n_rows, m, zetas, per_judge: {judge: {precision|similarity: {mean, mean_ci95, c@<zeta>...,
+       n_rows_scored}, n_rows, rows_unscored, judgments, failures, failure_rate, failure_kinds}},
+       decision: {passed, metric, statistic, value, epsilon, aggregation, per_judge, reason}}
+  cycle_NN/precision_vs_similarity.png               per-row mean precision vs similarity, one panel per judge
 
 05_synthesize
-  cycle_NN/synthetic.jsonl                           COVERAGE_ROW + lineage {seed_id, cycle, generator}
-  cycle_NN/synthetic_rejected.jsonl                  rejected rows with {reason, detail}
-  cycle_NN/synth_report.json                         counts per filter
+  cycle_NN/synthetic.jsonl                           COVERAGE_ROW (source "synthetic", category of the seed) +
+      lineage {seed_id, cycle, generator: {provider, model, params: {temperature, max_tokens,
+      pairs_per_request, repeat}}}
+  cycle_NN/synthetic_rejected.jsonl                  candidate rows + {reason, detail, matched_id, score};
+      reason is one of synthesize.FILTERS
+  cycle_NN/synth_report.json                         counts per filter, request/parse failures, target,
+                                                     seeds used, request_log (one entry per request)
+  cycle_NN/synth_counts.png                          bar plot of those counts
 
 06_deploy
-  deploy/merged/, deploy/gguf/*.gguf, deploy/Modelfile, deploy/serve_vllm.sh
-  deploy/parity.json, deploy/economics.json, deploy/deploy.json
+  deploy/merged/                                     HF folder (safetensors, tokenizer + chat_template.jinja,
+                                                     generation_config.json) + README.md model card
+  deploy/gguf/model-<type>.gguf                      llama.cpp files, <type> in f32 | f16 | bf16 | q8_0
+  deploy/Modelfile, deploy/serve_vllm.sh             Ollama recipe; vLLM launcher (merged, or MODE=lora)
+  deploy/greedy_parity.jsonl                         one per (qtype, prompt): {qtype, prompt_id, category,
+      exact_match, prefix_chars, token_agreement, answer_tokens, transformers_chars, served_chars,
+      transformers, served, error}
+  deploy/parity_responses.jsonl                      RESPONSE_ROW of the served GGUF (model_id "gguf:<file>",
+                                                     + error), K per test prompt
+  deploy/parity_judgments.jsonl                      JUDGMENT_ROW of those answers (M = deploy.parity_m)
+  deploy/parity.json                                 {cycle, served_gguf, qtype, k, m, m_evaluated, prompts,
+      answers, generation_failures, seconds, decision: {evaluated, served, drop, tolerance, flagged, message},
+      comparison: [{judge, metric, statistic, evaluated, evaluated_ci95, served, served_ci95, delta,
+      rows_evaluated, rows_served}], served_metrics: METRICS}  (or {skipped} when deploy.serve is false)
+  deploy/economics.json                              {source, ledger: {by_provider, by_stage, by_cycle, total},
+      migration_spend_usd, params, service_usd_per_day, service_usd_per_month, table2, crossovers}
+  deploy/deploy.json                                 {choice, merge, exports, greedy, parity, modelfile,
+                                                     vllm_launch, hub_url}
+  deploy/{cycles,parity,ledger_costs,breakeven}.png, logs/llama_server_<type>.log
 
 Run level: params.yaml (resolved config), state.json (runner), calls.sqlite (cache + ledger),
 ledger.csv, summary.md / summary.json.

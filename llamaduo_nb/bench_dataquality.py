@@ -1,0 +1,643 @@
+"""Benchmark of the data-quality engine against the reference pipeline (`make bench`).
+
+Generates a synthetic instruction/response pool that looks like LlamaDuo's synthetic data (four task
+templates, Zipfian vocabulary, boilerplate shared with the test split) with planted truth:
+
+- exact duplicates of pool rows;
+- near-duplicates at known word-edit fractions (0 = only case/whitespace/punctuation changed);
+- contaminated rows derived from test items: lightly edited prompts, paraphrased prompts (synonym swaps
+  plus a clause reorder), test responses copied into a new row, and test passages embedded under a
+  different instruction.
+
+It then measures, in one process, the reference pipeline (per-token datasketch MinHash + MinHashLSH +
+rouge-score confirmation + an O(N^2) list-membership filter, as the original did) on the 20K pool and this
+engine on 20K and 300K, and writes `outputs/bench/dataquality.{json,md}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+# The reference pipeline imports below are deliberate: it is the baseline being measured.
+import numpy as np
+
+FUNCTION_WORDS = (
+    "the a an of to and in is for on that with as by this it be are from at or was which can not has "
+    "have will its their your you these more than also into each other about how what when where who "
+    "should would there been then them some only very just over such"
+).split()
+UNICODE_WORDS = ["café", "naïve", "Zürich", "São", "résumé", "façade", "Ångström", "İstanbul", "smörgåsbord"]
+
+TEMPLATES = {
+    "summarization": [
+        "Summarize the following article in {k} sentences.\n\n{passage}",
+        "Write a short summary of this text:\n{passage}",
+        "Read the passage below and give a concise summary that keeps the key facts.\n\n{passage}",
+        "TL;DR the following news story for a busy reader:\n\n{passage}",
+    ],
+    "classification": [
+        "Classify the sentiment of the following review as positive, negative or neutral: {passage}",
+        "Is the following customer message a complaint, a question or praise?\n\n{passage}",
+        "Label the topic of this text (sports, politics, science, business): {passage}",
+    ],
+    "closed_qa": [
+        "Answer the question using only the context.\n\nContext: {passage}\n\nQuestion: {question}",
+        "Based on the passage below, {question}\n\n{passage}",
+        "Read the context and answer briefly.\nContext: {passage}\nQ: {question}",
+    ],
+    "coding": [
+        "Write a Python function `{name}` that {task}.",
+        "Implement `{name}` in Python: it should {task}. Include a docstring.",
+        "Create a small Python helper named {name} which {task}, and explain it in one sentence.",
+    ],
+}
+LABELS = {
+    0: ["Positive", "Negative", "Neutral"],
+    1: ["Complaint", "Question", "Praise"],
+    2: ["Sports", "Politics", "Science", "Business"],
+}
+CATEGORY_WEIGHTS = {"summarization": 0.3, "classification": 0.25, "closed_qa": 0.25, "coding": 0.2}
+
+
+class TextFactory:
+    """Deterministic pseudo-English: function words plus a Zipfian vocabulary of pronounceable words."""
+
+    def __init__(self, seed: int, vocab_size: int = 40_000):
+        self.rng = random.Random(seed)
+        self.words = self._make_vocab(vocab_size)
+        numbers = [str(n) for n in range(0, 2025, 7)] + [f"{n / 10:.1f}" for n in range(5, 1000, 37)]
+        ranks = np.arange(1, vocab_size + 1, dtype=np.float64)
+        zipf = 1.0 / (ranks + 2.7) ** 1.05
+        shares = (
+            [0.42 / len(FUNCTION_WORDS)] * len(FUNCTION_WORDS)
+            + [0.005 / len(UNICODE_WORDS)] * len(UNICODE_WORDS)
+            + [0.015 / len(numbers)] * len(numbers)
+            + list(0.56 * zipf / zipf.sum())
+        )
+        self.population = FUNCTION_WORDS + UNICODE_WORDS + numbers + self.words
+        self.cum_weights = list(np.cumsum(shares))
+        self.synonyms = {w: self.words[(i * 7919 + 13) % vocab_size] for i, w in enumerate(self.words[:4000])}
+
+    def _make_vocab(self, size: int) -> list[str]:
+        onsets = ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z"]
+        onsets += ["br", "st", "tr", "pl", "ch", "sh", "gr", "cl", "fr"]
+        vowels = ["a", "e", "i", "o", "u", "ai", "ea", "ou", "io", "y"]
+        codas = ["", "", "n", "r", "s", "l", "t", "m", "nd", "st", "ng", "ck"]
+        rnd = random.Random(12345)  # the vocabulary is the same for every seed
+        seen: set[str] = set(FUNCTION_WORDS)
+        words: list[str] = []
+        while len(words) < size:
+            word = "".join(
+                rnd.choice(onsets) + rnd.choice(vowels) + rnd.choice(codas) for _ in range(rnd.randint(1, 3))
+            )
+            if len(word) > 2 and word not in seen:
+                seen.add(word)
+                words.append(word)
+        return words
+
+    def sample(self, k: int) -> list[str]:
+        return self.rng.choices(self.population, cum_weights=self.cum_weights, k=k)
+
+    def word(self) -> str:
+        return self.sample(1)[0]
+
+    def sentence(self, lo: int = 7, hi: int = 20) -> str:
+        words = self.sample(self.rng.randint(lo, hi))
+        if len(words) > 8 and self.rng.random() < 0.4:
+            words[self.rng.randint(2, len(words) - 3)] += ","
+        return words[0][:1].upper() + words[0][1:] + " " + " ".join(words[1:]) + "."
+
+    def passage(self, lo: int, hi: int) -> str:
+        return " ".join(self.sentence() for _ in range(self.rng.randint(lo, hi)))
+
+    def identifier(self) -> str:
+        return "_".join(self.rng.choice(self.words[:3000]) for _ in range(self.rng.randint(1, 3)))
+
+    def pair(self, category: str) -> dict[str, str]:
+        rng = self.rng
+        template_index = rng.randrange(len(TEMPLATES[category]))
+        template = TEMPLATES[category][template_index]
+        if category == "summarization":
+            passage = self.passage(4, 8)
+            instruction = template.format(k=rng.randint(1, 3), passage=passage)
+            source = passage.split()
+            start = rng.randrange(max(1, len(source) - 12))
+            borrowed = " ".join(source[start : start + rng.randint(6, 12)])
+            response = self.sentence() + " " + borrowed + " " + self.sentence(5, 12)
+        elif category == "classification":
+            passage = self.passage(1, 3)
+            instruction = template.format(passage=passage)
+            label = rng.choice(LABELS[template_index])
+            response = label if rng.random() < 0.5 else f"{label}. " + self.sentence(6, 14)
+        elif category == "closed_qa":
+            passage = self.passage(2, 5)
+            question = self.sentence(6, 12)[:-1] + "?"
+            instruction = template.format(passage=passage, question=question)
+            response = " ".join(self.sentence(5, 14) for _ in range(rng.randint(1, 2)))
+        else:
+            name = self.identifier()
+            instruction = template.format(name=name, task=self.sentence(8, 16)[:-1].lower())
+            args = ", ".join(self.identifier() for _ in range(rng.randint(1, 3)))
+            body = "\n".join(
+                f"    {self.identifier()} = {self.identifier()}({self.identifier()}) + {rng.randint(0, 99)}"
+                for _ in range(rng.randint(2, 7))
+            )
+            response = f'```python\ndef {name}({args}):\n    """{self.sentence(5, 10)}"""\n{body}\n    return {self.identifier()}\n```'
+        return {"instruction": instruction, "response": response, "category": category}
+
+    def random_pair(self) -> dict[str, str]:
+        category = self.rng.choices(list(CATEGORY_WEIGHTS), weights=list(CATEGORY_WEIGHTS.values()))[0]
+        return self.pair(category)
+
+    # -- edits ------------------------------------------------------------------------------------------
+    def edit_words(self, text: str, fraction: float) -> str:
+        """Apply round(fraction * words) word edits (substitute / delete / insert), at least one."""
+        words = text.split(" ")
+        for _ in range(max(1, round(fraction * len(words)))):
+            op = self.rng.random()
+            pos = self.rng.randrange(len(words))
+            if op < 0.5 or len(words) < 3:
+                words[pos] = self.word()
+            elif op < 0.75:
+                del words[pos]
+            else:
+                words.insert(pos, self.word())
+        return " ".join(words)
+
+    def format_variant(self, text: str) -> str:
+        """Same words, different surface: case, whitespace and punctuation only."""
+        out = text.replace(". ", ".  ").replace(",", " ,")
+        return out.upper() if self.rng.random() < 0.3 else out.lower()
+
+    def paraphrase(self, text: str) -> str:
+        """Synonym swaps on ~25% of content words and one sentence moved: harder than a light edit."""
+        words = text.split(" ")
+        for i, word in enumerate(words):
+            key = word.strip(".,?!:").lower()
+            if key in self.synonyms and self.rng.random() < 0.25:
+                words[i] = word.lower().replace(key, self.synonyms[key])
+        sentences = " ".join(words).split(". ")
+        if len(sentences) > 2:
+            moved = sentences.pop(self.rng.randrange(len(sentences) - 1))
+            sentences.insert(self.rng.randrange(len(sentences)), moved)
+        return ". ".join(sentences)
+
+
+EDIT_FRACTIONS = (0.0, 0.02, 0.05, 0.10, 0.15, 0.20)
+CONTAMINATION_KINDS = ("edited_prompt", "paraphrased_prompt", "copied_response", "embedded_passage")
+
+
+@dataclass
+class Synthetic:
+    """A generated pool, its test split, and the planted truth for every pool row."""
+
+    pool: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    kind: list[str]  # unique | exact_duplicate | near_duplicate | contaminated
+    detail: list[str] = field(default_factory=list)  # edit fraction or contamination kind
+    source: list[int] = field(default_factory=list)  # pool index (duplicates) or test index (contamination)
+
+
+def generate(
+    n_pool: int,
+    n_test: int = 1000,
+    *,
+    seed: int = 0,
+    exact_fraction: float = 0.04,
+    near_fraction: float = 0.10,
+    contaminated_fraction: float = 0.02,
+) -> Synthetic:
+    """Generate `n_pool` pool rows (with planted duplicates and contamination) and `n_test` test rows."""
+    test_factory = TextFactory(seed * 1000 + 1)
+    test = [{"id": f"test-{i}", **test_factory.random_pair()} for i in range(n_test)]
+
+    factory = TextFactory(seed * 1000 + 2)
+    rng = factory.rng
+    n_exact = int(n_pool * exact_fraction)
+    n_near = int(n_pool * near_fraction)
+    n_contam = int(n_pool * contaminated_fraction) if n_test else 0
+    n_unique = n_pool - n_exact - n_near - n_contam
+
+    pool: list[dict[str, Any]] = [factory.random_pair() for _ in range(n_unique)]
+    kind, detail, source = ["unique"] * n_unique, [""] * n_unique, [-1] * n_unique
+
+    for _ in range(n_exact):
+        src = rng.randrange(n_unique)
+        pool.append(dict(pool[src]))
+        kind.append("exact_duplicate"), detail.append(""), source.append(src)
+    for i in range(n_near):
+        src = rng.randrange(n_unique)
+        fraction = EDIT_FRACTIONS[i % len(EDIT_FRACTIONS)]
+        base = pool[src]
+        if fraction == 0.0:
+            row = {k: factory.format_variant(v) if k != "category" else v for k, v in base.items()}
+        else:
+            row = {
+                "instruction": factory.edit_words(base["instruction"], fraction),
+                "response": factory.edit_words(base["response"], fraction)
+                if len(base["response"].split()) > 3
+                else base["response"],
+                "category": base["category"],
+            }
+        pool.append(row)
+        kind.append("near_duplicate"), detail.append(f"{fraction:.2f}"), source.append(src)
+    long_response = [t for t, item in enumerate(test) if len(item["response"].split()) >= 12]
+    for i in range(n_contam):
+        how = CONTAMINATION_KINDS[i % len(CONTAMINATION_KINDS)]
+        # a copied one-word label ("Positive") is not a leak, so only substantial responses are copied
+        src = rng.choice(long_response) if how == "copied_response" and long_response else rng.randrange(n_test)
+        item = test[src]
+        if how == "edited_prompt":
+            row = {
+                "instruction": factory.edit_words(item["instruction"], rng.choice((0.02, 0.05, 0.10))),
+                "response": factory.pair(item["category"])["response"],
+            }
+        elif how == "paraphrased_prompt":
+            row = {"instruction": factory.paraphrase(item["instruction"]), "response": item["response"]}
+            if len(item["response"].split()) <= 3:
+                row["response"] = factory.pair(item["category"])["response"]
+        elif how == "copied_response":
+            row = {
+                "instruction": factory.pair(item["category"])["instruction"],
+                "response": "Sure! " + item["response"] + " " + factory.sentence(5, 10),
+            }
+        else:
+            longest = max(item["instruction"].split("\n"), key=len)
+            row = {
+                "instruction": "Translate the following text into plain English for a child:\n\n" + longest,
+                "response": factory.passage(1, 2),
+            }
+        row["category"] = item["category"]
+        pool.append(row)
+        kind.append("contaminated"), detail.append(how), source.append(src)
+
+    order = list(range(n_pool))
+    rng.shuffle(order)
+    position = {old: new for new, old in enumerate(order)}
+    pool = [{"id": f"pool-{new}", **pool[old]} for new, old in enumerate(order)]
+    source = [position[source[old]] if kind[old] in _POOL_SOURCED else source[old] for old in order]
+    kind = [kind[old] for old in order]
+    detail = [detail[old] for old in order]
+    return Synthetic(pool=pool, test=test, kind=kind, detail=detail, source=source)
+
+
+_POOL_SOURCED = {"exact_duplicate", "near_duplicate"}
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference pipeline (the original approach, reproduced faithfully; it is the baseline)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReferenceResult:
+    duplicate: set[int]
+    contaminated: set[int]
+    seconds: dict[str, float]
+
+
+def reference_pipeline(
+    pool: list[dict[str, Any]], test: list[dict[str, Any]], threshold: float = 0.7, num_perm: int = 128
+) -> ReferenceResult:
+    """Per-token datasketch MinHash + MinHashLSH + rouge-score, after an O(N^2) list-membership filter.
+
+    As in the original it drops a row whenever LSH finds a confirmed neighbour, so BOTH copies of a
+    near-duplicate pair are dropped.
+    """
+    from datasketch import MinHash, MinHashLSH
+    from rouge_score import rouge_scorer
+
+    from llamaduo_nb.dataquality import row_text
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    seconds: dict[str, float] = {}
+
+    def minhash(text: str) -> MinHash:
+        m = MinHash(num_perm=num_perm)
+        for token in text.split():
+            m.update(token.encode("utf8"))
+        return m
+
+    started = time.perf_counter()
+    pairs = [row_text(row) for row in pool]
+    texts = [f"{instruction}\n{response}" for instruction, response in pairs]
+    seen: list[str] = []
+    kept: list[int] = []
+    duplicate: set[int] = set()
+    for i, text in enumerate(texts):
+        if text in seen:  # list membership: O(N) per row
+            duplicate.add(i)
+            continue
+        seen.append(text)
+        kept.append(i)
+    seconds["exact_membership"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    signatures = {}
+    for i in kept:
+        signatures[i] = minhash(texts[i])
+        lsh.insert(i, signatures[i])
+    for i in kept:
+        for j in lsh.query(signatures[i]):
+            if j != i and scorer.score(texts[j], texts[i])["rougeL"].fmeasure >= threshold:
+                duplicate.add(i)
+                break
+    seconds["near_duplicates"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    test_lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    test_texts = {}
+    for t, row in enumerate(test):
+        for f, text in enumerate(row_text(row)):
+            if text.split():
+                test_texts[(t, f)] = text
+                test_lsh.insert((t, f), minhash(text))
+    contaminated: set[int] = set()
+    for i in kept:
+        if i in duplicate:
+            continue
+        for text in pairs[i]:
+            if not text.split():
+                continue
+            if any(
+                scorer.score(test_texts[key], text)["rougeL"].fmeasure >= threshold
+                for key in test_lsh.query(minhash(text))
+            ):
+                contaminated.add(i)
+                break
+    seconds["decontamination"] = time.perf_counter() - started
+    seconds["total"] = sum(seconds.values())
+    return ReferenceResult(duplicate=duplicate, contaminated=contaminated, seconds=seconds)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring against the planted truth
+# --------------------------------------------------------------------------------------------------
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return round(num / den, 4) if den else None
+
+
+def score_duplicates(
+    syn: Synthetic, dropped: set[int], representative: dict[int, int] | None
+) -> dict[str, Any]:
+    """Precision/recall of duplicate removal against the planted clusters (source + its copies).
+
+    A planted pair counts as detected when both rows end in the same cluster (engine: same kept
+    representative; reference: either row dropped). ``one_kept`` is the share of planted clusters that
+    keep exactly one row (the intent), ``all_lost`` the share that keep none.
+    """
+    clusters: dict[int, list[int]] = {}
+    for i, (kind, src) in enumerate(zip(syn.kind, syn.source, strict=True)):
+        if kind in _POOL_SOURCED:
+            clusters.setdefault(src, [src]).append(i)
+    members = {i for rows in clusters.values() for i in rows}
+
+    def rep(i: int) -> int:
+        return representative.get(i, i) if representative is not None else i
+
+    by_fraction: dict[str, list[int]] = {}
+    exact_hits = exact_total = 0
+    for i, (kind, detail, src) in enumerate(zip(syn.kind, syn.detail, syn.source, strict=True)):
+        if kind not in _POOL_SOURCED:
+            continue
+        if representative is not None:
+            hit = rep(i) == rep(src) and (i in dropped or src in dropped)
+        else:
+            hit = i in dropped or src in dropped
+        if kind == "exact_duplicate":
+            exact_hits += hit
+            exact_total += 1
+        else:
+            by_fraction.setdefault(detail, []).append(int(hit))
+    near_hits = sum(sum(v) for v in by_fraction.values())
+    near_total = sum(len(v) for v in by_fraction.values())
+    kept_per_cluster = [sum(1 for i in rows if i not in dropped) for rows in clusters.values()]
+    return {
+        "precision": _ratio(len(dropped & members), len(dropped)),
+        "recall_exact": _ratio(exact_hits, exact_total),
+        "recall_near": _ratio(near_hits, near_total),
+        "recall_near_by_edit_fraction": {k: _ratio(sum(v), len(v)) for k, v in sorted(by_fraction.items())},
+        "one_kept": _ratio(sum(1 for k in kept_per_cluster if k == 1), len(clusters)),
+        "all_lost": _ratio(sum(1 for k in kept_per_cluster if k == 0), len(clusters)),
+        "dropped": len(dropped),
+    }
+
+
+def score_contamination(syn: Synthetic, dropped: set[int]) -> dict[str, Any]:
+    truth = {i for i, kind in enumerate(syn.kind) if kind == "contaminated"}
+    by_kind = {
+        how: _ratio(
+            sum(1 for i in truth if syn.detail[i] == how and i in dropped),
+            sum(1 for i in truth if syn.detail[i] == how),
+        )
+        for how in CONTAMINATION_KINDS
+    }
+    return {
+        "precision": _ratio(len(dropped & truth), len(dropped)),
+        "recall": _ratio(len(dropped & truth), len(truth)),
+        "recall_by_kind": by_kind,
+        "dropped": len(dropped),
+    }
+
+
+def rouge_agreement(syn: Synthetic, n_pairs: int = 500, seed: int = 0) -> dict[str, Any]:
+    """Compare rouge_l_f1 with rouge-score on sampled pairs: half near-duplicate pairs, half random."""
+    from rouge_score import rouge_scorer
+
+    from llamaduo_nb.dataquality import rouge_l_f1_batch, row_text
+
+    rng = random.Random(seed)
+    near = [(i, s) for i, (k, s) in enumerate(zip(syn.kind, syn.source, strict=True)) if k in _POOL_SOURCED]
+    chosen = rng.sample(near, min(len(near), n_pairs // 2))
+    chosen += [
+        (rng.randrange(len(syn.pool)), rng.randrange(len(syn.pool))) for _ in range(n_pairs - len(chosen))
+    ]
+    targets, predictions = [], []
+    for a, b in chosen:
+        field = rng.randrange(3)
+        ta, tb = row_text(syn.pool[a]), row_text(syn.pool[b])
+        targets.append("\n".join(ta) if field == 2 else ta[field])
+        predictions.append("\n".join(tb) if field == 2 else tb[field])
+    result = {}
+    for stem in (False, True):
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stem)
+        expected = [scorer.score(t, p)["rougeL"].fmeasure for t, p in zip(targets, predictions, strict=True)]
+        got = rouge_l_f1_batch(targets, predictions, use_stemmer=stem).tolist()
+        result["stemmed" if stem else "plain"] = {
+            "pairs": len(expected),
+            "identical": sum(1 for e, g in zip(expected, got, strict=True) if e == g),
+            "max_abs_diff": max(abs(e - g) for e, g in zip(expected, got, strict=True)),
+        }
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Running it
+# --------------------------------------------------------------------------------------------------
+
+
+def _timed(fn: Any, repeat: int) -> tuple[Any, float, float]:
+    """Result of the last run, median wall seconds, median CPU seconds of this process."""
+    walls, cpus, result = [], [], None
+    for _ in range(repeat):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return result, sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
+
+
+def run_engine(syn: Synthetic, repeat: int = 1) -> dict[str, Any]:
+    from llamaduo_nb.dataquality import clean
+
+    result, wall, cpu = _timed(lambda: clean(syn.pool, None, syn.test), repeat)
+    duplicate = {d.index for d in result.dedup.dropped}
+    representative = {d.index: d.duplicate_of for d in result.dedup.dropped}
+    contaminated = {c.index for c in result.decontamination.dropped}
+    return {
+        "rows": len(syn.pool),
+        "test_rows": len(syn.test),
+        "seconds": round(wall, 3),
+        "cpu_seconds": round(cpu, 3),
+        "rows_per_second": round(len(syn.pool) / wall),
+        "kept": len(result.kept),
+        "duplicates": score_duplicates(syn, duplicate, representative),
+        "contamination": score_contamination(syn, contaminated),
+        "report": {k: v for k, v in result.report().items() if k != "examples"},
+        "stats": {"dedup": result.dedup.stats, "decontaminate": result.decontamination.stats},
+    }
+
+
+def run_reference(syn: Synthetic) -> dict[str, Any]:
+    result, wall, cpu = _timed(lambda: reference_pipeline(syn.pool, syn.test), 1)
+    return {
+        "rows": len(syn.pool),
+        "test_rows": len(syn.test),
+        "seconds": round(wall, 3),
+        "cpu_seconds": round(cpu, 3),
+        "rows_per_second": round(len(syn.pool) / wall),
+        "kept": len(syn.pool) - len(result.duplicate) - len(result.contaminated),
+        "seconds_by_stage": {k: round(v, 3) for k, v in result.seconds.items()},
+        "duplicates": score_duplicates(syn, result.duplicate, None),
+        "contamination": score_contamination(syn, result.contaminated),
+    }
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    columns = [name for name in ("reference_small", "engine_small", "engine_large") if name in results]
+    titles = {
+        "reference_small": f"reference, {results['sizes']['small']:,} rows",
+        "engine_small": f"engine, {results['sizes']['small']:,} rows",
+        "engine_large": f"engine, {results['sizes']['large']:,} rows",
+    }
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "n/a"
+        if isinstance(value, float):
+            return f"{value:.3f}" if value < 100 else f"{value:,.0f}"
+        if isinstance(value, int):
+            return f"{value:,}"
+        return str(value)
+
+    rows = [
+        ("wall seconds", lambda r: r["seconds"]),
+        ("CPU seconds", lambda r: r["cpu_seconds"]),
+        ("rows / second", lambda r: r["rows_per_second"]),
+        ("kept rows", lambda r: r["kept"]),
+        ("duplicate precision", lambda r: r["duplicates"]["precision"]),
+        ("exact-duplicate recall", lambda r: r["duplicates"]["recall_exact"]),
+        ("near-duplicate recall", lambda r: r["duplicates"]["recall_near"]),
+    ]
+    for fraction in EDIT_FRACTIONS:
+        key = f"{fraction:.2f}"
+        rows.append(
+            (
+                f"  near-dup recall, {key} words edited",
+                lambda r, k=key: r["duplicates"]["recall_near_by_edit_fraction"].get(k),
+            )
+        )
+    rows += [
+        ("clusters keeping exactly one row", lambda r: r["duplicates"]["one_kept"]),
+        ("clusters losing every row", lambda r: r["duplicates"]["all_lost"]),
+        ("contamination precision", lambda r: r["contamination"]["precision"]),
+        ("contamination recall", lambda r: r["contamination"]["recall"]),
+    ]
+    for how in CONTAMINATION_KINDS:
+        rows.append(
+            (f"  recall, {how.replace('_', ' ')}", lambda r, h=how: r["contamination"]["recall_by_kind"][h])
+        )
+    lines = ["| | " + " | ".join(titles[c] for c in columns) + " |", "|---|" + "---|" * len(columns)]
+    for label, get in rows:
+        lines.append(f"| {label} | " + " | ".join(cell(get(results[c])) for c in columns) + " |")
+    speedup = results.get("speedup_small")
+    agreement = results["rouge_agreement"]
+    lines += [
+        "",
+        f"Speed-up on {results['sizes']['small']:,} rows (reference wall / engine wall): "
+        + (f"**{speedup:.1f}x**" if speedup else "n/a"),
+        f"ROUGE-L agreement with rouge-score: {agreement['plain']['identical']}/{agreement['plain']['pairs']} identical "
+        f"(max |diff| {agreement['plain']['max_abs_diff']}), stemmed {agreement['stemmed']['identical']}/"
+        f"{agreement['stemmed']['pairs']}",
+        f"Test split: {results['sizes']['test']:,} items. Machine: {results['machine']}.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+    import platform
+
+    from llamaduo_nb.jsonio import atomic_write, write_json
+
+    parser = argparse.ArgumentParser(
+        prog="python -m llamaduo_nb.bench_dataquality", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="2K / 20K rows instead of 20K / 300K")
+    parser.add_argument("--small", type=int, help="rows for the reference comparison (default 20000)")
+    parser.add_argument("--large", type=int, help="rows for the scale run (default 300000)")
+    parser.add_argument("--test", type=int, default=1000, help="test items (default 1000)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference pipeline")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="outputs/bench/dataquality", help="path stem for .json and .md")
+    args = parser.parse_args(argv)
+    small = args.small or (2_000 if args.quick else 20_000)
+    large = args.large or (20_000 if args.quick else 300_000)
+
+    results: dict[str, Any] = {
+        "sizes": {"small": small, "large": large, "test": args.test},
+        "seed": args.seed,
+        "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python {platform.python_version()}",
+    }
+    print(f"generating {small:,} and {large:,} rows against {args.test:,} test items ...", flush=True)
+    syn_small = generate(small, args.test, seed=args.seed)
+    syn_large = generate(large, args.test, seed=args.seed + 1)
+    run_engine(generate(500, 50, seed=99))  # warm-up: imports, numpy and caches
+    print("engine, small ...", flush=True)
+    results["engine_small"] = run_engine(syn_small, repeat=3)
+    if not args.no_reference:
+        print("reference, small (slow) ...", flush=True)
+        results["reference_small"] = run_reference(syn_small)
+        results["speedup_small"] = round(
+            results["reference_small"]["seconds"] / results["engine_small"]["seconds"], 1
+        )
+    print("engine, large ...", flush=True)
+    results["engine_large"] = run_engine(syn_large)
+    results["rouge_agreement"] = rouge_agreement(syn_small)
+    table = markdown_table(results)
+    write_json(f"{args.out}.json", results)
+    with atomic_write(f"{args.out}.md") as fh:
+        fh.write(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

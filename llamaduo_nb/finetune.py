@@ -1,0 +1,707 @@
+"""02 · Fine-tune: LoRA supervised fine-tuning of the student on the data of one LlamaDuo cycle.
+
+Cycle t trains on the coverage train split plus every synthetic row accepted in cycles 0..t-1 (paper
+§3.2), written first to `cycle_NN/train_data.jsonl` with one count per origin. By default each cycle
+starts again from the base model, as the paper does; `finetune.continue_from_previous` loads the
+previous cycle's adapter instead.
+
+How the loss sees a row. Every row becomes a conversational prompt-completion pair: the prompt is one
+user turn (`student_messages`), the completion the assistant turn. TRL tokenizes the prompt with the
+chat template's generation prompt and the pair as a whole, and with `completion_only_loss=True` the
+prompt positions get the label -100: only the answer and its end-of-turn token are learned. This was
+chosen over `assistant_only_loss=True` after checking both on SmolLM2: the masks are identical, but
+`assistant_only_loss` needs a chat template with `{% generation %}` markers, which SmolLM2's ChatML
+template (like most) lacks and TRL can only patch for the families it knows, while prompt-completion
+works for every template that renders the prompt as a prefix of the full conversation (TRL warns when
+one does not). `prepare` re-checks the tokenized rows (all of them, or 2000 evenly spaced ones of a
+large set) and refuses to train when a prompt token would be learned.
+
+Precision: on a GPU the weights load in bfloat16 (the paper's data type; float16 without bf16 support).
+On a CPU with native bf16 the weights stay float32 and the steps run under bf16 autocast (about 1.5-2x
+faster here, same losses to two decimals); other CPUs train in float32.
+
+LoRA rank/alpha follow the paper's Table 5 by data volume (`config.table5_lora`) unless set; dropout
+0.05, cosine schedule, max length 1024 by default. `quantization: auto` picks QLoRA (4-bit NF4 through
+bitsandbytes) when CUDA is present and plain LoRA otherwise; the choice is recorded in `finetune.json`.
+
+Multi-GPU (written for users with several GPUs; not executable on the CPU-only machine this project is
+developed on): run this module under `accelerate`, one process per GPU, after 01 has run:
+
+    accelerate launch --num_processes 4 -m llamaduo_nb.finetune outputs/<run> --cycle 0
+
+Each process trains on its shard (data parallel); only the main process writes the adapter, logs and
+`finetune.json`, the same files the notebook writes. The runner itself executes 02 in one process, so
+multi-GPU training is a manual step: run the command for a cycle, then execute 03-05 for that cycle.
+Only the single-process plumbing was exercised here (`accelerate launch --num_processes 1 --cpu ...`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .config import ConfigError, FinetuneConfig, RunConfig, StudentConfig, table5_lora
+from .jsonio import DataFileError, atomic_write, iter_jsonl, read_json, write_json, write_jsonl
+from .runlayout import RunLayout
+
+COVERAGE_ORIGIN = "coverage"
+LOSS_MASK_METHOD = "prompt-completion, completion_only_loss (prompt tokens labelled -100)"
+
+
+def student_messages(instruction: str) -> list[dict[str, str]]:
+    """How an instruction is put to the student, in training and at inference: one user turn."""
+    return [{"role": "user", "content": instruction}]
+
+
+# --------------------------------------------------------------------------- the data of a cycle
+
+
+def synthetic_origin(cycle: int) -> str:
+    return f"synthetic/cycle_{cycle:02d}"
+
+
+def _checked_rows(path: Path, origin: str) -> list[dict]:
+    rows = []
+    for i, row in enumerate(iter_jsonl(path), start=1):
+        for key in ("instruction", "response"):
+            value = row.get(key)
+            if not isinstance(value, str) or not value.strip():
+                raise DataFileError(path, i, key, f"expected a non-empty string, got {value!r}")
+        rows.append({**row, "origin": origin})
+    return rows
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The rows of one cycle and where they came from."""
+
+    path: Path
+    rows: list[dict]
+    by_origin: dict[str, int]
+    missing_synthetic: list[int] = field(default_factory=list)  # earlier cycles without a synthetic file
+
+    def table(self) -> pd.DataFrame:
+        frame = pd.DataFrame(
+            [{"origin": origin, "rows": n} for origin, n in self.by_origin.items()],
+            columns=["origin", "rows"],
+        )
+        return pd.concat(
+            [frame, pd.DataFrame([{"origin": "total", "rows": len(self.rows)}])], ignore_index=True
+        )
+
+
+def build_train_data(layout: RunLayout, cycle: int) -> TrainData:
+    """Write `train_data.jsonl` of `cycle`: coverage train split ∪ synthetic rows accepted in cycles < `cycle`.
+
+    Every row keeps its fields and gains `origin` ("coverage" or "synthetic/cycle_NN").
+    """
+    if not layout.train_file.is_file():
+        raise FileNotFoundError(f"{layout.train_file} not found: run 01_coverage first")
+    rows = _checked_rows(layout.train_file, COVERAGE_ORIGIN)
+    if not rows:
+        raise DataFileError(layout.train_file, None, None, "the coverage train split is empty")
+    missing = []
+    for previous in range(cycle):
+        path = layout.synthetic_file(previous)
+        if path.is_file():
+            rows.extend(_checked_rows(path, synthetic_origin(previous)))
+        else:
+            missing.append(previous)
+    out = layout.train_data_file(cycle)
+    write_jsonl(out, rows)
+    counts = Counter(row["origin"] for row in rows)
+    by_origin = {COVERAGE_ORIGIN: counts.pop(COVERAGE_ORIGIN, 0), **dict(sorted(counts.items()))}
+    return TrainData(out, rows, by_origin, missing)
+
+
+def to_prompt_completion(rows: list[dict]) -> list[dict]:
+    """Coverage rows -> TRL's conversational prompt-completion format."""
+    return [
+        {
+            "prompt": student_messages(row["instruction"]),
+            "completion": [{"role": "assistant", "content": row["response"]}],
+        }
+        for row in rows
+    ]
+
+
+# --------------------------------------------------------------------------- decisions made before training
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_quantization(setting: str) -> str:
+    """'4bit' (QLoRA) or 'none' (plain LoRA). `auto` means 4-bit exactly when CUDA and bitsandbytes exist."""
+    has_cuda = cuda_available()
+    if setting == "auto":
+        if not has_cuda:
+            return "none"
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return "none"
+        return "4bit"
+    if setting == "4bit":
+        if not has_cuda:
+            raise ConfigError(
+                "finetune.quantization: '4bit' (QLoRA) needs a CUDA GPU and bitsandbytes; this machine has no "
+                "CUDA device. Use quantization: auto (plain LoRA on CPU) or none."
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(
+                "finetune.quantization: '4bit' needs bitsandbytes: pip install 'llamaduo-nb[gpu]'"
+            ) from exc
+    return setting
+
+
+def resolve_dtype(student: StudentConfig, on_cuda: bool) -> str:
+    """The torch dtype name to load the student in: `auto` is bfloat16 on a GPU that has it, else float32."""
+    if student.torch_dtype != "auto":
+        return student.torch_dtype
+    if on_cuda:
+        import torch
+
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def cpu_has_native_bf16() -> bool:
+    import torch
+
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def training_precision(student: StudentConfig, on_cuda: bool) -> tuple[str, str]:
+    """(dtype the weights are loaded in, mixed precision of the training steps: "bf16" | "fp16" | "no").
+
+    The paper trains in bfloat16. On a GPU the weights are loaded in bf16 (fp16 without bf16 support). On a
+    CPU with native bf16 (AVX512-BF16 / AMX) `auto` keeps float32 weights and runs the steps under bf16
+    autocast: measured here 143 vs 70 tokens/s of LoRA forward+backward (1 thread, 4x128 tokens). Without
+    native bf16 it would be emulated and slower, so float32 is kept.
+    """
+    dtype = resolve_dtype(student, on_cuda)
+    if dtype == "bfloat16":
+        return dtype, "bf16"
+    if dtype == "float16":
+        return dtype, "fp16"
+    if student.torch_dtype == "auto" and not on_cuda and cpu_has_native_bf16():
+        return dtype, "bf16"
+    return dtype, "no"
+
+
+def lora_shape(ft: FinetuneConfig, n_rows: int) -> tuple[int, int, str]:
+    """(rank, alpha, where they came from): explicit params win, otherwise the paper's Table 5 schedule."""
+    if ft.lora_r is None:
+        r, alpha = table5_lora(n_rows)
+        if ft.lora_alpha is not None:
+            return r, ft.lora_alpha, "table5 rank, params alpha"
+        return r, alpha, f"table5 ({n_rows} rows)"
+    return ft.lora_r, ft.lora_alpha if ft.lora_alpha is not None else 2 * ft.lora_r, "params"
+
+
+def planned_steps(ft: FinetuneConfig, n_rows: int, world_size: int = 1) -> int:
+    if ft.max_steps > 0:
+        return ft.max_steps
+    per_step = ft.per_device_batch_size * ft.gradient_accumulation_steps * world_size
+    return max(1, math.ceil(math.ceil(n_rows / per_step) * ft.num_epochs))
+
+
+# --------------------------------------------------------------------------- model loading
+
+
+@contextlib.contextmanager
+def quiet_peft_deprecations() -> Iterator[None]:
+    """peft 0.21 reads `model.is_gradient_checkpointing`, which transformers 5.2x deprecates: a warning the
+    user can do nothing about in every notebook; silenced here and nowhere else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def load_student(student: StudentConfig, quantization: str = "none", dtype: str | None = None):
+    """(model, tokenizer, model_path) for the student base; 4-bit NF4 when `quantization == '4bit'`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .embedded import resolve_model_path
+
+    path = resolve_model_path(student.model_id)
+    if student.cpu_threads is not None:
+        torch.set_num_threads(student.cpu_threads)
+    on_cuda = cuda_available()
+    dtype = dtype or resolve_dtype(student, on_cuda)
+    kwargs: dict[str, Any] = {
+        "revision": student.revision,
+        "trust_remote_code": student.trust_remote_code,
+        "dtype": getattr(torch, dtype),
+    }
+    if quantization == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, dtype),
+        )
+        # One full copy per process: under `accelerate launch` each rank holds the model on its own GPU.
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, revision=student.revision, trust_remote_code=student.trust_remote_code
+    )
+    if not tokenizer.chat_template:
+        raise ConfigError(
+            f"student.model_id: {student.model_id} ({path}) has no chat template; LlamaDuo fine-tunes chat "
+            "models (e.g. an -Instruct / -it checkpoint)"
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model, tokenizer, path
+
+
+# --------------------------------------------------------------------------- the training run
+
+
+@dataclass
+class FinetunePlan:
+    """Everything decided before the first step; `train` runs it and `summary` describes it."""
+
+    cycle: int
+    data: TrainData
+    trainer: Any  # trl.SFTTrainer
+    tokenizer: Any
+    model_path: str
+    quantization: str
+    device: str
+    dtype: str
+    mixed_precision: str
+    lora_r: int
+    lora_alpha: int
+    lora_source: str
+    init_from: str
+    steps: int
+    logging_steps: int
+    gradient_checkpointing: bool
+    loss_mask: dict[str, Any]
+    tokenized_rows: int
+    truncated_rows: int
+    scratch_dir: Path  # the Trainer's output_dir; nothing is checkpointed there, removed after training
+
+    def table(self) -> pd.DataFrame:
+        rows = {
+            "training rows": len(self.data.rows),
+            "rows dropped (prompt >= max_length)": len(self.data.rows) - self.tokenized_rows,
+            "rows cut at max_length": self.truncated_rows,
+            "initialised from": self.init_from,
+            "LoRA rank / alpha": f"{self.lora_r} / {self.lora_alpha} ({self.lora_source})",
+            "quantization": "QLoRA 4-bit NF4" if self.quantization == "4bit" else "none (plain LoRA)",
+            "device / weights / mixed precision": f"{self.device} / {self.dtype} / {self.mixed_precision}",
+            "optimizer steps": self.steps,
+            "gradient checkpointing": self.gradient_checkpointing,
+            "loss mask": self.loss_mask["method"],
+        }
+        return pd.DataFrame({"setting": list(rows), "value": [str(v) for v in rows.values()]})
+
+
+def check_loss_mask(dataset: Any, tokenizer: Any, limit: int = 2000) -> dict[str, Any]:
+    """Verify that the prompt is labelled -100 and the completion is learned, on every row (at most `limit`
+    evenly spaced rows of a large dataset).
+
+    The prompt is re-tokenized independently (chat template + generation prompt); its tokens must be a
+    prefix of the row's input ids and all masked, and every later token must carry its own id as label.
+    """
+    prompt_tokens = trained_tokens = 0
+    step = max(1, math.ceil(len(dataset) / limit))
+    checked = range(0, len(dataset), step)
+    for i in checked:
+        example = dataset[i]
+        ids, labels = example["input_ids"], example["labels"]
+        prompt_ids = _prompt_ids(tokenizer, example["prompt"])
+        n = len(prompt_ids)
+        if list(ids[:n]) != list(prompt_ids)[: len(ids[:n])]:
+            raise RuntimeError(f"training row {i}: the tokenized prompt is not a prefix of the tokenized row")
+        if any(label != -100 for label in labels[:n]):
+            raise RuntimeError(f"training row {i}: a prompt token would be learned (label != -100)")
+        if list(labels[n:]) != list(ids[n:]):
+            raise RuntimeError(f"training row {i}: a completion token is masked out of the loss")
+        prompt_tokens += min(n, len(ids))
+        trained_tokens += max(0, len(ids) - n)
+    return {
+        "method": LOSS_MASK_METHOD,
+        "rows_checked": len(checked),
+        "prompt_tokens_masked": prompt_tokens,
+        "completion_tokens_trained": trained_tokens,
+    }
+
+
+def _prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+def loss_mask_table(plan: FinetunePlan, row: int = 0, max_tokens: int = 80) -> pd.DataFrame:
+    """Token by token for one training row: the token, its label, and whether the loss sees it."""
+    example = plan.trainer.train_dataset[row]
+    tokens = plan.tokenizer.convert_ids_to_tokens(example["input_ids"])
+    frame = pd.DataFrame(
+        {
+            "token": tokens,
+            "label": example["labels"],
+            "in loss": [label != -100 for label in example["labels"]],
+        }
+    )
+    if len(frame) <= max_tokens:
+        return frame
+    # The interesting part is where the prompt ends and the answer starts.
+    start = max(0, int((~frame["in loss"]).sum()) - max_tokens // 2)
+    return frame.iloc[start : start + max_tokens]
+
+
+def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
+    """Build the cycle's data, load the student, attach LoRA and tokenize: everything but the steps."""
+    import torch
+    from accelerate import PartialState
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    ft = cfg.finetune
+    state = PartialState()
+    with state.main_process_first():
+        data = build_train_data(layout, cycle)
+    quantization = resolve_quantization(ft.quantization)
+    on_cuda = cuda_available()
+    dtype, mixed_precision = training_precision(cfg.student, on_cuda)
+    set_seed(ft.seed)  # LoRA's A matrices are initialised randomly
+    model, tokenizer, model_path = load_student(cfg.student, quantization, dtype)
+    gradient_checkpointing = on_cuda  # saves GPU memory; on CPU it only costs time
+    if quantization == "4bit":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+    peft_config = None
+    if ft.continue_from_previous and cycle > 0:
+        previous = layout.adapter_dir(cycle - 1)
+        if not (previous / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"finetune.continue_from_previous is true but {previous} holds no adapter; "
+                f"run 02_finetune for cycle {cycle - 1} first, or set continue_from_previous: false"
+            )
+        with quiet_peft_deprecations():
+            model = PeftModel.from_pretrained(model, previous, is_trainable=True)
+        lora = model.peft_config["default"]
+        lora_r, lora_alpha, lora_source = lora.r, lora.lora_alpha, f"previous adapter (cycle {cycle - 1})"
+        init_from = f"adapter of cycle {cycle - 1}"
+    else:
+        lora_r, lora_alpha, lora_source = lora_shape(ft, len(data.rows))
+        peft_config = LoraConfig(
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=ft.lora_dropout,
+            target_modules=ft.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        init_from = f"base {cfg.student.model_id}"
+
+    steps = planned_steps(ft, len(data.rows), state.num_processes)
+    logging_steps = max(1, min(ft.logging_steps, steps))
+    output_dir = Path(tempfile.mkdtemp(prefix=".trainer-", dir=_ensure(layout.cycle_dir(cycle))))
+    try:
+        args = SFTConfig(
+            output_dir=str(output_dir),
+            max_steps=ft.max_steps,
+            num_train_epochs=ft.num_epochs,
+            per_device_train_batch_size=ft.per_device_batch_size,
+            gradient_accumulation_steps=ft.gradient_accumulation_steps,
+            learning_rate=ft.learning_rate,
+            lr_scheduler_type=ft.lr_scheduler,
+            # Rounded down, so a run of a few steps does not spend its first one at learning rate 0.
+            warmup_steps=int(ft.warmup_ratio * steps),
+            max_length=ft.max_length,
+            completion_only_loss=True,
+            logging_steps=logging_steps,
+            logging_first_step=True,
+            save_strategy="no",
+            report_to="none",
+            seed=ft.seed,
+            data_seed=ft.seed,
+            bf16=mixed_precision == "bf16",
+            fp16=mixed_precision == "fp16",
+            use_cpu=not on_cuda,
+            **_checkpointing_arg(gradient_checkpointing),
+            include_num_input_tokens_seen="non_padding",
+            optim="adamw_torch_fused" if on_cuda else "adamw_torch",
+            dataloader_num_workers=0,
+        )
+        dataset = Dataset.from_list(to_prompt_completion(data.rows))
+        with quiet_peft_deprecations():
+            trainer = SFTTrainer(
+                model=model,
+                args=args,
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                peft_config=peft_config,
+            )
+        train_dataset = trainer.train_dataset
+        if len(train_dataset) == 0:
+            raise ConfigError(
+                f"finetune.max_length: all {len(data.rows)} rows of {data.path} lost their whole answer to truncation "
+                f"at max_length={ft.max_length} tokens (the prompt alone is that long); raise max_length, e.g. 1024"
+            )
+        loss_mask = check_loss_mask(train_dataset, tokenizer)
+        truncated = sum(1 for ids in train_dataset["input_ids"] if len(ids) >= ft.max_length)
+    except BaseException:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+    device = "cuda" if on_cuda else "cpu"
+    if torch.cuda.device_count() > 1 and state.num_processes > 1:
+        device = f"cuda x{state.num_processes}"
+    return FinetunePlan(
+        cycle=cycle,
+        data=data,
+        trainer=trainer,
+        tokenizer=tokenizer,
+        model_path=model_path,
+        quantization=quantization,
+        device=device,
+        dtype=dtype,
+        mixed_precision=mixed_precision,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_source=lora_source,
+        init_from=init_from,
+        steps=steps,
+        logging_steps=logging_steps,
+        gradient_checkpointing=gradient_checkpointing,
+        loss_mask=loss_mask,
+        tokenized_rows=len(train_dataset),
+        truncated_rows=truncated,
+        scratch_dir=output_dir,
+    )
+
+
+def _checkpointing_arg(enabled: bool) -> dict[str, bool]:
+    """transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns)."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {name: enabled}
+
+
+def _ensure(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def train(cfg: RunConfig, layout: RunLayout, plan: FinetunePlan) -> dict[str, Any]:
+    """Run the planned steps; save adapter + tokenizer, the training log, the loss plot and `finetune.json`."""
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    cycle, trainer = plan.cycle, plan.trainer
+    started, cpu_started = time.monotonic(), time.process_time()
+    try:
+        result = trainer.train()
+    finally:
+        shutil.rmtree(plan.scratch_dir, ignore_errors=True)
+    wall, cpu = time.monotonic() - started, time.process_time() - cpu_started
+    if not trainer.is_world_process_zero():
+        return {}
+    save_adapter(trainer, plan.tokenizer, layout.adapter_dir(cycle))
+    log = training_log(trainer.state.log_history)
+    write_jsonl(layout.train_log(cycle), log)
+    plot_loss(log, layout.loss_plot(cycle), title=f"cycle {cycle}: training loss")
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    runtime = float(result.metrics.get("train_runtime", wall))
+    losses = [row["loss"] for row in log]
+    ft = cfg.finetune
+    summary = {
+        "cycle": cycle,
+        "base_model": {
+            "model_id": cfg.student.model_id,
+            "path": plan.model_path,
+            "revision": cfg.student.revision,
+        },
+        "init_from": plan.init_from,
+        "rows": len(plan.data.rows),
+        "rows_by_origin": plan.data.by_origin,
+        "earlier_cycles_without_synthetic_file": plan.data.missing_synthetic,
+        "tokenized_rows": plan.tokenized_rows,
+        "rows_dropped_prompt_too_long": len(plan.data.rows) - plan.tokenized_rows,
+        "rows_cut_at_max_length": plan.truncated_rows,
+        "loss_mask": plan.loss_mask,
+        "lora": {
+            "r": plan.lora_r,
+            "alpha": plan.lora_alpha,
+            "source": plan.lora_source,
+            "dropout": ft.lora_dropout,
+            "target_modules": ft.target_modules,
+        },
+        "quantization": plan.quantization,
+        "quantization_setting": ft.quantization,
+        "device": plan.device,
+        "dtype": plan.dtype,
+        "mixed_precision": plan.mixed_precision,
+        "steps": int(trainer.state.global_step),
+        "epochs": round(float(trainer.state.epoch or 0.0), 4),
+        "batch_size": ft.per_device_batch_size,
+        "gradient_accumulation_steps": ft.gradient_accumulation_steps,
+        "learning_rate": ft.learning_rate,
+        "lr_scheduler": ft.lr_scheduler,
+        "max_length": ft.max_length,
+        "seed": ft.seed,
+        "gradient_checkpointing": plan.gradient_checkpointing,
+        "tokens": tokens,
+        "wall_time_s": round(wall, 2),
+        "train_runtime_s": round(runtime, 2),
+        "cpu_time_s": round(cpu, 2),  # far below wall time x threads: other processes held the cores
+        "tokens_per_s": round(tokens / runtime, 2) if runtime > 0 else None,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "torch_threads": torch.get_num_threads(),
+        "adapter_dir": str(layout.adapter_dir(cycle)),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "peft": peft.__version__,
+        },
+    }
+    write_json(layout.train_summary(cycle), summary)
+    return summary
+
+
+def finetune(cfg: RunConfig, layout: RunLayout, cycle: int) -> dict[str, Any]:
+    """prepare + train in one call (the CLI / `accelerate launch` entry point)."""
+    return train(cfg, layout, prepare(cfg, layout, cycle))
+
+
+def save_adapter(trainer: Any, tokenizer: Any, target: Path) -> Path:
+    """PEFT adapter + tokenizer into `target`, written to a temp folder first and renamed into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        trainer.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            stale = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.rename(target, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# --------------------------------------------------------------------------- log and plot
+
+
+_LOG_FIELDS = ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "num_input_tokens_seen", "epoch")
+
+
+def training_log(log_history: list[dict]) -> list[dict]:
+    """One row per logging step that reported a loss: {step, loss, learning_rate, ...}."""
+    rows = []
+    for entry in log_history:
+        if "loss" not in entry:
+            continue
+        row = {"step": int(entry["step"])}
+        row.update({key: float(entry[key]) for key in _LOG_FIELDS if entry.get(key) is not None})
+        if "train_runtime" in entry:
+            row["elapsed_s"] = round(float(entry["train_runtime"]), 2)
+        rows.append(row)
+    return rows
+
+
+def plot_loss(log: list[dict], path: str | Path, title: str = "training loss") -> Path:
+    """Loss (and learning rate) per logged step, saved as PNG (the notebook shows the file)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.add_subplot()
+    steps = [row["step"] for row in log]
+    ax.plot(steps, [row["loss"] for row in log], marker="o", color="tab:blue")
+    ax.set(xlabel="optimizer step", ylabel="loss (answer tokens only)", title=title)
+    ax.grid(alpha=0.3)
+    if any("learning_rate" in row for row in log):
+        lr_ax = ax.twinx()
+        lr_ax.plot(steps, [row.get("learning_rate") for row in log], color="tab:gray", ls="--")
+        lr_ax.set_ylabel("learning rate (dashed)", color="tab:gray")
+    fig.tight_layout()
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110)
+    return Path(path)
+
+
+def summary_table(summary: dict[str, Any]) -> pd.DataFrame:
+    keys = [
+        "rows", "tokenized_rows", "steps", "epochs", "tokens", "wall_time_s", "cpu_time_s", "tokens_per_s",
+        "first_loss", "final_loss", "quantization", "device", "dtype", "mixed_precision",
+        "torch_threads",
+    ]  # fmt: skip
+    rows = [(key, summary.get(key)) for key in keys]
+    rows.insert(3, ("lora r / alpha", f"{summary['lora']['r']} / {summary['lora']['alpha']}"))
+    return pd.DataFrame(rows, columns=["metric", "value"]).astype({"value": str})
+
+
+def read_summary(layout: RunLayout, cycle: int) -> dict[str, Any]:
+    return read_json(layout.train_summary(cycle))
+
+
+# --------------------------------------------------------------------------- CLI (accelerate launch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .config import load_config
+
+    parser = argparse.ArgumentParser(
+        prog="python -m llamaduo_nb.finetune",
+        description="Fine-tune one LlamaDuo cycle (use under `accelerate launch` for several GPUs).",
+    )
+    parser.add_argument("run_dir", help="outputs/<run>, holding params.yaml and coverage/")
+    parser.add_argument("--cycle", type=int, required=True)
+    args = parser.parse_args(argv)
+    layout = RunLayout(Path(args.run_dir))
+    if not layout.params_file.is_file():
+        raise SystemExit(
+            f"{layout.params_file} not found: start the run with `llamaduo run params/<run>.yaml`"
+        )
+    summary = finetune(load_config(layout.params_file), layout, args.cycle)
+    if summary:
+        print(
+            f"adapter: {summary['adapter_dir']}  steps: {summary['steps']}  tokens/s: {summary['tokens_per_s']}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,578 @@
+"""05_synthesize: grow the training data with service-LLM pairs seeded from the coverage train split.
+
+One cycle of synthesis (paper §3.5, eq. 7-9):
+
+1. **Seeds** come from the coverage *train* split only, drawn without replacement (a fresh permutation
+   each pass through the split) with a random generator seeded by `cycle_seed(cfg.seed, cycle)`, so each
+   cycle draws different seeds (the reference implementation reused the same ones every loop).
+2. **Requests**: one per seed, with the summarization template for summarization seeds and the general
+   template otherwise (`prompts/synthesize_*.md`), each asking for `pairs_per_request` pairs as JSON.
+   Replies are parsed robustly; a request error or an unparseable reply is counted and logged.
+3. **Post-processing** before anything is accepted: quality rules (empty or placeholder-only, too long,
+   truncated, refusal, response merely repeating the instruction), decontamination against the test
+   split (instructions and responses), and exact and near-duplicate removal within the batch and against
+   all earlier data (train split and the synthetic data of earlier cycles), one copy kept. Dedup and
+   decontamination are `dataquality.clean`'s; every rejected row keeps its reason and what it matched.
+
+Volume: `target_per_cycle * 2**cycle` accepted rows when growth is "double" (the paper's 2^n k), asked for
+in rounds (sized by the yield of the rounds before) until the target is met or `max_requests_per_cycle`
+requests have been sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .config import RunConfig, SynthesizeConfig
+from .dataquality import DecontamParams, clean
+from .jsonio import DataFileError, atomic_write, read_jsonl, write_json, write_jsonl
+from .notebook import Stage
+from .prompts import PromptTemplate, load_template
+from .runlayout import RunLayout
+from .services import ChatRequest, ChatResult, ServicePool, extract_json
+
+SYNTH_PLACEHOLDERS = {"instruction", "response", "category", "n_pairs"}
+TEMPLATES = {"summarization": "synthesize_summarization", "general": "synthesize_general"}
+SYNTHETIC_SOURCE = "synthetic"
+
+PAIRS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "pairs": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "properties": {"instruction": {"type": "string"}, "response": {"type": "string"}},
+                "required": ["instruction", "response"],
+            },
+        }
+    },
+    "required": ["pairs"],
+}
+
+# Filters in the order they run; the report and the bar plot use this order.
+FILTERS = (
+    "empty",
+    "too_long",
+    "truncated",
+    "refusal",
+    "echo",
+    "contaminated",
+    "duplicate_in_batch",
+    "duplicate_of_earlier",
+)
+
+_REFUSAL = re.compile(
+    r"\bas an ai\b|\bas a(?:n ai)? language model\b|^\s*i['’]?m sorry\b|^\s*i apologi[sz]e\b"
+    r"|\bi (?:cannot|can['’]t|am unable to|am not able to|won['’]t) (?:help|assist|provide|comply|fulfil)",
+    re.IGNORECASE | re.MULTILINE,
+)
+_HAS_CONTENT = re.compile(r"\w")  # "..." or "  " is a placeholder, not text
+_TRUNCATION_MIN_CHARS = 200  # shorter texts may legitimately end without punctuation ("Positive")
+_OPEN_ENDING = re.compile(r"[A-Za-z,;:(\[{\-–]\s*$")
+_LIST_OR_CODE_LINE = re.compile(r"^\s*(?:[-*+•]|\d+[.)]|#|\||    |\t)")
+
+
+# --------------------------------------------------------------------------- seeds and volume
+
+
+def cycle_seed(base_seed: int, cycle: int) -> int:
+    """The random seed of cycle `cycle`'s seed sampling: a stable hash of (base seed, cycle)."""
+    digest = hashlib.sha256(f"llamaduo-synth:{base_seed}:{cycle}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def target_rows(cfg: SynthesizeConfig, cycle: int) -> int:
+    """Accepted rows wanted in cycle `cycle`: k, or 2^cycle * k when the data doubles each cycle."""
+    return cfg.target_per_cycle * (2**cycle if cfg.growth == "double" else 1)
+
+
+def sample_seeds(train: Sequence[dict], n: int, seed: int) -> list[dict]:
+    """`n` seed rows: successive random permutations of the train split, so no row repeats before all
+    rows have been used once."""
+    if not train:
+        raise ValueError("the coverage train split is empty: nothing to seed synthesis with")
+    rng = random.Random(seed)
+    seeds: list[dict] = []
+    while len(seeds) < n:
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        seeds.extend(train[i] for i in order[: n - len(seeds)])
+    return seeds
+
+
+def task_kind(category: str | None) -> str:
+    """Which synthesis template a seed uses: "summarization" for summarization seeds, else "general"."""
+    return "summarization" if category and "summar" in category.lower() else "general"
+
+
+def load_templates() -> dict[str, PromptTemplate]:
+    return {kind: load_template(name, required=SYNTH_PLACEHOLDERS) for kind, name in TEMPLATES.items()}
+
+
+def synthesis_messages(seed: dict, cfg: SynthesizeConfig, templates: dict[str, PromptTemplate]) -> list[dict]:
+    template = templates[task_kind(seed.get("category"))]
+    content = template.render(
+        instruction=seed["instruction"],
+        response=seed["response"],
+        category=seed.get("category") or "general",
+        n_pairs=str(cfg.pairs_per_request),
+    )
+    return [{"role": "user", "content": content}]
+
+
+# --------------------------------------------------------------------------- parsing replies
+
+
+_INSTRUCTION_KEYS = ("instruction", "prompt", "question")
+_RESPONSE_KEYS = ("response", "answer", "output")
+
+
+def _pick(item: dict, keys: Sequence[str]) -> Any:
+    lowered = {str(k).strip().lower(): v for k, v in item.items()}
+    for key in keys:
+        if key in lowered:
+            return lowered[key]
+    return None
+
+
+def parse_pairs(text: str, parsed: Any = None) -> tuple[list[dict], int]:
+    """(pairs, malformed_items) from a generator reply; ValueError when no list of pairs is found.
+
+    Accepted shapes: {"pairs": [...]} (what we ask for), the paper's {"contents": [...]}, any single
+    top-level list value, a bare list, or one {"instruction", "response"} object. Items that are not
+    objects with string instruction and response are dropped and counted.
+    """
+    obj = parsed if isinstance(parsed, dict | list) else extract_json(text or "")
+    if isinstance(obj, dict):
+        if _pick(obj, _INSTRUCTION_KEYS) is not None and _pick(obj, _RESPONSE_KEYS) is not None:
+            items: Any = [obj]
+        else:
+            lists = [v for k, v in obj.items() if isinstance(v, list)]
+            preferred = [obj[k] for k in obj if str(k).lower() in ("pairs", "contents", "examples", "data")]
+            items = (
+                preferred[0]
+                if preferred and isinstance(preferred[0], list)
+                else (lists[0] if len(lists) == 1 else None)
+            )
+    else:
+        items = obj
+    if not isinstance(items, list):
+        raise ValueError(f"no list of pairs in the reply: {(text or '')[:200]!r}")
+    pairs, malformed = [], 0
+    for item in items:
+        if not isinstance(item, dict):
+            malformed += 1
+            continue
+        instruction, response = _pick(item, _INSTRUCTION_KEYS), _pick(item, _RESPONSE_KEYS)
+        if not isinstance(instruction, str) or not isinstance(response, str):
+            malformed += 1
+            continue
+        pairs.append({"instruction": instruction.strip(), "response": response.strip()})
+    return pairs, malformed
+
+
+# --------------------------------------------------------------------------- quality rules
+
+
+def looks_truncated(text: str) -> bool:
+    """An odd number of ``` fences, or a long text whose last prose line stops mid-sentence."""
+    if text.count("```") % 2 == 1:
+        return True
+    if len(text) < _TRUNCATION_MIN_CHARS:
+        return False
+    last = text.rstrip().splitlines()[-1] if text.strip() else ""
+    if _LIST_OR_CODE_LINE.match(last):
+        return False
+    return bool(_OPEN_ENDING.search(last))
+
+
+def quality_reason(instruction: str, response: str, max_chars: int) -> tuple[str, str] | None:
+    """(filter, detail) for the first quality rule a pair breaks, None when it passes them all."""
+    for name, text in (("instruction", instruction), ("response", response)):
+        if not _HAS_CONTENT.search(text):
+            return "empty", f"{name} has no letters or digits: {text[:40]!r}"
+    if len(response) > max_chars:
+        return "too_long", f"response has {len(response)} chars > max_response_chars {max_chars}"
+    if len(instruction) > max_chars:
+        return "too_long", f"instruction has {len(instruction)} chars > max_response_chars {max_chars}"
+    for name, text in (("response", response), ("instruction", instruction)):
+        if looks_truncated(text):
+            return "truncated", f"{name} looks cut off: ...{text.rstrip()[-60:]!r}"
+    match = _REFUSAL.search(response)
+    if match:
+        return "refusal", f"response contains {match.group(0).strip()!r}"
+    if _normalized(response) == _normalized(instruction):
+        return "echo", "response repeats the instruction"
+    return None
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@dataclass
+class SynthesisResult:
+    accepted: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    requests: list[dict] = field(default_factory=list)  # one log line per request
+    report: dict = field(default_factory=dict)
+
+
+def generator_info(run_cfg: RunConfig) -> dict:
+    cfg = run_cfg.synthesize
+    provider = run_cfg.provider(cfg.generator)
+    return {
+        "provider": provider.name,
+        "kind": provider.kind,
+        "model": provider.model,
+        "params": {
+            "temperature": cfg.temperature,
+            "max_tokens": cfg.max_tokens,
+            "pairs_per_request": cfg.pairs_per_request,
+        },
+    }
+
+
+def synthetic_id(cycle: int, repeat: int, pair_index: int) -> str:
+    """Unique per candidate: cycle, the request's repeat number and the pair's place in the reply."""
+    return f"synth-c{cycle:02d}-{repeat:05d}-{pair_index:02d}"
+
+
+def request_batch(
+    seeds: Sequence[dict], cfg: SynthesizeConfig, templates: dict[str, PromptTemplate], first_repeat: int
+) -> list:
+    """One ChatRequest per seed. `repeat` is unique per (cycle, request) so that a seed drawn again, in
+    this cycle or a later one, gets a fresh answer rather than the cached one."""
+    return [
+        ChatRequest(
+            messages=synthesis_messages(seed, cfg, templates),
+            temperature=cfg.temperature,
+            max_tokens=cfg.max_tokens,
+            json_schema=PAIRS_SCHEMA,
+            schema_name="pairs",
+            repeat=first_repeat + i,
+        )
+        for i, seed in enumerate(seeds)
+    ]
+
+
+def candidates_from_results(
+    seeds: Sequence[dict], results: Sequence[ChatResult], cycle: int, generator: dict, first_repeat: int
+) -> tuple[list[dict], list[dict]]:
+    """Candidate rows (coverage schema + lineage) and one log record per request."""
+    candidates, log = [], []
+    for i, (seed, result) in enumerate(zip(seeds, results, strict=True)):
+        entry = {"repeat": first_repeat + i, "seed_id": seed["id"], "kind": task_kind(seed.get("category"))}
+        entry.update(cached=bool(getattr(result, "cached", False)), pairs=0, malformed=0, error=None)
+        if result.error:
+            entry["error"] = f"request: {result.error}"
+            log.append(entry)
+            continue
+        try:
+            pairs, malformed = parse_pairs(result.text, result.parsed)
+        except ValueError as exc:
+            entry["error"] = f"parse: {exc}"
+            entry["raw"] = (result.text or "")[:1000]
+            log.append(entry)
+            continue
+        entry.update(pairs=len(pairs), malformed=malformed)
+        log.append(entry)
+        params = {**generator["params"], "repeat": first_repeat + i}
+        for pair_index, pair in enumerate(pairs):
+            candidates.append(
+                {
+                    "id": synthetic_id(cycle, first_repeat + i, pair_index),
+                    "instruction": pair["instruction"],
+                    "response": pair["response"],
+                    "category": seed.get("category") or "",
+                    "source": SYNTHETIC_SOURCE,
+                    "lineage": {
+                        "seed_id": seed["id"],
+                        "cycle": cycle,
+                        "generator": {
+                            "provider": generator["provider"],
+                            "model": generator["model"],
+                            "params": params,
+                        },
+                    },
+                }
+            )
+    return candidates, log
+
+
+# --------------------------------------------------------------------------- post-processing
+
+
+def reject(
+    row: dict, reason: str, detail: str, matched_id: str | None = None, score: float | None = None
+) -> dict:
+    """A rejected candidate: its fields plus why (`reason` is one of FILTERS) and what it matched."""
+    return {**row, "reason": reason, "detail": detail, "matched_id": matched_id, "score": score}
+
+
+def apply_quality_rules(rows: Sequence[dict], max_chars: int) -> tuple[list[dict], list[dict]]:
+    kept, rejected = [], []
+    for row in rows:
+        reason = quality_reason(row["instruction"], row["response"], max_chars)
+        if reason is None:
+            kept.append(row)
+        else:
+            rejected.append(reject(row, *reason))
+    return kept, rejected
+
+
+def postprocess(
+    candidates: Sequence[dict],
+    earlier: Sequence[dict],
+    test: Sequence[dict],
+    cfg: SynthesizeConfig,
+) -> tuple[list[dict], list[dict]]:
+    """(accepted, rejected): quality rules, then `dataquality.clean` (decontamination against `test`,
+    then exact/near-duplicate removal within the batch and against `earlier`, one copy kept).
+
+    Rejected rows keep all their fields plus `reason` (one of FILTERS), `detail`, and for duplicates and
+    contamination `matched_id` (the row or test item it matched) and `score`.
+    """
+    kept, rejected = apply_quality_rules(candidates, cfg.max_response_chars)
+    if not kept:
+        return [], rejected
+    result = clean(
+        kept,
+        against=earlier,
+        test=test,
+        dedup_threshold=cfg.dedup_threshold,
+        decontam=DecontamParams(rouge_threshold=cfg.decontam_threshold),
+    )
+    for hit in result.decontamination.dropped if result.decontamination else []:
+        row = kept[hit.index]
+        detail = f"{hit.field} ~ test {hit.test_id} {hit.test_field} by {hit.rule} ({hit.score:.2f})"
+        rejected.append(reject(row, "contaminated", detail, str(hit.test_id), round(hit.score, 4)))
+    for drop in result.dedup.dropped:
+        row = kept[drop.index]
+        in_batch = drop.duplicate_of_source == "pool"
+        matched = (kept if in_batch else earlier)[drop.duplicate_of]
+        where = "this batch" if in_batch else "earlier data"
+        detail = (
+            f"{drop.reason.replace('_', ' ')} of {matched.get('id')} ({where}), ROUGE-L F1 {drop.score:.2f}"
+        )
+        reason = "duplicate_in_batch" if in_batch else "duplicate_of_earlier"
+        rejected.append(reject(row, reason, detail, matched.get("id"), round(drop.score, 4)))
+    return [kept[i] for i in result.kept_indices], rejected
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def earlier_data(layout: RunLayout, cycle: int) -> list[dict]:
+    """Train split + the accepted synthetic rows of cycles before `cycle` (the dedup reference D')."""
+    rows = list(read_jsonl(layout.train_file))
+    for previous in range(cycle):
+        path = layout.synthetic_file(previous)
+        if path.is_file():
+            rows.extend(read_jsonl(path))
+    return rows
+
+
+def load_split(path: Path, name: str) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run 01_coverage first (the {name} split is needed)")
+    rows = read_jsonl(path)
+    for lineno, row in enumerate(rows, start=1):
+        for key in ("id", "instruction", "response"):
+            if not isinstance(row.get(key), str):
+                raise DataFileError(path, lineno, key, "required text field is missing or not a string")
+    return rows
+
+
+def synthesize_cycle(run_cfg: RunConfig, layout: RunLayout, cycle: int, pool: ServicePool) -> SynthesisResult:
+    """Generate, post-process and account for one cycle's synthetic data (no files written)."""
+    cfg = run_cfg.synthesize
+    train = load_split(layout.train_file, "train")
+    test = load_split(layout.test_file, "test")
+    earlier = earlier_data(layout, cycle)
+    templates = load_templates()
+    generator = generator_info(run_cfg)
+    target = target_rows(cfg, cycle)
+    seeds_stream = sample_seeds(train, cfg.max_requests_per_cycle, cycle_seed(run_cfg.seed, cycle))
+
+    result = SynthesisResult()
+    sent, rounds = 0, 0
+    while len(result.accepted) < target and sent < cfg.max_requests_per_cycle:
+        missing = target - len(result.accepted)
+        # later rounds size themselves by the yield seen so far (accepted rows per request), so a high
+        # rejection rate does not turn into many tiny rounds; the budget caps it either way
+        per_request = cfg.pairs_per_request if sent == 0 else max(len(result.accepted) / sent, 0.5)
+        n = min(math.ceil(missing / per_request), cfg.max_requests_per_cycle - sent)
+        seeds = seeds_stream[sent : sent + n]
+        first_repeat = cycle * cfg.max_requests_per_cycle + sent
+        requests = request_batch(seeds, cfg, templates, first_repeat)
+        results = pool.complete_many(
+            cfg.generator, requests, desc=f"synthesize round {rounds + 1} ({n} requests)"
+        )
+        candidates, log = candidates_from_results(seeds, results, cycle, generator, first_repeat)
+        accepted, rejected = postprocess(candidates, earlier + result.accepted, test, cfg)
+        result.accepted += accepted
+        result.rejected += rejected
+        result.requests += log
+        sent += n
+        rounds += 1
+
+    result.report = build_report(result, cycle, target, rounds, generator, cfg)
+    return result
+
+
+def build_report(
+    result: SynthesisResult, cycle: int, target: int, rounds: int, generator: dict, cfg: SynthesizeConfig
+) -> dict:
+    by_filter = Counter(r["reason"] for r in result.rejected)
+    request_errors = sum(1 for r in result.requests if (r["error"] or "").startswith("request"))
+    parse_errors = sum(1 for r in result.requests if (r["error"] or "").startswith("parse"))
+    candidates = len(result.accepted) + len(result.rejected)
+    return {
+        "cycle": cycle,
+        "target": target,
+        "rounds": rounds,
+        "requests": len(result.requests),
+        "requests_cached": sum(1 for r in result.requests if r["cached"]),
+        "request_failures": request_errors,
+        "parse_failures": parse_errors,
+        "malformed_pairs": sum(r["malformed"] for r in result.requests),
+        "candidates": candidates,
+        "rejected": {name: by_filter.get(name, 0) for name in FILTERS},
+        "accepted": len(result.accepted),
+        "target_met": len(result.accepted) >= target,
+        "generator": generator,
+        "thresholds": {"dedup_rouge_l": cfg.dedup_threshold, "decontam_rouge_l": cfg.decontam_threshold},
+        "seeds_used": sorted({r["seed_id"] for r in result.requests}),
+    }
+
+
+def run_synthesis(stage: Stage) -> SynthesisResult:
+    """05's work: open the ServicePool, synthesize, and write synthetic / rejected / report files."""
+    generator = [stage.cfg.synthesize.generator]
+    with ServicePool(stage.cfg, stage.layout, stage.name, stage.cycle, providers=generator) as pool:
+        result = synthesize_cycle(stage.cfg, stage.layout, stage.cycle, pool)
+    write_results(result, stage.layout, stage.cycle)
+    return result
+
+
+def write_results(result: SynthesisResult, layout: RunLayout, cycle: int) -> None:
+    write_jsonl(layout.synthetic_rejected_file(cycle), result.rejected)
+    write_json(layout.synth_report(cycle), {**result.report, "request_log": result.requests})
+    write_jsonl(layout.synthetic_file(cycle), result.accepted)
+
+
+# --------------------------------------------------------------------------- tables and plots
+
+
+def plan_table(run_cfg: RunConfig, layout: RunLayout, cycle: int) -> pd.DataFrame:
+    """What this cycle will ask for: target volume, request budget, seed pool and sampling seed."""
+    cfg = run_cfg.synthesize
+    train = load_split(layout.train_file, "train")
+    kinds = Counter(task_kind(row.get("category")) for row in train)
+    lines = [
+        ("generator", f"{cfg.generator} ({run_cfg.provider(cfg.generator).model})"),
+        (
+            "target accepted rows",
+            f"{target_rows(cfg, cycle)} ({cfg.growth}: k={cfg.target_per_cycle}, cycle {cycle})",
+        ),
+        ("pairs per request", cfg.pairs_per_request),
+        ("request budget", cfg.max_requests_per_cycle),
+        (
+            "seed pool (train split)",
+            f"{len(train)} rows: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())),
+        ),
+        ("earlier rows for dedup", len(earlier_data(layout, cycle))),
+        ("seed sampling seed", cycle_seed(run_cfg.seed, cycle)),
+    ]
+    return pd.DataFrame(lines, columns=["setting", "value"]).set_index("setting")
+
+
+def accepted_preview(accepted: Sequence[dict], n: int = 8, width: int = 80) -> pd.DataFrame:
+    """The first accepted rows with their seed and id."""
+    records = [
+        {
+            "id": row["id"],
+            "seed_id": row["lineage"]["seed_id"],
+            "category": row["category"],
+            "instruction": row["instruction"][:width],
+            "response": row["response"][:width],
+        }
+        for row in accepted[:n]
+    ]
+    return pd.DataFrame(records, columns=["id", "seed_id", "category", "instruction", "response"])
+
+
+def counts_table(report: dict) -> pd.DataFrame:
+    """Where the candidate pairs went: one line per filter, then accepted, plus request-level failures."""
+    lines = [
+        ("requests sent", report["requests"]),
+        ("request failures", report["request_failures"]),
+        ("unparseable replies", report["parse_failures"]),
+        ("malformed pairs", report["malformed_pairs"]),
+        ("candidate pairs", report["candidates"]),
+        *((f"rejected: {name}", n) for name, n in report["rejected"].items()),
+        ("accepted", report["accepted"]),
+        ("target", report["target"]),
+    ]
+    return pd.DataFrame(lines, columns=["step", "count"]).set_index("step")
+
+
+def rejected_examples(rejected: Sequence[dict], per_filter: int = 2) -> pd.DataFrame:
+    """A few rejected rows per filter with the reason, for a quick look."""
+    shown: Counter[str] = Counter()
+    records = []
+    for row in rejected:
+        name = row["reason"]
+        if shown[name] >= per_filter:
+            continue
+        shown[name] += 1
+        records.append(
+            {
+                "filter": name,
+                "instruction": row["instruction"][:80],
+                "response": row["response"][:80],
+                "detail": row["detail"][:120],
+            }
+        )
+    return pd.DataFrame(records, columns=["filter", "instruction", "response", "detail"])
+
+
+def plot_counts(report: dict, path: str | Path):
+    """Horizontal bars: candidates, rejections per filter, accepted; saved as PNG."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    labels = ["candidates", *FILTERS, "accepted"]
+    values = [report["candidates"], *(report["rejected"][f] for f in FILTERS), report["accepted"]]
+    colors = ["tab:blue"] + ["tab:red"] * len(FILTERS) + ["tab:green"]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.barh(labels[::-1], values[::-1], color=colors[::-1])
+    for y, v in enumerate(values[::-1]):
+        ax.text(v, y, f" {v}", va="center")
+    ax.set_xlabel("pairs")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    failed = report["request_failures"] + report["parse_failures"]
+    ax.set_title(
+        f"Cycle {report['cycle']}: {report['accepted']} accepted of {report['candidates']} "
+        f"(target {report['target']}; {report['requests']} requests, {failed} failed)"
+    )
+    fig.tight_layout()
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110)
+    return fig

@@ -1,0 +1,165 @@
+"""03_batch_inference on the real embedded SmolLM2 student with a real (untrained) LoRA adapter.
+
+The adapter is made with PEFT directly rather than by training, which 02's tests already cover; the
+notebook is executed through Papermill once and the tests read what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import pytest
+from test_finetune import TEST, make_tiny_run
+
+from llamaduo_nb import inference
+from llamaduo_nb.config import load_config
+from llamaduo_nb.jsonio import DataFileError, read_json, read_jsonl, write_jsonl
+from llamaduo_nb.runlayout import RunLayout
+from llamaduo_nb.runner import PROJECT_ROOT, execute_notebook
+
+K = 2
+
+
+def save_untrained_adapter(layout: RunLayout, cycle: int) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llamaduo_nb.embedded import resolve_model_path
+    from llamaduo_nb.finetune import quiet_peft_deprecations
+
+    path = resolve_model_path(load_config(layout.params_file).student.model_id)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+    with quiet_peft_deprecations():
+        model = get_peft_model(base, lora)
+    model.save_pretrained(layout.adapter_dir(cycle))
+    AutoTokenizer.from_pretrained(path).save_pretrained(layout.adapter_dir(cycle))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    layout = make_tiny_run(
+        tmp_path_factory.mktemp("inf") / "tiny", inference_overrides={"k": K, "max_new_tokens": 16}
+    )
+    save_untrained_adapter(layout, 0)
+    execute_notebook(
+        PROJECT_ROOT / "notebooks" / "03_batch_inference.ipynb",
+        layout.notebook_out("03_batch_inference", 0),
+        {"run_dir": str(layout.root), "cycle": 0},
+    )
+    return layout, read_jsonl(layout.responses_file(0))
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(run):
+    layout, _ = run
+    model, tokenizer, _ = inference.load_model(load_config(layout.params_file), layout.adapter_dir(0))
+    return model, tokenizer
+
+
+@pytest.mark.slow
+def test_k_rows_per_test_prompt_with_distinct_sample_index(run):
+    layout, rows = run
+    by_prompt = defaultdict(list)
+    for row in rows:
+        by_prompt[row["prompt_id"]].append(row["sample_index"])
+    assert set(by_prompt) == {f"test-{i}" for i in range(len(TEST))}
+    assert all(sorted(indices) == list(range(K)) for indices in by_prompt.values())
+    first = rows[0]
+    assert (first["instruction"], first["reference"], first["category"]) == TEST[0]
+    assert first["model_id"] == "embedded:smollm2" and first["adapter"] == "cycle_00/adapter"
+    assert first["generation"]["seed"] == 1234 and first["generation"]["temperature"] == 0.7
+    assert first["generation"]["k"] == K and first["generation"]["engine"] == "transformers"
+    assert all(isinstance(row["candidate"], str) and 1 <= row["output_tokens"] <= 16 for row in rows)
+
+    summary = read_json(layout.inference_summary(0))
+    assert summary["rows"] == len(TEST) * K
+    assert summary["tokens_generated"] == sum(row["output_tokens"] for row in rows)
+    assert summary["engine"] == "transformers" and summary["tokens_per_s"] > 0
+    assert layout.output_lengths_plot(0).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_answers(run):
+    layout, notebook_rows = run
+    inference.generate_responses(load_config(layout.params_file), layout, 0, progress=False)
+    again = read_jsonl(layout.responses_file(0))
+    assert [r["candidate"] for r in again] == [r["candidate"] for r in notebook_rows]
+
+
+@pytest.mark.slow
+def test_candidates_are_the_decoded_token_ids_after_the_prompt(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    instructions = ["Say hi.", "Name three colours of the rainbow, separated by commas."]
+    out = inference.sample_batch(
+        model, tokenizer, instructions, k=K, temperature=0.7, top_p=0.9, max_new_tokens=12, seed=7
+    )
+    length = out.prompt_length
+    short = inference.prompt_token_ids(tokenizer, instructions[0])
+    assert length == len(inference.prompt_token_ids(tokenizer, instructions[1])) > len(short)
+    # left padding: the shorter prompt ends where the longer one does, right before the answers
+    assert out.prompt_ids[0, length - len(short) :].tolist() == short
+    assert out.attention_mask[0, : length - len(short)].sum() == 0
+    stops = set(inference.stop_token_ids(model, tokenizer))
+    for b in range(len(instructions)):
+        for j in range(K):
+            seq = out.sequences[b * K + j]
+            assert seq[:length].tolist() == out.prompt_ids[b].tolist()
+            n = out.output_tokens[b][j]
+            generated = seq[length : length + n].tolist()
+            assert out.candidates[b][j] == tokenizer.decode(generated, skip_special_tokens=True).strip()
+            assert (generated[-1] in stops) == (out.finish_reasons[b][j] == "stop")
+            assert "<|im_start|>" not in out.candidates[b][j] and "<|im_end|>" not in out.candidates[b][j]
+
+
+@pytest.mark.slow
+def test_shared_prompt_cache_gives_the_same_tokens_as_repeating_the_prompt(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    instructions = [
+        "What is the capital of Spain?",
+        "Classify the sentiment: the film was dull and too long.",
+    ]
+    # A near-zero temperature samples the argmax whatever the random draw: any difference would come from
+    # the copied KV cache, not from the sampler.
+    common = {"k": K, "temperature": 1e-3, "top_p": 1.0, "max_new_tokens": 10, "seed": 3}
+    shared = inference.sample_batch(model, tokenizer, instructions, share_prompt_cache=True, **common)
+    repeated = inference.sample_batch(model, tokenizer, instructions, share_prompt_cache=False, **common)
+    assert shared.sequences.tolist() == repeated.sequences.tolist()
+    assert shared.candidates == repeated.candidates
+
+
+@pytest.mark.slow
+def test_temperature_zero_gives_k_identical_greedy_answers(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    out = inference.sample_batch(
+        model, tokenizer, ["Say hello."], k=3, temperature=0.0, top_p=1.0, max_new_tokens=8, seed=0
+    )
+    assert len(out.candidates[0]) == 3 and len(set(out.candidates[0])) == 1
+
+
+def test_a_test_row_without_instruction_is_reported_with_file_row_and_field(tmp_path):
+    path = tmp_path / "test.jsonl"
+    write_jsonl(path, [{"id": "a", "instruction": "Hi", "response": "Hello"}, {"id": "b", "response": "x"}])
+    with pytest.raises(DataFileError) as err:
+        inference.load_test_rows(path)
+    assert (err.value.row, err.value.field) == (2, "instruction")
+
+
+def test_engine_auto_is_transformers_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert inference.resolve_engine("auto") == "transformers"
+    with pytest.raises(ValueError, match="vllm|CUDA"):
+        inference.resolve_engine("vllm")
+
+
+def test_notebook_is_committed_without_outputs():
+    book = json.loads((PROJECT_ROOT / "notebooks" / "03_batch_inference.ipynb").read_text())
+    assert book["metadata"]["kernelspec"]["name"] == "llamaduo-nb"
+    for cell in book["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None
