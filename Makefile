@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	@echo "installing llamaduo-nb (first time on a machine: llama-cpp-python compiles, ~16 min; cached after)"
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name llamaduo-nb --display-name "Python (llamaduo-nb)" >/dev/null
-	$(BIN)/python -m llamaduo_nb.embedded
+	$(BIN)/llamaduo prepare
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,4 +1,4 @@
-"""`llamaduo run | status | dedup` — the command line (also `python -m llamaduo_nb`)."""
+"""`llamaduo run | status | prepare | dedup` — the command line (also `python -m llamaduo_nb`)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .embedded import embedded_gguf_path, student_base_dir
+
+    print(f"embedded GGUF: {embedded_gguf_path()}")
+    print(f"student (dequantised, cached): {student_base_dir()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamaduo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true", help="delete this run's folder first and start over")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param (dotted key)")
     run.set_defaults(func=cmd_run)
+    prepare = sub.add_parser("prepare", help="dequantise the embedded student once (make install runs this)")
+    prepare.set_defaults(func=cmd_prepare)
     status = sub.add_parser("status", help="print a run's state")
     status.add_argument("run_dir")
     status.set_defaults(func=cmd_status)

@@ -10,7 +10,7 @@ import json
 from collections import defaultdict
 
 import pytest
-from test_finetune import TEST, make_tiny_run
+from tinyrun import TEST, make_tiny_run
 
 from llamaduo_nb import inference
 from llamaduo_nb.config import load_config
