@@ -59,7 +59,9 @@ MinHash and LSH parameters (measured on the benchmark's synthetic pool, see benc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import gc
 import hashlib
 import os
 import queue
@@ -807,6 +809,19 @@ class _Progress:
         self.bar.close()
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: encoding allocates millions of small lists (no cycles), and
+    each collection would walk every object the caller holds -- 6% of the time with 300K rows loaded."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _encode_all(
     texts: Iterable[str], encoder: _Encoder, total: int, progress: bool, desc: str
 ) -> list[Encoded]:
@@ -832,7 +847,19 @@ def dedup(
     ``text_fields`` are compared together (their texts joined); "instruction"/"response" are read with
     `row_text`, so chat rows work. ``threshold`` is the ROUGE-L F1 that confirms a near-duplicate.
     """
-    against = against or []
+    with _gc_paused():
+        return _dedup_rows(rows, against or [], text_fields, threshold, use_stemmer, params, progress)
+
+
+def _dedup_rows(
+    rows: Sequence[Mapping[str, Any]],
+    against: Sequence[Mapping[str, Any]],
+    text_fields: Sequence[str],
+    threshold: float,
+    use_stemmer: bool,
+    params: MinHashParams | None,
+    progress: bool,
+) -> DedupResult:
     params = params or MinHashParams()
     fields = _fields_of(against, text_fields, "against") + _fields_of(rows, text_fields, "pool")
     encoder = _Encoder(use_stemmer)
@@ -1043,16 +1070,17 @@ def decontaminate(
     progress: bool = False,
 ) -> DecontamResult:
     """Drop rows whose instruction or response is near a test item's instruction or response."""
-    encoder = _Encoder(use_stemmer)
     pool_fields = _fields_of(rows, FIELDS, "pool")
     test_fields = _fields_of(test_rows, FIELDS, "test")
-    encoded = _encode_all(
-        (t for f in pool_fields for t in f), encoder, 2 * len(rows), progress, "encode pool"
-    )
-    test_encoded = [encoder.encode(text) for f in test_fields for text in f]
-    return _decontaminate(
-        rows, encoded, test_rows, test_encoded, encoder, params or DecontamParams(), progress
-    )
+    with _gc_paused():
+        encoder = _Encoder(use_stemmer)
+        encoded = _encode_all(
+            (t for f in pool_fields for t in f), encoder, 2 * len(rows), progress, "encode pool"
+        )
+        test_encoded = [encoder.encode(text) for f in test_fields for text in f]
+        return _decontaminate(
+            rows, encoded, test_rows, test_encoded, encoder, params or DecontamParams(), progress
+        )
 
 
 def _decontaminate(
@@ -1364,6 +1392,20 @@ def clean(
 
     Tokenisation is shared between both steps. Indices in the result refer to positions in ``pool``.
     """
+    with _gc_paused():
+        return _clean(pool, against, test, dedup_threshold, decontam, minhash, use_stemmer, progress)
+
+
+def _clean(
+    pool: Sequence[Mapping[str, Any]],
+    against: Sequence[Mapping[str, Any]] | None,
+    test: Sequence[Mapping[str, Any]] | None,
+    dedup_threshold: float,
+    decontam: DecontamParams | None,
+    minhash: MinHashParams | None,
+    use_stemmer: bool,
+    progress: bool,
+) -> CleanResult:
     minhash = minhash or MinHashParams()
     decontam = decontam or DecontamParams(minhash=minhash)
     against, test = against or [], test or []
@@ -1399,8 +1441,9 @@ def clean(
                 encoded_ranges(),
             )
         try:
+            encode = encoder.encode
             for start, end in tqdm(_chunks(len(pool)), desc="encode pool", disable=not progress, leave=False):
-                encoded.extend([encoder.encode(text) for f in pool_fields[start:end] for text in f])
+                encoded.extend([encode(text) for f in pool_fields[start:end] for text in f])
                 ready.put((2 * start, 2 * end))
         finally:
             ready.put(None)

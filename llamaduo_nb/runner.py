@@ -69,6 +69,9 @@ def execute_notebook(
             progress_bar=progress,
             log_output=False,
             request_save_on_cell_execute=True,
+            # the kernel app's own start-up chatter (transport warnings) is noise on the runner's console;
+            # errors still show, and cell outputs are unaffected
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
     except pm.PapermillExecutionError as exc:
         failed = dst.with_name(dst.stem + ".failed.ipynb")
