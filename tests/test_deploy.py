@@ -335,7 +335,7 @@ def test_06_notebook_ships_serves_checks_parity_and_reports_costs(tmp_path, monk
         n_test=3,
         overrides={
             "inference": {"k": 1, "max_new_tokens": 32},
-            "deploy": {"greedy_prompts": 2, "greedy_max_new_tokens": 24, "parity_m": 1},
+            "deploy": {"greedy_prompts": 2, "greedy_max_new_tokens": 24, "parity_m": 1, "serve_gguf": "q8_0"},
         },
     )
     out = execute_notebook(
