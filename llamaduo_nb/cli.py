@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("params", help="params YAML, e.g. params/demo.yaml")
     run.add_argument("--resume", action="store_true", help="continue at the first unfinished notebook")
     run.add_argument("--fresh", action="store_true", help="delete this run's folder first and start over")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param (dotted key)")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a param (dotted key)"
+    )
     run.set_defaults(func=cmd_run)
     prepare = sub.add_parser("prepare", help="dequantise the embedded student once (make install runs this)")
     prepare.set_defaults(func=cmd_prepare)

@@ -45,7 +45,11 @@ class ProviderConfig:
 
     def validate(self) -> None:
         _check(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None, "name", "letters, digits, _ . - only")
-        _check(self.kind != "openai_compatible" or bool(self.base_url), "base_url", "required for openai_compatible")
+        _check(
+            self.kind != "openai_compatible" or bool(self.base_url),
+            "base_url",
+            "required for openai_compatible",
+        )
         _check(self.rpm >= 1, "rpm", "must be >= 1")
         _check(self.tpm >= 1, "tpm", "must be >= 1")
         _check(self.max_concurrency >= 1, "max_concurrency", "must be >= 1")
@@ -68,12 +72,18 @@ class CoverageConfig:
     categories: list[str] | None = None  # keep only these categories (None: all)
     train_ratio: float = 0.8  # Phi: share of rows going to the train split
     stratify_by: str | None = "category"
-    strictness: Literal["strict", "lenient"] = "strict"  # strict: first bad row is an error; lenient: skip + report
+    strictness: Literal["strict", "lenient"] = (
+        "strict"  # strict: first bad row is an error; lenient: skip + report
+    )
     max_chars: int = 16_000  # rows whose prompt+response exceed this are "over-long"
     max_rows: int | None = None  # cap after validation (tiny test configs)
-    curation_file: str | None = None  # decisions saved by the curation widget (default: <run>/coverage/curation.json)
+    curation_file: str | None = (
+        None  # decisions saved by the curation widget (default: <run>/coverage/curation.json)
+    )
 
-    EXAMPLE = "source: data/sample_coverage.jsonl\ntrain_ratio: 0.8\nstratify_by: category\nstrictness: strict"
+    EXAMPLE = (
+        "source: data/sample_coverage.jsonl\ntrain_ratio: 0.8\nstratify_by: category\nstrictness: strict"
+    )
 
     def validate(self) -> None:
         _check(0.0 < self.train_ratio < 1.0, "train_ratio", "Phi must lie strictly between 0 and 1, e.g. 0.8")
@@ -163,7 +173,9 @@ class EvaluateConfig:
     epsilon: float = 70.0  # pass threshold on the decision statistic
     decision_metric: Literal["precision", "similarity", "both"] = "precision"
     decision_statistic: str = "mean"  # "mean" or "coverage@<zeta>" (a share in percent, e.g. coverage@70)
-    judge_aggregation: Literal["mean", "min", "all"] = "mean"  # combine judges: average, worst, or all must pass
+    judge_aggregation: Literal["mean", "min", "all"] = (
+        "mean"  # combine judges: average, worst, or all must pass
+    )
     temperature: float = 1.0  # judge sampling temperature (M repeats only differ when > 0)
     max_tokens: int = 256
     min_scored_share: float = 0.5  # a judge scoring fewer rows than this share cannot pass the model
@@ -174,11 +186,18 @@ class EvaluateConfig:
         _check(len(self.judges) >= 1, "judges", "name at least one provider")
         _check(self.m >= 1, "m", "M must be >= 1, e.g. 10")
         _check(all(1 <= z <= 100 for z in self.zetas) and len(self.zetas) >= 1, "zetas", "values in [1, 100]")
-        _check(re.fullmatch(r"mean|coverage@\d+(\.\d+)?", self.decision_statistic) is not None,
-               "decision_statistic", "'mean' or 'coverage@70'")
+        _check(
+            re.fullmatch(r"mean|coverage@\d+(\.\d+)?", self.decision_statistic) is not None,
+            "decision_statistic",
+            "'mean' or 'coverage@70'",
+        )
         if self.decision_statistic.startswith("coverage@"):
             z = float(self.decision_statistic.split("@", 1)[1])
-            _check(z in [float(x) for x in self.zetas], "decision_statistic", f"zeta {z:g} must be listed in zetas")
+            _check(
+                z in [float(x) for x in self.zetas],
+                "decision_statistic",
+                f"zeta {z:g} must be listed in zetas",
+            )
         _check(0 <= self.epsilon <= 100, "epsilon", "must lie in [0, 100]")
         _check(self.temperature >= 0, "temperature", "must be >= 0 (M repeats only differ when > 0)")
         _check(0 <= self.min_scored_share <= 1, "min_scored_share", "must lie in [0, 1], e.g. 0.5")
@@ -236,28 +255,42 @@ class DeployConfig:
     parity_m: int | None = None  # judge repeats for the parity check (None: evaluate.m)
     greedy_prompts: int = 8  # test prompts for the greedy exact-match check, per GGUF type (0: skip)
     greedy_max_new_tokens: int = 64
-    gguf_tokenizer_pre: str | None = None  # llama.cpp pre-tokenizer name; None: the embedded GGUF's, else default
-    convert_script: str | None = None  # llama.cpp convert_hf_to_gguf.py, for students the built-in exporter lacks
+    gguf_tokenizer_pre: str | None = (
+        None  # llama.cpp pre-tokenizer name; None: the embedded GGUF's, else default
+    )
+    convert_script: str | None = (
+        None  # llama.cpp convert_hf_to_gguf.py, for students the built-in exporter lacks
+    )
     hf_repo: str | None = None  # push merged weights when HF_TOKEN is set
     hf_private: bool = True
     economics_file: str = "params/economics.yaml"
 
-    EXAMPLE = "select: first_passing\ngguf_types: [f16, q8_0]\nserve: true\nserve_gguf: q8_0\nparity_tolerance: 5"
+    EXAMPLE = (
+        "select: first_passing\ngguf_types: [f16, q8_0]\nserve: true\nserve_gguf: q8_0\nparity_tolerance: 5"
+    )
 
     def validate(self) -> None:
         _check(len(self.gguf_types) >= 1, "gguf_types", f"list at least one of {list(GGUF_TYPES)}")
         for i, qtype in enumerate(self.gguf_types):
             _check(qtype in GGUF_TYPES, f"gguf_types[{i}]", f"{qtype!r} is not one of {list(GGUF_TYPES)}")
         _check(len(set(self.gguf_types)) == len(self.gguf_types), "gguf_types", "each type once")
-        _check(not self.serve or self.serve_gguf in self.gguf_types, "serve_gguf",
-               f"{self.serve_gguf!r} must be one of gguf_types {self.gguf_types}")
+        _check(
+            not self.serve or self.serve_gguf in self.gguf_types,
+            "serve_gguf",
+            f"{self.serve_gguf!r} must be one of gguf_types {self.gguf_types}",
+        )
         _check(self.n_ctx >= 256, "n_ctx", "must be >= 256")
-        _check(self.parity_tolerance >= 0, "parity_tolerance", "must be >= 0 (points of the decision statistic)")
+        _check(
+            self.parity_tolerance >= 0, "parity_tolerance", "must be >= 0 (points of the decision statistic)"
+        )
         _check(self.parity_m is None or self.parity_m >= 1, "parity_m", "must be >= 1 or null")
         _check(self.greedy_prompts >= 0, "greedy_prompts", "must be >= 0")
         _check(self.greedy_max_new_tokens >= 1, "greedy_max_new_tokens", "must be >= 1")
-        _check(self.hf_repo is None or re.fullmatch(r"[\w.-]+/[\w.-]+", self.hf_repo) is not None,
-               "hf_repo", "'owner/name', e.g. my-org/smollm2-task-student")
+        _check(
+            self.hf_repo is None or re.fullmatch(r"[\w.-]+/[\w.-]+", self.hf_repo) is not None,
+            "hf_repo",
+            "'owner/name', e.g. my-org/smollm2-task-student",
+        )
 
 
 @dataclass(frozen=True)
@@ -280,14 +313,21 @@ class RunConfig:
     EXAMPLE = "run_name: demo\ncoverage: {source: data/sample_coverage.jsonl}\nproviders: [...]\nevaluate: {judges: [local]}"
 
     def validate(self) -> None:
-        _check(re.fullmatch(r"[A-Za-z0-9_.-]+", self.run_name) is not None, "run_name", "letters, digits, _ . - only")
+        _check(
+            re.fullmatch(r"[A-Za-z0-9_.-]+", self.run_name) is not None,
+            "run_name",
+            "letters, digits, _ . - only",
+        )
         names = [p.name for p in self.providers]
         _check(len(names) >= 1, "providers", "declare at least one provider")
         _check(len(set(names)) == len(names), "providers", f"provider names must be unique, got {names}")
         for judge in self.evaluate.judges:
             _check(judge in names, "evaluate.judges", f"'{judge}' is not a declared provider {names}")
-        _check(self.synthesize.generator in names, "synthesize.generator",
-               f"'{self.synthesize.generator}' is not a declared provider {names}")
+        _check(
+            self.synthesize.generator in names,
+            "synthesize.generator",
+            f"'{self.synthesize.generator}' is not a declared provider {names}",
+        )
 
     def provider(self, name: str) -> ProviderConfig:
         for p in self.providers:
@@ -339,7 +379,11 @@ def _coerce(value: Any, tp: Any, key: str, example: str, source: str) -> Any:
                 return _coerce(value, arg, key, example, source)
             except ConfigError as exc:
                 errors.append(exc)
-        raise errors[-1] if len(errors) == 1 else _error(source, key, f"{value!r} matches none of {_type_name(tp)}", example)
+        raise (
+            errors[-1]
+            if len(errors) == 1
+            else _error(source, key, f"{value!r} matches none of {_type_name(tp)}", example)
+        )
     if origin is Literal:
         if value not in args:
             raise _error(source, key, f"{value!r} is not one of {list(args)}", example)
@@ -363,7 +407,9 @@ def _coerce(value: Any, tp: Any, key: str, example: str, source: str) -> Any:
         return value
     if tp in (str, bool):
         if not isinstance(value, tp):
-            raise _error(source, key, f"expected {tp.__name__}, got {type(value).__name__} {value!r}", example)
+            raise _error(
+                source, key, f"expected {tp.__name__}, got {type(value).__name__} {value!r}", example
+            )
         return value
     if tp is type(None):
         if value is not None:

@@ -68,8 +68,12 @@ def detect_format(source: str, fmt: str = "auto") -> str:
     if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         return "hub"
     if not path.exists():
-        raise FileNotFoundError(f"coverage source not found: {source} (a file, a folder, or a hub name owner/name)")
-    raise DataFileError(source, None, None, "unknown format; use .jsonl, .csv, a save_to_disk folder or set format")
+        raise FileNotFoundError(
+            f"coverage source not found: {source} (a file, a folder, or a hub name owner/name)"
+        )
+    raise DataFileError(
+        source, None, None, "unknown format; use .jsonl, .csv, a save_to_disk folder or set format"
+    )
 
 
 def _decode_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -78,7 +82,9 @@ def _decode_lines(path: Path) -> Iterator[tuple[int, str]]:
             try:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataFileError(path, lineno, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+                raise DataFileError(
+                    path, lineno, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
+                ) from exc
 
 
 def iter_raw_rows(source: str, fmt: str, cfg: CoverageConfig) -> Iterator[tuple[int, Any]]:
@@ -150,10 +156,14 @@ def _from_messages(messages: Any) -> tuple[str, str]:
     dialogue = [m for m in turns if m["role"] != "system"]
     roles = [m["role"] for m in dialogue]
     if roles.count("user") > 1 or roles.count("assistant") > 1:
-        raise RowProblem("messages", f"multi-turn conversation ({len(dialogue)} turns); only single-turn pairs are used")
+        raise RowProblem(
+            "messages", f"multi-turn conversation ({len(dialogue)} turns); only single-turn pairs are used"
+        )
     if roles != ["user", "assistant"]:
         raise RowProblem("messages", f"expected a user turn followed by an assistant turn, got roles {roles}")
-    return _text(dialogue[0]["content"], "messages[user].content"), _text(dialogue[1]["content"], "messages[assistant].content")
+    return _text(dialogue[0]["content"], "messages[user].content"), _text(
+        dialogue[1]["content"], "messages[assistant].content"
+    )
 
 
 def normalize_row(record: Any) -> tuple[str | None, str, str, str]:
@@ -216,7 +226,12 @@ def import_coverage(cfg: CoverageConfig) -> Imported:
         if wanted is not None and category not in wanted:
             continue
         if len(instruction) + len(response) > cfg.max_chars:
-            reject(rownum, "response", f"over-long row: {len(instruction) + len(response)} chars > max_chars {cfg.max_chars}", row_id)
+            reject(
+                rownum,
+                "response",
+                f"over-long row: {len(instruction) + len(response)} chars > max_chars {cfg.max_chars}",
+                row_id,
+            )
             continue
         row_id = row_id or content_id(instruction)
         if row_id in seen_ids:
@@ -228,7 +243,13 @@ def import_coverage(cfg: CoverageConfig) -> Imported:
             continue
         seen_ids[row_id], seen_prompts[key] = rownum, rownum
         result.rows.append(
-            {"id": row_id, "instruction": instruction, "response": response, "category": category, "source": f"{cfg.source}#{rownum}"}
+            {
+                "id": row_id,
+                "instruction": instruction,
+                "response": response,
+                "category": category,
+                "source": f"{cfg.source}#{rownum}",
+            }
         )
     if not result.rows:
         raise DataFileError(cfg.source, None, None, "no usable rows after validation")
@@ -259,7 +280,9 @@ def _rank(seed: int, row_id: str) -> str:
     return hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest()
 
 
-def split_rows(rows: Iterable[dict], train_ratio: float, seed: int, stratify_by: str | None = "category") -> tuple[list[dict], list[dict]]:
+def split_rows(
+    rows: Iterable[dict], train_ratio: float, seed: int, stratify_by: str | None = "category"
+) -> tuple[list[dict], list[dict]]:
     """Deterministic split by Phi, stratified, seeded; independent of input order.
 
     Within each stratum rows are ordered by sha256(seed:id) and the first round(n * Phi) go to train; a
@@ -293,7 +316,9 @@ def load_decisions(path: Path) -> dict[str, dict]:
         raise DataFileError(path, None, "decisions", "expected an object mapping row id -> decision")
     for row_id, d in decisions.items():
         if not isinstance(d, dict) or d.get("action") not in ("accept", "reject", "edit"):
-            raise DataFileError(path, None, f"decisions.{row_id}.action", "must be one of accept, reject, edit")
+            raise DataFileError(
+                path, None, f"decisions.{row_id}.action", "must be one of accept, reject, edit"
+            )
         if d.get("split") not in (None, "train", "test"):
             raise DataFileError(path, None, f"decisions.{row_id}.split", "must be train, test or null")
     return decisions
@@ -322,7 +347,9 @@ def apply_edits(rows: list[dict], decisions: dict[str, dict]) -> tuple[list[dict
     return out, rejected
 
 
-def apply_moves(train: list[dict], test: list[dict], decisions: dict[str, dict]) -> tuple[list[dict], list[dict]]:
+def apply_moves(
+    train: list[dict], test: list[dict], decisions: dict[str, dict]
+) -> tuple[list[dict], list[dict]]:
     """Move rows between splits as the curator decided."""
     rows = {r["id"]: ("train", r) for r in train} | {r["id"]: ("test", r) for r in test}
     for row_id, d in decisions.items():
@@ -349,10 +376,14 @@ def check_disjoint(train: list[dict], test: list[dict]) -> None:
     if leaked:
         raise ValueError(f"prompts present in both splits (after curation edits): {leaked[:5]}")
     if not train or not test:
-        raise ValueError(f"a split is empty (train={len(train)}, test={len(test)}); add rows or change train_ratio")
+        raise ValueError(
+            f"a split is empty (train={len(train)}, test={len(test)}); add rows or change train_ratio"
+        )
 
 
-def build_coverage(cfg: CoverageConfig, seed: int, decisions: dict[str, dict] | None = None) -> CoverageResult:
+def build_coverage(
+    cfg: CoverageConfig, seed: int, decisions: dict[str, dict] | None = None
+) -> CoverageResult:
     imported = import_coverage(cfg)
     decisions = decisions or {}
     rows, rejected = apply_edits(imported.rows, decisions)
@@ -360,7 +391,8 @@ def build_coverage(cfg: CoverageConfig, seed: int, decisions: dict[str, dict] | 
     train, test = apply_moves(train, test, decisions)
     check_disjoint(train, test)
     per_cat = {
-        split: dict(sorted(Counter(r["category"] for r in rs).items())) for split, rs in (("train", train), ("test", test))
+        split: dict(sorted(Counter(r["category"] for r in rs).items()))
+        for split, rs in (("train", train), ("test", test))
     }
     report = {
         "source": cfg.source,
@@ -368,8 +400,11 @@ def build_coverage(cfg: CoverageConfig, seed: int, decisions: dict[str, dict] | 
         "rows_valid": len(imported.rows),
         "skipped": len(imported.skipped),
         "skipped_by_problem": dict(Counter(_problem_kind(s.problem) for s in imported.skipped)),
-        "curation": {"rejected": len(rejected), "edited": sum(1 for d in decisions.values() if d["action"] == "edit"),
-                     "moved": sum(1 for d in decisions.values() if d.get("split"))},
+        "curation": {
+            "rejected": len(rejected),
+            "edited": sum(1 for d in decisions.values() if d["action"] == "edit"),
+            "moved": sum(1 for d in decisions.values() if d.get("split")),
+        },
         "train_ratio": cfg.train_ratio,
         "seed": seed,
         "train": len(train),
@@ -381,7 +416,16 @@ def build_coverage(cfg: CoverageConfig, seed: int, decisions: dict[str, dict] | 
 
 
 def _problem_kind(problem: str) -> str:
-    for kind in ("duplicate id", "duplicate prompt", "multi-turn", "over-long", "UTF-8", "empty", "missing", "invalid JSON"):
+    for kind in (
+        "duplicate id",
+        "duplicate prompt",
+        "multi-turn",
+        "over-long",
+        "UTF-8",
+        "empty",
+        "missing",
+        "invalid JSON",
+    ):
         if kind in problem:
             return kind
     return "other"
@@ -426,7 +470,12 @@ def plot_split(result: CoverageResult, path: Path | None = None):
     ax1.set_title("Rows per category and split")
     ax1.set_ylabel("rows")
     for split, rows in (("train", result.train), ("test", result.test)):
-        ax2.hist([len(r["instruction"].split()) + len(r["response"].split()) for r in rows], bins=15, alpha=0.6, label=split)
+        ax2.hist(
+            [len(r["instruction"].split()) + len(r["response"].split()) for r in rows],
+            bins=15,
+            alpha=0.6,
+            label=split,
+        )
     ax2.set_title("Words per pair (prompt + response)")
     ax2.legend()
     fig.tight_layout()
@@ -450,7 +499,6 @@ def preview(rows: list[dict], n: int = 5):
     return frame.assign(
         instruction=frame.instruction.str.slice(0, 120), response=frame.response.str.slice(0, 120)
     )
-
 
 
 def skipped_table(result: CoverageResult):

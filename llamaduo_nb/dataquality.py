@@ -1,59 +1,74 @@
 """Data quality for instruction data: exact and near-duplicate removal, ROUGE-L, test-set decontamination.
 
-Used by 05_synthesize (every synthetic batch is cleaned against the existing training pool and the test
-split) and by ``llamaduo dedup``. Nothing here reads or writes files except `run_dedup_cli`.
+Used by 05_synthesize (each synthetic batch is cleaned against the data kept so far and the test split)
+and by ``llamaduo dedup`` (`add_dedup_subparser`, `run_dedup_cli`). Only `run_dedup_cli` touches files.
 
 What it decides
 ---------------
-* `dedup`: rows are grouped into clusters; exactly ONE row per cluster is kept. Two rows are linked when
-  their text fields are equal after whitespace normalisation (``exact_duplicate``), or when they are
-  MinHash-LSH candidates whose ROUGE-L F1 reaches ``threshold`` (``near_duplicate``). Clusters are the
-  connected components of those links (union-find), so they do not depend on input order. The kept row
-  is the earliest one: rows of ``against`` (the existing pool) always win and are never dropped; among
-  new rows, the first in input order wins. Every dropped row names its representative and its ROUGE-L
-  F1 with it (a row can join a cluster through a chain, so that score may be below ``threshold``).
-* `decontaminate`: a row is dropped when its instruction OR response is near a test item's instruction
-  or response, by the first matching rule of: ``exact_match`` (same normalised instruction),
-  ``rouge_l`` (MinHash-LSH candidate with ROUGE-L F1 >= ``rouge_threshold``; both texts must have
-  >= ``min_tokens`` tokens, so one-word labels such as "Positive" never match), ``ngram_13`` (a shared
-  13-token span, GPT-3 style) and ``ngram_containment`` (>= 50% of the test text's distinctive 8-grams
-  occur in the row). 8-grams found in >= 3 test items are template boilerplate ("Classify the sentiment of
-  the following review as ...") and are not evidence; spans touching them are not either. Each drop
-  records the test item, the two fields, the rule and the score.
-* `clean`: decontaminate, then dedup what is left against the existing pool; one report.
+* `dedup` keeps exactly ONE row per duplicate cluster. Two rows are linked when their text fields are
+  identical (``exact_duplicate``) or when they are MinHash-LSH candidates whose ROUGE-L F1 (over the
+  fields joined) reaches ``threshold`` (``near_duplicate``; default 0.7, Self-Instruct's value).
+  Clusters are the connected components of those links (union-find), so they do not depend on input
+  order. The kept row is the earliest: rows of ``against`` (the data kept so far) always win and are
+  never dropped; among new rows the first in input order wins. Each dropped row names the kept row of
+  its cluster and its ROUGE-L F1 with it (a row can join through a chain, so that score may be lower).
+  Note what the rule means for templated prompts: two rows "Classify the sentiment of ...: <8 words>"
+  with different short inputs can reach 0.7 and are then near-duplicates; raise ``threshold`` if that
+  is not wanted.
+* `decontaminate` drops a row when its instruction OR response is near a test item's instruction or
+  response, by the first rule that matches, in this order: ``exact_match`` (same tokens as a test
+  instruction), ``rouge_l`` (MinHash-LSH candidate with ROUGE-L F1 >= 0.7; both texts need >= 8 tokens,
+  so labels such as "Positive" never match), ``ngram_13`` (a shared 13-token span, as GPT-3's filter)
+  and ``ngram_containment`` (>= 50% of the test text's distinctive 8-grams occur in the row: catches
+  short test prompts inside longer rows). Template text is not evidence: an 8-gram found in >= 3 test
+  items is boilerplate, and so is every span touching it; the LSH ignores shingles found in >= 3 test
+  items. Each drop records the test item (index and id), both fields, the rule and the score.
+* `clean` = `decontaminate`, then `dedup` of the remaining rows against ``against``, sharing the
+  tokenisation; `CleanResult.report` counts per rule and shows examples.
 
-ROUGE-L
--------
-`rouge_l_f1` reproduces ``rouge_score.rouge_scorer.RougeScorer(["rougeL"], use_stemmer=...)`` exactly
-(same tokenisation: lowercase, every character outside [a-z0-9] is a separator, Porter stemming of
-tokens longer than 3 characters; same precision/recall/F1 arithmetic), and the tests compare it with
-rouge-score on several hundred pairs. The LCS runs in rapidfuzz: each distinct token is mapped to one
-private Unicode code point, so a text becomes a string with one character per token and
-``rapidfuzz.distance.LCSseq`` (bit-parallel, C++) computes the token LCS. Stemming is cached per
-distinct token. Measured on this machine: rouge-score's pure-Python LCS needs ~0.7 ms for a pair of
-80-token texts; the encoded pair takes ~0.3 us in rapidfuzz.
+ROUGE-L, exactly
+----------------
+`rouge_l_f1` reproduces ``rouge_score.rouge_scorer.RougeScorer(["rougeL"], use_stemmer=...)`` bit for
+bit: the same tokens (lowercase; every character outside [a-z0-9] separates; Porter stemming of tokens
+longer than 3 characters, cached per distinct token) and the same precision/recall/F1 arithmetic. The
+tests compare both on several hundred pairs (unicode, punctuation, empty and long texts). The LCS runs
+in rapidfuzz: every distinct token gets a private code point, so a text becomes a string with one
+character per token and ``rapidfuzz.distance.LCSseq`` (bit-parallel C++) gives the token LCS. Here,
+rouge-score needs ~0.7 ms for a pair of 80-token texts, rapidfuzz ~0.3 us. Beyond 1.1M distinct tokens
+(more than Unicode has code points) texts fall back to tuples of ids: slower, still exact.
 
-MinHash and LSH parameters (measured on the benchmark's synthetic pool, see bench_dataquality)
----------------------------------------------------------------------------------------------------
-* Shingles: word bigrams of the ROUGE tokens (never across fields). Unigrams made every pair of rows
-  sharing a prompt template a candidate (569K candidates for 20K rows at 16x4 bands); trigrams lose
-  recall on short instructions (Jaccard of a 20%-edited 30-token text falls to ~0.3).
-* Boilerplate shingles -- those occurring more than ``max(20, 0.5% of texts)`` times (counted in 2^22
-  hashed buckets) -- are left out of the signatures: with templated prompts they made same-template
-  rows collide. Removing them cut bigram candidates at 20K rows from 456K to 3.1K at the same recall.
-  A text made only of boilerplate keeps all its shingles.
-* Signatures: one-permutation hashing with optimal densification (Shrivastava 2017): one 64-bit hash
-  per shingle picks a bin (high bits) and a value (low bits), one ``np.minimum.at`` fills all bins of
-  all texts, empty bins borrow along a fixed random probe sequence. Collision probability per bin is
-  the Jaccard similarity, as for classic MinHash. Per 20K rows (1.6M shingles): 0.01-0.04 s here,
-  against 1.6 s (64 perms) / 3.7 s (128 perms) for numpy universal hashing over all permutations,
-  3.4 s for datasketch ``MinHash.bulk`` and ~25 s for per-token ``MinHash.update`` calls.
-* 128 bins, 42 bands x 3 rows: the S-curve midpoint is (1/42)^(1/3) = 0.29, so a pair with bigram
-  Jaccard 0.43 (a 20%-word-edited copy) is a candidate with probability 0.97, while unrelated rows
-  (Jaccard < 0.05 once boilerplate is gone) almost never are. At 20K rows: 3.1K candidates, 99.7% of
-  the planted near-duplicate pairs among them; every candidate is then confirmed exactly by ROUGE-L.
-* A bucket with more than 64 rows (a large family of near-identical rows) is linked as a star plus a
-  chain in content-hash order instead of all pairs, which bounds the work and stays order-independent.
+Candidate generation, with the numbers that chose it (benchmark pool of bench_dataquality, 20K rows)
+-------------------------------------------------------------------------------------------------------
+* Signatures: one-permutation MinHash (one 64-bit hash per shingle picks a bin and a value; one
+  ``np.minimum.at`` fills every bin of every text) with densification by the nearest filled bin, left or
+  right by a fixed per-bin direction (Shrivastava & Li, UAI 2014). The chance that two texts agree on a
+  bin stays their Jaccard similarity. For 1.6M shingles this takes 0.01-0.04 s plus densification;
+  classic MinHash with numpy universal hashing took 1.6 s (64 permutations) / 3.7 s (128), datasketch
+  ``MinHash.bulk`` 3.4 s, and per-token ``MinHash.update`` calls ~25 s. Bands use bins b, b + 32 (not
+  adjacent ones): densification copies values between neighbours, and adjacent bands made 2.3M
+  candidate pairs at 100K rows instead of 6K.
+* Shingles: word bigrams of the ROUGE tokens, per field (a row's set is the union of its fields').
+  Unigrams made every pair of rows sharing a prompt template a candidate (569K pairs at 20K rows with
+  16 x 4 bands); trigrams lose short instructions (a 20%-edited 30-token text keeps Jaccard ~0.3).
+* Boilerplate: shingles occurring more than max(20, 0.5% of the rows) times (counted in hashed
+  buckets) are left out of a row's signature when they are less than half of its shingles. Templates
+  otherwise make same-template rows collide (with 42 x 3 bands: 456K candidate pairs at 20K rows with
+  them, 3.1K without); a row made mostly of frequent shingles keeps them, because a large family of
+  near-copies makes its own text frequent and must still find itself.
+* 64 bins, 32 bands x 2 rows (S-curve midpoint (1/32)^(1/2) = 0.18): near-duplicate recall 0.998 at
+  20K and 300K rows, 99% for copies with 20% of their words edited. 128 bins as 42 x 3 found 0.992
+  (0.96 at 20% edits) and 64 bins as 21 x 3 0.978, for the same time: candidates are cheap, since
+  every one is confirmed exactly by ROUGE-L (~0.5 us a pair).
+* A bucket of more than 64 rows is linked as a star plus a chain in content-hash order instead of all
+  its pairs: bounded work, still independent of input order.
+
+Speed (``make bench``, 2-core VM shared with other jobs): `clean` of 20K rows against 1K test items in
+~1.0 s where the reference pipeline takes ~50 s (50x; per-token datasketch MinHash, MinHashLSH,
+rouge-score, an O(N^2) membership filter); 300K rows in ~16 s. About a third of the time is tokenising
+(pure Python, one dict lookup per token); the rest is numpy on chunks of 8192 texts (small temporaries
+are recycled by the allocator; fresh memory is slow to touch on this VM), per-band sorting in threads,
+and decontamination in a second thread that scans the pool chunk by chunk while this thread tokenises
+it (that overlap pays when the second core is free). Figures: outputs/bench/dataquality.md.
 """
 
 from __future__ import annotations
@@ -200,6 +215,7 @@ def _fields_of(
 # rouge-score: text.lower(), re.sub(r"[^a-z0-9]+", " "), split. Encoding to ASCII with "replace" turns
 # every non-ASCII character into "?", which the table then turns into a space like any other separator.
 _SEPARATORS = bytes(c if 48 <= c <= 57 or 97 <= c <= 122 else 32 for c in range(256))
+_LOWER_SEPARATORS = bytes(c + 32 if 65 <= c <= 90 else b for c, b in enumerate(_SEPARATORS))
 _VALID_TOKEN = re.compile(r"^[a-z0-9]+$")  # rouge-score's final filter (after stemming)
 
 
@@ -286,11 +302,25 @@ class _Encoder:
         return _code_of(token_id) if token_id < _ID_CAPACITY else _OVERFLOW
 
     def encode(self, text: str) -> Encoded:
-        raw = text.lower().encode("ascii", "replace").translate(_SEPARATORS).split()  # = _raw_tokens
+        if text.isascii():  # lowercase in the byte table: one pass less, same tokens
+            raw = text.encode("ascii").translate(_LOWER_SEPARATORS).split()
+        else:
+            raw = text.lower().encode("ascii", "replace").translate(_SEPARATORS).split()
         encoded = "".join(map(self._lookup, raw))
         if len(self.tokens) > _ID_CAPACITY and _OVERFLOW in encoded:
             return tuple(self._id_of(token) for token in raw if self._codes[token])
         return encoded
+
+    def encode_many(self, texts: Iterable[str]) -> list[Encoded]:
+        """Encode texts, each distinct text once (labels and copied rows repeat)."""
+        done: dict[str, Encoded] = {}
+        encode, out = self.encode, []
+        for text in texts:
+            encoded = done.get(text)
+            if encoded is None:
+                encoded = done[text] = encode(text)
+            out.append(encoded)
+        return out
 
     def _id_of(self, raw: bytes) -> int:
         token = raw.decode("ascii")
@@ -435,9 +465,6 @@ class _TokenArrays:
         np.cumsum(lengths[:-1], out=starts[1:])
         return cls(encoder.token_hashes()[ids], starts, lengths)
 
-    def owners(self) -> np.ndarray:
-        return np.repeat(np.arange(self.lengths.size), self.lengths)
-
 
 def _mult_power(k: int) -> np.uint64:
     return np.uint64(pow(int(_MULT), k, 1 << 64))
@@ -520,24 +547,43 @@ def _bucket_of(hashes: np.ndarray, buckets: int) -> np.ndarray:
 _SHINGLE_CACHE_LIMIT = 8_000_000  # shingles kept between the counting and the signature pass (~100 MB)
 
 
-def _frequent_shingles(
-    texts: Sequence[Encoded], encoder: _Encoder, params: MinHashParams
-) -> tuple[np.ndarray | None, list[tuple[np.ndarray, np.ndarray]] | None]:
-    """Buckets of shingles that occur more often than the boilerplate limit (None if there are none),
-    and the shingles of every chunk when they are few enough to keep for the signature pass."""
-    limit = max(params.common_min_count, params.common_fraction * len(texts))
-    buckets = _bucket_count(len(texts))
-    counts = np.zeros(buckets, dtype=np.int64)
-    kept: list[tuple[np.ndarray, np.ndarray]] | None = []
-    total = 0
-    for start, end in _chunks(len(texts)):
-        hashes, owner = _shingles(texts[start:end], encoder, params)
-        counts += np.bincount(_bucket_of(hashes, buckets), minlength=buckets)
-        total += hashes.size
-        if kept is not None:
-            kept = kept + [(hashes, owner)] if total <= _SHINGLE_CACHE_LIMIT else None
-    common = counts > limit
-    return (common if common.any() else None), kept
+def _row_shingles(
+    codes: Sequence[Encoded], encoder: _Encoder, params: MinHashParams
+) -> tuple[_TokenArrays, np.ndarray, np.ndarray]:
+    """Tokens, shingle hashes and owning text of consecutive encoded texts (a row's fields)."""
+    tokens = _TokenArrays.of(codes, encoder)
+    hashes, owner, _ = _ngrams(tokens, params.ngram, short_texts=True)
+    return tokens, hashes, owner
+
+
+class _RowShingles:
+    """Shingles of rows (the union of their fields' shingles), gathered chunk by chunk, with hashed
+    counts for the boilerplate limit; kept for the signature pass while they fit the cache limit."""
+
+    def __init__(self, params: MinHashParams, n_rows: int):
+        self.params, self.n_rows = params, n_rows
+        self.buckets = _bucket_count(n_rows)
+        self.counts = np.zeros(self.buckets, dtype=np.int64)
+        self.chunks: list[tuple[np.ndarray, np.ndarray]] | None = []  # (hashes, global row)
+        self.total = 0
+
+    def add(self, hashes: np.ndarray, rows: np.ndarray) -> None:
+        self.counts += np.bincount(_bucket_of(hashes, self.buckets), minlength=self.buckets)
+        self.total += hashes.size
+        if self.chunks is not None:
+            self.chunks = self.chunks + [(hashes, rows)] if self.total <= _SHINGLE_CACHE_LIMIT else None
+
+    def merge(self, other: _RowShingles) -> None:
+        self.counts += other.counts
+        self.total += other.total
+        both = self.chunks is not None and other.chunks is not None and self.total <= _SHINGLE_CACHE_LIMIT
+        self.chunks = self.chunks + other.chunks if both else None  # type: ignore[operator]
+
+    def common(self) -> np.ndarray | None:
+        """Buckets of shingles more frequent than the boilerplate limit (None if there are none)."""
+        limit = max(self.params.common_min_count, self.params.common_fraction * self.n_rows)
+        common = self.counts > limit
+        return common if common.any() else None
 
 
 def _test_boilerplate(
@@ -586,12 +632,10 @@ def _band_key_chunks(
     params: MinHashParams,
     common: np.ndarray | None,
     keep_if_mostly_common: bool,
-    shingles: list[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> Iterable[tuple[int, int, np.ndarray, np.ndarray]]:
-    """(start, end, band keys (bands, end - start), has shingles) for consecutive chunks of texts;
-    ``shingles`` are the chunks' shingles if already computed."""
-    for chunk, (start, end) in enumerate(_chunks(len(texts))):
-        hashes, owner = shingles[chunk] if shingles else _shingles(texts[start:end], encoder, params)
+    """(start, end, band keys (bands, end - start), has shingles) for consecutive chunks of texts."""
+    for start, end in _chunks(len(texts)):
+        hashes, owner = _shingles(texts[start:end], encoder, params)
         hashes, owner = _drop_common(hashes, owner, end - start, common, keep_if_mostly_common)
         signatures = _signatures(hashes, owner, end - start, params.num_perm)
         yield start, end, _band_keys(signatures, params), signatures[:, 0] != _EMPTY
@@ -801,10 +845,6 @@ class _Progress:
         self.bar.set_postfix_str(stage)
         self.bar.update(1)
 
-    def quiet(self, items: int) -> bool:
-        """Whether a per-item bar would be noise: progress is off, or there are few items."""
-        return self.bar.disable or items < 10_000
-
     def close(self) -> None:
         self.bar.close()
 
@@ -825,11 +865,9 @@ def _gc_paused() -> Iterator[None]:
 def _encode_all(
     texts: Iterable[str], encoder: _Encoder, total: int, progress: bool, desc: str
 ) -> list[Encoded]:
-    encode = encoder.encode
-    return [
-        encode(text)
-        for text in tqdm(texts, total=total, desc=desc, disable=not progress or total < 10_000, leave=False)
-    ]
+    return encoder.encode_many(
+        tqdm(texts, total=total, desc=desc, disable=not progress or total < 10_000, leave=False)
+    )
 
 
 def dedup(
@@ -864,9 +902,8 @@ def _dedup_rows(
     fields = _fields_of(against, text_fields, "against") + _fields_of(rows, text_fields, "pool")
     encoder = _Encoder(use_stemmer)
     stages = _Progress(progress, 5, "dedup")
-    index = _DedupIndex.build(
-        fields, len(against), lambda g: _join([encoder.encode(t) for t in fields[g]]), encoder, params, stages
-    )
+    codes = _encode_all((t for f in fields for t in f), encoder, sum(map(len, fields)), progress, "encode")
+    index = _DedupIndex.build(fields, len(against), codes, None, encoder, params, stages)
     kept, dropped, stats = index.resolve(None, threshold, stages)
     return DedupResult(kept=[rows[i] for i in kept], kept_indices=kept, dropped=dropped, stats=stats)
 
@@ -880,7 +917,9 @@ class _DedupIndex:
     n_against: int
     exact_rep: np.ndarray  # global index of the first row with the same texts
     unique: np.ndarray  # global indices of first occurrences; "docs" are numbered along it
-    docs: list[Encoded]
+    codes: list[Encoded]  # encoded fields, per_row per row
+    per_row: int
+    docs: dict[int, Encoded]  # joined encoded texts of the docs compared so far
     keys: np.ndarray  # (bands, docs)
     has_shingles: np.ndarray  # (docs,)
     params: MinHashParams
@@ -890,32 +929,61 @@ class _DedupIndex:
         cls,
         fields: list[tuple[str, ...]],
         n_against: int,
-        doc_of: Callable[[int], Encoded],
+        codes: list[Encoded],  # the encoded fields of every row, row after row
+        shingles: _RowShingles | None,  # the rows' shingles if already gathered
         encoder: _Encoder,
         params: MinHashParams,
         stages: _Progress,
     ) -> _DedupIndex:
         n = len(fields)
+        per_row = len(fields[0]) if fields else 1
         first_of: dict[tuple[str, ...], int] = {}
         exact_rep = np.fromiter(
             (first_of.setdefault(f, i) for i, f in enumerate(fields)), dtype=np.int64, count=n
         )
         del first_of
         unique = np.flatnonzero(exact_rep == np.arange(n))
-        docs = [
-            doc_of(g)
-            for g in tqdm(unique.tolist(), desc="encode", disable=stages.quiet(unique.size), leave=False)
-        ]
+        doc_of_row = np.full(n, -1, dtype=np.int64)
+        doc_of_row[unique] = np.arange(unique.size)
         stages.done("exact")
         keys = np.zeros((params.bands, unique.size), dtype=np.uint64)
         has_shingles = np.zeros(unique.size, dtype=bool)
         if unique.size > 1:
-            common, shingles = _frequent_shingles(docs, encoder, params)
-            chunks = _band_key_chunks(docs, encoder, params, common, True, shingles)
-            for start, end, chunk_keys, chunk_has in chunks:
-                keys[:, start:end], has_shingles[start:end] = chunk_keys, chunk_has
+            if shingles is None:
+                shingles = _RowShingles(params, n)
+                for start, end in _chunks(n):
+                    _, hashes, owner = _row_shingles(codes[per_row * start : per_row * end], encoder, params)
+                    shingles.add(hashes, owner // per_row + start)
+            common = shingles.common()
+            for hashes, rows in shingles.chunks or cls._recomputed(codes, per_row, n, encoder, params):
+                docs = doc_of_row[rows]
+                mine = docs >= 0  # exact copies add nothing
+                if not mine.any():
+                    continue
+                first, last = int(docs[mine].min()), int(docs[mine].max()) + 1
+                owner = docs[mine] - first
+                kept_hashes, owner = _drop_common(hashes[mine], owner, last - first, common, True)
+                signatures = _signatures(kept_hashes, owner, last - first, params.num_perm)
+                keys[:, first:last] = _band_keys(signatures, params)
+                has_shingles[first:last] = signatures[:, 0] != _EMPTY
         stages.done("minhash")
-        return cls(fields, n_against, exact_rep, unique, docs, keys, has_shingles, params)
+        return cls(fields, n_against, exact_rep, unique, codes, per_row, {}, keys, has_shingles, params)
+
+    @staticmethod
+    def _recomputed(
+        codes: list[Encoded], per_row: int, n: int, encoder: _Encoder, params: MinHashParams
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start, end in _chunks(n):
+            _, hashes, owner = _row_shingles(codes[per_row * start : per_row * end], encoder, params)
+            yield hashes, owner // per_row + start
+
+    def doc(self, d: int) -> Encoded:
+        """The encoded text of doc ``d`` (its fields joined), built when first needed."""
+        doc = self.docs.get(d)
+        if doc is None:
+            g = int(self.unique[d])
+            doc = self.docs[d] = _join(self.codes[self.per_row * g : self.per_row * (g + 1)])
+        return doc
 
     def resolve(
         self, active_pool: np.ndarray | None, threshold: float, stages: _Progress
@@ -943,7 +1011,7 @@ class _DedupIndex:
         stages.done("lsh_pairs")
 
         low, high = np.divmod(candidates, max(unique.size, 1))
-        scores = _f1_pairs([self.docs[i] for i in low.tolist()], [self.docs[j] for j in high.tolist()])
+        scores = _f1_pairs([self.doc(i) for i in low.tolist()], [self.doc(j) for j in high.tolist()])
         confirmed = scores >= threshold
         stages.done("rouge_l")
 
@@ -954,8 +1022,8 @@ class _DedupIndex:
         dropped_g = pool_rows[roots[pool_rows] != pool_rows]
         near = dropped_g[self.exact_rep[dropped_g] != roots[dropped_g]]
         near_scores = _f1_pairs(
-            [self.docs[i] for i in doc_of[self.exact_rep[near]].tolist()],
-            [self.docs[i] for i in doc_of[roots[near]].tolist()],
+            [self.doc(i) for i in doc_of[self.exact_rep[near]].tolist()],
+            [self.doc(i) for i in doc_of[roots[near]].tolist()],
         )
         score_of = dict(zip(near.tolist(), near_scores.tolist(), strict=True))
         dropped = []
@@ -1092,6 +1160,8 @@ def _decontaminate(
     params: DecontamParams,
     progress: bool,
     ready: Iterable[tuple[int, int]] | None = None,  # ranges of pool_encoded as they become encoded
+    gathered: _RowShingles | None = None,  # collects the pool rows' shingles for dedup on the way
+    row_offset: int = 0,  # index of pool row 0 in `gathered`
 ) -> DecontamResult:
     stages = _Progress(progress, 4, "decontaminate")
     test_ids = [row.get("id", i) if isinstance(row, Mapping) else i for i, row in enumerate(test_rows)]
@@ -1107,7 +1177,7 @@ def _decontaminate(
     side = _TestSide.build(test_encoded, encoder, params) if test_rows else None
     if ready is None:
         ready = [(0, len(pool_encoded))]
-    scan = _PoolScan(side, encoder, params) if side is not None else None
+    scan = _PoolScan(side, encoder, params, gathered, row_offset) if side is not None else None
     for start, end in ready:
         if scan is not None:
             scan.add(pool_encoded, start, end)
@@ -1206,30 +1276,42 @@ class _TestSide:
 class _PoolScan:
     """Pool texts compared with the test side, range by range: LSH candidates (codes pool field * test
     fields + test field) for the ROUGE-L rule, and (pool field, evidence n-gram) matches for the n-gram
-    rules."""
+    rules. The rows' shingles are handed to ``rows`` on the way, for dedup."""
 
-    def __init__(self, side: _TestSide, encoder: _Encoder, params: DecontamParams):
+    def __init__(
+        self,
+        side: _TestSide,
+        encoder: _Encoder,
+        params: DecontamParams,
+        rows: _RowShingles | None = None,
+        row_offset: int = 0,
+    ):
         self.side, self.encoder, self.params = side, encoder, params
+        self.rows, self.row_offset = rows, row_offset
         self._codes: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
         self._match_field: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
         self._match_at: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
 
     def add(self, pool_encoded: list[Encoded], start: int, end: int) -> None:
+        """Scan fields [start, end) of pool_encoded (instruction, response, instruction, ...)."""
         side, params = self.side, self.params
         n, n_test, minhash = params.containment_ngram, len(side.encoded), params.minhash
-        lengths = np.fromiter(map(len, pool_encoded[start:end]), np.int64, end - start)
-        for first, last in _chunks(end - start):
-            scanned = np.flatnonzero(lengths[first:last] >= min(params.min_tokens, n)) + first
-            if not scanned.size:
-                continue
-            fields = scanned + start
-            tokens = _TokenArrays.of([pool_encoded[i] for i in fields.tolist()], self.encoder)
-            if side.index is not None:
-                hashes, owner, _ = _ngrams(tokens, minhash.ngram, short_texts=True)
-                hashes, owner = _drop_common(hashes, owner, fields.size, side.boilerplate, False)
-                keys = _band_keys(_signatures(hashes, owner, fields.size, minhash.num_perm), minhash)
-                usable = lengths[scanned] >= params.min_tokens
-                pool_f, test_f = side.index.query(keys[:, usable], fields[usable])
+        for first, last in _chunks(end - start):  # chunks of an even size: rows stay whole
+            offset = start + first
+            tokens, hashes, owner = _row_shingles(pool_encoded[offset : start + last], self.encoder, minhash)
+            if self.rows is not None:
+                self.rows.add(hashes, (owner + offset) // 2 + self.row_offset)
+            long = tokens.lengths >= params.min_tokens
+            if side.index is not None and long.any():
+                position = np.cumsum(long) - 1
+                mine = long[owner]
+                long_hashes, long_owner = _drop_common(
+                    hashes[mine], position[owner[mine]], int(position[-1]) + 1, side.boilerplate, False
+                )
+                signatures = _signatures(long_hashes, long_owner, int(position[-1]) + 1, minhash.num_perm)
+                pool_f, test_f = side.index.query(
+                    _band_keys(signatures, minhash), np.flatnonzero(long) + offset
+                )
                 self._codes.append(_sorted_unique(pool_f * n_test + test_f))
             if side.e_hash.size:
                 p_hash, p_owner, _ = _ngrams(tokens, n, short_texts=False)
@@ -1237,7 +1319,7 @@ class _PoolScan:
                 lo = np.searchsorted(side.e_hash, p_hash[maybe], side="left")
                 count = np.searchsorted(side.e_hash, p_hash[maybe], side="right") - lo
                 which, at = _expand(lo, count)
-                self._match_field.append(fields[p_owner[maybe[which]]])
+                self._match_field.append(p_owner[maybe[which]] + offset)
                 self._match_at.append(at)
 
     def candidates(self) -> np.ndarray:
@@ -1413,7 +1495,7 @@ def _clean(
     pool_fields = _fields_of(pool, FIELDS, "pool")
     against_fields = _fields_of(against, FIELDS, "against")
     test_fields = _fields_of(test, FIELDS, "test")
-    test_encoded = [encoder.encode(text) for f in test_fields for text in f]
+    test_encoded = encoder.encode_many([text for f in test_fields for text in f])
     n_against = len(against)
 
     # Decontamination runs in a second thread and scans the pool chunk by chunk as this thread encodes
@@ -1426,36 +1508,34 @@ def _clean(
         while (item := ready.get()) is not None:
             yield item
 
+    n_rows = n_against + len(pool)
+    gathered = _RowShingles(minhash, n_rows) if test else None
     with ThreadPoolExecutor(max_workers=1) as worker:
         pending = None
         if test:
             pending = worker.submit(
                 _decontaminate,
-                pool,
-                encoded,
-                test,
-                test_encoded,
-                encoder,
-                decontam,
-                progress,
-                encoded_ranges(),
+                *(pool, encoded, test, test_encoded, encoder, decontam, progress),
+                *(encoded_ranges(), gathered, n_against),
             )
         try:
-            encode = encoder.encode
             for start, end in tqdm(_chunks(len(pool)), desc="encode pool", disable=not progress, leave=False):
-                encoded.extend([encode(text) for f in pool_fields[start:end] for text in f])
+                encoded.extend(encoder.encode_many([text for f in pool_fields[start:end] for text in f]))
                 ready.put((2 * start, 2 * end))
         finally:
             ready.put(None)
-        against_docs = [_join([encoder.encode(t) for t in f]) for f in against_fields]
-
-        def doc_of(g: int) -> Encoded:
-            r = g - n_against
-            return against_docs[g] if r < 0 else _join(encoded[2 * r : 2 * r + 2])
-
-        stages = _Progress(progress, 5, "dedup")
-        index = _DedupIndex.build(against_fields + pool_fields, n_against, doc_of, encoder, minhash, stages)
+        against_codes = encoder.encode_many([text for f in against_fields for text in f])
+        if gathered is not None:
+            against_shingles = _RowShingles(minhash, n_rows)
+            for start, end in _chunks(n_against):
+                _, hashes, owner = _row_shingles(against_codes[2 * start : 2 * end], encoder, minhash)
+                against_shingles.add(hashes, owner // 2 + start)
         contamination = pending.result() if pending is not None else None
+    if gathered is not None:
+        gathered.merge(against_shingles)
+    stages = _Progress(progress, 5, "dedup")
+    fields = against_fields + pool_fields
+    index = _DedupIndex.build(fields, n_against, against_codes + encoded, gathered, encoder, minhash, stages)
     active = np.ones(len(pool), dtype=bool)
     if contamination is not None:
         active[[c.index for c in contamination.dropped]] = False

@@ -15,6 +15,15 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 class DataFileError(ValueError):
     """A data file is malformed; the message names the file, the row (1-based line) and the field."""
 
@@ -30,7 +39,10 @@ class DataFileError(ValueError):
 
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
-    """Open a temp file next to `path`; on success fsync and rename it over `path`, on error delete it."""
+    """Open a temp file next to `path`; on success fsync and rename it over `path`, on error delete it.
+
+    The file gets the permissions a plain `open()` would give (mkstemp's 0600 would hide run products).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -39,6 +51,7 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -80,7 +93,9 @@ def iter_jsonl(path: str | Path) -> Iterator[dict]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataFileError(path, lineno, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+                raise DataFileError(
+                    path, lineno, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
+                ) from exc
             if not line.strip():
                 continue
             try:

@@ -52,7 +52,9 @@ def open_stage(stage: str, run_dir: str, params_file: str = "", cycle: int | Non
     """
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; stages are {list(STAGES)}")
-    check_parameter_types({"run_dir": run_dir, "params_file": params_file}, {"run_dir": str, "params_file": str})
+    check_parameter_types(
+        {"run_dir": run_dir, "params_file": params_file}, {"run_dir": str, "params_file": str}
+    )
     if cycle is not None:
         check_parameter_types({"cycle": cycle}, {"cycle": int})
         if cycle < 0:

@@ -210,7 +210,9 @@ def run(
     if resume and layout.params_file.is_file():
         previous = load_config(layout.params_file)
         if previous.to_dict() != cfg.to_dict():
-            log(f"[llamaduo] note: {params_file} differs from {layout.params_file}; resuming with the new settings")
+            log(
+                f"[llamaduo] note: {params_file} differs from {layout.params_file}; resuming with the new settings"
+            )
     dump_config(cfg, layout.params_file)
     state = RunState.load(layout.state_file) if resume else RunState()
     state.status, state.error = "running", None
@@ -293,7 +295,9 @@ def write_summary(cfg: RunConfig, layout: RunLayout, state: RunState) -> str:
 
     with atomic_write(layout.summary_file) as fh:
         fh.write(text)
-    write_json(layout.summary_json, {"cycles": rows, "stop_reason": state.stop_reason, "timings": state.timings})
+    write_json(
+        layout.summary_json, {"cycles": rows, "stop_reason": state.stop_reason, "timings": state.timings}
+    )
     return text
 
 

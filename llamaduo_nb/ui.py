@@ -25,9 +25,15 @@ class CurationView:
         self.index = 0
 
         self.header = widgets.HTML()
-        self.position = widgets.IntSlider(min=0, max=len(rows) - 1, description="row", continuous_update=False)
-        self.instruction = widgets.Textarea(description="prompt", layout=widgets.Layout(width="98%", height="140px"))
-        self.response = widgets.Textarea(description="response", layout=widgets.Layout(width="98%", height="140px"))
+        self.position = widgets.IntSlider(
+            min=0, max=len(rows) - 1, description="row", continuous_update=False
+        )
+        self.instruction = widgets.Textarea(
+            description="prompt", layout=widgets.Layout(width="98%", height="140px")
+        )
+        self.response = widgets.Textarea(
+            description="response", layout=widgets.Layout(width="98%", height="140px")
+        )
         self.split = widgets.ToggleButtons(options=["train", "test"], description="split")
         self.accept_button = widgets.Button(description="Accept", button_style="success", icon="check")
         self.reject_button = widgets.Button(description="Reject", button_style="danger", icon="times")

@@ -39,10 +39,18 @@ def test_unknown_top_level_key(make_params):
         ({"inference": {"k": "4"}}, "inference.k", "expected an integer"),
         ({"inference": {"k": True}}, "inference.k", "expected an integer"),
         ({"evaluate": {"judges": ["gpt4o"]}}, "evaluate.judges", "not a declared provider"),
-        ({"evaluate": {"decision_statistic": "coverage@60"}}, "evaluate.decision_statistic", "listed in zetas"),
+        (
+            {"evaluate": {"decision_statistic": "coverage@60"}},
+            "evaluate.decision_statistic",
+            "listed in zetas",
+        ),
         ({"coverage": {"strictness": "loose"}}, "coverage.strictness", "not one of"),
         ({"loop": {"max_cycles": 0}}, "loop.max_cycles", ">= 1"),
-        ({"providers": [{"name": "x", "kind": "openai", "model": "m", "api_key_env": "sk-abc"}]}, "providers[0].api_key_env", "NAME of an environment variable"),
+        (
+            {"providers": [{"name": "x", "kind": "openai", "model": "m", "api_key_env": "sk-abc"}]},
+            "providers[0].api_key_env",
+            "NAME of an environment variable",
+        ),
     ],
 )
 def test_impossible_values_are_errors(make_params, extra, key, problem):

@@ -64,10 +64,28 @@ def test_split_is_seeded_and_order_independent(project_root):
 @pytest.mark.parametrize(
     ("bad", "field", "problem"),
     [
-        ({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}], "prompt": None}, "messages[user].content", "empty"),
+        (
+            {
+                "messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}],
+                "prompt": None,
+            },
+            "messages[user].content",
+            "empty",
+        ),
         ({"messages": None, "prompt": "Hi?"}, "response", "missing"),
-        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                       {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}], "prompt": "a"}, "messages", "multi-turn"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"},
+                    {"role": "assistant", "content": "d"},
+                ],
+                "prompt": "a",
+            },
+            "messages",
+            "multi-turn",
+        ),
         ({"prompt_id": "p000"}, "id", "duplicate id"),
     ],
 )
@@ -88,7 +106,9 @@ def test_strict_errors_name_file_row_field(tmp_path, bad, field, problem):
 def test_non_utf8_and_over_long_rows(tmp_path):
     path = tmp_path / "cov.jsonl"
     good = [json.dumps(chat_row(i)).encode() for i in range(3)]
-    path.write_bytes(b"\n".join([good[0], b'{"prompt": "caf\xe9", "response": "x"}', good[1], good[2]]) + b"\n")
+    path.write_bytes(
+        b"\n".join([good[0], b'{"prompt": "caf\xe9", "response": "x"}', good[1], good[2]]) + b"\n"
+    )
     with pytest.raises(DataFileError, match=r"row 2.*UTF-8"):
         import_coverage(CoverageConfig(source=str(path)))
     long_row = chat_row(9)
@@ -114,7 +134,14 @@ def test_csv_and_instruction_response_rows(tmp_path):
         writer = csv.DictWriter(fh, fieldnames=["id", "instruction", "response", "category"])
         writer.writeheader()
         for i in range(6):
-            writer.writerow({"id": f"c{i}", "instruction": f"Résumé {i}, please", "response": f"Done {i}", "category": "Summarization"})
+            writer.writerow(
+                {
+                    "id": f"c{i}",
+                    "instruction": f"Résumé {i}, please",
+                    "response": f"Done {i}",
+                    "category": "Summarization",
+                }
+            )
     result = import_coverage(CoverageConfig(source=str(path)))
     assert [r["id"] for r in result.rows] == [f"c{i}" for i in range(6)]
     assert result.rows[0]["instruction"] == "Résumé 0, please"
@@ -166,7 +193,11 @@ def test_curation_decisions_persist_and_apply(tmp_path, project_root):
     view.split.value = target  # row 2 moves
     decisions = load_decisions(layout.curation_file)
     assert decisions[first]["action"] == "reject"
-    assert decisions[second] == {"action": "edit", "instruction": rows[1]["instruction"], "response": "An edited answer."}
+    assert decisions[second] == {
+        "action": "edit",
+        "instruction": rows[1]["instruction"],
+        "response": "An edited answer.",
+    }
     assert decisions[third]["split"] == target
     # the non-interactive path applies them
     again = run_coverage(cfg, 42, layout)
@@ -180,8 +211,11 @@ def test_curation_decisions_persist_and_apply(tmp_path, project_root):
 def test_01_coverage_notebook_runs_under_papermill(tmp_path, make_params, project_root):
     params = make_params()
     run_dir = tmp_path / "outputs" / "demo"
-    out = execute_notebook(project_root / "notebooks" / "01_coverage.ipynb", run_dir / "coverage" / "01_coverage.ipynb",
-                           {"run_dir": str(run_dir), "params_file": str(params)})
+    out = execute_notebook(
+        project_root / "notebooks" / "01_coverage.ipynb",
+        run_dir / "coverage" / "01_coverage.ipynb",
+        {"run_dir": str(run_dir), "params_file": str(params)},
+    )
     layout = RunLayout(run_dir)
     train, test = read_jsonl(layout.train_file), read_jsonl(layout.test_file)
     assert len(train) == 40 and len(test) == 8
@@ -189,7 +223,9 @@ def test_01_coverage_notebook_runs_under_papermill(tmp_path, make_params, projec
     assert set(train[0]) >= {"id", "instruction", "response", "category"}
     assert layout.split_plot.is_file() and layout.params_file.is_file()
     executed = json.loads(out.read_text())
-    assert any(o.get("output_type") == "display_data" for c in executed["cells"] for o in c.get("outputs", []))
+    assert any(
+        o.get("output_type") == "display_data" for c in executed["cells"] for o in c.get("outputs", [])
+    )
 
 
 def test_notebook_rejects_ill_typed_parameter(tmp_path, make_params, project_root):
@@ -197,5 +233,8 @@ def test_notebook_rejects_ill_typed_parameter(tmp_path, make_params, project_roo
 
     run_dir = tmp_path / "outputs" / "demo"
     with pytest.raises(NotebookFailed, match="interactive"):
-        execute_notebook(project_root / "notebooks" / "01_coverage.ipynb", run_dir / "x.ipynb",
-                         {"run_dir": str(run_dir), "params_file": str(make_params()), "interactive": "yes"})
+        execute_notebook(
+            project_root / "notebooks" / "01_coverage.ipynb",
+            run_dir / "x.ipynb",
+            {"run_dir": str(run_dir), "params_file": str(make_params()), "interactive": "yes"},
+        )

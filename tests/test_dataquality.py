@@ -77,6 +77,18 @@ def test_rouge_l_stays_exact_when_the_vocabulary_outgrows_unicode(monkeypatch: p
     assert dq.rouge_l_f1_batch([a for a, _ in pairs], [b for _, b in pairs]).tolist() == expected
 
 
+def test_dedup_and_decontamination_agree_when_the_vocabulary_outgrows_unicode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rows = _pool() + [{"id": "leak", "instruction": _edit(LONG_A, {"twelve": "ten"}), "response": "x"}]
+    expected = dq.clean(rows, test=TEST)
+    monkeypatch.setattr(dq, "_ID_CAPACITY", 7)  # most tokens now take the tuple-of-ids path
+    result = dq.clean(rows, test=TEST)
+    assert result.kept_indices == expected.kept_indices
+    assert result.dedup.dropped == expected.dedup.dropped
+    assert result.decontamination == expected.decontamination
+
+
 def test_rouge_l_batch_rejects_unequal_lengths() -> None:
     with pytest.raises(ValueError, match="differ in length"):
         dq.rouge_l_f1_batch(["a"], ["a", "b"])
@@ -191,6 +203,9 @@ def test_rows_near_the_existing_pool_are_dropped_and_the_pool_wins() -> None:
     for drop in result.dropped:
         if rows[drop.index]["id"].startswith("a"):
             assert (drop.duplicate_of_source, drop.duplicate_of) == ("against", 0)
+    cleaned = dq.clean(rows, against=existing)  # no test split: dedup only, same decisions
+    assert cleaned.decontamination is None
+    assert (cleaned.kept_indices, cleaned.dedup.dropped) == (result.kept_indices, result.dropped)
 
 
 def test_threshold_decides_what_is_near() -> None:

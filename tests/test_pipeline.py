@@ -19,9 +19,20 @@ TINY = {
     "finetune": {"max_steps": 2, "max_length": 128, "per_device_batch_size": 2, "logging_steps": 1},
     "inference": {"k": 2, "max_new_tokens": 12, "batch_size": 2},
     "evaluate": {"m": 2, "max_tokens": 48},
-    "synthesize": {"pairs_per_request": 2, "target_per_cycle": 2, "max_requests_per_cycle": 2, "max_tokens": 192},
+    "synthesize": {
+        "pairs_per_request": 2,
+        "target_per_cycle": 2,
+        "max_requests_per_cycle": 2,
+        "max_tokens": 192,
+    },
     "loop": {"max_cycles": 2},
-    "deploy": {"gguf_types": ["q8_0"], "serve_gguf": "q8_0", "greedy_prompts": 2, "greedy_max_new_tokens": 12, "parity_m": 1},
+    "deploy": {
+        "gguf_types": ["q8_0"],
+        "serve_gguf": "q8_0",
+        "greedy_prompts": 2,
+        "greedy_max_new_tokens": 12,
+        "parity_m": 1,
+    },
 }
 
 
@@ -31,7 +42,11 @@ def test_cli_runs_the_whole_loop_and_keeps_secrets_out(make_params, tmp_path, pr
     env = dict(os.environ, OPENAI_API_KEY=PLANTED_KEY, ANTHROPIC_API_KEY=PLANTED_KEY + "a")
     proc = subprocess.run(
         [sys.executable, "-m", "llamaduo_nb", "run", str(params)],
-        cwd=project_root, env=env, capture_output=True, text=True, timeout=1500,
+        cwd=project_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     layout = RunLayout(tmp_path / "outputs" / "tiny")

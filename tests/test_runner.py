@@ -46,7 +46,9 @@ def notebooks_dir(tmp_path):
     folder = tmp_path / "nbs"
     folder.mkdir()
     for stage in STAGES:
-        nbformat.write(stand_in_notebook(stage, stage not in ("01_coverage", "06_deploy")), folder / f"{stage}.ipynb")
+        nbformat.write(
+            stand_in_notebook(stage, stage not in ("01_coverage", "06_deploy")), folder / f"{stage}.ipynb"
+        )
     return folder
 
 
@@ -74,10 +76,18 @@ def test_failure_stops_the_run_and_resume_continues(make_params, notebooks_dir, 
     state = runner.run(params, resume=True, notebooks_dir=notebooks_dir, log=lambda m: None)
     assert state.status == "finished"
     assert executed(layout) == [
-        "01_coverage", "02_finetune@0",
-        "03_batch_inference@0", "04_evaluate@0", "05_synthesize@0",
-        "02_finetune@1", "03_batch_inference@1", "04_evaluate@1", "05_synthesize@1",
-        "02_finetune@2", "03_batch_inference@2", "04_evaluate@2",
+        "01_coverage",
+        "02_finetune@0",
+        "03_batch_inference@0",
+        "04_evaluate@0",
+        "05_synthesize@0",
+        "02_finetune@1",
+        "03_batch_inference@1",
+        "04_evaluate@1",
+        "05_synthesize@1",
+        "02_finetune@2",
+        "03_batch_inference@2",
+        "04_evaluate@2",
         "06_deploy",
     ]  # nothing finished before the failure ran twice; 05 is skipped on the last cycle
     assert "max_cycles=3" in state.stop_reason
@@ -105,12 +115,19 @@ def test_loop_stops_when_epsilon_is_met(make_params, notebooks_dir, tmp_path):
 
 def test_unknown_notebook_parameter_is_an_error(notebooks_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"unknown parameter\(s\) \['k'\]"):
-        runner.execute_notebook(notebooks_dir / "01_coverage.ipynb", tmp_path / "o.ipynb", {"run_dir": "x", "k": 4})
+        runner.execute_notebook(
+            notebooks_dir / "01_coverage.ipynb", tmp_path / "o.ipynb", {"run_dir": "x", "k": 4}
+        )
 
 
 def test_cli_reports_config_errors(make_params, project_root):
     bad = make_params({"inference": {"k": 0}})
-    proc = subprocess.run([sys.executable, "-m", "llamaduo_nb", "run", str(bad)], capture_output=True, text=True,
-                          cwd=project_root, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "llamaduo_nb", "run", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=project_root,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "'inference.k'" in proc.stderr and "K must be >= 1" in proc.stderr
