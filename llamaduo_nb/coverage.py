@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import CoverageConfig
-from .jsonio import DataFileError, read_json, write_json, write_jsonl
+from .jsonio import DataFileError, read_json, save_figure, write_json, write_jsonl
 from .runlayout import RunLayout
 
 INSTRUCTION_KEYS = ("instruction", "prompt", "question", "input")
@@ -480,10 +480,7 @@ def plot_split(result: CoverageResult, path: Path | None = None):
     ax2.legend()
     fig.tight_layout()
     if path is not None:
-        from .jsonio import atomic_write
-
-        with atomic_write(path, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=110)
+        save_figure(fig, path)
     return fig
 
 

@@ -33,8 +33,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -48,7 +46,7 @@ import pandas as pd
 from .config import RunConfig
 from .embedded import EMBEDDED_PREFIX, LlamaServer, embedded_gguf_path, resolve_model_path
 from .finetune import student_messages  # one definition of how a prompt is put to the student
-from .jsonio import atomic_write, read_json, read_jsonl, write_json, write_jsonl
+from .jsonio import atomic_dir, atomic_write, read_json, read_jsonl, save_figure, write_json, write_jsonl
 from .runlayout import RunLayout
 
 
@@ -171,13 +169,8 @@ def plot_cycles(table: pd.DataFrame, choice: CycleChoice, path: str | Path):
         title=f"Decision value per cycle (shipping cycle {choice.cycle})",
     )
     fig.tight_layout()
-    _save_png(fig, path)
+    save_figure(fig, path)
     return fig
-
-
-def _save_png(fig: Any, path: str | Path) -> None:
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=110)
 
 
 # --------------------------------------------------------------------------- 2. merge + model card
@@ -192,17 +185,6 @@ class MergeResult:
     n_parameters: int
     dtype: str
     seconds: float
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Replace folder `target` by `tmp` so a reader sees the old or the new folder, never half of one."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
 
 
 def merge_adapter(cfg: RunConfig, adapter_dir: str | Path, out_dir: str | Path) -> MergeResult:
@@ -225,18 +207,9 @@ def merge_adapter(cfg: RunConfig, adapter_dir: str | Path, out_dir: str | Path) 
             "would not see prompts the way it was trained"
         )
     tokenizer.padding_side = "right"  # load_model pads left for batched generation; ship the library default
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes private folders; a model folder is for sharing
-        for item in tmp.iterdir():
-            os.chmod(item, 0o644)
-        _swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return MergeResult(
         path=out_dir,
         base_model=cfg.student.model_id,
@@ -1341,7 +1314,7 @@ def plot_parity(report: dict, greedy: pd.DataFrame, path: str | Path):
     ax2.set(ylim=(0, 105), ylabel="%", title="Greedy: transformers vs GGUF")
     ax2.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_figure(fig, path)
     return fig
 
 

@@ -35,6 +35,7 @@ import pandas as pd
 import yaml
 
 from .config import ConfigError, _check, build  # _check: the validation hook `build` reports
+from .jsonio import save_figure
 
 # ---------------------------------------------------------------------------- what the run spent
 
@@ -131,15 +132,8 @@ def plot_ledger(costs: dict[str, pd.DataFrame], path: str | Path):
         ax2.set(ylabel="USD", title="Cost per stage")
         ax2.legend(fontsize=8)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_figure(fig, path)
     return fig
-
-
-def _save_png(fig: Any, path: str | Path) -> None:
-    from .jsonio import atomic_write
-
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=110)
 
 
 # ---------------------------------------------------------------------------- the projection's inputs
@@ -400,7 +394,7 @@ def plot_breakeven(params: EconomicsParams, path: str | Path, migration_usd: flo
     if notes:
         ax.text(0.99, 0.02, "\n".join(notes), transform=ax.transAxes, ha="right", va="bottom", fontsize=7)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_figure(fig, path)
     return fig
 
 

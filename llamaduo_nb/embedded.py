@@ -32,7 +32,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -43,6 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .jsonio import atomic_dir
 from .runlayout import cache_home
 
 EMBEDDED_PREFIX = "embedded:"
@@ -158,8 +158,7 @@ def _build_student_folder(gguf: Path, target: Path) -> None:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{STUDENT_FOLDER}.tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:  # a stale or half-built folder from an older recipe is replaced whole
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         if not tokenizer.chat_template:
             tokenizer.chat_template = CHATML_TEMPLATE
@@ -207,18 +206,6 @@ def _build_student_folder(gguf: Path, target: Path) -> None:
             "license": "apache-2.0",
         }
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        # mkdtemp makes a private folder; the cache is shared like any other model folder.
-        os.chmod(tmp, 0o755)
-        for item in tmp.iterdir():
-            os.chmod(item, 0o644)
-        if target.exists():  # a stale or half-built folder from an older recipe or GGUF
-            stale = target.with_name(f".{STUDENT_FOLDER}.stale-{os.getpid()}")
-            os.rename(target, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def resolve_model_path(model_id: str) -> str:

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .config import EvaluateConfig
-from .jsonio import DataFileError, atomic_write, read_jsonl, write_json, write_jsonl
+from .jsonio import DataFileError, read_jsonl, save_figure, write_json, write_jsonl
 from .notebook import Stage
 from .prompts import PromptTemplate, load_template
 from .services import ChatRequest, ChatResult, ServicePool, extract_json
@@ -551,6 +551,5 @@ def plot_scores(judgments: Iterable[dict], path: str | Path, zetas: Sequence[flo
         ax.set_title(f"{judge}: {len(rows)} rows" + (f", {unscored} unscored" if unscored else ""))
     fig.suptitle("Precision vs similarity per (prompt, sample)")
     fig.tight_layout()
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=110)
+    save_figure(fig, path)
     return fig

@@ -53,7 +53,7 @@ from typing import Any
 import pandas as pd
 
 from .config import ConfigError, FinetuneConfig, RunConfig, StudentConfig, table5_lora
-from .jsonio import DataFileError, atomic_write, iter_jsonl, read_json, write_json, write_jsonl
+from .jsonio import DataFileError, atomic_dir, iter_jsonl, read_json, save_figure, write_json, write_jsonl
 from .runlayout import RunLayout
 
 COVERAGE_ORIGIN = "coverage"
@@ -604,19 +604,9 @@ def finetune(cfg: RunConfig, layout: RunLayout, cycle: int) -> dict[str, Any]:
 
 def save_adapter(trainer: Any, tokenizer: Any, target: Path) -> Path:
     """PEFT adapter + tokenizer into `target`, written to a temp folder first and renamed into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         trainer.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            stale = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.rename(target, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -655,8 +645,7 @@ def plot_loss(log: list[dict], path: str | Path, title: str = "training loss") -
         lr_ax.plot(steps, [row.get("learning_rate") for row in log], color="tab:gray", ls="--")
         lr_ax.set_ylabel("learning rate (dashed)", color="tab:gray")
     fig.tight_layout()
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=110)
+    save_figure(fig, path)
     return Path(path)
 
 

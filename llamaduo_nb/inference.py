@@ -41,7 +41,15 @@ import pandas as pd
 
 from .config import ConfigError, InferenceConfig, RunConfig, StudentConfig
 from .finetune import student_messages
-from .jsonio import DataFileError, atomic_write, iter_jsonl, read_json, read_jsonl, write_json, write_jsonl
+from .jsonio import (
+    DataFileError,
+    iter_jsonl,
+    read_json,
+    read_jsonl,
+    save_figure,
+    write_json,
+    write_jsonl,
+)
 from .runlayout import RunLayout
 
 
@@ -518,6 +526,5 @@ def plot_output_lengths(layout: RunLayout, cycle: int, max_new_tokens: int) -> P
     ax.legend()
     fig.tight_layout()
     path = layout.output_lengths_plot(cycle)
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=110)
+    save_figure(fig, path)
     return path

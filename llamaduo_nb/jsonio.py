@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -109,3 +110,34 @@ def iter_jsonl(path: str | Path) -> Iterator[dict]:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     return list(iter_jsonl(path))
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG atomically."""
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=dpi)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a temp folder beside `target`; on success it replaces `target` whole, on error it is deleted.
+
+    Readers see the old folder or the new one, never a half-written one (model folders, adapters).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes private folders; these are shared like any other
+        for item in tmp.rglob("*"):
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~_UMASK)
+        if target.exists():
+            stale = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.rename(target, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -35,7 +35,7 @@ import pandas as pd
 
 from .config import RunConfig, SynthesizeConfig
 from .dataquality import DecontamParams, clean
-from .jsonio import DataFileError, atomic_write, read_jsonl, write_json, write_jsonl
+from .jsonio import DataFileError, read_jsonl, save_figure, write_json, write_jsonl
 from .notebook import Stage
 from .prompts import PromptTemplate, load_template
 from .runlayout import RunLayout
@@ -573,6 +573,5 @@ def plot_counts(report: dict, path: str | Path):
         f"(target {report['target']}; {report['requests']} requests, {failed} failed)"
     )
     fig.tight_layout()
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=110)
+    save_figure(fig, path)
     return fig
