@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from .jsonio import atomic_write
+from .runlayout import project_file
 
 LEDGER_COLUMNS = (
     "id",
@@ -372,18 +373,9 @@ def _price(entry: Any, path: Path, key: str) -> Price:
     return Price(float(entry["input"]), float(entry["output"]))
 
 
-def resolve_prices_path(prices_file: str | Path) -> Path:
-    """A relative prices file is looked up from the working directory, then from the project root."""
-    path = Path(prices_file)
-    if path.is_absolute() or path.is_file():
-        return path
-    in_project = Path(__file__).resolve().parents[1] / path
-    return in_project if in_project.is_file() else path
-
-
 def load_prices(prices_file: str | Path) -> PriceTable:
     """Load the price table; a missing file gives an empty table (every call $0) and one warning."""
-    path = resolve_prices_path(prices_file)
+    path = project_file(prices_file)
     if not path.is_file():
         warnings.warn(f"price table {prices_file} not found; every call is ledgered at $0", stacklevel=2)
         return PriceTable({}, None, str(prices_file))

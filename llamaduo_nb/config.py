@@ -456,15 +456,21 @@ def build(cls: type, data: dict, source: str = "<params>", prefix: str = "") -> 
     return _build(cls, data, prefix, source)
 
 
+def read_yaml(path: str | Path, what: str = "params file") -> Any:
+    """Parse a YAML file; a missing file or bad YAML is a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a params YAML file into a validated RunConfig; `overrides` use dotted keys ("loop.max_cycles")."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"params file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = read_yaml(path)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, last = dotted.split(".")

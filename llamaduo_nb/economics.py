@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from .config import ConfigError, _check, build  # _check: the validation hook `build` reports
+from .config import _check, build, read_yaml  # _check: the validation hook `build` reports
 from .jsonio import save_figure
+from .runlayout import project_file
 
 # ---------------------------------------------------------------------------- what the run spent
 
@@ -219,24 +219,10 @@ class EconomicsParams:
         return next(d for d in self.local if d.name == name)
 
 
-def resolve_economics_path(path: str | Path) -> Path:
-    """A relative path is looked up from the working directory, then from the project root."""
-    path = Path(path)
-    if path.is_absolute() or path.is_file():
-        return path
-    in_project = Path(__file__).resolve().parents[1] / path
-    return in_project if in_project.is_file() else path
-
-
 def load_economics(path: str | Path) -> EconomicsParams:
     """Read and validate `params/economics.yaml`; errors name the file and the key, with an example."""
-    path = resolve_economics_path(path)
-    if not path.is_file():
-        raise ConfigError(f"economics file not found: {path} (see params/economics.yaml for the format)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    path = project_file(path)
+    data = read_yaml(path, "economics file (see params/economics.yaml for the format)")
     return build(EconomicsParams, data, source=str(path))
 
 

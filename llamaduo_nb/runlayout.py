@@ -22,6 +22,15 @@ from pathlib import Path
 STAGES = ("01_coverage", "02_finetune", "03_batch_inference", "04_evaluate", "05_synthesize", "06_deploy")
 
 
+def project_file(path: str | Path) -> Path:
+    """A relative path is looked up from the working directory, then from the project root."""
+    path = Path(path)
+    if path.is_absolute() or path.is_file():
+        return path
+    in_project = Path(__file__).resolve().parents[1] / path
+    return in_project if in_project.is_file() else path
+
+
 def cache_home() -> Path:
     """Machine-wide cache for derived model files (dequantised student, GGUF copies); not per run."""
     return Path(os.environ.get("LLAMADUO_CACHE", Path.home() / ".cache" / "llamaduo_nb"))
