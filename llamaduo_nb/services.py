@@ -535,6 +535,36 @@ class PoolStats:
     by_provider: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+def _answered(
+    request: ChatRequest,
+    text: str,
+    input_tokens: int,
+    output_tokens: int,
+    latency_s: float,
+    cost_usd: float,
+    cached: bool,
+    attempts: int,
+    cache_key: str,
+) -> ChatResult:
+    """A successful call's result, live or replayed: the text parsed against the request's schema, if any."""
+    parsed, parse_error = (
+        parse_structured(text, request.json_schema) if request.json_schema is not None else (None, None)
+    )
+    return ChatResult(
+        text=text,
+        parsed=parsed,
+        parse_error=parse_error,
+        error=None,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        latency_s=latency_s,
+        cost_usd=cost_usd,
+        cached=cached,
+        attempts=attempts,
+        cache_key=cache_key,
+    )
+
+
 class ServicePool:
     """Context manager over the service LLMs a stage uses; see the module docstring.
 
@@ -786,21 +816,8 @@ class ServicePool:
         return self._count(provider, result)
 
     def _from_cache(self, hit: CachedCall, request: ChatRequest) -> ChatResult:
-        parsed, parse_error = (
-            parse_structured(hit.text, request.json_schema) if request.json_schema else (None, None)
-        )
-        return ChatResult(
-            text=hit.text,
-            parsed=parsed,
-            parse_error=parse_error,
-            error=None,
-            input_tokens=hit.input_tokens,
-            output_tokens=hit.output_tokens,
-            latency_s=0.0,
-            cost_usd=0.0,
-            cached=True,
-            attempts=0,
-            cache_key=hit.cache_key,
+        return _answered(
+            request, hit.text, hit.input_tokens, hit.output_tokens, 0.0, 0.0, True, 0, hit.cache_key
         )
 
     async def _attempt(self, lane: _Lane, request: ChatRequest) -> tuple[_Reply, float]:
@@ -848,23 +865,8 @@ class ServicePool:
                 cost_usd=cost, ok=True, error=None, attempts=attempts, cache_key=key,
             )
         )  # fmt: skip
-        parsed, parse_error = (
-            parse_structured(reply.text, request.json_schema)
-            if request.json_schema is not None
-            else (None, None)
-        )
-        return ChatResult(
-            text=reply.text,
-            parsed=parsed,
-            parse_error=parse_error,
-            error=None,
-            input_tokens=reply.input_tokens,
-            output_tokens=reply.output_tokens,
-            latency_s=latency,
-            cost_usd=cost,
-            cached=False,
-            attempts=attempts,
-            cache_key=key,
+        return _answered(
+            request, reply.text, reply.input_tokens, reply.output_tokens, latency, cost, False, attempts, key
         )
 
     def _count(self, provider: str, result: ChatResult) -> ChatResult:
