@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test bench lint format
+.PHONY: install demo test bench lint format validate-teachers
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m llamaduo_nb.bench_dataquality
+
+# The teacher study's ground truth (paper Table 4): a short LoRA per candidate teacher, judged like 04.
+validate-teachers: $(STAMP)
+	$(BIN)/llamaduo validate-teachers params/demo.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -49,6 +49,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate_teachers(args: argparse.Namespace) -> int:
+    from .teacher import validate_markdown, validate_teachers
+
+    report = validate_teachers(args.params, cycle=args.cycle, overrides=_parse_set(args.set))
+    print(validate_markdown(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamaduo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="print a run's state")
     status.add_argument("run_dir")
     status.set_defaults(func=cmd_status)
+    validate = sub.add_parser(
+        "validate-teachers",
+        help="rank the teacher-study candidates by real fine-tuning (paper Table 4): expensive, its own step",
+    )
+    validate.add_argument("params", help="params YAML with teacher_study.candidates, e.g. params/demo.yaml")
+    validate.add_argument("--cycle", type=int, default=0, help="whose study to validate (default 0)")
+    validate.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a param (dotted key)"
+    )
+    validate.set_defaults(func=cmd_validate_teachers)
     try:
         from .dataquality import add_dedup_subparser
     except ImportError:

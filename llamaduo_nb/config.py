@@ -216,6 +216,8 @@ class SynthesizeConfig:
     dedup_threshold: float = 0.7  # ROUGE-L F1 at or above which a new row duplicates an old one
     decontam_threshold: float = 0.6  # ROUGE-L F1 against a test item that counts as contamination
     max_response_chars: int = 6000  # quality rule "too_long": longer instructions or responses are rejected
+    top_p: float | None = None  # nucleus sampling of the generator (None: the provider's default)
+    best_of_n: int = 1  # N > 1: N responses per synthetic instruction, the highest-reward one is kept
 
     EXAMPLE = "generator: gpt4o\npairs_per_request: 5\ntarget_per_cycle: 1000\ngrowth: double"
 
@@ -228,6 +230,102 @@ class SynthesizeConfig:
         _check(self.temperature >= 0, "temperature", "must be >= 0")
         _check(self.max_tokens >= 1, "max_tokens", "must be >= 1")
         _check(self.max_response_chars >= 1, "max_response_chars", "must be >= 1")
+        _check(self.top_p is None or 0 < self.top_p <= 1, "top_p", "must lie in (0, 1] or be null")
+        _check(1 <= self.best_of_n <= MAX_BEST_OF_N, "best_of_n", f"must lie in 1..{MAX_BEST_OF_N}")
+
+
+MAX_BEST_OF_N = 16
+
+
+@dataclass(frozen=True)
+class TeacherCandidate:
+    """One candidate response generator of the teacher study: a provider and how it samples."""
+
+    name: str  # label in tables and lineage, e.g. gpt4o-warm
+    provider: str  # a declared provider
+    temperature: float = 0.7
+    top_p: float = 1.0
+    n: int = 1  # best-of-N: N responses per instruction, the highest-reward one is kept
+    max_tokens: int = 512
+
+    EXAMPLE = "name: gpt4o-warm\nprovider: gpt4o\ntemperature: 0.9\ntop_p: 0.95\nn: 1"
+
+    def validate(self) -> None:
+        _check(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None, "name", "letters, digits, _ . - only")
+        _check(self.temperature >= 0, "temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, "top_p", "must lie in (0, 1]")
+        _check(1 <= self.n <= MAX_BEST_OF_N, "n", f"must lie in 1..{MAX_BEST_OF_N}")
+        _check(self.max_tokens >= 1, "max_tokens", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """The reward r of the teacher study (and of best-of-N): an LLM judge or a reward model."""
+
+    kind: Literal["judge", "reward_model"] = "judge"
+    judge: str | None = None  # kind judge: a declared provider, prompted with prompts/reward.md
+    m: int = 1  # kind judge: repeats per response (their mean is the reward)
+    temperature: float = 0.7  # kind judge: sampling temperature (repeats only differ when > 0)
+    max_tokens: int = 128  # kind judge: reply budget
+    min_scored_share: float = 0.5  # a candidate with fewer responses scored than this share is not ranked
+    model_id: str | None = None  # kind reward_model: AutoModelForSequenceClassification (folder or hub id)
+    batch_size: int = 8  # kind reward_model: responses per forward pass
+    max_length: int = 2048  # kind reward_model: longer conversations are cut (left part kept)
+
+    EXAMPLE = "kind: judge\njudge: gpt4o\nm: 3\n# or\nkind: reward_model\nmodel_id: Skywork/Skywork-Reward-V2-Llama-3.1-8B"
+
+    def validate(self) -> None:
+        _check(self.kind != "judge" or bool(self.judge), "judge", "name the judging provider for kind judge")
+        _check(
+            self.kind != "reward_model" or bool(self.model_id),
+            "model_id",
+            "name a sequence-classification reward model for kind reward_model",
+        )
+        _check(self.m >= 1, "m", "must be >= 1")
+        _check(self.temperature >= 0, "temperature", "must be >= 0")
+        _check(self.max_tokens >= 1, "max_tokens", "must be >= 1")
+        _check(0 <= self.min_scored_share <= 1, "min_scored_share", "must lie in [0, 1]")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.max_length >= 16, "max_length", "must be >= 16")
+
+
+@dataclass(frozen=True)
+class TeacherStudyConfig:
+    """Choose the synthesis teacher by Compatibility-Adjusted Reward, CAR = r / (1 + beta * L).
+
+    Off while `candidates` is empty. On: 05 scores every candidate on a seeded sample of train-split
+    instructions and synthesizes with the highest-CAR candidate (its provider, temperature, top_p and N).
+    """
+
+    candidates: list[TeacherCandidate] = field(default_factory=list)
+    sample_size: int = 32  # train-split instructions every candidate answers
+    seed: int = 7  # which instructions (the same each cycle, so replies are replayed from the cache)
+    beta: float = 3.0  # weight of the student's loss L (the paper uses 3)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss_batch_size: int = 4  # responses per forward pass when computing L under the student base
+    validation_steps: int | None = (
+        None  # `llamaduo validate-teachers`: LoRA steps per candidate (None: finetune's)
+    )
+
+    EXAMPLE = (
+        "beta: 3\nsample_size: 32\nreward: {kind: judge, judge: gpt4o, m: 3}\ncandidates:\n"
+        "  - {name: gpt4o, provider: gpt4o, temperature: 0.7}\n"
+        "  - {name: gemini-hot, provider: gemini, temperature: 1.0, top_p: 1.0, n: 4}"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.candidates)
+
+    def validate(self) -> None:
+        names = [c.name for c in self.candidates]
+        _check(len(set(names)) == len(names), "candidates", f"candidate names must be unique, got {names}")
+        _check(self.sample_size >= 2, "sample_size", "must be >= 2 (a ranking needs several responses)")
+        _check(self.beta >= 0, "beta", "must be >= 0 (the paper uses 3)")
+        _check(self.loss_batch_size >= 1, "loss_batch_size", "must be >= 1")
+        _check(
+            self.validation_steps is None or self.validation_steps >= 1, "validation_steps", ">= 1 or null"
+        )
 
 
 @dataclass(frozen=True)
@@ -309,6 +407,7 @@ class RunConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    teacher_study: TeacherStudyConfig = field(default_factory=TeacherStudyConfig)
 
     EXAMPLE = "run_name: demo\ncoverage: {source: data/sample_coverage.jsonl}\nproviders: [...]\nevaluate: {judges: [local]}"
 
@@ -328,6 +427,20 @@ class RunConfig:
             "synthesize.generator",
             f"'{self.synthesize.generator}' is not a declared provider {names}",
         )
+
+        for i, candidate in enumerate(self.teacher_study.candidates):
+            _check(
+                candidate.provider in names,
+                f"teacher_study.candidates[{i}].provider",
+                f"'{candidate.provider}' is not a declared provider {names}",
+            )
+        reward = self.teacher_study.reward
+        if self.teacher_study.enabled and reward.kind == "judge":
+            _check(
+                reward.judge in names,
+                "teacher_study.reward.judge",
+                f"'{reward.judge}' is not a declared provider {names}",
+            )
 
     def provider(self, name: str) -> ProviderConfig:
         for p in self.providers:

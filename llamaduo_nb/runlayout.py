@@ -151,6 +151,23 @@ class RunLayout:
     def synth_plot(self, cycle: int) -> Path:
         return self.cycle_dir(cycle) / "synth_counts.png"
 
+    # ---- teacher study (05, when teacher_study.candidates are declared)
+    def teacher_study_file(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "teacher_study.json"
+
+    def teacher_responses_file(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "teacher_responses.jsonl"
+
+    def teacher_table_csv(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "teacher_study.csv"
+
+    def teacher_plot(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "teacher_study.png"
+
+    def teacher_validation_dir(self) -> Path:
+        """`llamaduo validate-teachers`: one sub-run per candidate, and the rank-correlation table."""
+        return self.root / "teacher_validation"
+
     # ---- 06 deploy
     @property
     def deploy_dir(self) -> Path:

@@ -29,17 +29,20 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from .config import RunConfig, SynthesizeConfig
+from .config import MAX_BEST_OF_N, RunConfig, SynthesizeConfig, TeacherCandidate
 from .dataquality import DecontamParams, clean
-from .jsonio import DataFileError, read_jsonl, save_figure, write_json, write_jsonl
+from .jsonio import DataFileError, read_json, read_jsonl, save_figure, write_json, write_jsonl
 from .notebook import Stage
 from .prompts import PromptTemplate, load_template
 from .runlayout import RunLayout
 from .services import ChatRequest, ChatResult, ServicePool, extract_json
+
+if TYPE_CHECKING:
+    from .teacher import Reward
 
 SYNTH_PLACEHOLDERS = {"instruction", "response", "category", "n_pairs"}
 TEMPLATES = {"summarization": "synthesize_summarization", "general": "synthesize_general"}
@@ -233,19 +236,46 @@ class SynthesisResult:
     report: dict = field(default_factory=dict)
 
 
-def generator_info(run_cfg: RunConfig) -> dict:
+def generator_of(run_cfg: RunConfig, layout: RunLayout, cycle: int) -> TeacherCandidate:
+    """Who writes this cycle's pairs and how it samples: the teacher study's choice when the cycle has one,
+    else `synthesize.generator` with `synthesize.temperature / top_p / best_of_n`."""
+    from .teacher import chosen_candidate
+
+    chosen = chosen_candidate(run_cfg, layout, cycle)
+    if chosen is not None:
+        return chosen
     cfg = run_cfg.synthesize
-    provider = run_cfg.provider(cfg.generator)
-    return {
+    return TeacherCandidate(
+        name=cfg.generator,
+        provider=cfg.generator,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p if cfg.top_p is not None else 1.0,
+        n=cfg.best_of_n,
+        max_tokens=cfg.max_tokens,
+    )
+
+
+def generator_info(run_cfg: RunConfig, teacher: TeacherCandidate | None = None) -> dict:
+    """The generator as lineage records it: provider, model and the sampling params that wrote the pairs."""
+    cfg = run_cfg.synthesize
+    name = teacher.provider if teacher else cfg.generator
+    provider = run_cfg.provider(name)
+    top_p = teacher.top_p if teacher else cfg.top_p
+    info = {
         "provider": provider.name,
         "kind": provider.kind,
         "model": provider.model,
         "params": {
-            "temperature": cfg.temperature,
+            "temperature": teacher.temperature if teacher else cfg.temperature,
+            "top_p": top_p,
             "max_tokens": cfg.max_tokens,
             "pairs_per_request": cfg.pairs_per_request,
+            "best_of_n": teacher.n if teacher else cfg.best_of_n,
         },
     }
+    if teacher is not None and teacher.name != teacher.provider:
+        info["candidate"] = teacher.name  # chosen by the teacher study
+    return info
 
 
 def synthetic_id(cycle: int, repeat: int, pair_index: int) -> str:
@@ -254,14 +284,19 @@ def synthetic_id(cycle: int, repeat: int, pair_index: int) -> str:
 
 
 def request_batch(
-    seeds: Sequence[dict], cfg: SynthesizeConfig, templates: dict[str, PromptTemplate], first_repeat: int
+    seeds: Sequence[dict],
+    cfg: SynthesizeConfig,
+    templates: dict[str, PromptTemplate],
+    first_repeat: int,
+    teacher: TeacherCandidate | None = None,
 ) -> list:
     """One ChatRequest per seed. `repeat` is unique per (cycle, request) so that a seed drawn again, in
     this cycle or a later one, gets a fresh answer rather than the cached one."""
     return [
         ChatRequest(
             messages=synthesis_messages(seed, cfg, templates),
-            temperature=cfg.temperature,
+            temperature=teacher.temperature if teacher else cfg.temperature,
+            top_p=teacher.top_p if teacher else cfg.top_p,
             max_tokens=cfg.max_tokens,
             json_schema=PAIRS_SCHEMA,
             schema_name="pairs",
@@ -293,6 +328,7 @@ def candidates_from_results(
         entry.update(pairs=len(pairs), malformed=malformed)
         log.append(entry)
         params = {**generator["params"], "repeat": first_repeat + i}
+        named = {"candidate": generator["candidate"]} if "candidate" in generator else {}
         for pair_index, pair in enumerate(pairs):
             candidates.append(
                 {
@@ -307,6 +343,7 @@ def candidates_from_results(
                         "generator": {
                             "provider": generator["provider"],
                             "model": generator["model"],
+                            **named,
                             "params": params,
                         },
                     },
@@ -399,14 +436,47 @@ def load_split(path: Path, name: str) -> list[dict]:
     return rows
 
 
-def synthesize_cycle(run_cfg: RunConfig, layout: RunLayout, cycle: int, pool: ServicePool) -> SynthesisResult:
-    """Generate, post-process and account for one cycle's synthetic data (no files written)."""
+def best_of_n_responses(
+    candidates: list[dict], teacher: TeacherCandidate, pool: ServicePool, reward: Reward, cycle: int
+) -> list[dict]:
+    """Best-of-N: the pair's own response is sample 0; N - 1 more answers are asked for, every answer is
+    scored by the reward, the highest one is kept and all N rewards go into the row's lineage."""
+    from .teacher import answer_best_of_n
+
+    out = []
+    for row in candidates:
+        # one cache salt per candidate row, so the extra answers of two rows never share a cache key
+        salt = (cycle * 10**9 + int(row["lineage"]["generator"]["params"]["repeat"]) * 100) * 100
+        salt += int(row["id"].rsplit("-", 1)[1]) * MAX_BEST_OF_N
+        best, _, errors = answer_best_of_n(
+            pool, teacher, [row["instruction"]], reward, salt=salt, seed_answers=[row["response"]]
+        )
+        record = {**best.records[0], "errors": errors[0]}
+        lineage = {**row["lineage"], "best_of_n": record}
+        out.append({**row, "response": best.kept[0] or row["response"], "lineage": lineage})
+    return out
+
+
+def synthesize_cycle(
+    run_cfg: RunConfig,
+    layout: RunLayout,
+    cycle: int,
+    pool: ServicePool,
+    teacher: TeacherCandidate | None = None,
+    reward: Reward | None = None,
+) -> SynthesisResult:
+    """Generate, post-process and account for one cycle's synthetic data (no files written).
+
+    `teacher` (default: `generator_of`) decides provider and sampling; with N > 1 a `reward` is needed."""
     cfg = run_cfg.synthesize
     train = load_split(layout.train_file, "train")
     test = load_split(layout.test_file, "test")
     earlier = earlier_data(layout, cycle)
     templates = load_templates()
-    generator = generator_info(run_cfg)
+    teacher = teacher or generator_of(run_cfg, layout, cycle)
+    if teacher.n > 1 and reward is None:
+        raise ValueError(f"best-of-N with N={teacher.n} needs a reward (teacher_study.reward)")
+    generator = generator_info(run_cfg, teacher)
     target = target_rows(cfg, cycle)
     seeds_stream = sample_seeds(train, cfg.max_requests_per_cycle, cycle_seed(run_cfg.seed, cycle))
 
@@ -420,11 +490,13 @@ def synthesize_cycle(run_cfg: RunConfig, layout: RunLayout, cycle: int, pool: Se
         n = min(math.ceil(missing / per_request), cfg.max_requests_per_cycle - sent)
         seeds = seeds_stream[sent : sent + n]
         first_repeat = cycle * cfg.max_requests_per_cycle + sent
-        requests = request_batch(seeds, cfg, templates, first_repeat)
+        requests = request_batch(seeds, cfg, templates, first_repeat, teacher)
         results = pool.complete_many(
-            cfg.generator, requests, desc=f"synthesize round {rounds + 1} ({n} requests)"
+            teacher.provider, requests, desc=f"synthesize round {rounds + 1} ({n} requests)"
         )
         candidates, log = candidates_from_results(seeds, results, cycle, generator, first_repeat)
+        if teacher.n > 1 and candidates:
+            candidates = best_of_n_responses(candidates, teacher, pool, reward, cycle)
         accepted, rejected = postprocess(candidates, earlier + result.accepted, test, cfg)
         result.accepted += accepted
         result.rejected += rejected
@@ -463,10 +535,23 @@ def build_report(
 
 
 def run_synthesis(stage: Stage) -> SynthesisResult:
-    """05's work: open the ServicePool, synthesize, and write synthetic / rejected / report files."""
-    generator = [stage.cfg.synthesize.generator]
-    with ServicePool(stage.cfg, stage.layout, stage.name, stage.cycle, providers=generator) as pool:
-        result = synthesize_cycle(stage.cfg, stage.layout, stage.cycle, pool)
+    """05's work: open the ServicePool, synthesize, and write synthetic / rejected / report files.
+
+    The generator is the teacher study's choice when this cycle ran one (`teacher.run_teacher_study`)."""
+    from .teacher import make_reward
+
+    teacher = generator_of(stage.cfg, stage.layout, stage.cycle)
+    reward_cfg = stage.cfg.teacher_study.reward
+    providers = [teacher.provider]
+    if teacher.n > 1 and reward_cfg.kind == "judge" and reward_cfg.judge not in providers:
+        providers.append(reward_cfg.judge)
+    with ServicePool(stage.cfg, stage.layout, stage.name, stage.cycle, providers=providers) as pool:
+        reward = make_reward(reward_cfg, pool) if teacher.n > 1 else None
+        result = synthesize_cycle(stage.cfg, stage.layout, stage.cycle, pool, teacher, reward)
+    study_file = stage.layout.teacher_study_file(stage.cycle)
+    if study_file.is_file():
+        study = read_json(study_file)
+        result.report["teacher_study"] = {"chosen": study.get("chosen"), "why": study.get("why")}
     write_results(result, stage.layout, stage.cycle)
     return result
 
