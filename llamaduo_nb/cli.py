@@ -50,10 +50,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_validate_teachers(args: argparse.Namespace) -> int:
-    from .teacher import validate_markdown, validate_teachers
+    from .teacher import validate_teachers, validation_markdown
 
     report = validate_teachers(args.params, cycle=args.cycle, overrides=_parse_set(args.set))
-    print(validate_markdown(report))
+    print(validation_markdown(report))
     return 0
 
 
