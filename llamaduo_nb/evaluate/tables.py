@@ -248,8 +248,10 @@ def failure_table(judgments: Iterable[dict]) -> pd.DataFrame:
     return grouped.agg(count=("ok", "size"), example=("error", "first")).reset_index()
 
 
-def category_table(judgments: Iterable[dict], zetas: Sequence[float]) -> pd.DataFrame:
-    """Per judge and task category: rows scored and `mean / C@zeta` per metric."""
+def category_table(
+    judgments: Iterable[dict], zetas: Sequence[float], *, n_boot: int = 1000, seed: int = 0
+) -> pd.DataFrame:
+    """Per judge and task category: rows scored, `mean / C@zeta` per metric and its 95% intervals."""
     from .stats import metric_summary
 
     table = score_table(judgments)
@@ -257,9 +259,14 @@ def category_table(judgments: Iterable[dict], zetas: Sequence[float]) -> pd.Data
     for (judge, category), rows in table.groupby(["judge", "category"], sort=True):
         record = {"judge": judge, "category": category or "(none)", "rows": len(rows)}
         for metric in METRICS:
-            record[metric] = _fmt_cell(metric_summary(rows[metric].tolist(), zetas, n_boot=0), zetas)
+            summary = metric_summary(
+                rows[metric].tolist(), zetas, clusters=rows["prompt_id"].tolist(), n_boot=n_boot, seed=seed
+            )
+            record[metric] = _fmt_cell(summary, zetas)
+            record[f"{metric} 95% CI"] = _fmt_ci(summary, zetas)
         records.append(record)
-    return pd.DataFrame(records, columns=["judge", "category", "rows", *METRICS])
+    columns = ["judge", "category", "rows"] + [c for m in METRICS for c in (m, f"{m} 95% CI")]
+    return pd.DataFrame(records, columns=columns)
 
 
 def comparison(
