@@ -101,9 +101,12 @@ def write_summary(cfg: RunConfig, layout: RunLayout, state: Any) -> str:
     fig2 = None
     if rows:
         try:
-            from .evaluate.plots import plot_cycles
+            import pandas as pd
 
-            fig = plot_cycles(layout, ev.epsilon)
+            from .evaluate.plots import plot_cycles, reference_lines
+
+            refs = reference_lines(pd.read_csv(layout.table1_csv(t1))) if t1 is not None else None
+            fig = plot_cycles(layout, ev.epsilon, references=refs)
             import matplotlib.pyplot as plt
 
             plt.close(fig)

@@ -48,6 +48,7 @@ from .plots import (
     plot_cycles,
     plot_models_scores,
     plot_scores,
+    reference_lines,
 )
 from .stage import (
     base_student_responses,
@@ -136,6 +137,7 @@ __all__ = [
     "plot_scores",
     "rationale_of",
     "reference_label",
+    "reference_lines",
     "reference_rows",
     "reference_status",
     "repeat_spread",

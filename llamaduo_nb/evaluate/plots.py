@@ -145,6 +145,17 @@ def cycles_frame(layout: RunLayout) -> pd.DataFrame:
     )
 
 
+def reference_lines(long: pd.DataFrame) -> dict[str, dict]:
+    """{model: {judge: {metric: {statistic: value}}}} of Table 1's base and service rows (Fig. 2's lines)."""
+    lines: dict[str, dict] = {}
+    for _, r in long[long["kind"].isin(["base", "service"])].iterrows():
+        if pd.notna(r["value"]):
+            lines.setdefault(r["model"], {}).setdefault(r["judge"], {}).setdefault(r["metric"], {})[
+                r["statistic"]
+            ] = float(r["value"])
+    return lines
+
+
 def plot_cycles(layout: RunLayout, epsilon: float, path: str | Path | None = None, references=None):
     """Paper Fig. 2: V and C@zeta per judge against cycle (and training-set size), 95% bands, epsilon line.
 
