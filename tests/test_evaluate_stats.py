@@ -227,7 +227,10 @@ def test_between_judge_agreement_matches_scipy_and_krippendorff():
 def test_repeat_spread_shows_whether_m_is_large_enough():
     judgments = [_j("a", "g", 0, 40), _j("a", "g", 1, 60), _j("b", "g", 0, 30), _j("b", "g", 1, 70)]
     judgments += [_j("c", "g", 0, 50), _j("c", "g", 1, ok=False)]  # one success: no spread to measure
-    spread = evaluate.repeat_spread(judgments).set_index(["judge", "metric"]).loc[("g", "precision")]
+    judgments += [_j(p, "rougeL", 0, 30) for p in "abc"]  # M = 1 by nature: no line at all
+    table = evaluate.repeat_spread(judgments)
+    assert set(table["judge"]) == {"g"}
+    spread = table.set_index(["judge", "metric"]).loc[("g", "precision")]
     assert spread["rows"] == 2
     assert spread["sd_mean"] == pytest.approx((10 + 20) / 2)  # population SDs of (40, 60) and (30, 70)
     assert spread["wide_share"] == pytest.approx(0.5)  # only b differs by more than 20 points

@@ -27,7 +27,10 @@ WIDE_SPREAD = 20.0  # points between a row's highest and lowest repeat that coun
 
 
 def repeat_spread(judgments: Iterable[dict], wide: float = WIDE_SPREAD) -> pd.DataFrame:
-    """Per (judge, metric): rows with >= 2 successful repeats, their SD summary and the share that is wide."""
+    """Per (judge, metric): rows with >= 2 successful repeats, their SD summary and the share that is wide.
+
+    Judges with one judgment per row (M = 1, reference metrics) have no line.
+    """
     frame = pd.DataFrame([j for j in judgments if j["ok"]])
     records = []
     if frame.empty:
@@ -44,6 +47,8 @@ def repeat_spread(judgments: Iterable[dict], wide: float = WIDE_SPREAD) -> pd.Da
         values = group.dropna(subset=["value"]).groupby(["prompt_id", "sample_index"])["value"]
         per_row = values.agg(sd=lambda s: float(np.std(s.to_numpy())), lo="min", hi="max", n="size")
         per_row = per_row[per_row["n"] >= 2]
+        if per_row.empty:  # one judgment per row (M = 1, or a reference metric): no spread to show
+            continue
         sd = per_row["sd"]
         records.append(
             {
