@@ -1,4 +1,4 @@
-"""`llamaduo run | status | prepare | dedup` — the command line (also `python -m llamaduo_nb`)."""
+"""`llamaduo run | forecast | status | prepare | dedup` — the command line (also `python -m llamaduo_nb`)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forecast(args: argparse.Namespace) -> int:
+    from . import forecast
+    from .config import load_config
+    from .runlayout import RunLayout
+
+    cfg = load_config(args.params, _parse_set(args.set))
+    assume = forecast.Assumptions(
+        n_train=args.train_rows,
+        n_test=args.test_rows,
+        instruction_chars=args.instruction_chars,
+        response_chars=args.response_chars,
+        accept_share=args.accept_share,
+    )
+    table = forecast.forecast_run(cfg, RunLayout.for_run(cfg.outputs_dir, cfg.run_name), assume)
+    print(f"Forecast for {args.params} (data: {table.attrs['data']}; prices: {cfg.prices_file})\n")
+    print(forecast.markdown(table))
+    print("\nPer stage, all cycles:\n")
+    print(forecast.markdown(forecast.totals(table)))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .runlayout import RunLayout
     from .runner import describe_state
@@ -62,6 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     prepare = sub.add_parser("prepare", help="dequantise the embedded student once (make install runs this)")
     prepare.set_defaults(func=cmd_prepare)
+    fc = sub.add_parser("forecast", help="calls, tokens and USD the paid stages (04, 05) will spend")
+    fc.add_argument("params", help="params YAML, e.g. params/paper_gemma7b.yaml")
+    fc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    from .forecast import Assumptions
+
+    defaults = Assumptions()
+    for flag, value, what in (
+        ("--train-rows", defaults.n_train, "train rows, when the run has no splits and no local source"),
+        ("--test-rows", defaults.n_test, "test rows, idem"),
+        ("--instruction-chars", defaults.instruction_chars, "characters per instruction, idem"),
+        ("--response-chars", defaults.response_chars, "characters per reference response, idem"),
+    ):
+        fc.add_argument(flag, type=int, default=value, help=f"{what} (default {value})")
+    fc.add_argument(
+        "--accept-share",
+        type=float,
+        default=defaults.accept_share,
+        help=f"share of synthesized pairs kept by 05's filters (default {defaults.accept_share})",
+    )
+    fc.set_defaults(func=cmd_forecast)
     status = sub.add_parser("status", help="print a run's state")
     status.add_argument("run_dir")
     status.set_defaults(func=cmd_status)
@@ -85,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         from .runner import NotebookFailed
 
         if isinstance(exc, NotebookFailed):
+            if exc.stopped:  # a stage stopped spending (failing provider, budget): resumable, exit code 3
+                print(f"llamaduo: stage stopped, nothing was lost: {exc.evalue}", file=sys.stderr)
+                return 3
             print(f"llamaduo: {exc}", file=sys.stderr)
             return 1
         raise
