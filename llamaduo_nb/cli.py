@@ -45,6 +45,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
         instruction_chars=args.instruction_chars,
         response_chars=args.response_chars,
         accept_share=args.accept_share,
+        pair_tokens=args.pair_tokens,
     )
     table = forecast.forecast_run(cfg, RunLayout.for_run(cfg.outputs_dir, cfg.run_name), assume)
     print(f"Forecast for {args.params} (data: {table.attrs['data']}; prices: {cfg.prices_file})\n")
@@ -101,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=defaults.accept_share,
         help=f"share of synthesized pairs kept by 05's filters (default {defaults.accept_share})",
+    )
+    fc.add_argument(
+        "--pair-tokens",
+        type=int,
+        default=None,
+        help="tokens per synthesized pair (default: as long as the seed rows; the paper's GPT-4o pairs: ~95)",
     )
     fc.set_defaults(func=cmd_forecast)
     status = sub.add_parser("status", help="print a run's state")
