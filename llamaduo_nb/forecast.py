@@ -261,13 +261,15 @@ def totals(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def forecast_vs_actual(layout: RunLayout) -> pd.DataFrame:
-    """Per (stage, cycle, provider): the stored forecast next to what the ledger paid."""
+    """Per (stage, cycle, provider): the stored forecast, what the ledger paid, and the answers reused from the
+    project's shared cache (paid by an earlier run)."""
     import pandas as pd
 
+    keys = ["stage", "cycle", "provider"]
     with CallCache(layout.calls_db) as cache:
         forecast = pd.DataFrame(cache.forecast_rows(), columns=COLUMNS)
+        reused = pd.DataFrame(cache.reused_rows(), columns=[*keys, "saved_usd"])
     ledger = ledger_frame(layout.calls_db)
-    keys = ["stage", "cycle", "provider"]
     actual = (
         ledger.assign(calls=1)
         .groupby(keys, sort=True)[["calls", "input_tokens", "output_tokens", "cost_usd"]]
@@ -290,9 +292,18 @@ def forecast_vs_actual(layout: RunLayout) -> pd.DataFrame:
             "usd": "forecast_usd",
         }
     )
-    for frame in (forecast, actual):
+    reused = (
+        reused.assign(reused_calls=1)
+        .groupby(keys, sort=True)[["reused_calls", "saved_usd"]]
+        .sum()
+        .reset_index()
+        .rename(columns={"saved_usd": "reused_usd"})
+    )
+    for frame in (forecast, actual, reused):
         frame["cycle"] = frame["cycle"].astype("Int64")
-    return forecast.merge(actual, on=keys, how="outer").sort_values(keys, ignore_index=True)
+    table = forecast.merge(actual, on=keys, how="outer").merge(reused, on=keys, how="left")
+    table[["reused_calls", "reused_usd"]] = table[["reused_calls", "reused_usd"]].fillna(0)
+    return table.sort_values(keys, ignore_index=True)
 
 
 def markdown(table: pd.DataFrame) -> str:

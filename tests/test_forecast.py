@@ -71,11 +71,13 @@ def test_a_stage_forecast_is_kept_and_shown_next_to_the_ledger(tmp_path):
         cache.record(LedgerRow(stage="05_synthesize", cycle=0, provider="gpt4o", kind="openai", model="gpt-4o",
                                input_tokens=700, output_tokens=900, latency_s=1.0, cost_usd=0.011, ok=True,
                                error=None, attempts=1, cache_key="k"))  # fmt: skip
+        cache.record_reuse("05_synthesize", 0, "gpt4o", "gpt-4o", "k2", 0.012)  # paid by an earlier run
     table = forecast.forecast_vs_actual(layout)
     (row,) = table.to_dict("records")
     assert (row["stage"], row["cycle"], row["provider"]) == ("05_synthesize", 0, "gpt4o")
     assert row["forecast_calls"] == shown.calls[0] and row["actual_calls"] == 1
     assert row["forecast_usd"] == pytest.approx(shown.usd[0]) and row["actual_usd"] == pytest.approx(0.011)
+    assert row["reused_calls"] == 1 and row["reused_usd"] == pytest.approx(0.012)
     with pytest.raises(ValueError, match="paid stages"):
         forecast.forecast_stage(cfg, "02_finetune", 0)
 
