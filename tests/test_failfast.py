@@ -13,7 +13,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
-from test_services import ScriptedLLMServer, ask, make_pool
+from test_services import SCORE_SCHEMA, ScriptedLLMServer, ask, make_pool
 
 from llamaduo_nb import evaluate, runner, synthesize
 from llamaduo_nb.callcache import CallCache, LedgerRow, read_ledger
@@ -411,5 +411,89 @@ def test_the_runner_records_a_stopped_stage_and_never_moves_on(tmp_path, make_pa
         state = runner.run(params, resume=True, notebooks_dir=notebooks, log=lambda m: None)
         assert state.status == "finished" and state.done[-2:] == ["cycle_00/04_evaluate", "06_deploy"]
         assert len(server.requests) == 1 + 4
+    finally:
+        server.close()
+
+
+# --------------------------------------------------------------------------- reasoning models
+
+
+def test_thinking_budgets_come_on_top_of_the_answer_budget(tmp_path, monkeypatch):
+    server = ScriptedLLMServer()
+    try:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+        monkeypatch.setenv("GOOGLE_API_KEY", "test-key")
+        server.reply_text = json.dumps({"score": 7})
+        claude, _ = make_pool(
+            tmp_path / "a",
+            {
+                "kind": "anthropic",
+                "model": "claude-sonnet-4-5",
+                "base_url": server.root,
+                "thinking_budget": 1024,
+            },
+        )
+        with claude:
+            (answer,) = claude.complete_many("judge", [ask(max_tokens=200, json_schema=SCORE_SCHEMA)])
+        body = server.requests[-1]["body"]
+        assert body["thinking"] == {"type": "enabled", "budget_tokens": 1024} and body["max_tokens"] == 1224
+        assert "tools" not in body and "JSON schema" in body["system"]  # no forced tool with thinking
+        assert answer.parsed == {"score": 7}
+
+        gemini, _ = make_pool(
+            tmp_path / "g",
+            {"kind": "google", "model": "gemini-2.5-flash", "base_url": server.root, "thinking_budget": 512},
+        )
+        with gemini:
+            gemini.complete_many("judge", [ask(max_tokens=200)])
+        config = server.requests[-1]["body"]["generationConfig"]
+        # google-genai sends the inner field as thinking_budget (proto JSON accepts either spelling)
+        assert config["thinkingConfig"] in ({"thinkingBudget": 512}, {"thinking_budget": 512})
+        assert config["maxOutputTokens"] == 712
+    finally:
+        server.close()
+
+
+GOOGLE_DAILY_QUOTA = {
+    "error": {
+        "code": 429,
+        "message": "You exceeded your current quota, please check your plan and billing details.",
+        "status": "RESOURCE_EXHAUSTED",
+        "details": [
+            {
+                "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                "violations": [{"quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier"}],
+            },
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "3s"},
+        ],
+    }
+}
+
+
+@pytest.mark.parametrize(
+    "kind, model, reply, reason",
+    [
+        ("anthropic", "claude-haiku-4-5", (400, {}, {"type": "error", "error": {"type": "invalid_request_error",
+         "message": "Your credit balance is too low to access the Anthropic API."}}), "quota exhausted"),
+        ("google", "gemini-2.0-flash", (429, {}, GOOGLE_DAILY_QUOTA), "quota exhausted"),
+        ("google", "gemini-2.0-flash", (400, {}, {"error": {"code": 400, "message": "API key not valid.",
+         "status": "INVALID_ARGUMENT", "details": [{"reason": "API_KEY_INVALID"}]}}), "authentication failed"),
+        ("anthropic", "claude-haiku-4-5", (403, {}, {"type": "error", "error": {"type": "permission_error",
+         "message": "no access"}}), "permission denied"),
+        ("openai", "gpt-4o-mini", (404, {}, {"error": {"message": "The model `gpt-4o-mini` does not exist",
+         "type": "invalid_request_error", "code": "model_not_found"}}), "model not found"),
+    ],
+)  # fmt: skip
+def test_each_providers_fatal_errors_stop_after_one_call(tmp_path, monkeypatch, kind, model, reply, reason):
+    server = ScriptedLLMServer()
+    try:
+        for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GOOGLE_API_KEY"):
+            monkeypatch.setenv(name, "test-key")
+        server.fail_with = reply
+        base_url = f"{server.root}/v1" if kind == "openai" else server.root
+        pool, _ = make_pool(tmp_path, {"kind": kind, "model": model, "base_url": base_url})
+        with pool, pytest.raises(StageStopped, match=reason):
+            pool.complete_many("judge", [ask(repeat=i) for i in range(5)])
+        assert len(server.requests) == 1  # no retry (not even Google's retryDelay), no second call
     finally:
         server.close()
