@@ -365,6 +365,14 @@ def read_ledger(
         return cache.ledger_rows(stage=stage, cycle=cycle)
 
 
+def unanswered_failures(db_path: str | Path, stage: str, cycle: int | None) -> list[dict[str, Any]]:
+    """Ledger rows of `stage`/`cycle` that failed and whose request was never answered since (one per key)."""
+    rows = read_ledger(db_path, stage=stage, cycle=cycle)
+    answered = {r["cache_key"] for r in rows if r["ok"]}
+    latest = {r["cache_key"]: r for r in rows if not r["ok"] and r["cache_key"] not in answered}
+    return list(latest.values())
+
+
 def ledger_frame(db_path: str | Path, stage: str | None = None, cycle: int | None = None):
     """The ledger as a pandas DataFrame with the columns of LEDGER_COLUMNS (possibly zero rows)."""
     import pandas as pd

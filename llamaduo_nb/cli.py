@@ -22,12 +22,54 @@ def _parse_set(items: list[str]) -> dict:
     return overrides
 
 
+def retry_failed(params: str | Path, overrides: dict | None = None, notebooks_dir: Path | None = None) -> str:
+    """Re-send the failed calls of the run's last finished step when it is a paid stage (04 or 05).
+
+    The stage's notebook runs again: every answered call replays from the cache for free, so only the calls
+    that failed (errors, unusable replies) go out again. Only the last finished step can be retried, so no
+    later stage has consumed its outputs yet; a re-run 04 has its decision read again by the next --resume.
+    """
+    from . import runner
+    from .callcache import unanswered_failures
+    from .config import load_config
+    from .runlayout import RunLayout
+
+    cfg = load_config(params, overrides)
+    layout = RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
+    state = runner.RunState.load(layout.state_file)
+    last = state.done[-1] if state.done else None
+    cycle_part, _, stage = (last or "").rpartition("/")
+    if stage not in ("04_evaluate", "05_synthesize"):
+        raise ConfigError(
+            f"--retry-failed re-sends the failed calls of the last finished step when it is 04_evaluate or "
+            f"05_synthesize; the last finished step of {layout.root} is {last or 'none'}"
+        )
+    cycle = int(cycle_part.removeprefix("cycle_"))
+    failed = unanswered_failures(layout.calls_db, stage, cycle)
+    if not failed:
+        return f"{last}: no failed calls to retry"
+    src = runner.notebook_source(stage, notebooks_dir or runner.NOTEBOOKS_DIR)
+    step = runner.Step(stage, cycle)
+    runner.execute_notebook(
+        src, layout.notebook_out(stage, cycle), runner.stage_parameters(step, layout, src)
+    )
+    if stage == "04_evaluate":
+        state.decisions.pop(f"cycle_{cycle:02d}", None)  # re-read from the new metrics.json
+        state.save(layout.state_file)
+    left = len(unanswered_failures(layout.calls_db, stage, cycle))
+    return f"{last}: re-sent {len(failed)} failed call(s); {left} still failing"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from . import runner
 
     t0 = time.monotonic()
     if args.resume and args.fresh:
         raise ConfigError("--resume and --fresh exclude each other")
+    if args.retry_failed:
+        print(f"llamaduo: {retry_failed(args.params, _parse_set(args.set))}")
+        if not args.resume:
+            return 0
     state = runner.run(args.params, resume=args.resume, fresh=args.fresh, overrides=_parse_set(args.set))
     print(f"llamaduo: run finished in {time.monotonic() - t0:.1f} s wall time ({state.stop_reason})")
     return 0
@@ -78,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("params", help="params YAML, e.g. params/demo.yaml")
     run.add_argument("--resume", action="store_true", help="continue at the first unfinished notebook")
     run.add_argument("--fresh", action="store_true", help="delete this run's folder first and start over")
+    run.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="re-send only the failed calls of the last finished paid stage (04/05); with --resume, then continue",
+    )
     run.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a param (dotted key)"
     )

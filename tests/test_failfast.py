@@ -497,3 +497,37 @@ def test_each_providers_fatal_errors_stop_after_one_call(tmp_path, monkeypatch, 
         assert len(server.requests) == 1  # no retry (not even Google's retryDelay), no second call
     finally:
         server.close()
+
+
+def test_retry_failed_resends_only_the_failed_calls_of_the_last_finished_stage(
+    tmp_path, make_params, monkeypatch
+):
+    from llamaduo_nb.cli import retry_failed
+
+    server = ScriptedLLMServer()
+    try:
+        server.script = [
+            (200, {}, None),
+            (500, {}, {"error": {"message": "overloaded"}}),
+        ]  # the 2nd call fails
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        judge = {"name": "judge", "kind": "openai", "model": "gpt-4o-mini", "base_url": f"{server.root}/v1",
+                 "max_retries": 0}  # fmt: skip
+        demo_local = yaml.safe_load((ROOT / "params" / "demo.yaml").read_text())["providers"][0]
+        params = make_params({"providers": [demo_local, judge], "evaluate": {"judges": ["judge"]},
+                              "loop": {"max_cycles": 1}, "deploy": {"enabled": False}})  # fmt: skip
+        notebooks = tmp_path / "nbs"
+        notebooks.mkdir()
+        for stage in STAGES:
+            body = STOPPING_04 if stage == "04_evaluate" else ""
+            nbformat.write(stand_in(stage, body), notebooks / f"{stage}.ipynb")
+        state = runner.run(params, notebooks_dir=notebooks, log=lambda m: None)
+        assert state.status == "finished" and state.done[-1] == "cycle_00/04_evaluate"
+        assert len(server.requests) == 4  # one of them failed (below the failure window's threshold)
+
+        message = retry_failed(params, notebooks_dir=notebooks)
+        assert message == "cycle_00/04_evaluate: re-sent 1 failed call(s); 0 still failing"
+        assert len(server.requests) == 5  # the three answers replayed from the cache
+        assert retry_failed(params, notebooks_dir=notebooks).endswith("no failed calls to retry")
+    finally:
+        server.close()
