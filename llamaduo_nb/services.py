@@ -9,7 +9,12 @@ Every call a stage makes to a service LLM (judging in 04, synthesis in 05, parit
 What the pool does for each request, in order:
 
 1. Cache: the full request (provider kind, model, endpoint, messages, sampling, schema, repeat index)
-   is hashed; a finished call with that key is replayed from `<run>/calls.sqlite` for free.
+   is hashed; a finished call with that key is replayed from `<run>/calls.sqlite` for free, else from the
+   project's shared cache (`cache.path`, default `<outputs_dir>/.callcache/calls.sqlite`; `cache.shared:
+   false` bypasses it), which is noted in the run's `reused` table.
+1a. Admission: the first real call to a provider goes out alone (a revoked key costs one call); a call is
+   sent only while the stage has not stopped and its worst case (input estimate + max_tokens at list
+   price) fits under every `budget:` cap, counting what the run's ledger already paid.
 2. Limits: a `max_concurrency` semaphore, then a requests-per-minute and a tokens-per-minute leaky
    bucket (aiolimiter). Tokens are estimated before the call as prompt characters / 4 + max_tokens.
 3. Retries (tenacity): 408/409/429/5xx, timeouts and connection errors are retried up to
@@ -17,8 +22,18 @@ What the pool does for each request, in order:
    wait; otherwise exponential backoff with jitter. The SDKs' own retries are switched off
    (`max_retries=0`, Google: no retry options) so every attempt is counted exactly once here.
    Each attempt has a total timeout of `timeout_s`.
-4. Ledger: one row per real call (success or final failure) with tokens, latency and cost;
-   `<run>/ledger.csv` is re-exported when the pool closes.
+4. Ledger: one row per real call (success or final failure) with tokens, latency and cost, one per
+   timed-out attempt at its estimated cost, one per unusable reply; `<run>/ledger.csv` is re-exported
+   when the pool closes.
+5. Usable replies only: an empty, truncated (finish_reason length), refused or blocked reply is never
+   cached as an answer; it is ledgered (it was paid), kept raw in `failed_replies`, re-sent up to
+   `unusable_retries` times (not when truncated: the same request would be cut again) and returned with
+   `.error` set.
+6. Fail fast: an authentication or permission error, an exhausted quota or credit, or a model that does
+   not exist stops the stage at once (never retried); so does a failure share above `max_failure_share`
+   over the last `failure_window` real calls, or a budget. Calls still queued are not sent, and
+   `complete_many` raises `StageStopped` naming the provider and the reason; the runner records the stage
+   as "stopped" and `llamaduo run --resume` continues it (answered calls replay for free).
 
 Structured output: `json_mode: schema` asks the provider to enforce the schema (OpenAI-shaped
 servers: `response_format` json_schema, which the embedded server turns into a llama.cpp grammar, see
