@@ -5,9 +5,16 @@ Two tables live in that file:
 * `calls`  — the cache. Key: SHA-256 of the canonical JSON of the full request (provider kind, model,
   endpoint, messages, sampling parameters, JSON schema, repeat index). Re-running a stage after a
   crash replays finished calls for free, and the M repeats of one judgment never collapse into one
-  answer because the repeat index is part of the key. Only successful calls are cached.
+  answer because the repeat index is part of the key. Only usable replies are cached.
 * `ledger` — one row per real call (cache hits add nothing): when, which stage and cycle, which
   provider and model, tokens, latency, cost in USD from `params/prices.yaml`, ok/error, attempts.
+  Paid replies that are not usable (empty, truncated, refused, blocked) have a row with ok=0, and timed-out
+  attempts one with their estimated cost (input estimate + max_tokens): the provider may have billed them.
+* `failed_replies` — the raw text and finish reason of every unusable reply (never replayed as an answer).
+* `reused` — answers this run took from the project's shared cache (`cache.path`): paid by an earlier run.
+
+The same schema serves the project's shared cache (`<outputs_dir>/.callcache/calls.sqlite` by default), in
+which only `calls` is used: a usable answer is stored in both, so `--fresh` or a new run_name never pays twice.
 
 Nothing here ever sees an API key: requests are stored as the JSON the caller built, never with
 headers or client settings. The database runs in WAL mode with a busy timeout; each thread gets its
@@ -82,6 +89,36 @@ CREATE TABLE IF NOT EXISTS ledger (
     cache_key     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_stage_cycle ON ledger (stage, cycle);
+CREATE TABLE IF NOT EXISTS failed_replies (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts            TEXT NOT NULL,
+    stage         TEXT NOT NULL,
+    cycle         INTEGER,
+    provider      TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    cache_key     TEXT NOT NULL,
+    request_json  TEXT NOT NULL,
+    text          TEXT NOT NULL,
+    finish_reason TEXT,
+    reason        TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS forecasts (
+    stage         TEXT NOT NULL,
+    cycle         INTEGER NOT NULL,
+    ts            TEXT NOT NULL,
+    lines_json    TEXT NOT NULL,
+    PRIMARY KEY (stage, cycle)
+);
+CREATE TABLE IF NOT EXISTS reused (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts            TEXT NOT NULL,
+    stage         TEXT NOT NULL,
+    cycle         INTEGER,
+    provider      TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    cache_key     TEXT NOT NULL,
+    saved_usd     REAL NOT NULL
+);
 """
 
 
@@ -237,6 +274,69 @@ class CallCache:
                 ),
             )
 
+    def record_failed_reply(
+        self,
+        stage: str,
+        cycle: int | None,
+        provider: str,
+        model: str,
+        cache_key: str,
+        request: Mapping[str, Any],
+        text: str,
+        finish_reason: str | None,
+        reason: str,
+    ) -> None:
+        """Keep a paid reply that was not usable (empty, truncated, refused, blocked) with its raw text."""
+        conn = self._conn()
+        with conn:
+            conn.execute(
+                "INSERT INTO failed_replies (ts, stage, cycle, provider, model, cache_key, request_json, text,"
+                " finish_reason, reason) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    _now(),
+                    stage,
+                    cycle,
+                    provider,
+                    model,
+                    cache_key,
+                    canonical_json(dict(request)),
+                    text,
+                    finish_reason,
+                    reason,
+                ),
+            )
+
+    def failed_replies(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._conn().execute("SELECT * FROM failed_replies ORDER BY id")]
+
+    def record_reuse(
+        self, stage: str, cycle: int | None, provider: str, model: str, cache_key: str, saved_usd: float
+    ) -> None:
+        """Note an answer taken from the project's shared cache (paid by an earlier run, free for this one)."""
+        conn = self._conn()
+        with conn:
+            conn.execute(
+                "INSERT INTO reused (ts, stage, cycle, provider, model, cache_key, saved_usd)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (_now(), stage, cycle, provider, model, cache_key, float(saved_usd)),
+            )
+
+    def record_forecast(self, stage: str, cycle: int, lines: list[dict[str, Any]]) -> None:
+        """Keep the forecast a stage showed before it ran (the latest one per stage and cycle)."""
+        conn = self._conn()
+        with conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO forecasts (stage, cycle, ts, lines_json) VALUES (?,?,?,?)",
+                (stage, int(cycle), _now(), canonical_json(lines)),
+            )
+
+    def forecast_rows(self) -> list[dict[str, Any]]:
+        rows = self._conn().execute("SELECT lines_json FROM forecasts ORDER BY stage, cycle")
+        return [line for (text,) in rows for line in json.loads(text)]
+
+    def reused_rows(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._conn().execute("SELECT * FROM reused ORDER BY id")]
+
     def ledger_rows(self, stage: str | None = None, cycle: int | None = None) -> list[dict[str, Any]]:
         """Ledger rows as dicts in call order, optionally only one stage and/or cycle."""
         sql, args = f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger", []
@@ -265,6 +365,14 @@ def read_ledger(
         return cache.ledger_rows(stage=stage, cycle=cycle)
 
 
+def unanswered_failures(db_path: str | Path, stage: str, cycle: int | None) -> list[dict[str, Any]]:
+    """Ledger rows of `stage`/`cycle` that failed and whose request was never answered since (one per key)."""
+    rows = read_ledger(db_path, stage=stage, cycle=cycle)
+    answered = {r["cache_key"] for r in rows if r["ok"]}
+    latest = {r["cache_key"]: r for r in rows if not r["ok"] and r["cache_key"] not in answered}
+    return list(latest.values())
+
+
 def ledger_frame(db_path: str | Path, stage: str | None = None, cycle: int | None = None):
     """The ledger as a pandas DataFrame with the columns of LEDGER_COLUMNS (possibly zero rows)."""
     import pandas as pd
@@ -289,27 +397,39 @@ class PriceError(ValueError):
     """`params/prices.yaml` is malformed; the message names the file and the entry."""
 
 
-_PRICES_EXAMPLE = "models:\n  gpt-4o: {input: 2.50, output: 10.00}   # USD per 1M tokens\ndefault: null"
-_FREE_KINDS = frozenset({"embedded"})
+_PRICES_EXAMPLE = (
+    "models:\n  gpt-4o: {input: 2.50, cached_input: 1.25, output: 10.00}   # USD per 1M tokens\n"
+    "aliases:\n  gpt-4o-2024-08-06: gpt-4o\nbatch_discount: {openai: 0.5}"
+)
+_PRICE_KEYS = {"input", "output", "cached_input"}
 
 
 @dataclass(frozen=True)
 class Price:
     input: float  # USD per 1M input tokens
     output: float  # USD per 1M output tokens
+    cached_input: float | None = None  # USD per 1M input tokens served from the provider's prompt cache
 
 
 class PriceTable:
     """USD per 1M input/output tokens by model name.
 
-    Lookup: exact name, else the longest listed name that prefixes the model id (so a dated id such as
-    `gpt-4o-mini-2024-07-18` finds `gpt-4o-mini`, not `gpt-4o`), else `default`, else 0 with one warning
-    per model. Providers of kind `embedded` run on this machine and always cost 0.
+    Lookup is explicit: the model id itself under `models`, else its entry under `aliases` (a dated snapshot
+    such as `claude-3-sonnet-20240229` names its family `claude-3-sonnet`). There is no prefix guessing:
+    `gemini-2.5-flash-lite` is not `gemini-2.5-flash`. A paid provider whose model has no price is a config
+    error (RunConfig validation); free providers (`embedded`, `free: true`) always cost 0.
     """
 
-    def __init__(self, prices: Mapping[str, Price], default: Price | None = None, source: str = "<prices>"):
+    def __init__(
+        self,
+        prices: Mapping[str, Price],
+        aliases: Mapping[str, str] | None = None,
+        batch_discount: Mapping[str, float] | None = None,
+        source: str = "<prices>",
+    ):
         self.prices = dict(prices)
-        self.default = default
+        self.aliases = dict(aliases or {})
+        self.batch_discount = dict(batch_discount or {})
         self.source = source
         self._warned: set[str] = set()
         self._warn_lock = threading.Lock()
@@ -323,7 +443,7 @@ class PriceTable:
             raise PriceError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise PriceError(f"{path}: expected a mapping at the top level; example:\n{_PRICES_EXAMPLE}")
-        unknown = set(data) - {"currency", "unit", "models", "default"}
+        unknown = set(data) - {"currency", "unit", "as_of", "models", "aliases", "batch_discount"}
         if unknown:
             raise PriceError(f"{path}: unknown key(s) {sorted(unknown)}; example:\n{_PRICES_EXAMPLE}")
         models = data.get("models") or {}
@@ -332,19 +452,70 @@ class PriceTable:
                 f"{path}, key 'models': expected a mapping of model -> price; example:\n{_PRICES_EXAMPLE}"
             )
         prices = {str(name): _price(entry, path, f"models.{name}") for name, entry in models.items()}
-        default = data.get("default")
-        return cls(prices, None if default is None else _price(default, path, "default"), str(path))
+        aliases = data.get("aliases") or {}
+        if not isinstance(aliases, dict):
+            raise PriceError(
+                f"{path}, key 'aliases': expected a mapping of snapshot id -> model under models"
+            )
+        for alias, family in aliases.items():
+            if family not in prices:
+                raise PriceError(
+                    f"{path}, key 'aliases.{alias}': {family!r} is not listed under models; "
+                    f"add `  {family}: {{input: ..., output: ...}}` there"
+                )
+        discounts = data.get("batch_discount") or {}
+        if not isinstance(discounts, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1 for v in discounts.values()
+        ):
+            raise PriceError(
+                f"{path}, key 'batch_discount': expected provider kind -> share of the list price paid "
+                f"in batch mode in [0, 1], e.g. {{openai: 0.5}}; got {discounts!r}"
+            )
+        return cls(
+            prices,
+            {str(k): str(v) for k, v in aliases.items()},
+            {str(k): float(v) for k, v in discounts.items()},
+            str(path),
+        )
 
     def lookup(self, model: str) -> Price | None:
         if model in self.prices:
             return self.prices[model]
-        prefixes = [name for name in self.prices if model.startswith(name)]
-        if prefixes:
-            return self.prices[max(prefixes, key=len)]
-        return self.default
+        family = self.aliases.get(model)
+        return self.prices.get(family) if family is not None else None
 
-    def cost(self, kind: str, model: str, input_tokens: int, output_tokens: int) -> float:
-        if kind in _FREE_KINDS:
+    def missing_advice(self, provider: Any) -> str:
+        """What to add to the price table for `provider`'s model (the exact YAML line)."""
+        model = provider.model
+        families = sorted((name for name in self.prices if model.startswith(name)), key=len, reverse=True)
+        alias_hint = (
+            f", or, if it is a dated snapshot of a listed model, under `aliases:` the line "
+            f"`  {model}: {families[0]}`"
+            if families
+            else ""
+        )
+        return (
+            f"provider '{provider.name}' ({provider.kind}) uses model '{model}', which has no price in "
+            f"{self.source}. Add under `models:` the line "
+            f"`  {model}: {{input: <USD per 1M input tokens>, output: <USD per 1M output tokens>}}` "
+            f"with the provider's list price{alias_hint}. A server you host yourself can instead declare "
+            f"`free: true` on the provider"
+        )
+
+    def cost(
+        self,
+        kind: str,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        *,
+        free: bool = False,
+        cached_input_tokens: int = 0,
+        batch: bool = False,
+    ) -> float:
+        """USD for one call. `cached_input_tokens` (part of `input_tokens`) are billed at `cached_input`
+        where the model has that price; `batch` applies the provider kind's batch discount."""
+        if free or kind == "embedded":
             return 0.0
         price = self.lookup(model)
         if price is None:
@@ -354,29 +525,43 @@ class PriceTable:
             if first:
                 warnings.warn(
                     f"no price for model '{model}' in {self.source}; its calls are ledgered at $0. "
-                    f"Add e.g. `{model}: {{input: 1.0, output: 2.0}}` under `models:` (USD per 1M tokens).",
+                    f"Add e.g. `  {model}: {{input: 1.0, output: 2.0}}` under `models:` (USD per 1M tokens).",
                     stacklevel=2,
                 )
             return 0.0
-        return (input_tokens * price.input + output_tokens * price.output) / 1_000_000
+        cached = min(max(int(cached_input_tokens), 0), int(input_tokens))
+        cached_rate = price.input if price.cached_input is None else price.cached_input
+        usd = (
+            (input_tokens - cached) * price.input + cached * cached_rate + output_tokens * price.output
+        ) / 1e6
+        if batch:
+            usd *= self.batch_discount.get(kind, 1.0)
+        return usd
 
 
 def _price(entry: Any, path: Path, key: str) -> Price:
-    if not isinstance(entry, dict) or set(entry) != {"input", "output"}:
+    if not isinstance(entry, dict) or not {"input", "output"} <= set(entry) or set(entry) - _PRICE_KEYS:
         raise PriceError(
-            f"{path}, key '{key}': expected {{input: <USD/1M>, output: <USD/1M>}}, got {entry!r}"
+            f"{path}, key '{key}': expected {{input: <USD/1M>, output: <USD/1M>}} "
+            f"(optionally cached_input), got {entry!r}"
         )
-    for side in ("input", "output"):
+    for side in entry:
         value = entry[side]
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise PriceError(f"{path}, key '{key}.{side}': expected a number >= 0, got {value!r}")
-    return Price(float(entry["input"]), float(entry["output"]))
+    cached = entry.get("cached_input")
+    return Price(float(entry["input"]), float(entry["output"]), None if cached is None else float(cached))
 
 
-def load_prices(prices_file: str | Path) -> PriceTable:
-    """Load the price table; a missing file gives an empty table (every call $0) and one warning."""
+def load_prices(prices_file: str | Path, *, required: bool = False) -> PriceTable:
+    """Load the price table. A missing file is a PriceError when `required` (a paid provider needs it),
+    else an empty table with one warning."""
     path = project_file(prices_file)
     if not path.is_file():
+        if required:
+            raise PriceError(
+                f"price table {prices_file} not found ({path}); paid providers need their prices"
+            )
         warnings.warn(f"price table {prices_file} not found; every call is ledgered at $0", stacklevel=2)
-        return PriceTable({}, None, str(prices_file))
+        return PriceTable({}, source=str(prices_file))
     return PriceTable.load(path)

@@ -1,4 +1,4 @@
-"""`llamaduo run | status | prepare | dedup` — the command line (also `python -m llamaduo_nb`)."""
+"""`llamaduo run | forecast | status | prepare | dedup` — the command line (also `python -m llamaduo_nb`)."""
 
 from __future__ import annotations
 
@@ -22,14 +22,78 @@ def _parse_set(items: list[str]) -> dict:
     return overrides
 
 
+def retry_failed(params: str | Path, overrides: dict | None = None, notebooks_dir: Path | None = None) -> str:
+    """Re-send the failed calls of the run's last finished step when it is a paid stage (04 or 05).
+
+    The stage's notebook runs again: every answered call replays from the cache for free, so only the calls
+    that failed (errors, unusable replies) go out again. Only the last finished step can be retried, so no
+    later stage has consumed its outputs yet; a re-run 04 has its decision read again by the next --resume.
+    """
+    from . import runner
+    from .callcache import unanswered_failures
+    from .config import load_config
+    from .runlayout import RunLayout
+
+    cfg = load_config(params, overrides)
+    layout = RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
+    state = runner.RunState.load(layout.state_file)
+    last = state.done[-1] if state.done else None
+    cycle_part, _, stage = (last or "").rpartition("/")
+    if stage not in ("04_evaluate", "05_synthesize"):
+        raise ConfigError(
+            f"--retry-failed re-sends the failed calls of the last finished step when it is 04_evaluate or "
+            f"05_synthesize; the last finished step of {layout.root} is {last or 'none'}"
+        )
+    cycle = int(cycle_part.removeprefix("cycle_"))
+    failed = unanswered_failures(layout.calls_db, stage, cycle)
+    if not failed:
+        return f"{last}: no failed calls to retry"
+    src = runner.notebook_source(stage, notebooks_dir or runner.NOTEBOOKS_DIR)
+    step = runner.Step(stage, cycle)
+    runner.execute_notebook(
+        src, layout.notebook_out(stage, cycle), runner.stage_parameters(step, layout, src)
+    )
+    if stage == "04_evaluate":
+        state.decisions.pop(f"cycle_{cycle:02d}", None)  # re-read from the new metrics.json
+        state.save(layout.state_file)
+    left = len(unanswered_failures(layout.calls_db, stage, cycle))
+    return f"{last}: re-sent {len(failed)} failed call(s); {left} still failing"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from . import runner
 
     t0 = time.monotonic()
     if args.resume and args.fresh:
         raise ConfigError("--resume and --fresh exclude each other")
+    if args.retry_failed:
+        print(f"llamaduo: {retry_failed(args.params, _parse_set(args.set))}")
+        if not args.resume:
+            return 0
     state = runner.run(args.params, resume=args.resume, fresh=args.fresh, overrides=_parse_set(args.set))
     print(f"llamaduo: run finished in {time.monotonic() - t0:.1f} s wall time ({state.stop_reason})")
+    return 0
+
+
+def cmd_forecast(args: argparse.Namespace) -> int:
+    from . import forecast
+    from .config import load_config
+    from .runlayout import RunLayout
+
+    cfg = load_config(args.params, _parse_set(args.set))
+    assume = forecast.Assumptions(
+        n_train=args.train_rows,
+        n_test=args.test_rows,
+        instruction_chars=args.instruction_chars,
+        response_chars=args.response_chars,
+        accept_share=args.accept_share,
+        pair_tokens=args.pair_tokens,
+    )
+    table = forecast.forecast_run(cfg, RunLayout.for_run(cfg.outputs_dir, cfg.run_name), assume)
+    print(f"Forecast for {args.params} (data: {table.attrs['data']}; prices: {cfg.prices_file})\n")
+    print(forecast.markdown(table))
+    print("\nPer stage, all cycles:\n")
+    print(forecast.markdown(forecast.totals(table)))
     return 0
 
 
@@ -65,11 +129,42 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue at the first unfinished notebook")
     run.add_argument("--fresh", action="store_true", help="delete this run's folder first and start over")
     run.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="re-send only the failed calls of the last finished paid stage (04/05); with --resume, then continue",
+    )
+    run.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a param (dotted key)"
     )
     run.set_defaults(func=cmd_run)
     prepare = sub.add_parser("prepare", help="dequantise the embedded student once (make install runs this)")
     prepare.set_defaults(func=cmd_prepare)
+    fc = sub.add_parser("forecast", help="calls, tokens and USD the paid stages (04, 05) will spend")
+    fc.add_argument("params", help="params YAML, e.g. params/paper_gemma7b.yaml")
+    fc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    from .forecast import Assumptions
+
+    defaults = Assumptions()
+    for flag, value, what in (
+        ("--train-rows", defaults.n_train, "train rows, when the run has no splits and no local source"),
+        ("--test-rows", defaults.n_test, "test rows, idem"),
+        ("--instruction-chars", defaults.instruction_chars, "characters per instruction, idem"),
+        ("--response-chars", defaults.response_chars, "characters per reference response, idem"),
+    ):
+        fc.add_argument(flag, type=int, default=value, help=f"{what} (default {value})")
+    fc.add_argument(
+        "--accept-share",
+        type=float,
+        default=defaults.accept_share,
+        help=f"share of synthesized pairs kept by 05's filters (default {defaults.accept_share})",
+    )
+    fc.add_argument(
+        "--pair-tokens",
+        type=int,
+        default=None,
+        help="tokens per synthesized pair (default: as long as the seed rows; the paper's GPT-4o pairs: ~95)",
+    )
+    fc.set_defaults(func=cmd_forecast)
     status = sub.add_parser("status", help="print a run's state")
     status.add_argument("run_dir")
     status.set_defaults(func=cmd_status)
@@ -103,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         from .runner import NotebookFailed
 
         if isinstance(exc, NotebookFailed):
+            if exc.stopped:  # a stage stopped spending (failing provider, budget): resumable, exit code 3
+                print(f"llamaduo: stage stopped, nothing was lost: {exc.evalue}", file=sys.stderr)
+                return 3
             print(f"llamaduo: {exc}", file=sys.stderr)
             return 1
         raise

@@ -40,8 +40,25 @@ class ProviderConfig:
     timeout_s: float = 120.0
     max_retries: int = 5
     json_mode: Literal["schema", "object", "none"] = "schema"  # how to ask for structured output
+    # true only for an endpoint you run yourself (vLLM, Ollama, llama.cpp on your machine): its calls cost $0 and
+    # its model needs no price. `embedded` is always free; every other provider needs a price in prices_file.
+    free: bool = False
+    # fail fast: when more than `max_failure_share` of the last `failure_window` real calls failed (errors after
+    # retries, unusable replies), the stage stops; auth, quota and model-not-found errors stop it at once
+    failure_window: int = 20
+    max_failure_share: float = 0.5
+    unusable_retries: int = 1  # empty, refused or blocked replies are re-sent this often (never cached)
+    # reasoning models: OpenAI o-series / gpt-5 `reasoning_effort`; Anthropic extended thinking and Gemini 2.5
+    # `thinking_budget` (tokens). The answer keeps its own max_tokens: the thinking budget is added on top.
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    thinking_budget: int | None = None
 
     EXAMPLE = "name: gpt4o\nkind: openai\nmodel: gpt-4o-2024-08-06\napi_key_env: OPENAI_API_KEY\nrpm: 500"
+
+    @property
+    def is_free(self) -> bool:
+        """Calls cost $0: the embedded server, or a self-hosted endpoint declared `free: true`."""
+        return self.kind == "embedded" or self.free
 
     def validate(self) -> None:
         _check(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None, "name", "letters, digits, _ . - only")
@@ -55,6 +72,19 @@ class ProviderConfig:
         _check(self.max_concurrency >= 1, "max_concurrency", "must be >= 1")
         _check(self.timeout_s > 0, "timeout_s", "must be > 0")
         _check(self.max_retries >= 0, "max_retries", "must be >= 0")
+        _check(self.failure_window >= 1, "failure_window", "must be >= 1, e.g. 20")
+        _check(0 < self.max_failure_share <= 1, "max_failure_share", "must lie in (0, 1], e.g. 0.5")
+        _check(self.unusable_retries >= 0, "unusable_retries", "must be >= 0")
+        _check(
+            self.thinking_budget is None or self.thinking_budget >= 0,
+            "thinking_budget",
+            "tokens the model may think, >= 0 (0: no thinking where the model allows it), or null",
+        )
+        _check(
+            not (self.free and self.kind in ("openai", "anthropic", "google")),
+            "free",
+            f"{self.kind} is a paid API; only openai_compatible endpoints you host can be free",
+        )
         if self.api_key_env is not None:
             _check(
                 re.fullmatch(r"[A-Z_][A-Z0-9_]*", self.api_key_env) is not None,
@@ -413,6 +443,45 @@ class LoopConfig:
         _check(self.max_cycles >= 1, "max_cycles", "must be >= 1")
 
 
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Spending caps on service calls (null: no cap). A call that would cross one is not sent: the stage stops
+    cleanly before it ("stopped" in the run state) and `llamaduo run --resume` continues after raising it.
+    USD counts what the ledger paid (cache replays are free); tokens count input + output."""
+
+    run_usd: float | None = None  # the whole run, all stages and cycles
+    cycle_usd: float | None = None  # one cycle (04 + 05 of cycle N)
+    stage_usd: float | None = None  # one stage of one cycle (e.g. 05 of cycle 2)
+    run_tokens: int | None = None
+    cycle_tokens: int | None = None
+    stage_tokens: int | None = None
+
+    EXAMPLE = "run_usd: 50.0\ncycle_usd: 20.0\nstage_usd: 10.0\nstage_tokens: 5000000"
+
+    def validate(self) -> None:
+        for name in ("run_usd", "cycle_usd", "stage_usd", "run_tokens", "cycle_tokens", "stage_tokens"):
+            value = getattr(self, name)
+            _check(value is None or value >= 0, name, "must be >= 0 or null (no cap)")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The call cache shared by every run of the project: a request answered once is never paid again, even
+    after `--fresh` or under a new run_name. Each run still keeps its own ledger (`<run>/calls.sqlite`)."""
+
+    shared: bool = (
+        True  # false: bypass the shared cache (every run pays its own calls; per-run replay still works)
+    )
+    path: str | None = (
+        None  # null: <outputs_dir>/.callcache/calls.sqlite; relative paths: against the project root
+    )
+
+    EXAMPLE = "shared: true\npath: outputs/.callcache/calls.sqlite"
+
+    def validate(self) -> None:
+        _check(self.path is None or bool(self.path), "path", "a file path or null")
+
+
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
@@ -484,6 +553,9 @@ class RunConfig:
     deploy: DeployConfig = field(default_factory=DeployConfig)
     teacher_study: TeacherStudyConfig = field(default_factory=TeacherStudyConfig)
 
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
     EXAMPLE = "run_name: demo\ncoverage: {source: data/sample_coverage.jsonl}\nproviders: [...]\nevaluate: {judges: [local]}"
 
     def validate(self) -> None:
@@ -512,6 +584,16 @@ class RunConfig:
             "synthesize.generator",
             f"'{self.synthesize.generator}' is not a declared provider {names}",
         )
+        paid = [(i, p) for i, p in enumerate(self.providers) if not p.is_free]
+        if paid:
+            from .callcache import PriceError, load_prices
+
+            try:
+                prices = load_prices(self.prices_file, required=True)
+            except PriceError as exc:
+                _check(False, "prices_file", str(exc))
+            for i, p in paid:
+                _check(prices.lookup(p.model) is not None, f"providers[{i}].model", prices.missing_advice(p))
 
         for i, candidate in enumerate(self.teacher_study.candidates):
             _check(

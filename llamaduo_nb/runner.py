@@ -29,6 +29,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 
 
+STAGE_STOPPED = "StageStopped"  # services.StageStopped's name, as papermill reports it (ename)
+
+
 class NotebookFailed(RuntimeError):
     """A notebook raised; carries the executed notebook's path and the failing cell's error."""
 
@@ -36,6 +39,11 @@ class NotebookFailed(RuntimeError):
         self.notebook, self.ename, self.evalue, self.cell_index = notebook, ename, evalue, cell_index
         cell = f" (cell {cell_index})" if cell_index is not None else ""
         super().__init__(f"{notebook}{cell} failed: {ename}: {evalue}")
+
+    @property
+    def stopped(self) -> bool:
+        """The stage stopped itself to stop spending (failing provider, budget): resumable, not a crash."""
+        return self.ename == STAGE_STOPPED
 
 
 def declared_parameters(notebook: str | Path) -> dict[str, dict[str, Any]]:
@@ -93,7 +101,7 @@ class RunState:
     done: list[str] = field(default_factory=list)
     decisions: dict[str, bool] = field(default_factory=dict)  # "cycle_00" -> passed epsilon?
     timings: dict[str, float] = field(default_factory=dict)
-    status: str = "new"  # new | running | failed | finished
+    status: str = "new"  # new | running | failed | stopped (a stage stopped spending; --resume) | finished
     stop_reason: str | None = None
     error: str | None = None
 
@@ -228,9 +236,11 @@ def run(
         try:
             execute_notebook(src, dst, stage_parameters(step, layout, src))
         except NotebookFailed as exc:
-            state.status, state.error = "failed", str(exc)
+            state.status, state.error = ("stopped" if exc.stopped else "failed"), str(exc)
+            if exc.stopped:
+                state.stop_reason = f"{step.name} stopped: {exc.evalue}"
             state.save(layout.state_file)
-            log(f"[llamaduo] FAILED {step.name}: {exc}")
+            log(f"[llamaduo] {'STOPPED' if exc.stopped else 'FAILED'} {step.name}: {exc}")
             raise
         state.done.append(step.name)
         state.timings[step.name] = round(time.monotonic() - t0, 2)

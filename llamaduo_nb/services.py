@@ -9,7 +9,12 @@ Every call a stage makes to a service LLM (judging in 04, synthesis in 05, parit
 What the pool does for each request, in order:
 
 1. Cache: the full request (provider kind, model, endpoint, messages, sampling, schema, repeat index)
-   is hashed; a finished call with that key is replayed from `<run>/calls.sqlite` for free.
+   is hashed; a finished call with that key is replayed from `<run>/calls.sqlite` for free, else from the
+   project's shared cache (`cache.path`, default `<outputs_dir>/.callcache/calls.sqlite`; `cache.shared:
+   false` bypasses it), which is noted in the run's `reused` table.
+1a. Admission: the first real call to a provider goes out alone (a revoked key costs one call); a call is
+   sent only while the stage has not stopped and its worst case (input estimate + max_tokens at list
+   price) fits under every `budget:` cap, counting what the run's ledger already paid.
 2. Limits: a `max_concurrency` semaphore, then a requests-per-minute and a tokens-per-minute leaky
    bucket (aiolimiter). Tokens are estimated before the call as prompt characters / 4 + max_tokens.
 3. Retries (tenacity): 408/409/429/5xx, timeouts and connection errors are retried up to
@@ -17,8 +22,18 @@ What the pool does for each request, in order:
    wait; otherwise exponential backoff with jitter. The SDKs' own retries are switched off
    (`max_retries=0`, Google: no retry options) so every attempt is counted exactly once here.
    Each attempt has a total timeout of `timeout_s`.
-4. Ledger: one row per real call (success or final failure) with tokens, latency and cost;
-   `<run>/ledger.csv` is re-exported when the pool closes.
+4. Ledger: one row per real call (success or final failure) with tokens, latency and cost, one per
+   timed-out attempt at its estimated cost, one per unusable reply; `<run>/ledger.csv` is re-exported
+   when the pool closes.
+5. Usable replies only: an empty, truncated (finish_reason length), refused or blocked reply is never
+   cached as an answer; it is ledgered (it was paid), kept raw in `failed_replies`, re-sent up to
+   `unusable_retries` times (not when truncated: the same request would be cut again) and returned with
+   `.error` set.
+6. Fail fast: an authentication or permission error, an exhausted quota or credit, or a model that does
+   not exist stops the stage at once (never retried); so does a failure share above `max_failure_share`
+   over the last `failure_window` real calls, or a budget. Calls still queued are not sent, and
+   `complete_many` raises `StageStopped` naming the provider and the reason; the runner records the stage
+   as "stopped" and `llamaduo run --resume` continues it (answered calls replay for free).
 
 Structured output: `json_mode: schema` asks the provider to enforce the schema (OpenAI-shaped
 servers: `response_format` json_schema, which the embedded server turns into a llama.cpp grammar, see
@@ -43,6 +58,7 @@ awaited from any loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import email.utils
 import json
@@ -66,7 +82,7 @@ from .callcache import (
     load_prices,
     request_key,
 )
-from .config import ConfigError, ProviderConfig, RunConfig
+from .config import BudgetConfig, ConfigError, ProviderConfig, RunConfig
 from .runlayout import RunLayout
 
 KEY_ENV_DEFAULTS: dict[str, tuple[str, ...]] = {
@@ -84,6 +100,24 @@ _ROLES = ("system", "user", "assistant")
 
 class MissingAPIKeyError(ConfigError):
     """A provider's API key environment variable is not set."""
+
+
+class StageStopped(RuntimeError):
+    """The stage must not go on spending: a provider rejected the key, the quota is exhausted, the model does
+    not exist, too many calls failed in a row, or a budget would be crossed. Raised by `complete_many` /
+    `acomplete` after the calls already on their way have finished; nothing that succeeded is lost (it is in
+    the cache), and the runner records the stage as "stopped" so `llamaduo run --resume` continues it."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(
+            f"{reason}. Nothing that succeeded is lost: fix the cause, then continue with "
+            "`llamaduo run <params> --resume` (answered calls replay from the cache for free)."
+        )
+
+
+class _NotSent(Exception):
+    """A call held back because the stage is stopping (never retried, never ledgered)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +144,8 @@ class ChatResult:
     cached: bool
     attempts: int = 0  # HTTP attempts made for this result (0 for cache hits)
     cache_key: str = ""
+
+    finish_reason: str | None = None  # the provider's stop reason of the last reply (None for cache hits)
 
     @property
     def ok(self) -> bool:
@@ -226,10 +262,58 @@ def _connection_error_types() -> tuple[type, ...]:
     return tuple(found)
 
 
+def _error_text(exc: BaseException) -> str:
+    """The exception's message and JSON error body, lower-cased, for recognising the provider's error codes."""
+    parts = [str(exc)]
+    for attr in ("body", "details", "code", "type", "status"):
+        value = getattr(exc, attr, None)
+        if value is not None and not callable(value):
+            try:
+                parts.append(json.dumps(value, default=str))
+            except (TypeError, ValueError):
+                parts.append(str(value))
+    return " ".join(parts).lower()
+
+
+def stop_reason(exc: BaseException) -> str | None:
+    """Why `exc` means the stage must stop at once (retrying or going on would only fail or spend), or None.
+
+    Authentication and permission errors, exhausted quota or credit (OpenAI `insufficient_quota`, Anthropic
+    `billing_error` / "credit balance is too low", Google's daily or zero quota) and a model that does not exist.
+    """
+    status = _status_code(exc)
+    text = _error_text(exc)
+    if (
+        "insufficient_quota" in text
+        or "billing_error" in text
+        or "credit balance is too low" in text
+        or status == 402
+        or (status == 429 and ("perday" in text or "limit: 0" in text))
+    ):
+        return "quota exhausted (the account has no credit or quota left)"
+    if (
+        status == 401
+        or "authentication_error" in text
+        or "api_key_invalid" in text
+        or "api key not valid" in text
+    ):
+        return "authentication failed (the API key was rejected)"
+    if status == 403 or "permission_error" in text or "permission_denied" in text:
+        return "permission denied (the key may not use this model or endpoint)"
+    if status == 404 or "model_not_found" in text or "not_found_error" in text:
+        return "model not found (check the provider's model name and base_url)"
+    return None
+
+
 def is_retryable(exc: BaseException) -> bool:
-    """Rate limits, server errors, timeouts and dropped connections are worth another attempt."""
+    """Rate limits, server errors, timeouts and dropped connections are worth another attempt.
+
+    A 429 that says the quota is exhausted is not: waiting does not bring credit back.
+    """
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return True
+    if stop_reason(exc) is not None:
+        return False
     status = _status_code(exc)
     if status is not None:
         return status in (408, 409, 425, 429) or status >= 500
@@ -260,6 +344,51 @@ class _Reply:
     text: str
     input_tokens: int
     output_tokens: int
+    finish_reason: str | None = (
+        None  # as the provider spells it: stop / length / max_tokens / MAX_TOKENS / ...
+    )
+    cached_input_tokens: int = 0  # input tokens the provider served from its prompt cache (billed lower)
+
+
+_LENGTH_STOPS = frozenset({"length", "max_tokens", "MAX_TOKENS"})
+_BLOCKED_STOPS = frozenset(
+    {
+        "content_filter",
+        "refusal",
+        "SAFETY",
+        "RECITATION",
+        "BLOCKLIST",
+        "PROHIBITED_CONTENT",
+        "SPII",
+        "IMAGE_SAFETY",
+        "LANGUAGE",
+        "OTHER",
+    }
+)
+
+
+def unusable_reason(reply: _Reply, max_tokens: int) -> tuple[str, bool] | None:
+    """(why the reply cannot be used as an answer, whether re-sending may help) or None for a usable reply.
+
+    Usable replies are the only ones cached as answers; the others are ledgered (they were paid), kept with
+    their raw text in the failed-replies table, and re-sent under the provider's `unusable_retries`.
+    """
+    finish = reply.finish_reason or ""
+    empty = not reply.text.strip()
+    if finish in _LENGTH_STOPS:
+        if empty:
+            return (
+                f"empty reply with a length stop (finish_reason {finish}): the model spent all max_tokens="
+                f"{max_tokens} before answering, e.g. on thinking; raise max_tokens or lower the provider's "
+                "reasoning_effort / thinking_budget",
+                False,
+            )
+        return f"truncated reply (finish_reason {finish} at max_tokens={max_tokens})", False
+    if finish in _BLOCKED_STOPS or reply.text.startswith("[refusal]"):
+        return f"refused or blocked reply (finish_reason {finish or 'refusal'})", True
+    if empty:
+        return f"empty reply (finish_reason {finish or 'none'})", True
+    return None
 
 
 def _schema_name(name: str) -> str:
@@ -297,6 +426,16 @@ def _with_schema_in_prompt(messages: list[dict[str, str]], schema: dict) -> list
             m["content"] = f"{m['content']}\n\n{note}"
             return out
     return [{"role": "system", "content": note}, *out]
+
+
+REASONING_ALLOWANCE = {"minimal": 1024, "low": 4096, "medium": 16384, "high": 32768}
+
+
+def _reasoning_allowance(provider: ProviderConfig) -> int:
+    """Tokens a reasoning model may think on top of the answer's max_tokens (a cap, not a spend)."""
+    if provider.thinking_budget is not None:
+        return provider.thinking_budget
+    return REASONING_ALLOWANCE.get(provider.reasoning_effort or "", 0)
 
 
 def _split_system(messages: list[dict[str, str]]) -> tuple[str, list[dict[str, str]]]:
@@ -348,6 +487,10 @@ class _OpenAIBackend:
         response_format = self._response_format(request)
         if response_format is not None:
             kwargs["response_format"] = response_format
+        if self.provider.reasoning_effort is not None:
+            kwargs["reasoning_effort"] = self.provider.reasoning_effort
+            # reasoning tokens come out of max_completion_tokens: keep the answer's budget on top of them
+            kwargs["max_completion_tokens"] = request.max_tokens + _reasoning_allowance(self.provider)
         completion = await self.client.chat.completions.create(**kwargs)
         if not completion.choices:
             raise RuntimeError("the server returned no choices")
@@ -356,10 +499,13 @@ class _OpenAIBackend:
         if not text and getattr(message, "refusal", None):
             text = f"[refusal] {message.refusal}"
         usage = completion.usage
+        details = getattr(usage, "prompt_tokens_details", None)
         return _Reply(
             text=text,
             input_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
             output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            finish_reason=completion.choices[0].finish_reason,
+            cached_input_tokens=int(getattr(details, "cached_tokens", 0) or 0),
         )
 
     async def aclose(self) -> None:
@@ -389,6 +535,17 @@ class _AnthropicBackend:
         }
         if system:
             kwargs["system"] = system
+        if self.provider.thinking_budget:
+            # extended thinking: budget_tokens count inside max_tokens, so add them on top of the answer's budget
+            # (Anthropic allows no forced tool and no temperature with thinking: the schema goes in the prompt)
+            kwargs["thinking"] = {"type": "enabled", "budget_tokens": self.provider.thinking_budget}
+            kwargs["max_tokens"] = request.max_tokens + self.provider.thinking_budget
+            if forced_tool:
+                forced_tool = False
+                system, turns = _split_system(_with_schema_in_prompt(messages, schema))
+                kwargs["messages"] = turns
+                if system:
+                    kwargs["system"] = system
         wrapped = False
         if forced_tool:
             # tool input must be an object: wrap other schemas in {"value": ...} and unwrap the answer
@@ -419,7 +576,14 @@ class _AnthropicBackend:
                 getattr(b, "text", "") for b in message.content if getattr(b, "type", "") == "text"
             )
         usage = message.usage
-        return _Reply(text, int(usage.input_tokens or 0), int(usage.output_tokens or 0))
+        cache_read = int(getattr(usage, "cache_read_input_tokens", 0) or 0)
+        return _Reply(
+            text,
+            int(usage.input_tokens or 0) + cache_read,
+            int(usage.output_tokens or 0),
+            finish_reason=message.stop_reason,
+            cached_input_tokens=cache_read,
+        )
 
     async def aclose(self) -> None:
         await self.client.close()
@@ -454,6 +618,10 @@ class _GoogleBackend:
             config["system_instruction"] = system
         if request.top_p is not None:
             config["top_p"] = request.top_p
+        if self.provider.thinking_budget is not None:
+            # Gemini 2.5 thinks out of max_output_tokens: give the answer its own budget on top
+            config["thinking_config"] = types.ThinkingConfig(thinking_budget=self.provider.thinking_budget)
+            config["max_output_tokens"] = request.max_tokens + self.provider.thinking_budget
         if schema is not None and self.provider.json_mode in ("schema", "object"):
             config["response_mime_type"] = "application/json"
             if self.provider.json_mode == "schema":
@@ -462,7 +630,13 @@ class _GoogleBackend:
             model=self.provider.model, contents=contents, config=types.GenerateContentConfig(**config)
         )
         parts = []
+        finish: str | None = None
+        feedback = getattr(response, "prompt_feedback", None)
+        if not response.candidates and feedback is not None and getattr(feedback, "block_reason", None):
+            finish = "SAFETY"  # the prompt itself was blocked
         for candidate in (response.candidates or [])[:1]:
+            reason = getattr(candidate, "finish_reason", None)
+            finish = getattr(reason, "name", None) or (str(reason) if reason is not None else None)
             for part in (candidate.content.parts if candidate.content else None) or []:
                 if part.text and not part.thought:
                     parts.append(part.text)
@@ -471,7 +645,13 @@ class _GoogleBackend:
         output_tokens = (
             (usage.candidates_token_count or 0) + (usage.thoughts_token_count or 0) if usage else 0
         )
-        return _Reply("".join(parts), int(usage.prompt_token_count or 0) if usage else 0, int(output_tokens))
+        return _Reply(
+            "".join(parts),
+            int(usage.prompt_token_count or 0) if usage else 0,
+            int(output_tokens),
+            finish_reason=finish,
+            cached_input_tokens=int(getattr(usage, "cached_content_token_count", 0) or 0) if usage else 0,
+        )
 
     async def aclose(self) -> None:
         await self.client.aio.aclose()
@@ -508,6 +688,13 @@ def api_key_for(provider: ProviderConfig, environ: dict[str, str] | None = None)
 # --------------------------------------------------------------------------- pool
 
 
+def shared_cache_path(cfg: RunConfig) -> Path:
+    """Where the project's shared call cache lives (`cache.path`, default <outputs_dir>/.callcache/calls.sqlite)."""
+    if cfg.cache.path:
+        return Path(cfg.cache.path)
+    return Path(cfg.outputs_dir) / ".callcache" / "calls.sqlite"  # resolved like the run folders are
+
+
 @dataclass
 class _Lane:
     """Everything one provider needs at call time."""
@@ -518,6 +705,116 @@ class _Lane:
     semaphore: asyncio.Semaphore | None = None
     rpm: AsyncLimiter | None = None
     tpm: AsyncLimiter | None = None
+
+
+@dataclass
+class _Guard:
+    """Fail-fast bookkeeping of one provider in one pool.
+
+    The first real call goes out alone (a revoked key costs one call, not `max_concurrency`); after it, a
+    sliding window over the last `failure_window` real calls stops the stage when more than
+    `max_failure_share` of them failed.
+    """
+
+    window: int
+    max_share: float
+    outcomes: collections.deque = field(default_factory=collections.deque)
+    probe_started: bool = False
+    probe_done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def admit(self) -> bool:
+        """True for the probe (the first real call); the others wait until the probe has an outcome."""
+        if not self.probe_started:
+            self.probe_started = True
+            return True
+        await self.probe_done.wait()
+        return False
+
+    def record(self, ok: bool) -> str | None:
+        """Add one real call's outcome; a reason to stop when the window holds too many failures."""
+        self.outcomes.append(ok)
+        while len(self.outcomes) > self.window:
+            self.outcomes.popleft()
+        failed = self.outcomes.count(False)
+        if len(self.outcomes) >= self.window and failed / len(self.outcomes) > self.max_share:
+            return (
+                f"{failed} of the last {len(self.outcomes)} calls failed "
+                f"(more than max_failure_share={self.max_share:g} of failure_window={self.window})"
+            )
+        return None
+
+
+class _StopGate:
+    """Wraps a lane's backend: once the stage stopped, a call that got through the limiters is not sent.
+
+    The check sits here, after the concurrency semaphore and the rate limiters, so calls that queued behind
+    them before the stop never go out.
+    """
+
+    def __init__(self, backend: Any, pool: ServicePool):
+        self._backend, self._pool = backend, pool
+
+    async def call(self, request: ChatRequest) -> _Reply:
+        if self._pool._stopped is not None:
+            raise _NotSent(self._pool._stopped)
+        return await self._backend.call(request)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+
+class _Budget:
+    """Spending caps of `budget:` against what the run's ledger already paid plus the calls on their way.
+
+    A call is admitted only if its worst case (input estimate + max_tokens, at list price) fits under every
+    cap; its reservation is replaced by the real cost when it returns.
+    """
+
+    def __init__(self, cfg: BudgetConfig, rows: list[dict[str, Any]], stage: str, cycle: int | None):
+        scopes = {
+            "run": (cfg.run_usd, cfg.run_tokens, lambda r: True),
+            "cycle": (cfg.cycle_usd, cfg.cycle_tokens, lambda r: cycle is not None and r["cycle"] == cycle),
+            "stage": (
+                cfg.stage_usd,
+                cfg.stage_tokens,
+                lambda r: r["stage"] == stage and r["cycle"] == cycle,
+            ),
+        }
+        self.caps = {
+            k: (usd, tok) for k, (usd, tok, _) in scopes.items() if usd is not None or tok is not None
+        }
+        self.used = {
+            k: [
+                sum(float(r["cost_usd"]) for r in rows if scopes[k][2](r)),
+                sum(int(r["input_tokens"]) + int(r["output_tokens"]) for r in rows if scopes[k][2](r)),
+            ]
+            for k in self.caps
+        }
+
+    def reserve(self, usd: float, tokens: int) -> str | None:
+        """Book a call's worst case; a reason (and nothing booked) when it could cross a cap."""
+        for scope, (cap_usd, cap_tokens) in self.caps.items():
+            used_usd, used_tokens = self.used[scope]
+            if cap_usd is not None and used_usd + usd > cap_usd + 1e-12:
+                return (
+                    f"budget.{scope}_usd={cap_usd:g} reached: ${used_usd:.4f} spent or on its way, and the next "
+                    f"call may cost up to ${usd:.4f}"
+                )
+            if cap_tokens is not None and used_tokens + tokens > cap_tokens:
+                return (
+                    f"budget.{scope}_tokens={cap_tokens} reached: {used_tokens} tokens used or on their way, and "
+                    f"the next call may use up to {tokens}"
+                )
+        for scope in self.caps:
+            self.used[scope][0] += usd
+            self.used[scope][1] += tokens
+        return None
+
+    def settle(self, booked: tuple[float, int, int], usd: float, tokens: int) -> None:
+        """Replace a booking (USD, input, output tokens) by what the call really used."""
+        for scope in self.caps:
+            self.used[scope][0] += usd - booked[0]
+            self.used[scope][1] += tokens - booked[1] - booked[2]
 
 
 @dataclass
@@ -532,6 +829,8 @@ class PoolStats:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    reused: int = 0  # answers taken from the project's shared cache (paid by an earlier run)
+    not_sent: int = 0  # calls held back because the stage stopped
     by_provider: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -545,6 +844,7 @@ def _answered(
     cached: bool,
     attempts: int,
     cache_key: str,
+    finish_reason: str | None = None,
 ) -> ChatResult:
     """A successful call's result, live or replayed: the text parsed against the request's schema, if any."""
     parsed, parse_error = (
@@ -562,6 +862,7 @@ def _answered(
         cached=cached,
         attempts=attempts,
         cache_key=cache_key,
+        finish_reason=finish_reason,
     )
 
 
@@ -588,6 +889,10 @@ class ServicePool:
         self._providers: dict[str, ProviderConfig] = {name: cfg.provider(name) for name in names}
         self._lanes: dict[str, _Lane] = {}
         self._cache: CallCache | None = None
+        self._shared: CallCache | None = None
+        self._guards: dict[str, _Guard] = {}
+        self._budget: _Budget | None = None
+        self._stopped: str | None = None
         self._prices: PriceTable | None = None
         self._server: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -602,10 +907,14 @@ class ServicePool:
         if self._loop is not None:
             raise RuntimeError("this ServicePool is already open")
         keys = {name: api_key_for(p) for name, p in self._providers.items()}  # fail before starting anything
+        self._stopped = None  # a reopened pool (e.g. after the key was fixed) starts sending again
         self._secrets = sorted({k for k in keys.values() if k != LOCAL_DUMMY_KEY}, key=len, reverse=True)
         try:
             self._prices = load_prices(self.cfg.prices_file)
             self._cache = CallCache(self.layout.calls_db)
+            if self.cfg.cache.shared:
+                self._shared = CallCache(shared_cache_path(self.cfg))
+            self._budget = _Budget(self.cfg.budget, self._cache.ledger_rows(), self.stage, self.cycle)
             embedded_url, embedded_label = self._start_embedded_server()
             self._loop = asyncio.new_event_loop()
             self._thread = threading.Thread(
@@ -656,6 +965,8 @@ class ServicePool:
                 lane.backend = _GoogleBackend(p, keys[name])
             else:  # config validation makes this unreachable
                 raise ConfigError(f"provider '{name}': unknown kind {p.kind!r}")
+            lane.backend = _StopGate(lane.backend, self)
+            self._guards[name] = _Guard(p.failure_window, p.max_failure_share)
             lane.semaphore = asyncio.Semaphore(p.max_concurrency)
             lane.rpm = AsyncLimiter(p.rpm, 60.0)
             lane.tpm = AsyncLimiter(p.tpm, 60.0)
@@ -686,6 +997,10 @@ class ServicePool:
         if self._cache is not None:
             self._cache.close()
             self._cache = None
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
+        self._guards.clear()
         self._secrets = []
 
     # ---- public calls
@@ -703,6 +1018,7 @@ class ServicePool:
             raise RuntimeError(
                 "complete_many called from the pool's own event loop; use `await pool.acomplete(...)`"
             )
+        self._raise_if_stopped()
         if not requests:
             return []
         from tqdm.auto import tqdm
@@ -731,6 +1047,7 @@ class ServicePool:
             except BaseException:
                 future.cancel()
                 raise
+        self._raise_if_stopped()
         return results
 
     async def acomplete(self, provider: str, request: ChatRequest) -> ChatResult:
@@ -738,14 +1055,23 @@ class ServicePool:
         self._require_open()
         self._lane(provider)
         _validate_request(request, 0)
+        self._raise_if_stopped()
         coro = self._complete(provider, request)
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
         if running is self._loop:
-            return await coro
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+            result = await coro
+        else:
+            result = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+        self._raise_if_stopped()
+        return result
+
+    @property
+    def stopped(self) -> str | None:
+        """Why this pool stopped sending (None while it goes on)."""
+        return self._stopped
 
     def cache_key(self, provider: str, request: ChatRequest) -> str:
         """The cache key `request` has with `provider` (pool must be open: the embedded endpoint is known then)."""
@@ -753,6 +1079,18 @@ class ServicePool:
         return request_key(self._request_payload(self._lane(provider), request))
 
     # ---- internals
+    def _raise_if_stopped(self) -> None:
+        if self._stopped is not None:
+            raise StageStopped(
+                f"{self.stage}"
+                + (f" (cycle {self.cycle})" if self.cycle is not None else "")
+                + f" stopped: {self._stopped}"
+            )
+
+    def _stop(self, reason: str) -> None:
+        if self._stopped is None:
+            self._stopped = reason
+
     def _require_open(self) -> None:
         if self._loop is None:
             raise RuntimeError("ServicePool is not open; use `with ServicePool(cfg, layout, stage) as pool:`")
@@ -798,6 +1136,19 @@ class ServicePool:
         payload = self._request_payload(lane, request)
         key = request_key(payload)
         hit = self._cache.get(key)
+        if hit is None and self._shared is not None:
+            hit = self._shared.get(key)
+            if (
+                hit is not None
+            ):  # paid by an earlier run of the project: copy it into this run, note the reuse
+                self._cache.put(
+                    key, payload, hit.text, hit.input_tokens, hit.output_tokens, hit.latency_s, hit.cost_usd
+                )
+                self._cache.record_reuse(
+                    self.stage, self.cycle, lane.provider.name, lane.provider.model, key, hit.cost_usd
+                )
+                with self._stats_lock:
+                    self.stats.reused += 1
         if hit is not None:
             return self._count(provider, self._from_cache(hit, request))
         pending = self._inflight.get(key)
@@ -829,7 +1180,143 @@ class ServicePool:
             reply = await asyncio.wait_for(lane.backend.call(request), timeout=lane.provider.timeout_s)
             return reply, time.monotonic() - started
 
+    def _worst_case(self, lane: _Lane, request: ChatRequest) -> tuple[float, int, int]:
+        """(USD, input tokens, output tokens) one attempt can cost at most: input estimate + all of max_tokens."""
+        p = lane.provider
+        prompt = _estimate_tokens(request) - int(request.max_tokens) - 1
+        output = int(request.max_tokens) + _reasoning_allowance(p)
+        return self._prices.cost(p.kind, p.model, prompt, output, free=p.is_free), prompt, output
+
+    def _admit(self, lane: _Lane, request: ChatRequest) -> tuple[float, int, int]:
+        """Clear one attempt to go out: not when the stage stopped, not across a budget. Returns the booking."""
+        if self._stopped is not None:
+            raise _NotSent(self._stopped)
+        usd, prompt, output = self._worst_case(lane, request)
+        over = self._budget.reserve(usd, prompt + output)
+        if over is not None:
+            self._stop(over)
+            raise _NotSent(over)
+        return usd, prompt, output
+
+    def _row(self, p: ProviderConfig, key: str, **values: Any) -> LedgerRow:
+        return LedgerRow(
+            stage=self.stage,
+            cycle=self.cycle,
+            provider=p.name,
+            kind=p.kind,
+            model=p.model,
+            cache_key=key,
+            **values,
+        )
+
     async def _call(self, lane: _Lane, request: ChatRequest, key: str, payload: dict) -> ChatResult:
+        p = lane.provider
+        guard = self._guards[p.name]
+        probe = await guard.admit()
+        try:
+            return await self._call_until_usable(lane, request, key, payload, guard)
+        finally:
+            if probe:
+                guard.probe_done.set()
+
+    async def _call_until_usable(
+        self, lane: _Lane, request: ChatRequest, key: str, payload: dict, guard: _Guard
+    ) -> ChatResult:
+        """Send until a usable reply arrives, `unusable_retries` are spent, or the call fails after retries."""
+        p = lane.provider
+        resends = 0
+        while True:
+            outcome = await self._send(lane, request, key)
+            if isinstance(outcome, ChatResult):  # failed (or never sent)
+                if outcome.attempts and (why := guard.record(False)) is not None:
+                    self._stop(f"provider '{p.name}' ({p.kind}, model {p.model}): {why}")
+                return outcome
+            reply, latency, attempts = outcome
+            cost = self._prices.cost(
+                p.kind,
+                p.model,
+                reply.input_tokens,
+                reply.output_tokens,
+                free=p.is_free,
+                cached_input_tokens=reply.cached_input_tokens,
+            )
+            unusable = unusable_reason(reply, request.max_tokens)
+            if unusable is None:
+                guard.record(True)
+                self._cache.put(
+                    key, payload, reply.text, reply.input_tokens, reply.output_tokens, latency, cost
+                )
+                if self._shared is not None:
+                    self._shared.put(
+                        key, payload, reply.text, reply.input_tokens, reply.output_tokens, latency, cost
+                    )
+                self._cache.record(
+                    self._row(
+                        p,
+                        key,
+                        input_tokens=reply.input_tokens,
+                        output_tokens=reply.output_tokens,
+                        latency_s=latency,
+                        cost_usd=cost,
+                        ok=True,
+                        error=None,
+                        attempts=attempts,
+                    )
+                )
+                return _answered(
+                    request,
+                    reply.text,
+                    reply.input_tokens,
+                    reply.output_tokens,
+                    latency,
+                    cost,
+                    False,
+                    attempts,
+                    key,
+                    reply.finish_reason,
+                )
+            why, worth_resending = unusable
+            # paid but not an answer: ledger it, keep the raw reply, never cache it
+            self._cache.record(
+                self._row(
+                    p,
+                    key,
+                    input_tokens=reply.input_tokens,
+                    output_tokens=reply.output_tokens,
+                    latency_s=latency,
+                    cost_usd=cost,
+                    ok=False,
+                    error=why,
+                    attempts=attempts,
+                )
+            )
+            self._cache.record_failed_reply(
+                self.stage, self.cycle, p.name, p.model, key, payload, reply.text, reply.finish_reason, why
+            )
+            if (stop := guard.record(False)) is not None:
+                self._stop(f"provider '{p.name}' ({p.kind}, model {p.model}): {stop}")
+            if worth_resending and resends < p.unusable_retries and self._stopped is None:
+                resends += 1
+                continue
+            return ChatResult(
+                reply.text,
+                None,
+                None,
+                why,
+                reply.input_tokens,
+                reply.output_tokens,
+                latency,
+                cost,
+                False,
+                attempts,
+                key,
+                reply.finish_reason,
+            )
+
+    async def _send(
+        self, lane: _Lane, request: ChatRequest, key: str
+    ) -> tuple[_Reply, float, int] | ChatResult:
+        """One call with retries: (reply, latency, attempts), or the failed ChatResult (ledgered if sent)."""
         p = lane.provider
         attempts = 0
         started = time.monotonic()
@@ -842,32 +1329,71 @@ class ServicePool:
             )
             async for attempt in retrying:
                 with attempt:
+                    usd, prompt, output = booked = self._admit(lane, request)
                     attempts += 1
-                    reply, latency = await self._attempt(lane, request)
+                    try:
+                        reply, latency = await self._attempt(lane, request)
+                    except _NotSent:  # stopped while it waited for its turn: nothing went out
+                        attempts -= 1
+                        self._budget.settle(booked, 0.0, 0)
+                        raise
+                    except (TimeoutError, asyncio.TimeoutError):
+                        # the provider may have computed (and billed) the reply we stopped waiting for
+                        self._budget.settle(booked, usd, prompt + output)
+                        self._cache.record(
+                            self._row(
+                                p,
+                                key,
+                                input_tokens=prompt,
+                                output_tokens=output,
+                                latency_s=p.timeout_s,
+                                cost_usd=usd,
+                                ok=False,
+                                attempts=1,
+                                error="timeout: cost estimated (input estimate + max_tokens)",
+                            )
+                        )
+                        raise
+                    except BaseException:
+                        self._budget.settle(booked, 0.0, 0)
+                        raise
+                    paid = self._prices.cost(
+                        p.kind,
+                        p.model,
+                        reply.input_tokens,
+                        reply.output_tokens,
+                        free=p.is_free,
+                        cached_input_tokens=reply.cached_input_tokens,
+                    )
+                    self._budget.settle(booked, paid, reply.input_tokens + reply.output_tokens)
+        except _NotSent as exc:
+            with self._stats_lock:
+                self.stats.not_sent += 1
+            return ChatResult("", None, None, f"not sent: {exc}", 0, 0, 0.0, 0.0, False, attempts, key)
         except Exception as exc:  # one bad call must not sink the batch: report it in the result and ledger
             error = self._redact(_describe(exc))
-            self._cache.record(
-                LedgerRow(
-                    stage=self.stage, cycle=self.cycle, provider=p.name, kind=p.kind, model=p.model,
-                    input_tokens=0, output_tokens=0, latency_s=time.monotonic() - started, cost_usd=0.0,
-                    ok=False, error=error, attempts=attempts, cache_key=key,
+            fatal = stop_reason(exc)
+            if fatal is not None:
+                self._stop(f"provider '{p.name}' ({p.kind}, model {p.model}): {fatal}: {error}")
+            timed_out = isinstance(exc, TimeoutError | asyncio.TimeoutError)
+            if not timed_out:  # timed-out attempts have their own (estimated) rows already
+                self._cache.record(
+                    self._row(
+                        p,
+                        key,
+                        input_tokens=0,
+                        output_tokens=0,
+                        latency_s=time.monotonic() - started,
+                        cost_usd=0.0,
+                        ok=False,
+                        error=error,
+                        attempts=attempts,
+                    )
                 )
-            )  # fmt: skip
             return ChatResult(
                 "", None, None, error, 0, 0, time.monotonic() - started, 0.0, False, attempts, key
             )
-        cost = self._prices.cost(p.kind, p.model, reply.input_tokens, reply.output_tokens)
-        self._cache.put(key, payload, reply.text, reply.input_tokens, reply.output_tokens, latency, cost)
-        self._cache.record(
-            LedgerRow(
-                stage=self.stage, cycle=self.cycle, provider=p.name, kind=p.kind, model=p.model,
-                input_tokens=reply.input_tokens, output_tokens=reply.output_tokens, latency_s=latency,
-                cost_usd=cost, ok=True, error=None, attempts=attempts, cache_key=key,
-            )
-        )  # fmt: skip
-        return _answered(
-            request, reply.text, reply.input_tokens, reply.output_tokens, latency, cost, False, attempts, key
-        )
+        return reply, latency, attempts
 
     def _count(self, provider: str, result: ChatResult) -> ChatResult:
         with self._stats_lock:
@@ -903,6 +1429,13 @@ def _describe(exc: BaseException) -> str:
     status = _status_code(exc)
     prefix = f"HTTP {status} " if status is not None else ""
     message = str(exc).strip() or repr(exc)
+    for attr in (
+        "code",
+        "type",
+    ):  # OpenAI's machine-readable reason, e.g. insufficient_quota, is not in str(exc)
+        detail = getattr(exc, attr, None)
+        if isinstance(detail, str) and detail and detail not in message:
+            message += f" [{attr}: {detail}]"
     return f"{prefix}{type(exc).__name__}: {message}"[:1000]
 
 

@@ -125,30 +125,82 @@ def test_ledger_exports_to_csv_and_dataframe(tmp_path):
     assert len(ledger_frame(tmp_path / "empty.sqlite")) == 0
 
 
-def test_shipped_price_table_covers_the_paper_providers():
+def test_shipped_price_table_resolves_snapshots_explicitly_and_never_by_prefix():
     prices = load_prices(ROOT / "params" / "prices.yaml")
-    for model in ("gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet", "claude-sonnet-4", "claude-3-haiku",
-                  "gemini-1.5-flash", "gemini-2.0-flash"):  # fmt: skip
-        assert prices.lookup(model) is not None, model
     # the paper's Aug-2024 GPT-4o price: $5 / $15 per 1M tokens -> 10M in + 1M out = $65
     assert prices.cost("openai", "gpt-4o-2024-05-13", 10_000_000, 1_000_000) == pytest.approx(65.0)
-    # a dated id takes the longest matching name: gpt-4o-mini, not gpt-4o
     assert prices.cost("openai", "gpt-4o-mini-2024-07-18", 1_000_000, 1_000_000) == pytest.approx(0.75)
     assert prices.cost("anthropic", "claude-3-5-sonnet-20241022", 1_000_000, 0) == pytest.approx(3.0)
+    # the models the old prefix lookup mispriced or priced at $0
+    assert prices.cost("anthropic", "claude-3-sonnet-20240229", 1_000_000, 1_000_000) == pytest.approx(18.0)
+    assert prices.cost("google", "gemini-2.5-flash-lite", 1_000_000, 1_000_000) == pytest.approx(0.50)
+    assert prices.cost("anthropic", "claude-opus-4-5", 1_000_000, 1_000_000) == pytest.approx(30.0)
+    assert prices.cost("openai", "gpt-5", 1_000_000, 1_000_000) == pytest.approx(11.25)
+    assert prices.cost("openai", "o3", 1_000_000, 1_000_000) == pytest.approx(10.0)
+    # an unlisted snapshot is unknown, not "the longest prefix"
+    assert prices.lookup("gpt-4o-2099-01-01") is None and prices.lookup("claude-opus-4-9") is None
     assert prices.cost("embedded", "gpt-4o", 1_000_000, 1_000_000) == 0.0  # local is free whatever its label
+    assert prices.cost("openai_compatible", "gpt-4o", 1_000_000, 0, free=True) == 0.0
 
 
-def test_unknown_model_costs_nothing_and_warns_once(tmp_path):
+def test_cached_input_and_batch_discounts_are_priced():
+    prices = load_prices(ROOT / "params" / "prices.yaml")
+    # gpt-4o: $2.50 input, $1.25 cached input, $10 output; 1M input of which 600K served from the prompt cache
+    full = prices.cost("openai", "gpt-4o-2024-08-06", 1_000_000, 100_000)
+    cached = prices.cost("openai", "gpt-4o-2024-08-06", 1_000_000, 100_000, cached_input_tokens=600_000)
+    assert full == pytest.approx(3.50) and cached == pytest.approx(0.4 * 2.50 + 0.6 * 1.25 + 1.0)
+    assert prices.cost("anthropic", "claude-haiku-4-5", 2_000_000, 0, batch=True) == pytest.approx(1.0)
+    # a model without a cached price bills cached tokens at the input price
+    assert prices.cost("google", "gemini-2.5-pro", 1_000_000, 0, cached_input_tokens=1_000_000) == 1.25
+
+
+def test_every_model_in_a_shipped_params_file_has_a_price():
+    from llamaduo_nb.config import load_config
+
+    shipped = sorted((ROOT / "params").glob("*.yaml"))
+    checked = []
+    for path in shipped:
+        if path.name in ("prices.yaml", "economics.yaml"):
+            continue
+        cfg = load_config(path)  # a paid provider without a price is a ConfigError here
+        prices = load_prices(ROOT / cfg.prices_file)
+        for p in cfg.providers:
+            assert p.is_free or prices.lookup(p.model) is not None, (path.name, p.model)
+            checked.append(p.model)
+    assert {"gpt-4o-2024-08-06", "claude-3-sonnet-20240229", "gemini-1.5-flash"} <= set(checked)
+
+
+def test_a_paid_model_without_a_price_is_a_config_error_with_the_line_to_add(tmp_path):
+    from llamaduo_nb.config import ConfigError, RunConfig, build
+
+    def config(provider: dict) -> RunConfig:
+        data = {"run_name": "p", "prices_file": str(ROOT / "params" / "prices.yaml"),
+                "coverage": {"source": "x.jsonl"}, "evaluate": {"judges": ["j"]},
+                "synthesize": {"generator": "j"}, "providers": [{"name": "j", **provider}]}  # fmt: skip
+        return build(RunConfig, data, source="run.yaml")
+
+    with pytest.raises(ConfigError) as info:
+        config({"kind": "anthropic", "model": "claude-sonnet-4-5-20990101"})
+    message = str(info.value)
+    assert "run.yaml" in message and "providers[0].model" in message
+    assert "`  claude-sonnet-4-5-20990101: {input: <USD per 1M input tokens>" in message
+    assert "`  claude-sonnet-4-5-20990101: claude-sonnet-4-5`" in message  # the alias line for a snapshot
+    with pytest.raises(ConfigError, match="openai_compatible"):  # a paid API cannot declare itself free
+        config({"kind": "openai", "model": "my-model", "free": True})
+    assert config({"kind": "openai_compatible", "model": "my-vllm", "base_url": "http://127.0.0.1:8000/v1",
+                   "free": True}).providers[0].is_free  # fmt: skip
+    assert config({"kind": "embedded", "model": "smollm2"}).providers[0].is_free
+
+
+def test_unknown_model_at_call_time_costs_nothing_and_warns_once(tmp_path):
     path = tmp_path / "prices.yaml"
-    path.write_text("models:\n  known: {input: 1.0, output: 2.0}\ndefault: null\n")
+    path.write_text("models:\n  known: {input: 1.0, output: 2.0}\n")
     prices = PriceTable.load(path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert prices.cost("openai_compatible", "mystery-model", 1000, 1000) == 0.0
         assert prices.cost("openai_compatible", "mystery-model", 1000, 1000) == 0.0
     assert len(caught) == 1 and "mystery-model" in str(caught[0].message)
-    path.write_text("models: {}\ndefault: {input: 2.0, output: 4.0}\n")
-    assert PriceTable.load(path).cost("openai", "mystery-model", 1_000_000, 500_000) == pytest.approx(4.0)
 
 
 @pytest.mark.parametrize(
@@ -157,6 +209,7 @@ def test_unknown_model_costs_nothing_and_warns_once(tmp_path):
         ("models:\n  gpt-4o: {input: 2.5}\n", "models.gpt-4o"),
         ("models:\n  gpt-4o: {input: -1, output: 2}\n", "models.gpt-4o.input"),
         ("modles: {}\n", "modles"),
+        ("models: {a: {input: 1, output: 2}}\naliases: {a-2024: b}\n", "aliases.a-2024"),
     ],
 )
 def test_malformed_price_table_names_the_entry(tmp_path, text, key):

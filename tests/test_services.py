@@ -27,13 +27,12 @@ from llamaduo_nb.services import (
     ChatRequest,
     MissingAPIKeyError,
     ServicePool,
+    StageStopped,
     extract_json,
     parse_structured,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-# the scripted server's model has no price; that warning is tested in test_callcache.py
-pytestmark = pytest.mark.filterwarnings("ignore:no price for model")
 
 SCORE_SCHEMA = {
     "type": "object",
@@ -46,7 +45,8 @@ SCORE_SCHEMA = {
 
 
 class ScriptedLLMServer:
-    """Replies from `script` (status, headers, body) in order; once it is empty, a valid answer.
+    """Replies from `script` (status, headers, body) in order; once it is empty, `fail_with` if set, else a valid
+    answer (a script entry with body None is a valid answer too).
 
     `requests` records every HTTP request: path, lower-cased headers, JSON body, arrival time.
     """
@@ -57,6 +57,8 @@ class ScriptedLLMServer:
         self.reply_text: str | None = None  # None: '{"score": 7, "n": <request number>}'
         self.usage = (11, 5)
         self.delay_s = 0.0
+        self.fail_with: tuple[int, dict[str, str], Any] | None = None  # answer every request with this error
+        self.finish_reason = "stop"  # OpenAI spelling; mapped to Anthropic / Google spellings below
         self._lock = threading.Lock()
         server = self
 
@@ -69,10 +71,12 @@ class ScriptedLLMServer:
                          "body": body, "t": time.monotonic()}
                     )  # fmt: skip
                     n = len(server.requests)
-                    scripted = server.script.pop(0) if server.script else None
+                    scripted = server.script.pop(0) if server.script else server.fail_with
                 if server.delay_s:
                     time.sleep(server.delay_s)
-                status, headers, payload = scripted or (200, {}, server.answer(self.path, body, n))
+                status, headers, payload = scripted or (200, {}, None)
+                if payload is None:
+                    payload = server.answer(self.path, body, n)
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
@@ -97,7 +101,8 @@ class ScriptedLLMServer:
         if path.endswith("/chat/completions"):
             return {
                 "id": f"chatcmpl-{n}", "object": "chat.completion", "created": 0, "model": body.get("model", ""),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": self.finish_reason}],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens},
             }  # fmt: skip
@@ -109,12 +114,15 @@ class ScriptedLLMServer:
                 content = [{"type": "text", "text": text}]
             return {
                 "id": f"msg_{n}", "type": "message", "role": "assistant", "model": body.get("model", ""),
-                "content": content, "stop_reason": "end_turn", "stop_sequence": None,
+                "content": content, "stop_reason": {"stop": "end_turn", "length": "max_tokens"}.get(
+                    self.finish_reason, self.finish_reason), "stop_sequence": None,
                 "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens},
             }  # fmt: skip
         if ":generateContent" in path:
             return {
-                "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP"}],
+                "candidates": [{"content": {"role": "model", "parts": [{"text": text}]},
+                                "finishReason": {"stop": "STOP", "length": "MAX_TOKENS"}.get(
+                                    self.finish_reason, self.finish_reason)}],
                 "usageMetadata": {"promptTokenCount": prompt_tokens, "candidatesTokenCount": completion_tokens,
                                   "totalTokenCount": prompt_tokens + completion_tokens},
             }  # fmt: skip
@@ -145,6 +153,8 @@ def make_pool(tmp_path: Path, provider: dict[str, Any], stage: str = "04_evaluat
         "max_retries": 3,
         **provider,
     }
+    if provider["kind"] == "openai_compatible":
+        provider.setdefault("free", True)  # the scripted server is "self-hosted": no price needed
     data = {
         "run_name": "svc",
         "outputs_dir": str(tmp_path / "outputs"),
@@ -279,7 +289,8 @@ def test_a_slow_reply_times_out_into_an_error(tmp_path, llm_server):
     with pool:
         (result,) = pool.complete_many("judge", [ask()])
     assert result.error is not None and "timeout" in result.error.lower()
-    assert read_ledger(layout.calls_db)[0]["ok"] is False
+    (row,) = read_ledger(layout.calls_db)
+    assert row["ok"] is False and "timeout" in row["error"] and row["attempts"] == 1
 
 
 def test_a_request_larger_than_the_token_budget_still_goes_out(tmp_path, llm_server):
@@ -314,7 +325,12 @@ def test_missing_key_is_reported_by_name_before_any_call(tmp_path, llm_server, m
     monkeypatch.delenv("LLAMADUO_TEST_ABSENT_KEY", raising=False)
     pool, layout = make_pool(
         tmp_path,
-        {"kind": "openai", "base_url": f"{llm_server.root}/v1", "api_key_env": "LLAMADUO_TEST_ABSENT_KEY"},
+        {
+            "kind": "openai",
+            "model": "gpt-4o",
+            "base_url": f"{llm_server.root}/v1",
+            "api_key_env": "LLAMADUO_TEST_ABSENT_KEY",
+        },  # fmt: skip
     )
     with pytest.raises(MissingAPIKeyError, match="LLAMADUO_TEST_ABSENT_KEY"):
         with pool:
@@ -330,15 +346,17 @@ def test_a_planted_api_key_is_never_written_under_the_run_folder(tmp_path, llm_s
     pool, layout = make_pool(
         tmp_path, {"kind": "openai", "model": "gpt-4o", "base_url": f"{llm_server.root}/v1"}
     )
-    with pool:
-        # one at a time: the test server answers 401 to whichever request reaches it first
-        rejected = pool.complete_many("judge", [ask("a")])[0]
+    with pool, pytest.raises(StageStopped) as stopped:  # a rejected key stops the stage at once
+        pool.complete_many("judge", [ask("a")])
+    assert "authentication failed" in str(stopped.value) and planted not in str(stopped.value)
+    with pool:  # the key "fixed" (the server accepts from now on): a fresh pool continues
         accepted = pool.complete_many("judge", [ask("b")])[0]
         accepted_again = pool.complete_many("judge", [ask("b")])[0]
+    rejected = read_ledger(layout.calls_db)[0]
     assert llm_server.requests[0]["headers"]["authorization"] == f"Bearer {planted}"  # the key was in play
-    assert rejected.error is not None and planted not in rejected.error
+    assert rejected["error"] is not None and planted not in rejected["error"]
     assert accepted.error is None and accepted_again.cached
-    files = [p for p in layout.root.rglob("*") if p.is_file()]
+    files = [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]  # the run and the shared cache
     assert layout.calls_db in files and layout.ledger_csv in files
     for path in files:
         assert planted.encode() not in path.read_bytes(), path
