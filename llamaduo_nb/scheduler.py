@@ -238,8 +238,12 @@ class RateScheduler:
             self._freed.set()
 
     # ---- failures
-    def rate_limited(self, retry_after_s: float | None) -> float:
-        """A 429: pause every caller of this provider; returns the cooldown in seconds."""
+    def rate_limited(self, retry_after_s: float | None, attempt: int = 1) -> float:
+        """A 429 on try `attempt` of a call: pause every caller of this provider.
+
+        Returns how long this caller should sleep before it acquires again: 0, because `acquire`
+        itself waits out the shared cooldown (`cooldown_left_s()`).
+        """
         self._consecutive_429 += 1
         self.stats.rate_limited += 1
         if retry_after_s is not None:
@@ -252,7 +256,7 @@ class RateScheduler:
             self.stats.cooldowns.append((now, seconds))
         self._requests.empty(now)  # resume paced, not with a burst
         self._tokens.empty(now)
-        return seconds
+        return 0.0
 
     def backoff_s(self, attempt: int) -> float:
         """Wait before retry number `attempt` (1-based) of one call: exponential, full jitter."""

@@ -249,8 +249,7 @@ class _WaitRetryAfter(tenacity.wait.wait_base):
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         hinted = retry_after_seconds(exc)
         if exc is not None and _status_code(exc) == 429:
-            self._scheduler.rate_limited(hinted)
-            return 0.0
+            return self._scheduler.rate_limited(hinted, retry_state.attempt_number)
         if hinted is not None:
             return min(max(hinted, 0.0), RETRY_AFTER_CAP_S)
         return self._scheduler.backoff_s(retry_state.attempt_number)

@@ -182,8 +182,12 @@ def scheduler_slot(scheduler: RateScheduler):
 def test_429_cooldown_grows_without_a_hint_and_follows_the_hint_with_one():
     clock = [100.0]
     scheduler = RateScheduler(60, 10**6, clock=lambda: clock[0])
-    assert [scheduler.rate_limited(None) for _ in range(3)] == [1.0, 2.0, 4.0]
-    assert scheduler.rate_limited(7.5) == 7.5
+    cooldowns = []
+    for _ in range(3):
+        assert scheduler.rate_limited(None) == 0.0  # the caller waits in acquire(), with everyone else
+        cooldowns.append(scheduler.cooldown_left_s())
+    assert cooldowns == [1.0, 2.0, 4.0]
+    scheduler.rate_limited(7.5)
     assert scheduler.cooldown_left_s() == 7.5
     assert scheduler.wait_s(1) >= 7.5
     backoffs = {round(scheduler.backoff_s(3), 6) for _ in range(20)}
