@@ -17,7 +17,7 @@ What the pool does for each request, in order:
    `max_retries` times. A 429 pauses the whole provider (shared cooldown: `retry-after-ms` /
    `retry-after` / Google's RetryInfo, else an exponential step); other errors wait the server's hint
    or exponential backoff with full jitter. The SDKs' own retries are switched off
-   (`max_retries=0`, Google: no retry options) so every attempt is counted exactly once here.
+   (`max_retries=0`, Google: `attempts=1`) so every attempt is counted exactly once here.
    Each attempt has a total timeout of `timeout_s`.
 4. Ledger: one row per real call (success or final failure) with tokens, latency and cost;
    `<run>/ledger.csv` is re-exported when the pool closes.
@@ -78,6 +78,9 @@ KEY_ENV_DEFAULTS: dict[str, tuple[str, ...]] = {
 }
 LOCAL_DUMMY_KEY = "local-no-key"  # local OpenAI-compatible servers accept any key
 EMBEDDED_N_CTX = 4096  # judge prompts (instruction + reference + candidate + schema) outgrow 2048
+# llama-cpp-python's server answers one request at a time: more in flight would only queue there and spend
+# their timeout waiting (used when an embedded provider sets no max_concurrency)
+EMBEDDED_MAX_CONCURRENCY = 2
 _ROLES = ("system", "user", "assistant")
 
 
@@ -666,9 +669,10 @@ class ServicePool:
                 lane.backend = _GoogleBackend(p, keys[name])
             else:  # config validation makes this unreachable
                 raise ConfigError(f"provider '{name}': unknown kind {p.kind!r}")
-            lane.scheduler = RateScheduler(
-                p.rpm, p.tpm, max_concurrency=p.max_concurrency, period_s=self.rate_period_s
-            )
+            cap = p.max_concurrency
+            if cap is None and p.kind == "embedded":
+                cap = EMBEDDED_MAX_CONCURRENCY
+            lane.scheduler = RateScheduler(p.rpm, p.tpm, max_concurrency=cap, period_s=self.rate_period_s)
 
     async def _teardown(self) -> None:
         for lane in self._lanes.values():

@@ -2,7 +2,7 @@
 
 Each chain runs the stage as the notebook does (tests/killchild.py) in a subprocess against a service
 that outlives the client - the local test server or the real llama.cpp server - kills it at seeded
-points (after the k-th request reached the server, or the k-th ledger row, plus a random delay),
+points (once 1-4 more calls are in the ledger, plus 0-0.3 s, so calls are in flight),
 starts it again, and so on until a run finishes. Then, against an uninterrupted run on the same
 server:
 
@@ -42,7 +42,11 @@ IN_FLIGHT_GRACE_S = 0.5  # an answer the server sent this shortly before the kil
 
 
 def make_run(
-    root: Path, provider: dict, evaluate: dict | None = None, synthesize: dict | None = None
+    root: Path,
+    provider: dict,
+    evaluate: dict | None = None,
+    synthesize: dict | None = None,
+    samples: int = 10,
 ) -> RunLayout:
     data = yaml.safe_load((ROOT / "params" / "demo.yaml").read_text())
     data.update(
@@ -59,7 +63,7 @@ def make_run(
     responses = [
         {"prompt_id": f"test-{p}", "instruction": q, "reference": a, "category": c, "sample_index": k,
          "candidate": f"{a} (sample {k})" if k % 2 else f"I think: {a.lower()} {k}"}
-        for k in range(10) for p, (q, a, c) in enumerate(TEST)
+        for k in range(samples) for p, (q, a, c) in enumerate(TEST)
     ]  # fmt: skip
     write_jsonl(layout.responses_file(0), responses)
     return layout
@@ -93,9 +97,9 @@ class Chain:
 
 
 def run_with_kills(
-    stage: str, layout: RunLayout, rng: random.Random, kills: int, server: TestLLMServer | None
+    stage: str, layout: RunLayout, rng: random.Random, kills: int, server: TestLLMServer | None, step: int
 ) -> Chain:
-    """Start, SIGKILL at `kills` seeded points (counted in server arrivals, else in ledger rows), resume."""
+    """Start, SIGKILL at `kills` seeded points (1-`step` more ledger rows, then 0-0.3 s), again; until done."""
     chain = Chain()
     recorded = 0
     while True:
@@ -104,12 +108,9 @@ def run_with_kills(
         if chain.kills >= kills:
             finish(proc, layout)
             return chain
-        target, delay = rng.randint(1, 3), rng.uniform(0.0, 0.4)
-        while proc.poll() is None:
-            progress = (len(server.entries()) - seen_before) if server else len(ok_ledger(layout)) - recorded
-            if progress >= target:
-                break
-            time.sleep(0.01 if server else 0.1)
+        target, delay = recorded + rng.randint(1, step), rng.uniform(0.0, 0.3)
+        while proc.poll() is None and len(ok_ledger(layout)) < target:
+            time.sleep(0.05)
         time.sleep(delay)
         if proc.poll() is not None:  # finished before the kill point: no kill this time
             finish(proc, layout)
@@ -155,7 +156,14 @@ def comparable(layout: RunLayout, stage: str) -> dict:
 
 
 def trial(
-    tmp_path: Path, stage: str, provider: dict, server: TestLLMServer | None, kills: int, seed: int, **cfg
+    tmp_path: Path,
+    stage: str,
+    provider: dict,
+    server: TestLLMServer | None,
+    kills: int,
+    seed: int,
+    step: int = 4,
+    **cfg,
 ):
     reference = make_run(tmp_path / "uninterrupted", provider, **cfg)
     finish(start(stage, reference), reference)
@@ -164,7 +172,7 @@ def trial(
         server.reset_log()
 
     killed = make_run(tmp_path / "killed", provider, **cfg)
-    chain = run_with_kills(stage, killed, random.Random(seed), kills, server)
+    chain = run_with_kills(stage, killed, random.Random(seed), kills, server, step)
 
     assert chain.kills >= kills
     rows, reference_rows = ok_ledger(killed), ok_ledger(reference)
@@ -188,7 +196,7 @@ def report(name: str, chain: Chain, calls: int) -> None:
 @pytest.mark.slow
 def test_judging_survives_sigkill_at_ten_random_points(tmp_path):
     with TestLLMServer(Behaviour(latency_s=0.25, latency_jitter_s=0.1)) as server:
-        provider = {"kind": "openai_compatible", "base_url": server.base_url, "rpm": 300}
+        provider = {"kind": "openai_compatible", "base_url": server.base_url, "rpm": 600}
         chain, calls = trial(tmp_path, "04_evaluate", provider, server, kills=10, seed=11, evaluate={"m": 2})
     report("judging x test server", chain, calls)
 
@@ -196,8 +204,8 @@ def test_judging_survives_sigkill_at_ten_random_points(tmp_path):
 @pytest.mark.slow
 def test_synthesis_survives_sigkill_at_ten_random_points(tmp_path):
     with TestLLMServer(Behaviour(latency_s=0.25, latency_jitter_s=0.1)) as server:
-        provider = {"kind": "openai_compatible", "base_url": server.base_url, "rpm": 300}
-        synth = {"target_per_cycle": 45, "pairs_per_request": 2, "max_requests_per_cycle": 60}
+        provider = {"kind": "openai_compatible", "base_url": server.base_url, "rpm": 600}
+        synth = {"target_per_cycle": 40, "pairs_per_request": 2, "max_requests_per_cycle": 40}
         chain, calls = trial(tmp_path, "05_synthesize", provider, server, kills=10, seed=12, synthesize=synth)
     report("synthesis x test server", chain, calls)
 
@@ -207,11 +215,13 @@ def test_judging_against_the_real_llama_cpp_server_survives_sigkill(tmp_path):
     pytest.importorskip("llama_cpp")
     from llamaduo_nb.embedded import LlamaServer, embedded_gguf_path
 
-    # greedy decoding, one slot: the server's answers repeat, so a re-sent call gets the same reply
+    # greedy decoding, one call at a time: the server's answers repeat, so a re-sent call gets the same
+    # reply. 3 kills over 4 calls: a judge call takes seconds on a 2-core CPU (13 s on a loaded one)
     with LlamaServer(embedded_gguf_path(), n_ctx=4096) as llama:
         provider = {"kind": "openai_compatible", "base_url": llama.base_url, "max_concurrency": 1,
                     "model": llama.model_alias, "json_mode": "schema"}  # fmt: skip
+        judge = {"m": 1, "temperature": 0.0, "max_tokens": 32}
         chain, calls = trial(
-            tmp_path, "04_evaluate", provider, None, kills=3, seed=13, evaluate={"m": 1, "temperature": 0.0}
+            tmp_path, "04_evaluate", provider, None, 3, 13, step=1, evaluate=judge, samples=2
         )
     report("judging x llama.cpp", chain, calls)
