@@ -36,7 +36,7 @@ class ProviderConfig:
     api_key_env: str | None = None  # name of the environment variable holding the key; never the key itself
     rpm: int = 60  # requests per minute
     tpm: int = 200_000  # tokens per minute (input + output estimate)
-    max_concurrency: int = 4
+    max_concurrency: int | None = None  # hard cap on calls in flight; default: sized from rate x latency
     timeout_s: float = 120.0
     max_retries: int = 5
     json_mode: Literal["schema", "object", "none"] = "schema"  # how to ask for structured output
@@ -69,7 +69,11 @@ class ProviderConfig:
         )
         _check(self.rpm >= 1, "rpm", "must be >= 1")
         _check(self.tpm >= 1, "tpm", "must be >= 1")
-        _check(self.max_concurrency >= 1, "max_concurrency", "must be >= 1")
+        _check(
+            self.max_concurrency is None or self.max_concurrency >= 1,
+            "max_concurrency",
+            "must be >= 1 or null",
+        )
         _check(self.timeout_s > 0, "timeout_s", "must be > 0")
         _check(self.max_retries >= 0, "max_retries", "must be >= 0")
         _check(self.failure_window >= 1, "failure_window", "must be >= 1, e.g. 20")

@@ -15,12 +15,14 @@ What the pool does for each request, in order:
 1a. Admission: the first real call to a provider goes out alone (a revoked key costs one call); a call is
    sent only while the stage has not stopped and its worst case (input estimate + max_tokens at list
    price) fits under every `budget:` cap, counting what the run's ledger already paid.
-2. Limits: a `max_concurrency` semaphore, then a requests-per-minute and a tokens-per-minute leaky
-   bucket (aiolimiter). Tokens are estimated before the call as prompt characters / 4 + max_tokens.
+2. Limits: the provider's `scheduler.RateScheduler` - RPM and TPM over a sliding minute, paced, with
+   as many calls in flight as rate x latency needs (`max_concurrency` is an optional hard cap).
+   Tokens are estimated before the call as prompt characters / 4 + max_tokens.
 3. Retries (tenacity): 408/409/429/5xx, timeouts and connection errors are retried up to
-   `max_retries` times. A `retry-after-ms` / `retry-after` header (or Google's RetryInfo) sets the
-   wait; otherwise exponential backoff with jitter. The SDKs' own retries are switched off
-   (`max_retries=0`, Google: no retry options) so every attempt is counted exactly once here.
+   `max_retries` times. A 429 pauses the whole provider (shared cooldown: `retry-after-ms` /
+   `retry-after` / Google's RetryInfo, else an exponential step); other errors wait the server's hint
+   or exponential backoff with full jitter. The SDKs' own retries are switched off
+   (`max_retries=0`, Google: `attempts=1`) so every attempt is counted exactly once here.
    Each attempt has a total timeout of `timeout_s`.
 4. Ledger: one row per real call (success or final failure) with tokens, latency and cost, one per
    timed-out attempt at its estimated cost, one per unusable reply; `<run>/ledger.csv` is re-exported
@@ -71,7 +73,6 @@ from pathlib import Path
 from typing import Any
 
 import tenacity
-from aiolimiter import AsyncLimiter
 
 from .callcache import (
     CachedCall,
@@ -84,6 +85,7 @@ from .callcache import (
 )
 from .config import BudgetConfig, ConfigError, ProviderConfig, RunConfig
 from .runlayout import RunLayout
+from .scheduler import RETRY_AFTER_CAP_S, RateScheduler, Slot
 
 KEY_ENV_DEFAULTS: dict[str, tuple[str, ...]] = {
     "openai": ("OPENAI_API_KEY",),
@@ -91,10 +93,10 @@ KEY_ENV_DEFAULTS: dict[str, tuple[str, ...]] = {
     "google": ("GOOGLE_API_KEY", "GEMINI_API_KEY"),
 }
 LOCAL_DUMMY_KEY = "local-no-key"  # local OpenAI-compatible servers accept any key
-BACKOFF_INITIAL_S = 1.0
-BACKOFF_MAX_S = 60.0
-RETRY_AFTER_CAP_S = 300.0
 EMBEDDED_N_CTX = 4096  # judge prompts (instruction + reference + candidate + schema) outgrow 2048
+# llama-cpp-python's server answers one request at a time: more in flight would only queue there and spend
+# their timeout waiting (used when an embedded provider sets no max_concurrency)
+EMBEDDED_MAX_CONCURRENCY = 2
 _ROLES = ("system", "user", "assistant")
 
 
@@ -255,6 +257,9 @@ def _connection_error_types() -> tuple[type, ...]:
         ("anthropic", "APIConnectionError"),
         ("httpx", "TransportError"),
         ("httpx2", "TransportError"),
+        # google-genai's async client uses aiohttp when it is installed
+        ("aiohttp", "ClientConnectionError"),
+        ("aiohttp", "ClientPayloadError"),
     ):
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type):
@@ -321,19 +326,20 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 class _WaitRetryAfter(tenacity.wait.wait_base):
-    """Wait what the server asked for; without a hint, exponential backoff with jitter."""
+    """A 429 pauses the whole provider (the next attempt waits in the scheduler); other errors wait
+    the server's hint, else exponential backoff with full jitter."""
 
-    def __init__(self) -> None:
-        self._fallback = tenacity.wait_exponential_jitter(
-            initial=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S, jitter=1.0
-        )
+    def __init__(self, scheduler: RateScheduler) -> None:
+        self._scheduler = scheduler
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         hinted = retry_after_seconds(exc)
+        if exc is not None and _status_code(exc) == 429:
+            return self._scheduler.rate_limited(hinted, retry_state.attempt_number)
         if hinted is not None:
             return min(max(hinted, 0.0), RETRY_AFTER_CAP_S)
-        return self._fallback(retry_state)
+        return self._scheduler.backoff_s(retry_state.attempt_number)
 
 
 # --------------------------------------------------------------------------- backends
@@ -596,8 +602,14 @@ class _GoogleBackend:
 
         self.provider = provider
         self.types = types
-        # retry_options left unset: the SDK then makes exactly one attempt; timeout is in milliseconds
-        http_options = types.HttpOptions(timeout=int(provider.timeout_s * 1000), base_url=provider.base_url)
+        # one attempt per call, retried (and counted) by the pool. Left unset, retry_options is not enough:
+        # google-genai's aiohttp transport then re-sends a dropped request once by itself, uncounted, after
+        # 1-10 s. timeout is in milliseconds.
+        http_options = types.HttpOptions(
+            timeout=int(provider.timeout_s * 1000),
+            base_url=provider.base_url,
+            retry_options=types.HttpRetryOptions(attempts=1),
+        )
         self.client = genai.Client(api_key=api_key, http_options=http_options)
 
     async def call(self, request: ChatRequest) -> _Reply:
@@ -702,9 +714,7 @@ class _Lane:
     provider: ProviderConfig
     endpoint: str  # stable description of where calls go (part of the cache key)
     backend: Any = None
-    semaphore: asyncio.Semaphore | None = None
-    rpm: AsyncLimiter | None = None
-    tpm: AsyncLimiter | None = None
+    scheduler: RateScheduler | None = None
 
 
 @dataclass
@@ -870,7 +880,8 @@ class ServicePool:
     """Context manager over the service LLMs a stage uses; see the module docstring.
 
     `providers` restricts the pool (key checks, embedded server start) to the named providers;
-    default: every provider declared in the config.
+    default: every provider declared in the config. `rate_period_s` is the window of the rpm/tpm
+    limits (60: per minute); only benchmarks and tests shrink it, to run minutes in seconds.
     """
 
     def __init__(
@@ -881,8 +892,10 @@ class ServicePool:
         cycle: int | None = None,
         *,
         providers: Sequence[str] | None = None,
+        rate_period_s: float = 60.0,
     ):
         self.cfg, self.layout, self.stage, self.cycle = cfg, layout, stage, cycle
+        self.rate_period_s = rate_period_s
         if isinstance(providers, str):
             providers = [providers]
         names = list(providers) if providers is not None else [p.name for p in cfg.providers]
@@ -967,9 +980,10 @@ class ServicePool:
                 raise ConfigError(f"provider '{name}': unknown kind {p.kind!r}")
             lane.backend = _StopGate(lane.backend, self)
             self._guards[name] = _Guard(p.failure_window, p.max_failure_share)
-            lane.semaphore = asyncio.Semaphore(p.max_concurrency)
-            lane.rpm = AsyncLimiter(p.rpm, 60.0)
-            lane.tpm = AsyncLimiter(p.tpm, 60.0)
+            cap = p.max_concurrency
+            if cap is None and p.kind == "embedded":
+                cap = EMBEDDED_MAX_CONCURRENCY
+            lane.scheduler = RateScheduler(p.rpm, p.tpm, max_concurrency=cap, period_s=self.rate_period_s)
 
     async def _teardown(self) -> None:
         for lane in self._lanes.values():
@@ -1010,23 +1024,41 @@ class ServicePool:
         Blocks until done, showing a tqdm bar. Safe inside Jupyter (the work runs on the pool's own
         loop thread). A request that still fails after retries comes back with `.error` set.
         """
+        return self.complete_groups({provider: requests}, desc=desc or f"{provider} calls")[provider]
+
+    def complete_groups(
+        self, groups: dict[str, Sequence[ChatRequest]], desc: str = ""
+    ) -> dict[str, list[ChatResult]]:
+        """`{provider: [requests]}` -> `{provider: [results]}`, every provider at the same time.
+
+        Each provider keeps its own limits, so judges of different providers fill their own rate
+        limits side by side instead of one after another. One tqdm bar counts all calls.
+        """
         self._require_open()
-        self._lane(provider)
-        for i, request in enumerate(requests):
-            _validate_request(request, i)
+        for provider, requests in groups.items():
+            self._lane(provider)
+            for i, request in enumerate(requests):
+                _validate_request(request, i)
         if threading.current_thread() is self._thread:
             raise RuntimeError(
                 "complete_many called from the pool's own event loop; use `await pool.acomplete(...)`"
             )
         self._raise_if_stopped()
-        if not requests:
-            return []
+        total = sum(len(requests) for requests in groups.values())
+        if not total:
+            return {provider: [] for provider in groups}
         from tqdm.auto import tqdm
 
         progress = {"done": 0, "cached": 0, "failed": 0, "cost": 0.0}
-        future = asyncio.run_coroutine_threadsafe(self._run_many(provider, requests, progress), self._loop)
+
+        async def run_all() -> list[list[ChatResult]]:
+            return list(
+                await asyncio.gather(*(self._run_many(p, list(rs), progress) for p, rs in groups.items()))
+            )
+
+        future = asyncio.run_coroutine_threadsafe(run_all(), self._loop)
         shown = 0
-        with tqdm(total=len(requests), desc=desc or f"{provider} calls", unit="call") as bar:
+        with tqdm(total=total, desc=desc or f"{'+'.join(groups)} calls", unit="call") as bar:
             try:
                 while True:
                     try:
@@ -1048,7 +1080,7 @@ class ServicePool:
                 future.cancel()
                 raise
         self._raise_if_stopped()
-        return results
+        return dict(zip(groups, results, strict=True))
 
     async def acomplete(self, provider: str, request: ChatRequest) -> ChatResult:
         """One request; await it from any event loop (it runs on the pool's loop)."""
@@ -1172,13 +1204,15 @@ class ServicePool:
         )
 
     async def _attempt(self, lane: _Lane, request: ChatRequest) -> tuple[_Reply, float]:
-        estimate = min(_estimate_tokens(request), lane.provider.tpm)
-        async with lane.semaphore:
-            await lane.rpm.acquire()
-            await lane.tpm.acquire(estimate)
+        slot: Slot = await lane.scheduler.acquire(_estimate_tokens(request))
+        latency = None
+        try:
             started = time.monotonic()
             reply = await asyncio.wait_for(lane.backend.call(request), timeout=lane.provider.timeout_s)
-            return reply, time.monotonic() - started
+            latency = time.monotonic() - started
+            return reply, latency
+        finally:
+            lane.scheduler.release(slot, latency)
 
     def _worst_case(self, lane: _Lane, request: ChatRequest) -> tuple[float, int, int]:
         """(USD, input tokens, output tokens) one attempt can cost at most: input estimate + all of max_tokens."""
@@ -1323,7 +1357,7 @@ class ServicePool:
         try:
             retrying = tenacity.AsyncRetrying(
                 stop=tenacity.stop_after_attempt(p.max_retries + 1),
-                wait=_WaitRetryAfter(),
+                wait=_WaitRetryAfter(lane.scheduler),
                 retry=tenacity.retry_if_exception(is_retryable),
                 reraise=True,
             )
