@@ -384,7 +384,6 @@ class RewardConfig:
     EXAMPLE = "kind: judge\njudge: gpt4o\nm: 3\n# or\nkind: reward_model\nmodel_id: Skywork/Skywork-Reward-V2-Llama-3.1-8B"
 
     def validate(self) -> None:
-        _check(self.kind != "judge" or bool(self.judge), "judge", "name the judging provider for kind judge")
         _check(
             self.kind != "reward_model" or bool(self.model_id),
             "model_id",

@@ -131,6 +131,19 @@ def test_study_params_are_checked_with_an_example():
         build(RunConfig, base, source="t")
     with pytest.raises(ConfigError, match="model_id"):
         build(RewardConfig, {"kind": "reward_model"}, source="t")
+    base["teacher_study"] = {"candidates": [{"name": "a", "provider": "local"}]}  # no reward judge named
+    with pytest.raises(ConfigError, match="teacher_study.reward.judge"):
+        build(RunConfig, base, source="t")
+
+
+def test_a_run_without_a_study_survives_the_params_round_trip(tmp_path):
+    from llamaduo_nb.config import dump_config
+
+    base = yaml.safe_load((ROOT / "params" / "demo.yaml").read_text())
+    base.pop("teacher_study")
+    cfg = build(RunConfig, base, source="t")
+    dump_config(cfg, tmp_path / "params.yaml")  # what the runner writes and every notebook reloads
+    assert load_config(tmp_path / "params.yaml") == cfg
 
 
 # --------------------------------------------------------------------------- L under the student, for real
