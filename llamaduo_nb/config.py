@@ -65,8 +65,8 @@ class ProviderConfig:
 
 @dataclass(frozen=True)
 class CoverageConfig:
-    source: str  # local path (JSONL, CSV, HF dataset saved to disk) or a hub dataset name
-    format: Literal["auto", "jsonl", "csv", "hf_disk", "hub"] = "auto"
+    source: str  # local path (JSONL, JSON array, CSV, Parquet, HF save_to_disk folder) or a hub name
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "hf_disk", "hub"] = "auto"
     hub_split: str = "train"  # split to read when format is hub
     hub_subset: str | None = None
     categories: list[str] | None = None  # keep only these categories (None: all)

@@ -60,9 +60,11 @@ COVERAGE_ORIGIN = "coverage"
 LOSS_MASK_METHOD = "prompt-completion, completion_only_loss (prompt tokens labelled -100)"
 
 
-def student_messages(instruction: str) -> list[dict[str, str]]:
-    """How an instruction is put to the student, in training and at inference: one user turn."""
-    return [{"role": "user", "content": instruction}]
+def student_messages(instruction: str, system: str | None = None) -> list[dict[str, str]]:
+    """How an instruction is put to the student, in training, inference and serving: one user turn, after
+    the row's system prompt when it has one."""
+    turns = [{"role": "system", "content": system}] if system else []
+    return [*turns, {"role": "user", "content": instruction}]
 
 
 # --------------------------------------------------------------------------- the data of a cycle
@@ -130,7 +132,7 @@ def to_prompt_completion(rows: list[dict]) -> list[dict]:
     """Coverage rows -> TRL's conversational prompt-completion format."""
     return [
         {
-            "prompt": student_messages(row["instruction"]),
+            "prompt": student_messages(row["instruction"], row.get("system")),
             "completion": [{"role": "assistant", "content": row["response"]}],
         }
         for row in rows
