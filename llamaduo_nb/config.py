@@ -127,6 +127,8 @@ class FinetuneConfig:
     continue_from_previous: bool = False  # paper: retrain from the base each cycle on the grown data
     logging_steps: int = 5
     seed: int = 42
+    save_steps: int = 50  # checkpoint every N optimizer steps into cycle_NN/checkpoints/ (0: none)
+    save_total_limit: int = 2  # keep the last N checkpoints (a re-run resumes from the newest)
 
     EXAMPLE = "lora_r: null  # Table 5 schedule\nlearning_rate: 2.0e-4\nnum_epochs: 1\nmax_length: 1024"
 
@@ -141,6 +143,8 @@ class FinetuneConfig:
         _check(self.per_device_batch_size >= 1, "per_device_batch_size", "must be >= 1")
         _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
         _check(self.max_length >= 16, "max_length", "must be >= 16")
+        _check(self.save_steps >= 0, "save_steps", "must be >= 0 (0: no checkpoints), e.g. 50")
+        _check(self.save_total_limit >= 1, "save_total_limit", "must be >= 1, e.g. 2")
 
 
 @dataclass(frozen=True)
