@@ -261,7 +261,7 @@ def _from_messages(messages: Any, name: str = "messages") -> tuple[str | None, s
         turns.append(m)
     systems = [m for m in turns if m["role"] == "system"]
     if len(systems) > 1 or (systems and turns[0] is not systems[0]):
-        raise RowProblem(name, "expected at most one system turn, and first")
+        raise RowProblem(name, "a system turn must come first, and only once")
     system = _text(systems[0]["content"], f"{name}[system].content") if systems else None
     dialogue = [m for m in turns if m["role"] != "system"]
     roles = [m["role"] for m in dialogue]
