@@ -70,7 +70,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"llamaduo: {retry_failed(args.params, _parse_set(args.set))}")
         if not args.resume:
             return 0
-    state = runner.run(args.params, resume=args.resume, fresh=args.fresh, overrides=_parse_set(args.set))
+    state = runner.run(
+        args.params,
+        resume=args.resume,
+        fresh=args.fresh,
+        accept_changed_params=args.accept_changed_params,
+        overrides=_parse_set(args.set),
+        progress=not args.no_progress,
+    )
     print(f"llamaduo: run finished in {time.monotonic() - t0:.1f} s wall time ({state.stop_reason})")
     return 0
 
@@ -99,9 +106,10 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .runlayout import RunLayout
-    from .runner import describe_state
+    from .runner import describe_state, status_table
 
-    print(describe_state(RunLayout(Path(args.run_dir))))
+    layout = RunLayout(Path(args.run_dir))
+    print(describe_state(layout) if args.json else status_table(layout))
     return 0
 
 
@@ -134,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-send only the failed calls of the last finished paid stage (04/05); with --resume, then continue",
     )
     run.add_argument(
+        "--accept-changed-params",
+        action="store_true",
+        help="with --resume: continue although the params differ from the run's params.yaml (recorded)",
+    )
+    run.add_argument("--no-progress", action="store_true", help="no per-notebook progress bar (cell k/n)")
+    run.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a param (dotted key)"
     )
     run.set_defaults(func=cmd_run)
@@ -165,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per synthesized pair (default: as long as the seed rows; the paper's GPT-4o pairs: ~95)",
     )
     fc.set_defaults(func=cmd_forecast)
-    status = sub.add_parser("status", help="print a run's state")
-    status.add_argument("run_dir")
+    status = sub.add_parser("status", help="print a run's state: status, reason, steps done with timings")
+    status.add_argument("run_dir", help="the run folder, e.g. outputs/demo")
+    status.add_argument("--json", action="store_true", help="print state.json (as the runner sees it)")
     status.set_defaults(func=cmd_status)
     validate = sub.add_parser(
         "validate-teachers",
@@ -191,16 +206,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except ConfigError as exc:  # also RunLocked: another runner holds the run folder
         print(f"llamaduo: configuration error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # the runner's NotebookFailed carries the notebook path and cell error
-        from .runner import NotebookFailed
+    except (Exception, KeyboardInterrupt) as exc:
+        from .runner import NotebookFailed, RunInterrupted
 
-        if isinstance(exc, NotebookFailed):
+        if isinstance(exc, NotebookFailed):  # carries the notebook path and the cell's error
             if exc.stopped:  # a stage stopped spending (failing provider, budget): resumable, exit code 3
                 print(f"llamaduo: stage stopped, nothing was lost: {exc.evalue}", file=sys.stderr)
                 return 3
             print(f"llamaduo: {exc}", file=sys.stderr)
             return 1
+        if isinstance(exc, RunInterrupted | KeyboardInterrupt):  # the runner recorded "interrupted"
+            print(f"llamaduo: {exc or 'interrupted'}; continue with --resume", file=sys.stderr)
+            return 130
         raise

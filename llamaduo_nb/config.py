@@ -99,8 +99,8 @@ class ProviderConfig:
 
 @dataclass(frozen=True)
 class CoverageConfig:
-    source: str  # local path (JSONL, CSV, HF dataset saved to disk) or a hub dataset name
-    format: Literal["auto", "jsonl", "csv", "hf_disk", "hub"] = "auto"
+    source: str  # local path (JSONL, JSON array, CSV, Parquet, HF save_to_disk folder) or a hub name
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "hf_disk", "hub"] = "auto"
     hub_split: str = "train"  # split to read when format is hub
     hub_subset: str | None = None
     categories: list[str] | None = None  # keep only these categories (None: all)
@@ -161,6 +161,8 @@ class FinetuneConfig:
     continue_from_previous: bool = False  # paper: retrain from the base each cycle on the grown data
     logging_steps: int = 5
     seed: int = 42
+    save_steps: int = 50  # checkpoint every N optimizer steps into cycle_NN/checkpoints/ (0: none)
+    save_total_limit: int = 2  # keep the last N checkpoints (a re-run resumes from the newest)
 
     EXAMPLE = "lora_r: null  # Table 5 schedule\nlearning_rate: 2.0e-4\nnum_epochs: 1\nmax_length: 1024"
 
@@ -175,6 +177,8 @@ class FinetuneConfig:
         _check(self.per_device_batch_size >= 1, "per_device_batch_size", "must be >= 1")
         _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
         _check(self.max_length >= 16, "max_length", "must be >= 16")
+        _check(self.save_steps >= 0, "save_steps", "must be >= 0 (0: no checkpoints), e.g. 50")
+        _check(self.save_total_limit >= 1, "save_total_limit", "must be >= 1, e.g. 2")
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,20 @@
 """01_coverage: import, validate, curate and split the coverage dataset.
 
-Input shapes (auto-detected per row):
-  * instruction/response pairs: {"instruction"|"prompt", "response"|"completion"|"output", optional id, category}
-  * chat logs in the No Robots schema: {"prompt", "prompt_id", "messages": [{role, content}, ...], "category"}
-Sources: JSONL, CSV, a Hugging Face dataset saved with `save_to_disk`, or a hub dataset name (loaded with
+Row shapes (auto-detected per row):
+  * instruction/response pairs: {"instruction"|"prompt"|"question", "response"|"completion"|"output"|"answer",
+    optional id, category, system}
+  * Alpaca: {"instruction", "input", "output"}; a non-empty `input` is kept in the prompt
+    (instruction, blank line, input), so rows sharing an instruction stay distinct
+  * OpenAI chat: {"messages": [{role, content}, ...]} with an optional system turn (kept as the row's
+    `system` prompt), and the No Robots schema {"prompt", "prompt_id", "messages", "category"}
+  * ShareGPT: {"conversations": [{"from": "system"|"human"|"gpt", "value"}, ...]}
+Sources: JSON Lines (a UTF-8 BOM is fine), a JSON array (`.json`; also {"data": [...]}), CSV/TSV, Parquet,
+a Hugging Face dataset saved with `save_to_disk`, or a hub dataset name (loaded with
 `datasets.load_dataset`; needs network, so it is exercised here only on local files).
 
 Validation is never silent: in `strict` mode the first bad row raises `DataFileError` (file, row, field),
-in `lenient` mode it is skipped and listed in `skipped.jsonl` and the report.
+in `lenient` mode it is skipped and listed in `skipped.jsonl` and the report — including lines that are
+not valid UTF-8. Rows are 1-based lines for JSONL/CSV, element numbers for JSON arrays and Parquet.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import re
 import unicodedata
 from collections import Counter, defaultdict
@@ -30,6 +38,18 @@ from .runlayout import RunLayout
 INSTRUCTION_KEYS = ("instruction", "prompt", "question", "input")
 RESPONSE_KEYS = ("response", "completion", "output", "answer")
 ID_KEYS = ("id", "prompt_id")
+# ShareGPT speaker names -> chat roles
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+}
+ARRAY_KEYS = ("data", "rows", "examples", "train")  # {"data": [...]}: the rows of a .json file
 
 
 @dataclass
@@ -61,10 +81,14 @@ def detect_format(source: str, fmt: str = "auto") -> str:
     if path.is_dir():
         return "hf_disk"
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
+    if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
+    if suffix == ".json":
+        return "json"
     if suffix in (".csv", ".tsv"):
         return "csv"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
     if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         return "hub"
     if not path.exists():
@@ -72,44 +96,126 @@ def detect_format(source: str, fmt: str = "auto") -> str:
             f"coverage source not found: {source} (a file, a folder, or a hub name owner/name)"
         )
     raise DataFileError(
-        source, None, None, "unknown format; use .jsonl, .csv, a save_to_disk folder or set format"
+        source,
+        None,
+        None,
+        "unknown format; use .jsonl, .json, .csv, .parquet, a save_to_disk folder, or set coverage.format",
     )
 
 
-def _decode_lines(path: Path) -> Iterator[tuple[int, str]]:
+def _decode_lines(path: Path) -> Iterator[tuple[int, str | DataFileError]]:
+    """(line number, text) per line; a line that is not UTF-8 comes as a DataFileError to skip or raise.
+
+    A UTF-8 byte-order mark at the start of the file is dropped (Windows editors write one).
+    """
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
             try:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataFileError(
-                    path, lineno, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
-                ) from exc
+                yield (
+                    lineno,
+                    DataFileError(path, lineno, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"),
+                )
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    for lineno, line in _decode_lines(path):
+        if isinstance(line, DataFileError):
+            yield lineno, line
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield lineno, DataFileError(path, lineno, None, f"invalid JSON: {exc.msg} (column {exc.colno})")
+
+
+def _json_array_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """The elements of a JSON array file (or of {"data": [...]}); a .json file holding JSON Lines is read so."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataFileError(path, line, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # several JSON values one after another: JSON Lines named .json
+            yield from _jsonl_rows(path)
+            return
+        raise DataFileError(
+            path,
+            None,
+            None,
+            f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg} (a .json file must hold one "
+            'JSON array of rows, e.g. [{"instruction": "...", "output": "..."}], or JSON Lines)',
+        ) from exc
+    if isinstance(data, dict):
+        lists = [k for k in ARRAY_KEYS if isinstance(data.get(k), list)]
+        if not lists:
+            raise DataFileError(
+                path,
+                None,
+                None,
+                f"a JSON object with keys {sorted(data)[:8]}; expected an array of rows, or an object holding "
+                f"one under {list(ARRAY_KEYS)}",
+            )
+        data = data[lists[0]]
+    if not isinstance(data, list):
+        raise DataFileError(path, None, None, f"expected a JSON array of rows, got {type(data).__name__}")
+    yield from enumerate(data, start=1)
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataFileError(path, None, None, f"not a readable Parquet file: {exc}") from exc
+    row = 0
+    for batch in parquet.iter_batches(batch_size=4096):
+        for record in batch.to_pylist():
+            row += 1
+            yield row, record
+
+
+def _csv_rows(path: Path, lenient: bool) -> Iterator[tuple[int, Any]]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        if not lenient:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise DataFileError(path, line, None, f"not valid UTF-8 ({exc.reason})") from exc
+        # lenient: undecodable bytes become U+FFFD, and the rows holding them are skipped (field named)
+        text = raw.decode("utf-8-sig", errors="replace")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    for record in reader:
+        yield reader.line_num, record
 
 
 def iter_raw_rows(source: str, fmt: str, cfg: CoverageConfig) -> Iterator[tuple[int, Any]]:
-    """Yield (row number, raw record). Row numbers are 1-based lines for JSONL/CSV, indices for datasets."""
-    import json
+    """Yield (row number, raw record or the DataFileError of an unreadable row).
 
+    Row numbers are 1-based lines for JSONL/CSV, element numbers for JSON arrays, Parquet and datasets.
+    """
+    path = Path(source)
     if fmt == "jsonl":
-        for lineno, line in _decode_lines(Path(source)):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield lineno, DataFileError(source, lineno, None, f"invalid JSON: {exc.msg}")
+        yield from _jsonl_rows(path)
+    elif fmt == "json":
+        yield from _json_array_rows(path)
     elif fmt == "csv":
-        path = Path(source)
-        try:
-            text = path.read_bytes().decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            line = path.read_bytes()[: exc.start].count(b"\n") + 1
-            raise DataFileError(path, line, None, f"not valid UTF-8 ({exc.reason})") from exc
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-        for record in reader:
-            yield reader.line_num, record
+        yield from _csv_rows(path, cfg.strictness == "lenient")
+    elif fmt == "parquet":
+        yield from _parquet_rows(path)
     elif fmt in ("hf_disk", "hub"):
         import datasets
 
@@ -119,8 +225,7 @@ def iter_raw_rows(source: str, fmt: str, cfg: CoverageConfig) -> Iterator[tuple[
                 ds = ds[cfg.hub_split]
         else:
             ds = datasets.load_dataset(source, cfg.hub_subset, split=cfg.hub_split)
-        for i, record in enumerate(ds, start=1):
-            yield i, record
+        yield from enumerate(ds, start=1)
     else:
         raise ValueError(f"unknown coverage format {fmt!r}")
 
@@ -145,33 +250,73 @@ def _text(value: Any, name: str) -> str:
     return value.strip()
 
 
-def _from_messages(messages: Any) -> tuple[str, str]:
+def _from_messages(messages: Any, name: str = "messages") -> tuple[str | None, str, str]:
+    """(system prompt or None, user turn, assistant turn) of a single-turn chat."""
     if not isinstance(messages, list) or not messages:
-        raise RowProblem("messages", "expected a non-empty list of {role, content} turns")
+        raise RowProblem(name, "expected a non-empty list of {role, content} turns")
     turns = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RowProblem(f"messages[{i}]", "expected an object with 'role' and 'content'")
+            raise RowProblem(f"{name}[{i}]", "expected an object with 'role' and 'content'")
         turns.append(m)
+    systems = [m for m in turns if m["role"] == "system"]
+    if len(systems) > 1 or (systems and turns[0] is not systems[0]):
+        raise RowProblem(name, "a system turn must come first, and only once")
+    system = _text(systems[0]["content"], f"{name}[system].content") if systems else None
     dialogue = [m for m in turns if m["role"] != "system"]
     roles = [m["role"] for m in dialogue]
     if roles.count("user") > 1 or roles.count("assistant") > 1:
         raise RowProblem(
-            "messages", f"multi-turn conversation ({len(dialogue)} turns); only single-turn pairs are used"
+            name, f"multi-turn conversation ({len(dialogue)} turns); only single-turn pairs are used"
         )
     if roles != ["user", "assistant"]:
-        raise RowProblem("messages", f"expected a user turn followed by an assistant turn, got roles {roles}")
-    return _text(dialogue[0]["content"], "messages[user].content"), _text(
-        dialogue[1]["content"], "messages[assistant].content"
+        raise RowProblem(name, f"expected a user turn followed by an assistant turn, got roles {roles}")
+    return (
+        system,
+        _text(dialogue[0]["content"], f"{name}[user].content"),
+        _text(dialogue[1]["content"], f"{name}[assistant].content"),
     )
 
 
-def normalize_row(record: Any) -> tuple[str | None, str, str, str]:
-    """Return (id or None, instruction, response, category) or raise RowProblem naming the field."""
+def _sharegpt_messages(conversations: Any) -> list[dict]:
+    """ShareGPT turns {"from", "value"} as chat messages {"role", "content"}."""
+    if not isinstance(conversations, list) or not conversations:
+        raise RowProblem("conversations", 'expected a non-empty list of {"from", "value"} turns')
+    messages = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise RowProblem(f"conversations[{i}]", "expected an object with 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(str(turn["from"]).strip().lower())
+        if role is None:
+            raise RowProblem(
+                f"conversations[{i}].from",
+                f"unknown speaker {turn['from']!r}; expected one of {sorted(SHAREGPT_ROLES)}",
+            )
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def _optional_text(record: dict, key: str) -> str | None:
+    value = record.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return _text(value, key)
+
+
+def normalize_row(record: Any) -> tuple[str | None, str, str, str, str | None]:
+    """Return (id or None, instruction, response, category, system prompt or None) or raise RowProblem."""
     if not isinstance(record, dict):
         raise RowProblem(None, f"expected an object, got {type(record).__name__}")
-    if record.get("messages") is not None:
-        instruction, response = _from_messages(record["messages"])
+    system = _optional_text(record, "system")
+    if record.get("messages") is not None or record.get("conversations") is not None:
+        if record.get("messages") is not None:
+            chat_system, instruction, response = _from_messages(record["messages"])
+        else:
+            messages = _sharegpt_messages(record["conversations"])
+            chat_system, instruction, response = _from_messages(messages, "conversations")
+        if chat_system and system and chat_system != system:
+            raise RowProblem("system", "differs from the system turn of the conversation")
+        system = chat_system or system
         prompt = record.get("prompt")
         if isinstance(prompt, str) and prompt.strip() and prompt.strip() != instruction:
             raise RowProblem("prompt", "differs from the user turn in 'messages'")
@@ -179,16 +324,24 @@ def normalize_row(record: Any) -> tuple[str | None, str, str, str]:
         ikey = next((k for k in INSTRUCTION_KEYS if k in record), None)
         rkey = next((k for k in RESPONSE_KEYS if k in record), None)
         if ikey is None:
-            raise RowProblem("instruction", f"missing (expected one of {INSTRUCTION_KEYS} or 'messages')")
+            raise RowProblem(
+                "instruction", f"missing (expected one of {INSTRUCTION_KEYS}, 'messages' or 'conversations')"
+            )
         if rkey is None:
-            raise RowProblem("response", f"missing (expected one of {RESPONSE_KEYS} or 'messages')")
+            raise RowProblem(
+                "response", f"missing (expected one of {RESPONSE_KEYS}, 'messages' or 'conversations')"
+            )
         instruction, response = _text(record[ikey], ikey), _text(record[rkey], rkey)
+        if ikey != "input":  # Alpaca: the input is part of the prompt ("instruction\n\ninput")
+            extra = _optional_text(record, "input")
+            if extra:
+                instruction = f"{instruction}\n\n{extra}"
     raw_id = next((record[k] for k in ID_KEYS if record.get(k) not in (None, "")), None)
     row_id = None if raw_id is None else str(raw_id).strip()
     category = record.get("category") or "uncategorized"
     if not isinstance(category, str):
         raise RowProblem("category", f"expected text, got {type(category).__name__}")
-    return row_id, instruction, response, category.strip()
+    return row_id, instruction, response, category.strip(), system
 
 
 def normalize_prompt(text: str) -> str:
@@ -196,8 +349,14 @@ def normalize_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().casefold()
 
 
-def content_id(instruction: str) -> str:
-    return "cov-" + hashlib.sha256(normalize_prompt(instruction).encode()).hexdigest()[:12]
+def content_id(instruction: str, system: str | None = None) -> str:
+    return "cov-" + hashlib.sha256(prompt_key(instruction, system).encode()).hexdigest()[:12]
+
+
+def prompt_key(instruction: str, system: str | None = None) -> str:
+    """Two rows are the same prompt when instruction and system prompt match (normalised)."""
+    key = normalize_prompt(instruction)
+    return key if not system else f"{normalize_prompt(system)}\n{key}"
 
 
 def import_coverage(cfg: CoverageConfig) -> Imported:
@@ -219,7 +378,7 @@ def import_coverage(cfg: CoverageConfig) -> Imported:
             reject(rownum, None, record.problem)
             continue
         try:
-            row_id, instruction, response, category = normalize_row(record)
+            row_id, instruction, response, category, system = normalize_row(record)
         except RowProblem as p:
             reject(rownum, p.field, p.problem)
             continue
@@ -233,24 +392,19 @@ def import_coverage(cfg: CoverageConfig) -> Imported:
                 row_id,
             )
             continue
-        row_id = row_id or content_id(instruction)
+        row_id = row_id or content_id(instruction, system)
         if row_id in seen_ids:
             reject(rownum, "id", f"duplicate id {row_id!r} (first seen in row {seen_ids[row_id]})", row_id)
             continue
-        key = normalize_prompt(instruction)
+        key = prompt_key(instruction, system)
         if key in seen_prompts:
             reject(rownum, "instruction", f"duplicate prompt (same as row {seen_prompts[key]})", row_id)
             continue
         seen_ids[row_id], seen_prompts[key] = rownum, rownum
-        result.rows.append(
-            {
-                "id": row_id,
-                "instruction": instruction,
-                "response": response,
-                "category": category,
-                "source": f"{cfg.source}#{rownum}",
-            }
-        )
+        row = {"id": row_id, "instruction": instruction, "response": response, "category": category}
+        if system:
+            row["system"] = system
+        result.rows.append(row | {"source": f"{cfg.source}#{rownum}"})
     if not result.rows:
         raise DataFileError(cfg.source, None, None, "no usable rows after validation")
     if cfg.max_rows is not None and len(result.rows) > cfg.max_rows:

@@ -856,7 +856,10 @@ class GreedyAnswer:
 
 
 def greedy_transformers(
-    model_dir: str | Path, instructions: Sequence[str], max_new_tokens: int
+    model_dir: str | Path,
+    instructions: Sequence[str],
+    max_new_tokens: int,
+    systems: Sequence[str | None] | None = None,
 ) -> list[GreedyAnswer]:
     """Greedy answers of the merged model in-process, one prompt at a time (no padding to perturb them).
 
@@ -874,8 +877,9 @@ def greedy_transformers(
     model.eval()
     stops = stop_token_ids(model, tok)
     answers = []
-    for instruction in tqdm(instructions, desc="greedy (transformers)", unit="prompt"):
-        prompt = prompt_token_ids(tok, instruction)
+    prompts = list(zip(instructions, systems or [None] * len(instructions), strict=True))
+    for instruction, system in tqdm(prompts, desc="greedy (transformers)", unit="prompt"):
+        prompt = prompt_token_ids(tok, instruction, system)
         ids = torch.tensor([prompt], device=device)
         with torch.no_grad():
             out = model.generate(
@@ -988,11 +992,14 @@ def greedy_parity(
         return pd.DataFrame()
     rows = test_rows(layout, n)
     reference = greedy_transformers(
-        merged_dir or layout.merged_dir, [r["instruction"] for r in rows], cfg.deploy.greedy_max_new_tokens
+        merged_dir or layout.merged_dir,
+        [r["instruction"] for r in rows],
+        cfg.deploy.greedy_max_new_tokens,
+        systems=[r.get("system") for r in rows],
     )
     requests = [
         ChatRequest(
-            messages=student_messages(r["instruction"]),
+            messages=student_messages(r["instruction"], r.get("system")),
             temperature=0.0,
             max_tokens=cfg.deploy.greedy_max_new_tokens,
         )
@@ -1068,7 +1075,7 @@ def served_responses(
     }
     requests = [
         ChatRequest(
-            messages=student_messages(r["instruction"]),
+            messages=student_messages(r["instruction"], r.get("system")),
             temperature=inf.temperature,
             top_p=inf.top_p,
             max_tokens=inf.max_new_tokens,

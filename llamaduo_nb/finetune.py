@@ -38,10 +38,12 @@ Only the single-process plumbing was exercised here (`accelerate launch --num_pr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 import math
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -60,9 +62,11 @@ COVERAGE_ORIGIN = "coverage"
 LOSS_MASK_METHOD = "prompt-completion, completion_only_loss (prompt tokens labelled -100)"
 
 
-def student_messages(instruction: str) -> list[dict[str, str]]:
-    """How an instruction is put to the student, in training and at inference: one user turn."""
-    return [{"role": "user", "content": instruction}]
+def student_messages(instruction: str, system: str | None = None) -> list[dict[str, str]]:
+    """How an instruction is put to the student, in training, inference and serving: one user turn, after
+    the row's system prompt when it has one."""
+    turns = [{"role": "system", "content": system}] if system else []
+    return [*turns, {"role": "user", "content": instruction}]
 
 
 # --------------------------------------------------------------------------- the data of a cycle
@@ -130,7 +134,7 @@ def to_prompt_completion(rows: list[dict]) -> list[dict]:
     """Coverage rows -> TRL's conversational prompt-completion format."""
     return [
         {
-            "prompt": student_messages(row["instruction"]),
+            "prompt": student_messages(row["instruction"], row.get("system")),
             "completion": [{"role": "assistant", "content": row["response"]}],
         }
         for row in rows
@@ -306,7 +310,8 @@ class FinetunePlan:
     loss_mask: dict[str, Any]
     tokenized_rows: int
     truncated_rows: int
-    scratch_dir: Path  # the Trainer's output_dir; nothing is checkpointed there, removed after training
+    scratch_dir: Path  # the Trainer's output_dir = cycle_NN/checkpoints/, removed once the adapter is saved
+    resume_from: str | None = None  # the checkpoint a re-run after a crash continues from
 
     def table(self) -> pd.DataFrame:
         rows = {
@@ -426,7 +431,7 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
 
     steps = planned_steps(ft, len(data.rows), state.num_processes)
     logging_steps = max(1, min(ft.logging_steps, steps))
-    output_dir = Path(tempfile.mkdtemp(prefix=".trainer-", dir=_ensure(layout.cycle_dir(cycle))))
+    output_dir, resume_from = checkpoint_folder(cfg, layout, cycle, data.path)
     try:
         args = SFTConfig(
             output_dir=str(output_dir),
@@ -442,7 +447,10 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
             completion_only_loss=True,
             logging_steps=logging_steps,
             logging_first_step=True,
-            save_strategy="no",
+            # crash safety: a re-run of 02 resumes from the newest complete checkpoint (see checkpoint_folder)
+            save_strategy="steps" if ft.save_steps > 0 else "no",
+            save_steps=max(ft.save_steps, 1),
+            save_total_limit=ft.save_total_limit,
             report_to="none",
             seed=ft.seed,
             data_seed=ft.seed,
@@ -472,7 +480,8 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
         loss_mask = check_loss_mask(train_dataset, tokenizer)
         truncated = sum(1 for ids in train_dataset["input_ids"] if len(ids) >= ft.max_length)
     except BaseException:
-        shutil.rmtree(output_dir, ignore_errors=True)
+        if resume_from is None:  # never throw away checkpoints of an earlier, crashed attempt
+            shutil.rmtree(output_dir, ignore_errors=True)
         raise
     device = "cuda" if on_cuda else "cpu"
     if torch.cuda.device_count() > 1 and state.num_processes > 1:
@@ -498,13 +507,68 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
         tokenized_rows=len(train_dataset),
         truncated_rows=truncated,
         scratch_dir=output_dir,
+        resume_from=resume_from,
     )
+
+
+def checkpoint_fingerprint(cfg: RunConfig, train_data: Path) -> str:
+    """What a checkpoint is only valid for: the cycle's data, the student and the training settings."""
+    settings = dataclasses.asdict(cfg.finetune)
+    for key in ("save_steps", "save_total_limit", "logging_steps"):  # changing these does not change training
+        settings.pop(key, None)
+    digest = hashlib.sha256(Path(train_data).read_bytes())
+    digest.update(
+        json.dumps([settings, dataclasses.asdict(cfg.student)], sort_keys=True, default=str).encode()
+    )
+    return digest.hexdigest()[:16]
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete `checkpoint-<step>` in `folder` (trainer_state.json is written last, so a
+    checkpoint cut short by a kill has none, or a broken one, and is skipped)."""
+    if not folder.is_dir():
+        return None
+    steps = sorted(
+        (int(p.name.split("-")[1]), p)
+        for p in folder.glob("checkpoint-[0-9]*")
+        if p.name.split("-")[1].isdigit()
+    )
+    for _, path in reversed(steps):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return path
+    return None
+
+
+def checkpoint_folder(
+    cfg: RunConfig, layout: RunLayout, cycle: int, train_data: Path
+) -> tuple[Path, str | None]:
+    """(the Trainer's output_dir, the checkpoint to resume from or None).
+
+    Checkpoints of an earlier attempt are reused only when they were made from the same data and
+    settings; otherwise they are deleted and training starts over.
+    """
+    folder = layout.checkpoints_dir(cycle)
+    fingerprint = checkpoint_fingerprint(cfg, train_data)
+    marker = folder / "fingerprint.json"
+    if folder.exists():
+        previous = read_json(marker).get("fingerprint") if marker.is_file() else None
+        if previous != fingerprint:
+            if last_checkpoint(folder) is not None:
+                print(f"02: discarding checkpoints in {folder}: made from other data or settings")
+            shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"fingerprint": fingerprint})
+    resume = last_checkpoint(folder)
+    if resume is not None:
+        print(f"02: resuming from {resume.name} (an earlier attempt stopped there)")
+    return folder, None if resume is None else str(resume)
 
 
 def _checkpointing_arg(enabled: bool) -> dict[str, bool]:
     """transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns)."""
-    import dataclasses
-
     from trl import SFTConfig
 
     names = {f.name for f in dataclasses.fields(SFTConfig)}
@@ -526,14 +590,13 @@ def train(cfg: RunConfig, layout: RunLayout, plan: FinetunePlan) -> dict[str, An
 
     cycle, trainer = plan.cycle, plan.trainer
     started, cpu_started = time.monotonic(), time.process_time()
-    try:
-        result = trainer.train()
-    finally:
-        shutil.rmtree(plan.scratch_dir, ignore_errors=True)
+    # a crash leaves cycle_NN/checkpoints/ in place: the next run of 02 continues from the newest one
+    result = trainer.train(resume_from_checkpoint=plan.resume_from)
     wall, cpu = time.monotonic() - started, time.process_time() - cpu_started
     if not trainer.is_world_process_zero():
         return {}
     save_adapter(trainer, plan.tokenizer, layout.adapter_dir(cycle))
+    shutil.rmtree(plan.scratch_dir, ignore_errors=True)  # the finished adapter replaces the checkpoints
     log = training_log(trainer.state.log_history)
     write_jsonl(layout.train_log(cycle), log)
     plot_loss(log, layout.loss_plot(cycle), title=f"cycle {cycle}: training loss")
@@ -549,6 +612,7 @@ def train(cfg: RunConfig, layout: RunLayout, plan: FinetunePlan) -> dict[str, An
             "revision": cfg.student.revision,
         },
         "init_from": plan.init_from,
+        "resumed_from_step": _checkpoint_step(plan.resume_from),
         "rows": len(plan.data.rows),
         "rows_by_origin": plan.data.by_origin,
         "earlier_cycles_without_synthetic_file": plan.data.missing_synthetic,
@@ -600,6 +664,10 @@ def train(cfg: RunConfig, layout: RunLayout, plan: FinetunePlan) -> dict[str, An
 def finetune(cfg: RunConfig, layout: RunLayout, cycle: int) -> dict[str, Any]:
     """prepare + train in one call (the CLI / `accelerate launch` entry point)."""
     return train(cfg, layout, prepare(cfg, layout, cycle))
+
+
+def _checkpoint_step(checkpoint: str | None) -> int | None:
+    return None if checkpoint is None else int(Path(checkpoint).name.split("-")[1])
 
 
 def save_adapter(trainer: Any, tokenizer: Any, target: Path) -> Path:

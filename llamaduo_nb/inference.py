@@ -95,10 +95,11 @@ def load_test_rows(path: str | Path) -> list[dict]:
     return rows
 
 
-def prompt_token_ids(tokenizer: Any, instruction: str) -> list[int]:
-    """The student's chat-template prompt for `instruction`, ending with the assistant generation prompt."""
+def prompt_token_ids(tokenizer: Any, instruction: str, system: str | None = None) -> list[int]:
+    """The student's chat-template prompt for `instruction` (after the row's system prompt, if any),
+    ending with the assistant generation prompt."""
     out = tokenizer.apply_chat_template(
-        student_messages(instruction), add_generation_prompt=True, tokenize=True, return_dict=True
+        student_messages(instruction, system), add_generation_prompt=True, tokenize=True, return_dict=True
     )
     return list(out["input_ids"])
 
@@ -182,6 +183,7 @@ def sample_batch(
     max_new_tokens: int,
     seed: int,
     share_prompt_cache: bool = True,
+    systems: list[str | None] | None = None,
 ) -> BatchOutput:
     """K answers to each instruction from one left-padded batch; temperature 0 means greedy (K equal copies)."""
     import torch
@@ -189,7 +191,12 @@ def sample_batch(
 
     device = next(model.parameters()).device
     encoded = tokenizer.pad(
-        {"input_ids": [prompt_token_ids(tokenizer, text) for text in instructions]},
+        {
+            "input_ids": [
+                prompt_token_ids(tokenizer, text, system)
+                for text, system in zip(instructions, systems or [None] * len(instructions), strict=True)
+            ]
+        },
         padding=True,
         return_tensors="pt",
     )
@@ -265,7 +272,7 @@ def _generate_transformers(
 ) -> tuple[list[list[Sample]], dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    prompt_lengths = [len(prompt_token_ids(tokenizer, row["instruction"])) for row in rows]
+    prompt_lengths = [len(prompt_token_ids(tokenizer, row["instruction"], row.get("system"))) for row in rows]
     # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows up at once.
     order = sorted(range(len(rows)), key=lambda i: (-prompt_lengths[i], i))
     batches = [order[i : i + inf.batch_size] for i in range(0, len(order), inf.batch_size)]
@@ -280,6 +287,7 @@ def _generate_transformers(
             model,
             tokenizer,
             [rows[i]["instruction"] for i in batch],
+            systems=[rows[i].get("system") for i in batch],
             k=inf.k,
             temperature=inf.temperature,
             top_p=inf.top_p,
@@ -335,7 +343,10 @@ def _generate_vllm(
         max_lora_rank=_vllm_max_lora_rank(adapter_dir),
     )
     greedy = inf.temperature == 0
-    prompts = [{"prompt_token_ids": prompt_token_ids(tokenizer, row["instruction"])} for row in rows]
+    prompts = [
+        {"prompt_token_ids": prompt_token_ids(tokenizer, row["instruction"], row.get("system"))}
+        for row in rows
+    ]
     params = [
         SamplingParams(
             n=1 if greedy else inf.k,

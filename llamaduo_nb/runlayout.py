@@ -57,6 +57,16 @@ class RunLayout:
         return self.root / "state.json"
 
     @property
+    def lock_file(self) -> Path:
+        """Held (fcntl) by the runner working on this folder; holds its pid, host and start time."""
+        return self.root / "runner.lock"
+
+    @property
+    def params_changes_file(self) -> Path:
+        """One JSON line per `--resume --accept-changed-params`: when, and which keys changed from what to what."""
+        return self.root / "params_changes.jsonl"
+
+    @property
     def calls_db(self) -> Path:
         return self.root / "calls.sqlite"
 
@@ -111,6 +121,10 @@ class RunLayout:
 
     def adapter_dir(self, cycle: int) -> Path:
         return self.cycle_dir(cycle) / "adapter"
+
+    def checkpoints_dir(self, cycle: int) -> Path:
+        """02's Trainer checkpoints (checkpoint-<step>/); removed once the adapter is saved."""
+        return self.cycle_dir(cycle) / "checkpoints"
 
     def train_data_file(self, cycle: int) -> Path:
         return self.cycle_dir(cycle) / "train_data.jsonl"

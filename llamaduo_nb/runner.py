@@ -1,18 +1,26 @@
 """The Papermill cycle loop: 01 once; per cycle 02 -> 03 -> 04 -> (05 if below epsilon); 06 at the end.
 
-Run state lives in `<run>/state.json` (written atomically after every notebook), so `--resume` restarts
-at the first notebook that did not finish. A failing notebook stops the run with the notebook's path and
-the failing cell's error.
+Run state lives in `<run>/state.json` (written atomically before and after every notebook), so `--resume`
+restarts at the first notebook that did not finish. A failing notebook stops the run with the notebook's
+path and the failing cell's error. Ctrl-C, SIGTERM/SIGHUP and a dead kernel leave the state "interrupted"
+(the half-executed notebook is kept as `<stage>.interrupted.ipynb`, never as a stray `.running` file); a
+runner killed outright (SIGKILL, power loss) is recognised on the next start because it no longer holds the
+run folder's lock. One runner per run folder: `runner.lock` is held with fcntl while a runner works.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import fcntl
 import json
 import os
 import shutil
+import signal
+import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +28,7 @@ from typing import Any
 import papermill as pm
 
 from .config import ConfigError, RunConfig, dump_config, load_config
-from .jsonio import read_json, write_json
+from .jsonio import read_json, read_jsonl, write_json, write_jsonl
 from .runlayout import RunLayout
 from .summary import write_summary
 
@@ -46,6 +54,14 @@ class NotebookFailed(RuntimeError):
         return self.ename == STAGE_STOPPED
 
 
+class RunInterrupted(Exception):
+    """The run stopped mid-notebook without a notebook error: a signal, or the kernel died. Resumable."""
+
+
+class RunLocked(ConfigError):
+    """Another runner holds this run folder."""
+
+
 def declared_parameters(notebook: str | Path) -> dict[str, dict[str, Any]]:
     """The parameters a notebook declares in its `parameters` cell (name -> papermill's inferred info)."""
     return pm.inspect_notebook(str(notebook))
@@ -58,7 +74,7 @@ def execute_notebook(
     *,
     kernel_name: str = KERNEL_NAME,
     cwd: str | Path = PROJECT_ROOT,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> Path:
     """Execute `src` with papermill into `dst`; unknown parameters are an error, not papermill's warning."""
     src, dst = Path(src), Path(dst)
@@ -67,7 +83,7 @@ def execute_notebook(
     if unknown:
         raise ConfigError(f"{src.name}: unknown parameter(s) {unknown}; it declares {sorted(declared)}")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.running.ipynb")
+    tmp = running_copy(dst)
     try:
         pm.execute_notebook(
             str(src),
@@ -75,7 +91,7 @@ def execute_notebook(
             parameters=parameters,
             kernel_name=kernel_name,
             cwd=str(cwd),
-            progress_bar=progress,
+            progress_bar=_progress_bar(progress),
             log_output=False,
             request_save_on_cell_execute=True,
             # the kernel app's own start-up chatter (transport warnings) is noise on the runner's console;
@@ -83,27 +99,101 @@ def execute_notebook(
             extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
     except pm.PapermillExecutionError as exc:
-        failed = dst.with_name(dst.stem + ".failed.ipynb")
-        if tmp.exists():
-            os.replace(tmp, failed)
+        if exc.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel too (same process group)
+            _set_aside(tmp, dst, "interrupted")
+            raise RunInterrupted(f"interrupted (KeyboardInterrupt in cell {exc.cell_index})") from None
+        failed = _set_aside(tmp, dst, "failed")
         raise NotebookFailed(failed, exc.ename, exc.evalue, exc.cell_index) from None
+    except RunInterrupted:  # SIGTERM / SIGHUP, raised by the runner's handler while papermill waited
+        _set_aside(tmp, dst, "interrupted")
+        raise
+    except DeadKernelError as exc:
+        kept = _set_aside(tmp, dst, "interrupted")
+        raise RunInterrupted(
+            f"the kernel died while executing {src.name} (killed, or out of memory); partial notebook: {kept}"
+        ) from exc
+    except Exception as exc:  # the kernel did not start, a cell timed out, ...
+        failed = _set_aside(tmp, dst, "failed")
+        raise NotebookFailed(failed, type(exc).__name__, str(exc), None) from exc
+    except BaseException:  # KeyboardInterrupt, RunInterrupted from a signal handler, SystemExit
+        _set_aside(tmp, dst, "interrupted")
+        raise
     os.replace(tmp, dst)
     return dst
+
+
+try:  # nbclient is papermill's engine; the import path is stable across nbclient 0.5-0.10
+    from nbclient.exceptions import DeadKernelError
+except ImportError:  # pragma: no cover
+
+    class DeadKernelError(RuntimeError):  # type: ignore[no-redef]
+        pass
+
+
+def running_copy(dst: Path) -> Path:
+    """Where a notebook is written while it executes (renamed to `dst` only when it finished)."""
+    return dst.with_name(f".{dst.name}.running.ipynb")
+
+
+def _set_aside(tmp: Path, dst: Path, kind: str) -> Path:
+    """Keep a half-executed notebook as `<stage>.<kind>.ipynb` (kind: failed | interrupted)."""
+    kept = dst.with_name(f"{dst.stem}.{kind}.ipynb")
+    if tmp.exists():
+        os.replace(tmp, kept)
+    return kept
+
+
+def _progress_bar(progress: bool | str) -> bool | dict:
+    """Papermill's per-notebook tqdm bar: `<label>: cell k/n [elapsed<remaining]`."""
+    if not progress:
+        return False
+    label = progress if isinstance(progress, str) else "notebook"
+    return {
+        "desc": label,
+        "unit": "cell",
+        "bar_format": "{desc}: cell {n_fmt}/{total_fmt} |{bar:20}| {elapsed} elapsed, {rate_fmt}",
+        "file": sys.stderr,
+    }
 
 
 # --------------------------------------------------------------------------- run state
 
 
+# Every value RunState.status can take, with what it means for the user. Add new ones here (and only here);
+# `llamaduo status` prints the explanation. Every status can be continued with `--resume`.
+STATUSES: dict[str, str] = {
+    "new": "nothing has run yet",
+    "running": "a runner is executing a notebook",
+    "interrupted": "Ctrl-C, SIGTERM, a dead kernel or a killed runner stopped it mid-notebook; --resume continues",
+    "failed": "a notebook raised an error; fix the cause, then --resume re-runs that notebook",
+    "stopped": "a stage stopped on purpose (failing provider, budget); --resume continues once resolved",
+    "finished": "the loop ended (epsilon met or max_cycles reached) and every planned notebook ran",
+}
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
 @dataclass
 class RunState:
-    """What the runner has finished. Steps are named like "01_coverage" or "cycle_00/02_finetune"."""
+    """What the runner has finished. Steps are named like "01_coverage" or "cycle_00/02_finetune".
+
+    `status` is one of STATUSES. `current` is the step executing (or the one that failed / was
+    interrupted), `error` says why the run is not running any more, `runner` who ran it last.
+    """
 
     done: list[str] = field(default_factory=list)
     decisions: dict[str, bool] = field(default_factory=dict)  # "cycle_00" -> passed epsilon?
     timings: dict[str, float] = field(default_factory=dict)
-    status: str = "new"  # new | running | failed | stopped (a stage stopped spending; --resume) | finished
+    status: str = "new"  # one of STATUSES
     stop_reason: str | None = None
     error: str | None = None
+    current: str | None = None
+    started_at: str | None = None
+    updated_at: str | None = None
+    runner: dict[str, Any] | None = None  # {pid, host} of the runner that wrote this state last
+    param_changes: list[dict[str, Any]] = field(default_factory=list)  # accepted on --resume
 
     @classmethod
     def load(cls, path: Path) -> RunState:
@@ -113,7 +203,150 @@ class RunState:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
     def save(self, path: Path) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown run status {self.status!r}; statuses are {list(STATUSES)}")
+        self.updated_at = _now()
         write_json(path, self.__dict__)
+
+
+# --------------------------------------------------------------------------- one runner per run folder
+
+
+def _holder_text(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "another process"
+    return f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
+
+
+def lock_holder(layout: RunLayout) -> dict[str, Any] | None:
+    """The runner holding `layout`'s lock ({pid, host, since}), or None when no runner works on it."""
+    if not layout.lock_file.is_file():
+        return None
+    with open(layout.lock_file, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            try:
+                return json.loads(fh.read() or "{}")
+            except json.JSONDecodeError:
+                return {}
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return None
+
+
+@contextlib.contextmanager
+def run_lock(layout: RunLayout) -> Iterator[None]:
+    """Hold the run folder's lock (fcntl.flock) for the duration; a second runner fails at once.
+
+    The OS releases the lock when the holder dies however it dies, so a stale lock file never blocks.
+    (flock is advisory and local: two hosts sharing the folder over NFS are not guaranteed to exclude.)
+    """
+    layout.root.mkdir(parents=True, exist_ok=True)
+    fh = open(layout.lock_file, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        try:
+            holder = json.loads(fh.read() or "{}")
+        except json.JSONDecodeError:
+            holder = {}
+        fh.close()
+        raise RunLocked(
+            f"{layout.root} is in use by another runner ({_holder_text(holder)}); two runners on one run "
+            "folder would overwrite each other's files. Wait for it (`llamaduo status "
+            f"{layout.root}`), stop it (kill -TERM {holder.get('pid', '<pid>')}), or use another run_name"
+        ) from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}) + "\n")
+        fh.flush()
+        yield
+    finally:
+        fh.seek(0)
+        fh.truncate()
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise RunInterrupted in the main thread (Ctrl-C already raises KeyboardInterrupt)."""
+    if not threading_main():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise RunInterrupted(f"interrupted by {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """While the runner records an interruption, a second Ctrl-C / SIGTERM must not cut the write short."""
+    if not threading_main():
+        yield
+        return
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def stray_running_notebooks(layout: RunLayout) -> list[Path]:
+    return sorted(layout.root.rglob(".*.running.ipynb")) if layout.root.is_dir() else []
+
+
+def _recover_after_kill(layout: RunLayout, state: RunState, log: Callable[[str], None]) -> None:
+    """A state left "running" by a runner that no longer holds the lock: it was killed (SIGKILL, power)."""
+    for tmp in stray_running_notebooks(layout):
+        dst = tmp.with_name(tmp.name[1 : -len(".running.ipynb")])
+        kept = _set_aside(tmp, dst, "interrupted")
+        log(f"[llamaduo] a killed runner left {tmp.name}; kept as {kept}")
+    if state.status == "running":
+        state.status = "interrupted"
+        state.error = (
+            f"the runner ({_holder_text(state.runner)}) ended without recording why"
+            f"{f' during {state.current}' if state.current else ''} (killed?)"
+        )
+        log(f"[llamaduo] {state.error}")
+
+
+# --------------------------------------------------------------------------- params diff
+
+
+def diff_params(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
+    """Changed settings as [{key: "loop.max_cycles", old: 2, new: 3}, ...] (dotted keys, sorted)."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        dotted = f"{prefix}{key}"
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += diff_params(a, b, dotted + ".")
+        elif a != b:
+            changes.append({"key": dotted, "old": a, "new": b})
+    return changes
+
+
+def _format_changes(changes: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{c['key']}: {c['old']!r} -> {c['new']!r}" for c in changes)
 
 
 def step_name(stage: str, cycle: int | None) -> str:
@@ -197,54 +430,118 @@ def run(
     *,
     resume: bool = False,
     fresh: bool = False,
+    accept_changed_params: bool = False,
     overrides: dict[str, Any] | None = None,
     notebooks_dir: Path = NOTEBOOKS_DIR,
     log: Callable[[str], None] = _log,
+    progress: bool = False,
 ) -> RunState:
-    """Execute a whole LlamaDuo run (continue one with `resume=True`; start over with `fresh=True`)."""
+    """Execute a whole LlamaDuo run (continue one with `resume=True`; start over with `fresh=True`).
+
+    `--resume` with settings that differ from the run's params.yaml is an error unless
+    `accept_changed_params`; accepted changes are recorded in state.json and params_changes.jsonl.
+    `progress` shows a per-notebook bar (cell k/n, elapsed) on stderr.
+    """
     cfg = load_config(params_file, overrides)
     layout = RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
-    if fresh and layout.root.exists():
-        if not (layout.params_file.exists() or layout.state_file.exists()):
-            raise ConfigError(f"--fresh refuses to delete {layout.root}: it does not look like a run folder")
-        shutil.rmtree(layout.root)
-    if layout.state_file.exists() and not resume:
-        state = RunState.load(layout.state_file)
-        if state.done:
-            raise ConfigError(
-                f"{layout.root} already holds a run ({len(state.done)} notebooks done, status {state.status}); "
-                "pass --resume to continue it, or choose another run_name / delete the folder"
-            )
-    layout.root.mkdir(parents=True, exist_ok=True)
+    if fresh and layout.root.exists() and not (layout.params_file.exists() or layout.state_file.exists()):
+        raise ConfigError(f"--fresh refuses to delete {layout.root}: it does not look like a run folder")
+    with run_lock(layout), _signals_interrupt():
+        if fresh:
+            for item in layout.root.iterdir():
+                if item != layout.lock_file:
+                    shutil.rmtree(item) if item.is_dir() else item.unlink()
+        state = _open_state(cfg, params_file, layout, resume, accept_changed_params, log)
+        return _run_locked(cfg, layout, state, notebooks_dir, log, progress)
+
+
+def _open_state(
+    cfg: RunConfig,
+    params_file: str | Path,
+    layout: RunLayout,
+    resume: bool,
+    accept_changed_params: bool,
+    log: Callable[[str], None],
+) -> RunState:
+    """The state to continue from (after checks), with params.yaml written; called holding the lock."""
+    previous_state = RunState.load(layout.state_file)
+    _recover_after_kill(layout, previous_state, log)
+    if not resume and previous_state.done:
+        raise ConfigError(
+            f"{layout.root} already holds a run ({len(previous_state.done)} notebooks done, status "
+            f"{previous_state.status}); pass --resume to continue it, or choose another run_name / delete the folder"
+        )
+    state = previous_state if resume else RunState()
     if resume and layout.params_file.is_file():
-        previous = load_config(layout.params_file)
-        if previous.to_dict() != cfg.to_dict():
-            log(
-                f"[llamaduo] note: {params_file} differs from {layout.params_file}; resuming with the new settings"
+        changes = diff_params(load_config(layout.params_file).to_dict(), cfg.to_dict())
+        if changes and not accept_changed_params:
+            raise ConfigError(
+                f"{params_file} differs from the run's {layout.params_file}: {_format_changes(changes)}. "
+                "Resuming would mix results made under different settings; pass --accept-changed-params to "
+                "resume with the new settings anyway (the change is recorded), or resume with the same params"
             )
+        if changes:
+            entry = {"at": _now(), "after_steps": len(state.done), "changes": changes}
+            state.param_changes.append(entry)
+            history = read_jsonl(layout.params_changes_file) if layout.params_changes_file.is_file() else []
+            write_jsonl(layout.params_changes_file, [*history, entry])
+            log(f"[llamaduo] resuming with changed settings (recorded): {_format_changes(changes)}")
     dump_config(cfg, layout.params_file)
-    state = RunState.load(layout.state_file) if resume else RunState()
-    state.status, state.error = "running", None
+    return state
+
+
+def _run_locked(
+    cfg: RunConfig,
+    layout: RunLayout,
+    state: RunState,
+    notebooks_dir: Path,
+    log: Callable[[str], None],
+    progress: bool,
+) -> RunState:
+    state.status, state.error, state.current = "running", None, None
+    state.started_at = state.started_at or _now()
+    state.runner = {"pid": os.getpid(), "host": socket.gethostname()}
     state.save(layout.state_file)
     started = time.monotonic()
-    while (step := plan_next(cfg, state, layout)) is not None:
-        src = notebook_source(step.stage, notebooks_dir)
-        dst = layout.notebook_out(step.stage, step.cycle)
-        where = f"cycle {step.cycle}" if step.cycle is not None else "run"
-        log(f"[llamaduo] {time.monotonic() - started:7.1f}s  {where}: {step.stage} -> {dst}")
-        t0 = time.monotonic()
-        try:
-            execute_notebook(src, dst, stage_parameters(step, layout, src))
-        except NotebookFailed as exc:
-            state.status, state.error = ("stopped" if exc.stopped else "failed"), str(exc)
-            if exc.stopped:
-                state.stop_reason = f"{step.name} stopped: {exc.evalue}"
+    t0 = started
+    try:
+        while (step := plan_next(cfg, state, layout)) is not None:
+            src = notebook_source(step.stage, notebooks_dir)
+            dst = layout.notebook_out(step.stage, step.cycle)
+            where = f"cycle {step.cycle}" if step.cycle is not None else "run"
+            log(f"[llamaduo] {time.monotonic() - started:7.1f}s  {where}: {step.stage} -> {dst}")
+            state.current = step.name
             state.save(layout.state_file)
-            log(f"[llamaduo] {'STOPPED' if exc.stopped else 'FAILED'} {step.name}: {exc}")
-            raise
-        state.done.append(step.name)
-        state.timings[step.name] = round(time.monotonic() - t0, 2)
-        state.save(layout.state_file)
+            t0 = time.monotonic()
+            try:
+                execute_notebook(
+                    src, dst, stage_parameters(step, layout, src), progress=step.name if progress else False
+                )
+            except NotebookFailed as exc:
+                state.status = "stopped" if exc.stopped else "failed"
+                state.error = str(exc)
+                if exc.stopped:
+                    state.stop_reason = f"{step.name} stopped: {exc.evalue}"
+                state.save(layout.state_file)
+                log(f"[llamaduo] {state.status.upper()} {step.name}: {exc}")
+                raise
+            state.done.append(step.name)
+            state.timings[step.name] = round(time.monotonic() - t0, 2)
+            state.current = None
+            state.save(layout.state_file)
+            log(
+                f"[llamaduo] {time.monotonic() - started:7.1f}s  done {step.name} in {state.timings[step.name]:.1f}s"
+            )
+    except (KeyboardInterrupt, RunInterrupted) as exc:
+        with _signals_ignored():
+            why = str(exc) if isinstance(exc, RunInterrupted) else "interrupted by Ctrl-C (SIGINT)"
+            state.status = "interrupted"
+            state.error = f"{why}" + (
+                f" during {state.current} after {time.monotonic() - t0:.1f}s" if state.current else ""
+            )
+            state.save(layout.state_file)
+            log(f"[llamaduo] INTERRUPTED: {state.error}; `llamaduo run <params> --resume` continues")
+        raise RunInterrupted(state.error) from None
     state.status = "finished"
     state.timings["total"] = round(sum(v for k, v in state.timings.items() if k != "total"), 2)
     state.save(layout.state_file)
@@ -255,4 +552,52 @@ def run(
 
 
 def describe_state(layout: RunLayout) -> str:
-    return json.dumps(RunState.load(layout.state_file).__dict__, indent=2)
+    """state.json as JSON, with the status a reader should believe (a dead runner's "running" is interrupted)."""
+    return json.dumps(effective_state(layout).__dict__, indent=2)
+
+
+def effective_state(layout: RunLayout) -> RunState:
+    state = RunState.load(layout.state_file)
+    if state.status == "running" and lock_holder(layout) is None:
+        state.status = "interrupted"
+        state.error = (
+            f"the runner ({_holder_text(state.runner)}) is gone without recording why"
+            f"{f' during {state.current}' if state.current else ''} (killed?)"
+        )
+    return state
+
+
+def status_table(layout: RunLayout) -> str:
+    """`llamaduo status`: the run's status and why, then one line per step (done / current) with seconds."""
+    if not layout.state_file.is_file():
+        return f"{layout.root}: no state.json (not a run folder, or the run never started)"
+    state = effective_state(layout)
+    holder = lock_holder(layout)
+    lines = [
+        f"run      {layout.root}",
+        f"status   {state.status}: {STATUSES.get(state.status, '?')}",
+    ]
+    if state.error:
+        lines.append(f"reason   {state.error}")
+    if state.stop_reason:
+        lines.append(f"loop     {state.stop_reason}")
+    lines.append(f"runner   {_holder_text(holder) + ' (working now)' if holder else 'none working now'}")
+    if state.started_at:
+        lines.append(f"started  {state.started_at}, last update {state.updated_at}")
+    for entry in state.param_changes:
+        lines.append(f"params   changed at {entry['at']}: {_format_changes(entry['changes'])}")
+    rows = [
+        (name, "done", f"{state.timings[name]:.1f}" if name in state.timings else "") for name in state.done
+    ]
+    if state.current and state.current not in state.done:
+        rows.append((state.current, state.status, ""))
+    width = max([len("step"), *(len(r[0]) for r in rows)])
+    lines += [
+        "",
+        f"{'step':<{width}}  {'status':<11}  {'seconds':>8}",
+        f"{'-' * width}  {'-' * 11}  {'-' * 8}",
+    ]
+    lines += [f"{name:<{width}}  {st:<11}  {sec:>8}" for name, st, sec in rows]
+    total = sum(state.timings.get(n, 0.0) for n in state.done)
+    lines.append(f"{'total':<{width}}  {len(state.done):>3} done     {total:>8.1f}")
+    return "\n".join(lines)

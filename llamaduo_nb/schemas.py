@@ -5,7 +5,9 @@ from `runlayout.RunLayout`. `validate_rows(path, rows, schema)` checks rows agai
 stage fails with file, row and field when an upstream file is not what it declares.
 
 01_coverage
-  coverage/train.jsonl, coverage/test.jsonl          COVERAGE_ROW
+  coverage/train.jsonl, coverage/test.jsonl          COVERAGE_ROW + optional system (the row's system prompt,
+      from a chat system turn or a `system` field; put before the user turn in training, inference and
+      serving by finetune.student_messages)
   coverage/skipped.jsonl                             {row, field, problem, id}
   coverage/report.json                               counts: rows_read, rows_valid, skipped, train, test, per_category
   coverage/curation.json                             {"version": 1, "decisions": {id: {action, instruction?, response?, split?}}}

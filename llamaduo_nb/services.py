@@ -67,7 +67,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -157,19 +157,50 @@ class ChatResult:
 # --------------------------------------------------------------------------- parsing
 
 
-def extract_json(text: str) -> Any:
-    """The first JSON object or array in `text` (code fences, leading or trailing prose are fine).
+def find_json(text: str, wanted: Callable[[Any], bool] | None = None) -> list[Any]:
+    """Every JSON object or array in `text` that `wanted` accepts (all of them without `wanted`), in order.
 
-    Raises ValueError when there is none.
+    Scans each `{` and `[` (code fences, prose, rubric brackets around it are fine); a value that decodes
+    but is not wanted is looked into, so {"result": {...wanted...}} finds the inner object; the inside of a
+    wanted value is not searched again.
     """
+    decoder = json.JSONDecoder()
+    found: list[Any] = []
+    end = 0
+    for match in re.finditer(r"[{\[]", text):
+        if match.start() < end:
+            continue
+        try:
+            value, stop = decoder.raw_decode(text, match.start())
+        except json.JSONDecodeError:
+            continue
+        if wanted is None or wanted(value):
+            found.append(value)
+            end = stop
+    return found
+
+
+def extract_json(text: str, wanted: Callable[[Any], bool] | None = None) -> Any:
+    """The first JSON object or array in `text` that `wanted` accepts (the first of any kind without it).
+
+    So "rubric [1] ... {json}" yields the object when `wanted` asks for its keys. Raises ValueError when
+    there is none.
+    """
+    found = find_json(text, wanted) if wanted is not None else _first_json(text)
+    if not found:
+        what = "JSON object with the expected keys" if wanted is not None else "JSON object or array"
+        raise ValueError(f"no {what} found in the reply")
+    return found[0]
+
+
+def _first_json(text: str) -> list[Any]:
     decoder = json.JSONDecoder()
     for match in re.finditer(r"[{\[]", text):
         try:
-            value, _ = decoder.raw_decode(text, match.start())
+            return [decoder.raw_decode(text, match.start())[0]]
         except json.JSONDecodeError:
             continue
-        return value
-    raise ValueError("no JSON object or array found in the reply")
+    return []
 
 
 def parse_structured(text: str, schema: dict | None) -> tuple[Any | None, str | None]:

@@ -39,7 +39,7 @@ from .jsonio import DataFileError, read_json, read_jsonl, save_figure, write_jso
 from .notebook import Stage
 from .prompts import PromptTemplate, load_template
 from .runlayout import RunLayout
-from .services import ChatRequest, ChatResult, ServicePool, extract_json
+from .services import ChatRequest, ChatResult, ServicePool, extract_json, find_json
 
 if TYPE_CHECKING:
     from .teacher import Reward
@@ -150,27 +150,39 @@ def _pick(item: dict, keys: Sequence[str]) -> Any:
     return None
 
 
+def _pair_list(obj: Any) -> list | None:
+    """The list of candidate pairs `obj` holds, or None when it holds none (see parse_pairs)."""
+    if isinstance(obj, dict):
+        if _pick(obj, _INSTRUCTION_KEYS) is not None and _pick(obj, _RESPONSE_KEYS) is not None:
+            return [obj]
+        lists = [v for k, v in obj.items() if isinstance(v, list)]
+        preferred = [obj[k] for k in obj if str(k).lower() in ("pairs", "contents", "examples", "data")]
+        if preferred and isinstance(preferred[0], list):
+            return preferred[0]
+        return lists[0] if len(lists) == 1 else None
+    return obj if isinstance(obj, list) else None
+
+
+def _holds_pairs(obj: Any) -> bool:
+    """A JSON value worth taking as the reply: it holds a list with at least one object in it."""
+    items = _pair_list(obj)
+    return items is not None and any(isinstance(item, dict) for item in items)
+
+
 def parse_pairs(text: str, parsed: Any = None) -> tuple[list[dict], int]:
     """(pairs, malformed_items) from a generator reply; ValueError when no list of pairs is found.
 
     Accepted shapes: {"pairs": [...]} (what we ask for), the paper's {"contents": [...]}, any single
-    top-level list value, a bare list, or one {"instruction", "response"} object. Items that are not
-    objects with string instruction and response are dropped and counted.
+    top-level list value, a bare list, or one {"instruction", "response"} object — found anywhere in the
+    reply (prose, fences, a "[1]" rubric before it are skipped). Items that are not objects with string
+    instruction and response are dropped and counted.
     """
-    obj = parsed if isinstance(parsed, dict | list) else extract_json(text or "")
-    if isinstance(obj, dict):
-        if _pick(obj, _INSTRUCTION_KEYS) is not None and _pick(obj, _RESPONSE_KEYS) is not None:
-            items: Any = [obj]
-        else:
-            lists = [v for k, v in obj.items() if isinstance(v, list)]
-            preferred = [obj[k] for k in obj if str(k).lower() in ("pairs", "contents", "examples", "data")]
-            items = (
-                preferred[0]
-                if preferred and isinstance(preferred[0], list)
-                else (lists[0] if len(lists) == 1 else None)
-            )
+    if isinstance(parsed, dict | list) and _holds_pairs(parsed):
+        obj = parsed
     else:
-        items = obj
+        found = find_json(text or "", _holds_pairs)
+        obj = found[0] if found else extract_json(text or "")
+    items = _pair_list(obj)
     if not isinstance(items, list):
         raise ValueError(f"no list of pairs in the reply: {(text or '')[:200]!r}")
     pairs, malformed = [], 0

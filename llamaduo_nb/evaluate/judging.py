@@ -36,7 +36,7 @@ from typing import Any
 from ..config import EvaluateConfig, InferenceConfig
 from ..jsonio import DataFileError, read_jsonl
 from ..prompts import PromptTemplate, load_template
-from ..services import ChatRequest, ChatResult, ServicePool, extract_json
+from ..services import ChatRequest, ChatResult, ServicePool, extract_json, find_json
 from .metric_judges import applicable, metric_judgments
 
 METRICS = ("precision", "similarity")
@@ -122,36 +122,83 @@ def judge_messages(row: dict, template: PromptTemplate, rationale: bool = False)
 # --------------------------------------------------------------------------- parsing one judgment
 
 
-def _as_score(value: Any, name: str) -> float:
+# "8/10", "4 out of 5", "on a scale of 1-10", "(0 to 10)": the reply says which scale it used.
+_SCALE_MENTION = re.compile(
+    r"\b\d+(?:\.\d+)?\s*(?:/|out\s+of)\s*(?P<den>\d+)\b(?![/\d])"
+    r"|\bscale\s+(?:of|from)\s+[01]\s*(?:-|–|to)\s*(?P<top>\d+)\b",
+    re.IGNORECASE,
+)
+_SCALE_KEYS = ("out_of", "max", "max_score", "scale", "scale_max")
+_METRIC_KEYS = {metric: (metric, f"{metric}_score", f"{metric}_assessment") for metric in METRICS}
+
+
+def _other_scale(name: str, top: Any, scale_max: int) -> ValueError:
+    return ValueError(
+        f"{name} is on a 0-{top} scale, outside the {SCORE_MIN}..{scale_max} scale the prompt asked for"
+    )
+
+
+def _check_scale_keys(obj: dict, name: str, scale_max: int) -> None:
+    for key in _SCALE_KEYS:
+        top = obj.get(key)
+        if top is None:
+            continue
+        if isinstance(top, str):
+            match = re.search(r"(\d+)\s*$", top)
+            top = int(match.group(1)) if match else top
+        if top != scale_max:
+            raise _other_scale(name, top, scale_max)
+
+
+def _as_score(value: Any, name: str, scale_max: int = SCORE_MAX) -> float:
+    """One score on the 1..100 scale; a score on the asked `scale_max` scale is rescaled to 1..100.
+
+    A score that says it is on another scale ("8/10", {"score": 8, "out_of": 10}) is an error, never read
+    as 8/100.
+    """
     if isinstance(value, dict) and "score" in value:
+        _check_scale_keys({str(k).lower(): v for k, v in value.items()}, name, scale_max)
         value = value["score"]
     if isinstance(value, bool):
-        raise ValueError(f"{name} is a boolean ({value!r}), expected a number 1-100")
+        raise ValueError(f"{name} is a boolean ({value!r}), expected a number {SCORE_MIN}-{scale_max}")
     if isinstance(value, str):
         text = value.strip()
-        match = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*(?:/\s*100)?", text)
+        match = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*(?:(?:/|out\s+of)\s*(\d+))?", text, re.IGNORECASE)
         if not match:
             raise ValueError(f"{name} is not a number: {value!r}")
+        if match.group(2) is not None and int(match.group(2)) != scale_max:
+            raise _other_scale(f"{name}={text!r}", match.group(2), scale_max)
         value = float(match.group(1))
     if not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{name} is not a number: {value!r}")
-    if not SCORE_MIN <= value <= SCORE_MAX:
-        raise ValueError(f"{name}={value:g} is outside {SCORE_MIN}..{SCORE_MAX}")
-    return float(value)
+    if not SCORE_MIN <= value <= scale_max:
+        raise ValueError(f"{name}={value:g} is outside {SCORE_MIN}..{scale_max}")
+    return float(value) * SCORE_MAX / scale_max
 
 
-def scores_from_object(obj: Any) -> dict[str, float]:
+def _judgment_keys(obj: Any) -> bool:
+    """Whether `obj` is an object carrying both scores (under any accepted key)."""
+    if not isinstance(obj, dict):
+        return False
+    keys = {str(k).strip().lower() for k in obj}
+    has_similarity = bool(keys & {*_METRIC_KEYS["similarity"], "score"})
+    return has_similarity and bool(keys & set(_METRIC_KEYS["precision"]))
+
+
+def scores_from_object(obj: Any, scale_max: int = SCORE_MAX) -> dict[str, float]:
     """Read similarity and precision from a judge's JSON reply; ValueError says what is wrong.
 
     Accepted shapes: {"similarity": s, "precision": p} (what we ask for), the same keys with a `_score`
     suffix or holding {"score": x}, and the paper's nested {"score": s, "precision_assessment": {"score": p}}.
+    Scores are on the 1..`scale_max` scale the prompt asked for (rescaled to 1..100).
     """
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     lowered = {str(k).strip().lower(): v for k, v in obj.items()}
+    _check_scale_keys(lowered, "the judgment", scale_max)
     found: dict[str, Any] = {}
-    for metric in METRICS:
-        for key in (metric, f"{metric}_score", f"{metric}_assessment"):
+    for metric, keys in _METRIC_KEYS.items():
+        for key in keys:
             if key in lowered:
                 found[metric] = lowered[key]
                 break
@@ -160,13 +207,33 @@ def scores_from_object(obj: Any) -> dict[str, float]:
     missing = [m for m in METRICS if m not in found]
     if missing:
         raise ValueError(f"missing {missing} in {json.dumps(obj)[:200]}")
-    return {metric: _as_score(found[metric], metric) for metric in METRICS}
+    return {metric: _as_score(found[metric], metric, scale_max) for metric in METRICS}
 
 
-def parse_judgment(text: str, parsed: Any = None) -> dict[str, float]:
-    """Scores of one judge reply: the client's parsed JSON when present, else the JSON found in `text`."""
-    obj = parsed if isinstance(parsed, dict) else extract_json(text or "")
-    return scores_from_object(obj)
+def parse_judgment(text: str, parsed: Any = None, scale_max: int = SCORE_MAX) -> dict[str, float]:
+    """Scores of one judge reply, on 1..100; ValueError says why the reply is not a judgment.
+
+    Uses the client's parsed JSON when it is an object, else the JSON object with both score keys found
+    anywhere in `text` (so "rubric [1] ... {json}" works). A reply that holds two different judgments, or
+    says (in the prose around the JSON, or with an `out_of`-style key) that it scored on another scale than
+    the 1..`scale_max` the prompt asked for ("8/10", "on a scale of 1-10"), is a failure. Pass `scale_max` only when the judge prompt asked for that scale.
+    """
+    text = text or ""
+    first, last = text.find("{"), text.rfind("}")
+    prose = text if first < 0 or last < first else text[:first] + " " + text[last + 1 :]
+    for mention in _SCALE_MENTION.finditer(prose):
+        top = mention.group("den") or mention.group("top")
+        if int(top) != scale_max:
+            raise _other_scale(f"the reply ({mention.group(0)!r})", top, scale_max)
+    if isinstance(parsed, dict):
+        return scores_from_object(parsed, scale_max)
+    candidates = find_json(text, _judgment_keys)
+    if not candidates:  # say what is wrong with the JSON that is there (missing key, ...), if any
+        return scores_from_object(extract_json(text, lambda v: isinstance(v, dict)), scale_max)
+    judgments = [scores_from_object(obj, scale_max) for obj in candidates]
+    if any(j != judgments[0] for j in judgments[1:]):
+        raise ValueError(f"the reply holds {len(judgments)} different judgments: {judgments}")
+    return judgments[0]
 
 
 def rationale_of(text: str, parsed: Any = None) -> str | None:
