@@ -305,7 +305,13 @@ def teacher_server():
 def study_run(tmp_path: Path, url: str, candidates: list[dict]) -> tuple[RunConfig, RunLayout]:
     from tinyrun import TEST, TRAIN, coverage_rows
 
-    provider = {"name": "svc", "kind": "openai_compatible", "model": "test-model", "base_url": url}
+    provider = {
+        "name": "svc",
+        "kind": "openai_compatible",
+        "model": "test-model",
+        "base_url": url,
+        "free": True,
+    }
     data = yaml.safe_load((ROOT / "params" / "demo.yaml").read_text())
     data.update(run_name="study", outputs_dir=str(tmp_path), prices_file=str(ROOT / "params" / "prices.yaml"))
     data["providers"] = [provider]
