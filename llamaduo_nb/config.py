@@ -98,14 +98,31 @@ class ProviderConfig:
 
 
 @dataclass(frozen=True)
+class GivenSplits:
+    """Which split of the source dataset is the train split and which the test split."""
+
+    train: str = "train"
+    test: str = "test"
+
+    EXAMPLE = "train: train\ntest: test"
+
+    def validate(self) -> None:
+        _check(self.train != self.test, "test", f"must differ from train ({self.train!r})")
+
+
+@dataclass(frozen=True)
 class CoverageConfig:
     source: str  # local path (JSONL, JSON array, CSV, Parquet, HF save_to_disk folder) or a hub name
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "hf_disk", "hub"] = "auto"
-    hub_split: str = "train"  # split to read when format is hub
+    hub_split: str = "train"  # split to read when format is hub (ignored when `splits` is set)
     hub_subset: str | None = None
     categories: list[str] | None = None  # keep only these categories (None: all)
-    train_ratio: float = 0.8  # Phi: share of rows going to the train split
+    train_ratio: float = 0.8  # Phi: share of rows going to the train split (unused when `splits` is set)
     stratify_by: str | None = "category"
+    # Take the dataset's own train/test splits instead of re-splitting by Phi: the names of the two splits
+    # of a hub / save_to_disk dataset, or the two values of `split_column` in a JSONL/CSV file.
+    splits: GivenSplits | None = None
+    split_column: str | None = None  # JSONL/CSV column holding each row's split (with `splits`)
     strictness: Literal["strict", "lenient"] = (
         "strict"  # strict: first bad row is an error; lenient: skip + report
     )
@@ -124,6 +141,11 @@ class CoverageConfig:
         _check(self.max_chars > 0, "max_chars", "must be > 0")
         _check(self.max_rows is None or self.max_rows >= 2, "max_rows", "must be >= 2 (one train, one test)")
         _check(bool(self.source), "source", "must name a file, folder or hub dataset")
+        _check(
+            self.split_column is None or self.splits is not None,
+            "split_column",
+            "only used with splits, e.g. splits: {train: train, test: test}",
+        )
 
 
 @dataclass(frozen=True)
@@ -135,12 +157,28 @@ class StudentConfig:
     # torch CPU threads for fine-tuning and inference (null: torch's default, one per core). When other work
     # keeps the cores busy, 1 can be several times faster: a 2-thread matmul waits for a preempted thread.
     cpu_threads: int | None = None
+    # Chat template for a checkpoint that has none (a base model such as google/gemma-7b), or to replace
+    # its own: a preset name (chatml, gemma) or a Jinja string. null: the checkpoint's template, if any.
+    chat_template: str | None = None
 
-    EXAMPLE = "model_id: google/gemma-7b\nrevision: main\ntorch_dtype: bfloat16"
+    EXAMPLE = "model_id: google/gemma-7b\nrevision: main\ntorch_dtype: bfloat16\nchat_template: gemma"
 
     def validate(self) -> None:
         _check(bool(self.model_id), "model_id", "name a hub id, a local folder or embedded:smollm2")
         _check(self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads", "must be >= 1 or null")
+        _check(
+            self.chat_template is None
+            or self.chat_template in CHAT_TEMPLATE_PRESETS
+            or "{%" in self.chat_template
+            or "{{" in self.chat_template,
+            "chat_template",
+            f"a preset ({', '.join(CHAT_TEMPLATE_PRESETS)}) or a Jinja template string, e.g. chatml",
+        )
+
+
+# Presets for `student.chat_template`; the templates themselves live in finetune.CHAT_TEMPLATES.
+CHAT_TEMPLATE_PRESETS = ("chatml", "gemma")
+REPORT_TO = ("none", "tensorboard", "trackio", "mlflow", "wandb")
 
 
 @dataclass(frozen=True)
@@ -158,7 +196,13 @@ class FinetuneConfig:
     per_device_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     max_length: int = 1024
-    continue_from_previous: bool = False  # paper: retrain from the base each cycle on the grown data
+    # Where cycle t >= 1 starts (eq. 1 of the paper fine-tunes pi(t) from pi(t-1)):
+    #   base              a fresh LoRA on the base model each cycle, trained on all data so far (default)
+    #   previous_adapter  keep training cycle t-1's adapter (its rank stays; no Table-5 rank change)
+    #   previous_merged   cycle t-1's adapter merged into the base, then a fresh LoRA of this cycle's rank;
+    #                     the saved adapter stacks both, so it still loads on the plain base
+    start_from: Literal["base", "previous_adapter", "previous_merged"] = "base"
+    report_to: list[str] | str = "none"  # experiment tracking: none, tensorboard, trackio, mlflow, wandb
     logging_steps: int = 5
     seed: int = 42
     save_steps: int = 50  # checkpoint every N optimizer steps into cycle_NN/checkpoints/ (0: none)
@@ -179,6 +223,14 @@ class FinetuneConfig:
         _check(self.max_length >= 16, "max_length", "must be >= 16")
         _check(self.save_steps >= 0, "save_steps", "must be >= 0 (0: no checkpoints), e.g. 50")
         _check(self.save_total_limit >= 1, "save_total_limit", "must be >= 1, e.g. 2")
+        trackers = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        for name in trackers:
+            _check(name in REPORT_TO, "report_to", f"{name!r} is not one of {list(REPORT_TO)}")
+        _check(
+            "none" not in trackers or len(trackers) == 1,
+            "report_to",
+            "'none' cannot be combined with trackers",
+        )
 
 
 @dataclass(frozen=True)
@@ -322,7 +374,9 @@ class SynthesizeConfig:
     generator: str  # provider name
     pairs_per_request: int = 5
     target_per_cycle: int = 64  # accepted rows wanted per cycle (before growth)
-    growth: Literal["constant", "double"] = "double"  # paper: data grows as 2^n k
+    # double: cycle t adds 2^t k rows (cumulative k, 3k, 7k, ...); double_total: the cumulative synthetic
+    # volume doubles (k, 2k, 4k, ...: the paper's 1K ... 256K); constant: k rows each cycle
+    growth: Literal["constant", "double", "double_total"] = "double"
     max_requests_per_cycle: int = 64
     temperature: float = 1.0
     max_tokens: int = 1024
@@ -778,11 +832,13 @@ def dump_config(cfg: RunConfig, path: str | Path) -> Path:
 def table5_lora(n_rows: int) -> tuple[int, int]:
     """LoRA (rank, alpha) by training-set size, after the paper's Table 5.
 
-    Table 5 lists rank 8 / alpha 16 up to 16K rows, 16 / 32 at 32K and 32 / 64 from 64K to 256K. Sizes
-    between the listed points take the schedule of the next listed point at or above them.
+    Table 5 lists rank 8 / alpha 16 for the volumes 1K to 16K, 16 / 32 at 32K and 32 / 64 from 64K to
+    256K. A cycle trains on the coverage train split plus the synthetic volume (16K synthetic + 395
+    coverage rows is still "the 16K run"), so a size takes the schedule of the nearest listed volume on a
+    log scale: the boundaries are the geometric means sqrt(16K * 32K) ~ 22.6K and sqrt(32K * 64K) ~ 45.3K.
     """
-    if n_rows <= 16_000:
+    if n_rows * n_rows <= 16_000 * 32_000:
         return 8, 16
-    if n_rows <= 32_000:
+    if n_rows * n_rows <= 32_000 * 64_000:
         return 16, 32
     return 32, 64

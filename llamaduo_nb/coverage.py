@@ -20,6 +20,7 @@ not valid UTF-8. Rows are 1-based lines for JSONL/CSV, element numbers for JSON 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -535,13 +536,124 @@ def check_disjoint(train: list[dict], test: list[dict]) -> None:
         )
 
 
+# --------------------------------------------------------------------------- splits as given by the dataset
+
+
+def import_given_splits(cfg: CoverageConfig) -> tuple[Imported, dict[str, str]]:
+    """Read a dataset whose train/test splits are given (`coverage.splits`), keeping them as they are.
+
+    Hub and save_to_disk datasets: each named split is imported on its own (same validation, category
+    filter and `max_rows` per split). JSONL/CSV: the file is imported once and each row goes to the split
+    named in its `split_column`; a row with another value is an error naming file, row and field (skipped
+    in lenient mode). Returns the imported rows and {row id: "train" | "test"}.
+
+    A test prompt that also appears in the train split would leak the answer: in lenient mode the train
+    copy is dropped and reported, in strict mode it is an error. (Within one file the importer's own
+    duplicate-prompt check sees both splits at once and keeps the first copy.)
+    """
+    assert cfg.splits is not None
+    names = {"train": cfg.splits.train, "test": cfg.splits.test}
+    fmt = detect_format(cfg.source, cfg.format)
+    if fmt in ("hub", "hf_disk"):
+        if cfg.split_column is not None:
+            raise DataFileError(
+                cfg.source, None, "split_column", "only for JSONL/CSV files; datasets have splits"
+            )
+        parts = {}
+        for role, name in names.items():
+            _check_split_exists(cfg, fmt, name)
+            part = import_coverage(dataclasses.replace(cfg, hub_split=name, splits=None))
+            for row in part.rows:
+                row["source"] = row["source"].replace(f"{cfg.source}#", f"{cfg.source}[{name}]#", 1)
+            for skipped in part.skipped:
+                skipped.problem = f"[{name}] {skipped.problem}"
+            parts[role] = part
+        imported = Imported(
+            source=cfg.source,
+            rows=parts["test"].rows + parts["train"].rows,
+            skipped=parts["test"].skipped + parts["train"].skipped,
+            n_read=parts["test"].n_read + parts["train"].n_read,
+        )
+        given = {r["id"]: "test" for r in parts["test"].rows}
+        train_rows = parts["train"].rows
+    else:
+        if cfg.split_column is None:
+            raise DataFileError(
+                cfg.source, None, "split_column", "name the column holding each row's split, e.g. split"
+            )
+        imported = import_coverage(dataclasses.replace(cfg, splits=None))
+        split_of_line = {
+            rownum: record.get(cfg.split_column) if isinstance(record, dict) else None
+            for rownum, record in iter_raw_rows(cfg.source, fmt, cfg)
+        }
+        role_of = {name: role for role, name in names.items()}
+        given, train_rows = {}, []
+        for row in imported.rows:
+            rownum = int(row["source"].rsplit("#", 1)[1])
+            value = split_of_line.get(rownum)
+            if value not in role_of:
+                problem = f"{value!r} is neither {names['train']!r} (train) nor {names['test']!r} (test)"
+                if cfg.strictness == "strict":
+                    raise DataFileError(cfg.source, rownum, cfg.split_column, problem)
+                imported.skipped.append(Skipped(rownum, cfg.split_column, problem, row["id"]))
+                continue
+            if role_of[value] == "test":
+                given[row["id"]] = "test"
+            else:
+                train_rows.append(row)
+    test_rows = [r for r in imported.rows if given.get(r["id"]) == "test"]
+    test_prompts = {normalize_prompt(r["instruction"]) for r in test_rows}
+    kept_train = []
+    for row in train_rows:
+        if normalize_prompt(row["instruction"]) in test_prompts or row["id"] in given:
+            what = "prompt" if normalize_prompt(row["instruction"]) in test_prompts else "id"
+            problem = f"duplicate {what}: the test split holds the same {what} (the train copy would leak it)"
+            rownum = int(row["source"].rsplit("#", 1)[1])
+            if cfg.strictness == "strict":
+                raise DataFileError(row["source"].rsplit("#", 1)[0], rownum, "instruction", problem)
+            imported.skipped.append(Skipped(rownum, "instruction", problem, row["id"]))
+            continue
+        given[row["id"]] = "train"
+        kept_train.append(row)
+    imported.rows = test_rows + kept_train
+    return imported, given
+
+
+def _check_split_exists(cfg: CoverageConfig, fmt: str, name: str) -> None:
+    if fmt != "hf_disk":
+        return  # the hub names its splits in load_dataset's own error
+    import datasets
+
+    ds = datasets.load_from_disk(cfg.source)
+    available = list(ds) if isinstance(ds, datasets.DatasetDict) else []
+    if name not in available:
+        raise DataFileError(
+            cfg.source, None, "splits", f"no split named {name!r}; the dataset has {available}"
+        )
+
+
+def split_as_given(rows: Iterable[dict], given: dict[str, str]) -> tuple[list[dict], list[dict]]:
+    """(train, test) by each row's given split, sorted by id like `split_rows`."""
+    rows = list(rows)
+    train = sorted((r for r in rows if given.get(r["id"]) == "train"), key=lambda r: r["id"])
+    test = sorted((r for r in rows if given.get(r["id"]) == "test"), key=lambda r: r["id"])
+    return train, test
+
+
 def build_coverage(
     cfg: CoverageConfig, seed: int, decisions: dict[str, dict] | None = None
 ) -> CoverageResult:
-    imported = import_coverage(cfg)
+    given: dict[str, str] | None = None
+    if cfg.splits is not None:
+        imported, given = import_given_splits(cfg)
+    else:
+        imported = import_coverage(cfg)
     decisions = decisions or {}
     rows, rejected = apply_edits(imported.rows, decisions)
-    train, test = split_rows(rows, cfg.train_ratio, seed, cfg.stratify_by)
+    if given is not None:
+        train, test = split_as_given(rows, given)
+    else:
+        train, test = split_rows(rows, cfg.train_ratio, seed, cfg.stratify_by)
     train, test = apply_moves(train, test, decisions)
     check_disjoint(train, test)
     per_cat = {
@@ -559,7 +671,8 @@ def build_coverage(
             "edited": sum(1 for d in decisions.values() if d["action"] == "edit"),
             "moved": sum(1 for d in decisions.values() if d.get("split")),
         },
-        "train_ratio": cfg.train_ratio,
+        "train_ratio": cfg.train_ratio if given is None else None,
+        "split": "as given" if given is not None else "by train_ratio",
         "seed": seed,
         "train": len(train),
         "test": len(test),

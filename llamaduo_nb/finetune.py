@@ -1,9 +1,20 @@
 """02 · Fine-tune: LoRA supervised fine-tuning of the student on the data of one LlamaDuo cycle.
 
 Cycle t trains on the coverage train split plus every synthetic row accepted in cycles 0..t-1 (paper
-§3.2), written first to `cycle_NN/train_data.jsonl` with one count per origin. By default each cycle
-starts again from the base model, as the paper does; `finetune.continue_from_previous` loads the
-previous cycle's adapter instead.
+§3.2), written first to `cycle_NN/train_data.jsonl` with one count per origin.
+
+Where cycle t starts (`finetune.start_from`). The paper's eq. 1 fine-tunes pi(t) from pi(t-1) and raises
+the LoRA rank with the data volume (Table 5). `previous_merged` does both: cycle t-1's adapter is merged
+into the base, a fresh LoRA of the Table-5 rank for this cycle's volume is trained on top, and the saved
+adapter stacks the two (`stack_adapters`: one LoRA of rank r1 + r2 that loads on the plain base, so 03,
+06 and vLLM need nothing else). `previous_adapter` keeps training cycle t-1's adapter at its rank.
+`base` (the default) trains a fresh LoRA on the base each cycle on all data so far: every cycle then
+sees the same number of steps from the same start, so the difference between cycles is the data alone,
+which is what the small demo can show; the paper configuration uses `previous_merged`.
+
+Chat template: a base checkpoint without one (google/gemma-7b) gets `student.chat_template` (a preset
+or a Jinja string) instead of a refusal. Experiment tracking: `finetune.report_to` (tensorboard,
+trackio, mlflow, wandb; TensorBoard event files go to `cycle_NN/runs/`).
 
 How the loss sees a row. Every row becomes a conversational prompt-completion pair: the prompt is one
 user turn (`student_messages`), the completion the assistant turn. TRL tokenizes the prompt with the
@@ -44,6 +55,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -244,8 +256,67 @@ def quiet_peft_deprecations() -> Iterator[None]:
         yield
 
 
+# `student.chat_template` presets: (Jinja template, the token that ends an assistant turn). Both render the
+# prompt as a prefix of the whole conversation, which the prompt-completion loss mask relies on.
+CHAT_TEMPLATES: dict[str, tuple[str, str]] = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+        "<|im_end|>",
+    ),
+    # Gemma's turn format: the assistant's role is called "model"; no system role.
+    "gemma": (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ raise_exception('gemma: no system role') }}{% endif %}"
+        "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}",
+        "<end_of_turn>",
+    ),
+}
+
+
+def apply_chat_template_setting(tokenizer: Any, student: StudentConfig, path: str) -> str:
+    """Give the tokenizer the chat template the params ask for; returns where its template came from.
+
+    A preset also makes its end-of-turn token the tokenizer's EOS, so training learns to stop there and
+    generation stops there; the token must already be in the vocabulary (a new token would need new,
+    untrained embeddings). A checkpoint with no template and none in the params is refused.
+    """
+    setting = student.chat_template
+    if setting is None:
+        if not tokenizer.chat_template:
+            raise ConfigError(
+                f"student.model_id: {student.model_id} ({path}) has no chat template. LlamaDuo fine-tunes a "
+                "chat format: use an -Instruct / -it checkpoint, or give one in params, e.g. "
+                "student.chat_template: gemma (presets: " + ", ".join(CHAT_TEMPLATES) + ") or a Jinja string"
+            )
+        return "checkpoint"
+    if setting in CHAT_TEMPLATES:
+        template, end_of_turn = CHAT_TEMPLATES[setting]
+        token_id = tokenizer.convert_tokens_to_ids(end_of_turn)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ConfigError(
+                f"student.chat_template: preset {setting!r} ends turns with {end_of_turn}, which is not a token "
+                f"of {student.model_id}'s vocabulary; pick the preset of its family or give a Jinja template "
+                f"that ends turns with its EOS token {tokenizer.eos_token!r}"
+            )
+        tokenizer.chat_template = template
+        tokenizer.eos_token = end_of_turn
+        return f"params preset {setting}"
+    tokenizer.chat_template = setting
+    return "params (Jinja string)"
+
+
 def load_student(student: StudentConfig, quantization: str = "none", dtype: str | None = None):
-    """(model, tokenizer, model_path) for the student base; 4-bit NF4 when `quantization == '4bit'`."""
+    """(model, tokenizer, model_path) for the student base; 4-bit NF4 when `quantization == '4bit'`.
+
+    The tokenizer carries the chat template of `student.chat_template` when the params give one.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -275,13 +346,74 @@ def load_student(student: StudentConfig, quantization: str = "none", dtype: str 
     tokenizer = AutoTokenizer.from_pretrained(
         path, revision=student.revision, trust_remote_code=student.trust_remote_code
     )
-    if not tokenizer.chat_template:
-        raise ConfigError(
-            f"student.model_id: {student.model_id} ({path}) has no chat template; LlamaDuo fine-tunes chat "
-            "models (e.g. an -Instruct / -it checkpoint)"
-        )
+    apply_chat_template_setting(tokenizer, student, str(path))
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return model, tokenizer, path
+
+
+# --------------------------------------------------------------------------- continual fine-tuning
+
+
+def previous_adapter(layout: RunLayout, cycle: int) -> Path:
+    """The adapter folder of cycle `cycle - 1`, which `start_from: previous_*` builds on."""
+    previous = layout.adapter_dir(cycle - 1)
+    if not (previous / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"finetune.start_from needs the model of cycle {cycle - 1}, but {previous} holds no adapter; "
+            f"run 02_finetune for cycle {cycle - 1} first, or set finetune.start_from: base"
+        )
+    return previous
+
+
+def stack_adapters(lower: Path, upper: Path, target: Path) -> dict[str, Any]:
+    """Write at `target` one LoRA adapter equal to `lower` followed by `upper` (trained on lower merged).
+
+    Two LoRA updates add up: s1 B1 A1 + s2 B2 A2 = [s1 B1 | s2 B2] [A1 ; A2], a single LoRA of rank
+    r1 + r2 with scaling 1 (alpha = rank). So the model of a `previous_merged` cycle, which is the base
+    with the previous adapter merged plus a fresh adapter, is saved as one adapter on the plain base:
+    inference, deploy and vLLM load it like any other. Modules adapted by only one side get zeros from
+    the other. `upper`'s tokenizer and the rest of its folder are kept. Returns {r, alpha, ranks}.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    configs = [read_json(folder / "adapter_config.json") for folder in (lower, upper)]
+    for folder, config in zip((lower, upper), configs, strict=True):
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise ValueError(f"{folder}: adapters with rank_pattern / alpha_pattern cannot be stacked")
+    weights = [load_file(folder / "adapter_model.safetensors") for folder in (lower, upper)]
+    ranks = [int(config["r"]) for config in configs]
+    scales = [
+        float(config["lora_alpha"]) / (math.sqrt(r) if config.get("use_rslora") else r)
+        for config, r in zip(configs, ranks, strict=True)
+    ]
+    modules = sorted({key.rsplit(".lora_", 1)[0] for w in weights for key in w if ".lora_" in key})
+    stacked: dict[str, Any] = {}
+    for module in modules:
+        a_parts, b_parts = [], []
+        for w, r, scale in zip(weights, ranks, scales, strict=True):
+            a, b = w.get(f"{module}.lora_A.weight"), w.get(f"{module}.lora_B.weight")
+            if a is None or b is None:
+                other = next(x for x in weights if f"{module}.lora_A.weight" in x)
+                a_like, b_like = other[f"{module}.lora_A.weight"], other[f"{module}.lora_B.weight"]
+                a = a_like.new_zeros((r, a_like.shape[1]))
+                b = b_like.new_zeros((b_like.shape[0], r))
+            a_parts.append(a.float())
+            b_parts.append(b.float() * scale)
+        dtype = next(iter(weights[1].values())).dtype
+        stacked[f"{module}.lora_A.weight"] = torch.cat(a_parts, dim=0).to(dtype).contiguous()
+        stacked[f"{module}.lora_B.weight"] = torch.cat(b_parts, dim=1).to(dtype).contiguous()
+    total = sum(ranks)
+    config = dict(configs[1])
+    config.update(r=total, lora_alpha=total, use_rslora=False)
+    targets = [set(c["target_modules"]) if isinstance(c["target_modules"], list) else None for c in configs]
+    if all(t is not None for t in targets):
+        config["target_modules"] = sorted(targets[0] | targets[1])
+    with atomic_dir(target) as tmp:
+        shutil.copytree(upper, tmp, dirs_exist_ok=True)
+        save_file(stacked, str(Path(tmp) / "adapter_model.safetensors"), metadata={"format": "pt"})
+        write_json(Path(tmp) / "adapter_config.json", config)
+    return {"r": total, "alpha": total, "ranks": ranks}
 
 
 # --------------------------------------------------------------------------- the training run
@@ -312,6 +444,10 @@ class FinetunePlan:
     truncated_rows: int
     scratch_dir: Path  # the Trainer's output_dir = cycle_NN/checkpoints/, removed once the adapter is saved
     resume_from: str | None = None  # the checkpoint a re-run after a crash continues from
+    start_from: str = "base"
+    stacked_on: Path | None = None  # previous_merged: the adapter this cycle's LoRA is stacked on when saved
+    chat_template_source: str = "checkpoint"
+    report_to: list[str] = field(default_factory=list)
 
     def table(self) -> pd.DataFrame:
         rows = {
@@ -320,6 +456,8 @@ class FinetunePlan:
             "rows cut at max_length": self.truncated_rows,
             "initialised from": self.init_from,
             "LoRA rank / alpha": f"{self.lora_r} / {self.lora_alpha} ({self.lora_source})",
+            "chat template": self.chat_template_source,
+            "experiment tracking": ", ".join(self.report_to) or "none",
             "quantization": "QLoRA 4-bit NF4" if self.quantization == "4bit" else "none (plain LoRA)",
             "device / weights / mixed precision": f"{self.device} / {self.dtype} / {self.mixed_precision}",
             "optimizer steps": self.steps,
@@ -402,23 +540,31 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
     set_seed(ft.seed)  # LoRA's A matrices are initialised randomly
     model, tokenizer, model_path = load_student(cfg.student, quantization, dtype)
     gradient_checkpointing = on_cuda  # saves GPU memory; on CPU it only costs time
-    if quantization == "4bit":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
     peft_config = None
-    if ft.continue_from_previous and cycle > 0:
-        previous = layout.adapter_dir(cycle - 1)
-        if not (previous / "adapter_config.json").is_file():
-            raise FileNotFoundError(
-                f"finetune.continue_from_previous is true but {previous} holds no adapter; "
-                f"run 02_finetune for cycle {cycle - 1} first, or set continue_from_previous: false"
-            )
+    stacked_on: Path | None = None
+    start_from = ft.start_from if cycle > 0 else "base"
+    if start_from != "base":
+        previous = previous_adapter(layout, cycle)
+    if start_from == "previous_adapter":
+        if quantization == "4bit":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         with quiet_peft_deprecations():
             model = PeftModel.from_pretrained(model, previous, is_trainable=True)
         lora = model.peft_config["default"]
         lora_r, lora_alpha, lora_source = lora.r, lora.lora_alpha, f"previous adapter (cycle {cycle - 1})"
-        init_from = f"adapter of cycle {cycle - 1}"
+        init_from = f"adapter of cycle {cycle - 1}, trained further"
     else:
+        if start_from == "previous_merged":
+            with quiet_peft_deprecations():
+                model = PeftModel.from_pretrained(model, previous).merge_and_unload()
+            stacked_on = previous
+            init_from = f"model of cycle {cycle - 1} (its adapter merged into the base), fresh LoRA"
+        else:
+            init_from = f"base {cfg.student.model_id}"
+        if quantization == "4bit":
+            # After a merge: peft folded the previous adapter into the 4-bit weights (dequantise, add, requantise).
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         lora_r, lora_alpha, lora_source = lora_shape(ft, len(data.rows))
         peft_config = LoraConfig(
             r=lora_r,
@@ -427,8 +573,9 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
             target_modules=ft.target_modules,
             task_type="CAUSAL_LM",
         )
-        init_from = f"base {cfg.student.model_id}"
 
+    report_to = tracking_backends(ft.report_to)
+    trainer_report_to, callbacks = tracking_callbacks(report_to, layout.tracking_dir(cycle))
     steps = planned_steps(ft, len(data.rows), state.num_processes)
     logging_steps = max(1, min(ft.logging_steps, steps))
     output_dir, resume_from = checkpoint_folder(cfg, layout, cycle, data.path)
@@ -451,7 +598,8 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
             save_strategy="steps" if ft.save_steps > 0 else "no",
             save_steps=max(ft.save_steps, 1),
             save_total_limit=ft.save_total_limit,
-            report_to="none",
+            report_to=trainer_report_to or "none",
+            run_name=f"{cfg.run_name}-cycle_{cycle:02d}",
             seed=ft.seed,
             data_seed=ft.seed,
             bf16=mixed_precision == "bf16",
@@ -470,6 +618,7 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
                 train_dataset=dataset,
                 processing_class=tokenizer,
                 peft_config=peft_config,
+                callbacks=callbacks,
             )
         train_dataset = trainer.train_dataset
         if len(train_dataset) == 0:
@@ -508,7 +657,53 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
         truncated_rows=truncated,
         scratch_dir=output_dir,
         resume_from=resume_from,
+        start_from=start_from,
+        stacked_on=stacked_on,
+        chat_template_source=chat_template_source(cfg.student),
+        report_to=report_to,
     )
+
+
+# Trainer integration name -> the package it needs (what `pip install` wants).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "trackio": "trackio", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def tracking_backends(setting: list[str] | str) -> list[str]:
+    """The Trainer's `report_to` list for `finetune.report_to`; a tracker whose package is missing is an
+    error naming it (credentials such as WANDB_API_KEY come from the environment, never from params)."""
+    import importlib.util
+
+    names = [setting] if isinstance(setting, str) else list(setting)
+    names = [name for name in names if name != "none"]
+    for name in names:
+        package = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"finetune.report_to: {name} needs the package {package!r}, which is not installed: "
+                f"pip install {package}  (or remove {name} from report_to)"
+            )
+    return names
+
+
+def tracking_callbacks(report_to: list[str], folder: Path) -> tuple[list[str], list[Any]]:
+    """(report_to for the Trainer, extra callbacks): TensorBoard writes its event files into the run folder
+    (`folder`; the Trainer's own output_dir is scratch), through a writer given to its callback rather
+    than the TENSORBOARD_LOGGING_DIR environment variable."""
+    if "tensorboard" not in report_to:
+        return report_to, []
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    folder.mkdir(parents=True, exist_ok=True)
+    others = [name for name in report_to if name != "tensorboard"]
+    return others, [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))]
+
+
+def chat_template_source(student: StudentConfig) -> str:
+    setting = student.chat_template
+    if setting is None:
+        return "the checkpoint's own"
+    return f"params preset {setting}" if setting in CHAT_TEMPLATES else "params (Jinja string)"
 
 
 def checkpoint_fingerprint(cfg: RunConfig, train_data: Path) -> str:
@@ -595,7 +790,13 @@ def train(cfg: RunConfig, layout: RunLayout, plan: FinetunePlan) -> dict[str, An
     wall, cpu = time.monotonic() - started, time.process_time() - cpu_started
     if not trainer.is_world_process_zero():
         return {}
-    save_adapter(trainer, plan.tokenizer, layout.adapter_dir(cycle))
+    stacked = None
+    if plan.stacked_on is None:
+        save_adapter(trainer, plan.tokenizer, layout.adapter_dir(cycle))
+    else:
+        with tempfile.TemporaryDirectory(prefix=".new-adapter-", dir=layout.cycle_dir(cycle)) as fresh:
+            save_adapter(trainer, plan.tokenizer, Path(fresh) / "adapter")
+            stacked = stack_adapters(plan.stacked_on, Path(fresh) / "adapter", layout.adapter_dir(cycle))
     shutil.rmtree(plan.scratch_dir, ignore_errors=True)  # the finished adapter replaces the checkpoints
     log = training_log(trainer.state.log_history)
     write_jsonl(layout.train_log(cycle), log)
@@ -613,6 +814,10 @@ def train(cfg: RunConfig, layout: RunLayout, plan: FinetunePlan) -> dict[str, An
         },
         "init_from": plan.init_from,
         "resumed_from_step": _checkpoint_step(plan.resume_from),
+        "start_from": plan.start_from,
+        "chat_template": plan.chat_template_source,
+        "report_to": plan.report_to,
+        "tracking_dir": str(layout.tracking_dir(cycle)) if "tensorboard" in plan.report_to else None,
         "rows": len(plan.data.rows),
         "rows_by_origin": plan.data.by_origin,
         "earlier_cycles_without_synthetic_file": plan.data.missing_synthetic,
@@ -626,6 +831,8 @@ def train(cfg: RunConfig, layout: RunLayout, plan: FinetunePlan) -> dict[str, An
             "source": plan.lora_source,
             "dropout": ft.lora_dropout,
             "target_modules": ft.target_modules,
+            # previous_merged: the saved adapter stacks cycle t-1's (rank r1) and this cycle's (rank r)
+            "saved": stacked or {"r": plan.lora_r, "alpha": plan.lora_alpha, "ranks": [plan.lora_r]},
         },
         "quantization": plan.quantization,
         "quantization_setting": ft.quantization,

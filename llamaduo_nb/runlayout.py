@@ -129,6 +129,10 @@ class RunLayout:
     def train_data_file(self, cycle: int) -> Path:
         return self.cycle_dir(cycle) / "train_data.jsonl"
 
+    def tracking_dir(self, cycle: int) -> Path:
+        """TensorBoard event files of the cycle's fine-tuning (finetune.report_to: tensorboard)."""
+        return self.cycle_dir(cycle) / "runs"
+
     def train_log(self, cycle: int) -> Path:
         return self.cycle_dir(cycle) / "train_log.jsonl"
 

@@ -14,7 +14,8 @@ One cycle of synthesis (paper §3.5, eq. 7-9):
    all earlier data (train split and the synthetic data of earlier cycles), one copy kept. Dedup and
    decontamination are `dataquality.clean`'s; every rejected row keeps its reason and what it matched.
 
-Volume: `target_per_cycle * 2**cycle` accepted rows when growth is "double" (the paper's 2^n k), asked for
+Volume: `target_per_cycle * 2**cycle` accepted rows when growth is "double"; with "double_total" the
+cumulative synthetic volume doubles (1K, 2K, 4K, ... as in the paper's Table 3/5, see `target_rows`); asked for
 in rounds (sized by the yield of the rounds before) until the target is met or `max_requests_per_cycle`
 requests have been sent.
 """
@@ -97,8 +98,17 @@ def cycle_seed(base_seed: int, cycle: int) -> int:
 
 
 def target_rows(cfg: SynthesizeConfig, cycle: int) -> int:
-    """Accepted rows wanted in cycle `cycle`: k, or 2^cycle * k when the data doubles each cycle."""
-    return cfg.target_per_cycle * (2**cycle if cfg.growth == "double" else 1)
+    """Accepted rows wanted in cycle `cycle` (k = target_per_cycle).
+
+    constant: k. double: 2^cycle k (cumulative k, 3k, 7k, ...). double_total: k, k, 2k, 4k, ... so the
+    synthetic data of cycles 0..t adds up to 2^t k: the paper's volumes 1K, 2K, 4K, ..., 256K for k = 1K.
+    """
+    k = cfg.target_per_cycle
+    if cfg.growth == "double":
+        return k * 2**cycle
+    if cfg.growth == "double_total":
+        return k * 2 ** max(0, cycle - 1)
+    return k
 
 
 def sample_seeds(train: Sequence[dict], n: int, seed: int) -> list[dict]:

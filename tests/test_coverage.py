@@ -42,10 +42,10 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def test_sample_dataset_split_is_stratified_and_disjoint(project_root):
     cfg = load_config(project_root / "params" / "demo.yaml")
     result = build_coverage(cfg.coverage, cfg.seed)
-    assert result.report["rows_valid"] == 48 and result.report["skipped"] == 0
-    assert len(result.train) == 40 and len(result.test) == 8
+    assert result.report["rows_valid"] == 96 and result.report["skipped"] == 0
+    assert len(result.train) == 72 and len(result.test) == 24
     for category, n in result.report["per_category"]["test"].items():
-        assert n == 2, category
+        assert n == 6, category
     train_prompts = {normalize_prompt(r["instruction"]) for r in result.train}
     assert not any(normalize_prompt(r["instruction"]) in train_prompts for r in result.test)
 
@@ -218,7 +218,7 @@ def test_01_coverage_notebook_runs_under_papermill(tmp_path, make_params, projec
     )
     layout = RunLayout(run_dir)
     train, test = read_jsonl(layout.train_file), read_jsonl(layout.test_file)
-    assert len(train) == 40 and len(test) == 8
+    assert len(train) == 72 and len(test) == 24
     assert {r["id"] for r in train}.isdisjoint({r["id"] for r in test})
     assert set(train[0]) >= {"id", "instruction", "response", "category"}
     assert layout.split_plot.is_file() and layout.params_file.is_file()

@@ -163,20 +163,23 @@ def test_notebook_is_committed_without_outputs():
     assert len(tagged) == 1
 
 
-@pytest.mark.slow
-def test_continue_from_previous_starts_from_the_last_cycles_adapter(trained):
+def _with_finetune(layout: RunLayout, **changes):
     import dataclasses
-
-    import torch
-    from safetensors.torch import load_file
 
     from llamaduo_nb.config import load_config
 
-    cfg = load_config(trained.params_file)
-    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, continue_from_previous=True))
-    plan = finetune.prepare(cfg, trained, 1)
+    cfg = load_config(layout.params_file)
+    return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **changes))
+
+
+@pytest.mark.slow
+def test_start_from_previous_adapter_trains_the_last_cycles_adapter_further(trained):
+    import torch
+    from safetensors.torch import load_file
+
+    plan = finetune.prepare(_with_finetune(trained, start_from="previous_adapter"), trained, 1)
     shutil.rmtree(plan.scratch_dir, ignore_errors=True)
-    assert plan.init_from == "adapter of cycle 0"
+    assert plan.init_from == "adapter of cycle 0, trained further"
     saved = {
         k: v
         for k, v in load_file(trained.adapter_dir(0) / "adapter_model.safetensors").items()
@@ -191,3 +194,191 @@ def test_continue_from_previous_starts_from_the_last_cycles_adapter(trained):
     assert all(p.requires_grad for p in current.values())
     for name, tensor in saved.items():  # cycle 1 starts from exactly the weights cycle 0 saved
         assert torch.equal(current[name].detach().cpu(), tensor), name
+
+
+MODULE = "model.layers.0.self_attn.q_proj"
+
+
+def _lora_delta(adapter_dir, module: str = MODULE):
+    """scaling * B @ A of one module of a saved adapter."""
+    from safetensors.torch import load_file
+
+    config = read_json(adapter_dir / "adapter_config.json")
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    a = weights[f"base_model.model.{module}.lora_A.weight"].float()
+    b = weights[f"base_model.model.{module}.lora_B.weight"].float()
+    return (config["lora_alpha"] / config["r"]) * b @ a, config
+
+
+@pytest.mark.slow
+def test_start_from_previous_merged_builds_on_the_last_cycles_model_with_a_new_rank(trained):
+    """Eq. 1 with the Table-5 rank change: cycle 1 starts from cycle 0's model (adapter merged into the
+    base) with a fresh LoRA of another rank, and saves one adapter that reproduces what it trained."""
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = _with_finetune(trained, start_from="previous_merged", lora_r=4, lora_alpha=8, max_steps=1)
+    base_path = read_json(trained.train_summary(0))["base_model"]["path"]
+    base = load_file(f"{base_path}/model.safetensors")[f"{MODULE}.weight"].float()
+    delta0, config0 = _lora_delta(trained.adapter_dir(0))
+    assert config0["r"] == 8 and delta0.abs().sum() > 0
+
+    plan = finetune.prepare(cfg, trained, 1)
+    assert plan.stacked_on == trained.adapter_dir(0) and (plan.lora_r, plan.lora_alpha) == (4, 8)
+    layer = plan.trainer.model.base_model.model.model.layers[0].self_attn.q_proj
+    # The base weights now hold cycle 0's model; the new LoRA starts as a no-op (B = 0) of rank 4.
+    torch.testing.assert_close(layer.base_layer.weight.detach().float(), base + delta0, rtol=0, atol=1e-6)
+    assert layer.lora_A["default"].weight.shape[0] == 4
+    assert layer.lora_B["default"].weight.abs().sum() == 0
+
+    summary = finetune.train(cfg, trained, plan)
+    trained_weight = (
+        layer.base_layer.weight.detach().float()
+        + layer.scaling["default"]
+        * layer.lora_B["default"].weight.detach().float()
+        @ layer.lora_A["default"].weight.detach().float()
+    )
+    delta1, config1 = _lora_delta(trained.adapter_dir(1))
+    assert (config1["r"], config1["lora_alpha"]) == (12, 12)  # 8 (cycle 0) stacked with 4 (cycle 1)
+    assert summary["lora"]["saved"] == {"r": 12, "alpha": 12, "ranks": [8, 4]}
+    assert summary["start_from"] == "previous_merged"
+    # The saved adapter on the plain base is the model that was trained, and it moved past cycle 0.
+    torch.testing.assert_close(base + delta1, trained_weight, rtol=0, atol=1e-5)
+    assert not torch.allclose(delta1, delta0, atol=1e-7)
+
+
+def test_stacking_two_adapters_adds_their_updates(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from llamaduo_nb.jsonio import write_json
+
+    torch.manual_seed(0)
+    key = "base_model.model.layer.q"
+    folders = []
+    for name, r, alpha, rslora in (("low", 2, 4, False), ("up", 3, 9, True)):
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file(
+            {f"{key}.lora_A.weight": torch.randn(r, 5), f"{key}.lora_B.weight": torch.randn(7, r)},
+            str(folder / "adapter_model.safetensors"),
+        )
+        write_json(
+            folder / "adapter_config.json",
+            {"r": r, "lora_alpha": alpha, "use_rslora": rslora, "target_modules": ["q"], "peft_type": "LORA"},
+        )
+        folders.append(folder)
+    out = tmp_path / "stacked"
+    assert finetune.stack_adapters(folders[0], folders[1], out) == {"r": 5, "alpha": 5, "ranks": [2, 3]}
+
+    def delta(folder):
+        from safetensors.torch import load_file
+
+        config = read_json(folder / "adapter_config.json")
+        w = load_file(folder / "adapter_model.safetensors")
+        scale = config["lora_alpha"] / (config["r"] ** 0.5 if config["use_rslora"] else config["r"])
+        return scale * w[f"{key}.lora_B.weight"] @ w[f"{key}.lora_A.weight"]
+
+    torch.testing.assert_close(delta(out), delta(folders[0]) + delta(folders[1]))
+
+
+# --------------------------------------------------------------------------- chat template and tracking
+
+
+@pytest.fixture(scope="module")
+def templateless_student(tmp_path_factory):
+    """A tiny random Llama with the embedded SmolLM2 tokenizer, saved without any chat template (as a
+    base checkpoint such as google/gemma-7b may come)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from llamaduo_nb.embedded import resolve_model_path
+
+    folder = tmp_path_factory.mktemp("templateless") / "student"
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:smollm2"))
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    assert not AutoTokenizer.from_pretrained(folder).chat_template
+    return folder
+
+
+def test_a_checkpoint_without_chat_template_is_refused_unless_params_give_one(templateless_student):
+    from llamaduo_nb.config import ConfigError, StudentConfig
+
+    with pytest.raises(ConfigError, match="student.chat_template: gemma"):
+        finetune.load_student(StudentConfig(model_id=str(templateless_student)))
+    # Gemma's end-of-turn token is not in this vocabulary: the preset is refused rather than half-applied.
+    with pytest.raises(ConfigError, match="<end_of_turn>"):
+        finetune.load_student(StudentConfig(model_id=str(templateless_student), chat_template="gemma"))
+
+    _, tokenizer, _ = finetune.load_student(
+        StudentConfig(model_id=str(templateless_student), chat_template="chatml")
+    )
+    messages = [{"role": "user", "content": "Hi"}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.eos_token == "<|im_end|>"
+
+    jinja = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    _, tokenizer, _ = finetune.load_student(
+        StudentConfig(model_id=str(templateless_student), chat_template=jinja)
+    )
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == "[user] Hi\n"
+
+
+def test_params_template_trains_and_ships_with_the_adapter_and_tensorboard_logs_the_run(
+    templateless_student, tmp_path
+):
+    from transformers import AutoTokenizer
+
+    pytest.importorskip("tensorboard", reason="finetune.report_to: tensorboard needs the tensorboard package")
+    layout = make_tiny_run(
+        tmp_path / "templ",
+        finetune_overrides={"max_steps": 2, "report_to": ["tensorboard"]},
+        student_overrides={"model_id": str(templateless_student), "chat_template": "chatml"},
+    )
+    from llamaduo_nb.config import load_config
+
+    cfg = load_config(layout.params_file)
+    plan = finetune.prepare(cfg, layout, 0)
+    assert plan.loss_mask["rows_checked"] == len(TRAIN)  # prompt masked, answer + <|im_end|> learned
+    summary = finetune.train(cfg, layout, plan)
+    assert summary["chat_template"] == "params preset chatml" and summary["report_to"] == ["tensorboard"]
+    shipped = AutoTokenizer.from_pretrained(layout.adapter_dir(0))
+    assert shipped.chat_template == finetune.CHAT_TEMPLATES["chatml"][0]
+    assert shipped.eos_token == "<|im_end|>"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list(layout.tracking_dir(0).rglob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard event file under {layout.tracking_dir(0)}"
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    losses = accumulator.Scalars("train/loss")
+    assert [event.step for event in losses] == [1, 2]
+
+
+def test_a_tracker_that_is_not_installed_is_named(monkeypatch):
+    import importlib.util
+
+    from llamaduo_nb.config import ConfigError, FinetuneConfig, build
+
+    missing = [
+        name
+        for name, package in finetune.TRACKER_PACKAGES.items()
+        if importlib.util.find_spec(package) is None
+    ]
+    if not missing:
+        pytest.skip("every tracker package is installed here")
+    with pytest.raises(ConfigError, match=f"pip install {finetune.TRACKER_PACKAGES[missing[0]]}"):
+        finetune.tracking_backends([missing[0]])
+    with pytest.raises(ConfigError, match="'neptune' is not one of"):
+        build(FinetuneConfig, {"report_to": ["neptune"]})
+    assert finetune.tracking_backends("none") == []

@@ -37,10 +37,14 @@ def coverage_rows(items: list[tuple[str, str, str]], prefix: str) -> list[dict]:
 
 
 def make_tiny_run(
-    root: Path, finetune_overrides: dict | None = None, inference_overrides: dict | None = None
+    root: Path,
+    finetune_overrides: dict | None = None,
+    inference_overrides: dict | None = None,
+    student_overrides: dict | None = None,
 ) -> RunLayout:
     """A run folder as 01_coverage would leave it: params.yaml (demo params, tiny sizes) + train/test splits."""
     data = yaml.safe_load((PROJECT_ROOT / "params" / "demo.yaml").read_text())
+    data["student"] = {**data["student"], **(student_overrides or {})}
     data["run_name"] = root.name
     data["outputs_dir"] = str(root.parent)
     data["finetune"] = {"max_steps": 2, "max_length": 128, "per_device_batch_size": 2, "logging_steps": 1,
