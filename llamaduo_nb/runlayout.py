@@ -43,7 +43,7 @@ def project_path(path: str | Path) -> Path:
     JupyterLab from `notebooks/` must see the same files, so the kernel's working directory never counts.
     """
     path = Path(path).expanduser()
-    return path if path.is_absolute() else PROJECT_ROOT / path
+    return path if path.is_absolute() else Path(os.path.normpath(PROJECT_ROOT / path))
 
 
 def cache_home() -> Path:

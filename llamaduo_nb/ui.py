@@ -290,13 +290,18 @@ class ReviewView(_View):
             [self.card], layout=widgets.Layout(border="1px solid #ddd", padding="4px")
         )
         self.card_box.add_class("llamaduo-review-card")
-        self.bad_button = widgets.ToggleButton(description="reference is bad (b)", icon="ban")
-        self.ambiguous_button = widgets.ToggleButton(description="prompt is ambiguous (a)", icon="question")
+        wide = widgets.Layout(width="auto")
+        self.bad_button = widgets.ToggleButton(description="reference is bad (b)", icon="ban", layout=wide)
+        self.ambiguous_button = widgets.ToggleButton(
+            description="prompt is ambiguous (a)", icon="question", layout=wide
+        )
         self.reference_edit = widgets.Textarea(
             placeholder="corrected reference (optional: without one, 01 drops the row)",
             layout=widgets.Layout(width="98%", height="80px"),
         )
-        self.save_reference_button = widgets.Button(description="Save corrected reference", icon="save")
+        self.save_reference_button = widgets.Button(
+            description="Save corrected reference", icon="save", layout=wide
+        )
         self.note = widgets.Textarea(placeholder="note", layout=widgets.Layout(width="98%", height="60px"))
         self.save_note_button = widgets.Button(description="Save note", icon="save")
         self.counts = widgets.HTML()
