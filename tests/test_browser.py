@@ -170,7 +170,8 @@ def page(tmp_path):
 
 
 def open_and_run_all(page, base: str, token: str, notebook: Path) -> None:
-    page.goto(f"{base}/lab/tree/{notebook.relative_to(PROJECT_ROOT).as_posix()}?token={token}")
+    # ?reset: a fresh workspace holding only this notebook (no tab of an earlier notebook is restored)
+    page.goto(f"{base}/lab/tree/{notebook.relative_to(PROJECT_ROOT).as_posix()}?reset&token={token}")
     page.wait_for_selector(".jp-Notebook", timeout=WAIT_MS)
     # the status bar names the notebook's kernel once it runs: the project kernel, found without a dialog
     page.locator("#jp-main-statusbar", has_text="Python (llamaduo-nb) | Idle").wait_for(timeout=WAIT_MS)
@@ -198,6 +199,9 @@ def test_review_and_curation_views_in_jupyterlab(tmp_path, lab, page):
     from playwright.sync_api import expect
 
     base, token = lab
+    # generous waits: a shared CI machine can be slow, and nothing here is a speed claim
+    expect.set_options(timeout=30_000)
+    page.set_default_timeout(WAIT_MS)
     layout = make_reviewed_run(tmp_path / "outputs" / "browser-run")
     run_dir = os.path.relpath(layout.root, PROJECT_ROOT)  # project-relative, as a user types it
     work = SHOTS / "notebooks"
@@ -253,7 +257,11 @@ def test_review_and_curation_views_in_jupyterlab(tmp_path, lab, page):
     before = json.loads(layout.coverage_report.read_text())
     open_and_run_all(page, base, token, coverage_nb)
     curation = page.locator(".llamaduo-curation")
-    expect(curation).to_be_visible(timeout=WAIT_MS)
+    try:
+        expect(curation).to_be_visible(timeout=WAIT_MS)
+    except AssertionError:
+        page.screenshot(path=str(SHOTS / "failure.png"))
+        raise
     ids = {r["id"] for r in read_jsonl(layout.test_file)}
     assert ids == {r["id"] for r in test_rows} - {target["id"]}
     report = json.loads(layout.coverage_report.read_text())
