@@ -86,7 +86,7 @@ class RunLayout:
 
     @property
     def review_file(self) -> Path:
-        """Run-level decisions of the 04 review view (schema in schemas.py)."""
+        """Run-level decisions of the 04 review view (schema in review.py)."""
         return self.root / "review.json"
 
     @property
