@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test bench lint format validate-teachers
+.PHONY: install demo test bench lint format lab validate-teachers
 
 install: $(STAMP)
 
@@ -17,12 +17,20 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q '$(TORCH_SPEC)'
 	@echo "installing llamaduo-nb (first time on a machine: llama-cpp-python compiles, ~16 min; cached after)"
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	@# the project kernel: in the venv (for `make lab`, Papermill) and per user, where a JupyterLab the user
+	@# already runs looks (`jupyter kernelspec list` shows both)
 	$(BIN)/python -m ipykernel install --sys-prefix --name llamaduo-nb --display-name "Python (llamaduo-nb)" >/dev/null
+	$(BIN)/python -m ipykernel install --user --name llamaduo-nb --display-name "Python (llamaduo-nb)" >/dev/null
 	$(BIN)/llamaduo prepare
 	@touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/llamaduo run params/demo.yaml --fresh
+
+# JupyterLab at the project root, reachable from this machine only; notebooks/ holds the stages
+lab: $(STAMP)
+	$(BIN)/jupyter lab --ip=127.0.0.1 --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks \
+	  $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -515,6 +515,33 @@ def apply_moves(
     return new_train, new_test
 
 
+def apply_review(
+    train: list[dict], test: list[dict], review: dict[str, dict]
+) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """Apply the 04 review's reference decisions (see review.py) after the split, so no other row moves.
+
+    A reference marked bad is replaced by the reviewer's correction when there is one (the row is marked
+    `reviewed`), else its row is dropped. Ambiguous prompts stay: 04 leaves them out of its decision.
+    """
+    counts = {"references_dropped": 0, "references_edited": 0, "ambiguous": 0}
+
+    def apply(rows: list[dict]) -> list[dict]:
+        out = []
+        for row in rows:
+            entry = review.get(row["id"], {})
+            counts["ambiguous"] += bool(entry.get("ambiguous"))
+            if not entry.get("bad_reference"):
+                out.append(row)
+            elif entry.get("reference_edit"):
+                out.append({**row, "response": entry["reference_edit"].strip(), "reviewed": True})
+                counts["references_edited"] += 1
+            else:
+                counts["references_dropped"] += 1
+        return out
+
+    return apply(train), apply(test), counts
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -641,7 +668,10 @@ def split_as_given(rows: Iterable[dict], given: dict[str, str]) -> tuple[list[di
 
 
 def build_coverage(
-    cfg: CoverageConfig, seed: int, decisions: dict[str, dict] | None = None
+    cfg: CoverageConfig,
+    seed: int,
+    decisions: dict[str, dict] | None = None,
+    review: dict[str, dict] | None = None,
 ) -> CoverageResult:
     given: dict[str, str] | None = None
     if cfg.splits is not None:
@@ -655,6 +685,7 @@ def build_coverage(
     else:
         train, test = split_rows(rows, cfg.train_ratio, seed, cfg.stratify_by)
     train, test = apply_moves(train, test, decisions)
+    train, test, reviewed = apply_review(train, test, review or {})
     check_disjoint(train, test)
     per_cat = {
         split: dict(sorted(Counter(r["category"] for r in rs).items()))
@@ -671,6 +702,7 @@ def build_coverage(
             "edited": sum(1 for d in decisions.values() if d["action"] == "edit"),
             "moved": sum(1 for d in decisions.values() if d.get("split")),
         },
+        "review": reviewed,
         "train_ratio": cfg.train_ratio if given is None else None,
         "split": "as given" if given is not None else "by train_ratio",
         "seed": seed,
@@ -712,8 +744,12 @@ def curation_path(cfg: CoverageConfig, layout: RunLayout) -> Path:
 
 
 def run_coverage(cfg: CoverageConfig, seed: int, layout: RunLayout) -> CoverageResult:
-    """Import, validate, apply saved curation decisions, split and write — the non-interactive path."""
-    result = build_coverage(cfg, seed, load_decisions(curation_path(cfg, layout)))
+    """Import, validate, apply saved curation and review decisions, split and write — the non-interactive path."""
+    from .review import load_review
+
+    result = build_coverage(
+        cfg, seed, load_decisions(curation_path(cfg, layout)), load_review(layout.review_file)
+    )
     write_coverage(result, layout)
     return result
 

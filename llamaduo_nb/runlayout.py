@@ -12,6 +12,8 @@
       deploy/                06: merged/, gguf/, Modelfile, parity.json, economics.json, notebook
       fig2_cycles.png        V and C@zeta per judge against cycle and training-set size (04 / summary)
       summary.md             written by the runner at the end
+      review.json            decisions of the review view in 04 (bad references, ambiguous prompts, notes);
+                             01 applies them on its next run, 04 leaves ambiguous prompts out of the decision
 
 The record schemas of these files are documented in `schemas.py`.
 """
@@ -32,6 +34,19 @@ def project_file(path: str | Path) -> Path:
         return path
     in_project = Path(__file__).resolve().parents[1] / path
     return in_project if in_project.is_file() else path
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def project_path(path: str | Path) -> Path:
+    """Where a relative path of a notebook parameter or a params file points: the project root.
+
+    Papermill runs every notebook with the project root as its working directory; a notebook opened in
+    JupyterLab from `notebooks/` must see the same files, so the kernel's working directory never counts.
+    """
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else Path(os.path.normpath(PROJECT_ROOT / path))
 
 
 def cache_home() -> Path:
@@ -81,6 +96,11 @@ class RunLayout:
     @property
     def summary_json(self) -> Path:
         return self.root / "summary.json"
+
+    @property
+    def review_file(self) -> Path:
+        """Run-level decisions of the 04 review view (schema in review.py)."""
+        return self.root / "review.json"
 
     @property
     def logs_dir(self) -> Path:

@@ -1,20 +1,83 @@
-"""ipywidgets views. Callbacks only record decisions; computing happens in the stage modules.
+"""ipywidgets views. Callbacks only record decisions or call one package function; computing happens in the
+stage modules (coverage.py, review.py).
 
-`CurationView` browses the coverage pairs; accept / reject / edit a pair or move it between splits. Every
-click is saved at once (atomically) to the curation file, which `coverage.run_coverage` applies on the
-next (also non-interactive, Papermill) run.
+`CurationView` (01) browses the coverage pairs: accept / reject / edit a pair or move it between splits, with
+a category filter, search and a warning before an unsaved edit is lost. Every click is saved at once
+(atomically) to the curation file, which `coverage.run_coverage` applies on the next run.
+
+`ReviewView` (04) shows each test prompt's instruction | reference | candidate answers with every judge's
+scores, the spread of its M repeats and its rationale. Filters: below ζ, judge disagreement, category, model,
+cycle, search. Paging: buttons, or the keys j / → (next) and k / ← (previous) while the pointer is over the
+answers; b marks the reference bad, a marks the prompt ambiguous. Decisions go at once to `<run>/review.json`.
+
+A callback that raises shows its traceback inside the view (the `errors` area), never only in a log.
 """
 
 from __future__ import annotations
 
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import ipywidgets as widgets
 
+from . import review
 from .coverage import load_decisions, save_decisions
+from .runlayout import RunLayout
+
+ALL = "(all)"
+NEXT_KEYS = ("j", "n", "ArrowRight", "ArrowDown")
+PREV_KEYS = ("k", "p", "ArrowLeft", "ArrowUp")
 
 
-class CurationView:
+class _View:
+    """What both views share: a status line, an error area, callbacks that never lose an exception."""
+
+    def _init_feedback(self) -> None:
+        self.status = widgets.HTML()
+        self.errors = widgets.Output(layout=widgets.Layout(max_height="240px", overflow="auto"))
+
+    def guarded(self, callback: Callable[..., Any]) -> Callable[..., None]:
+        def run(*args: Any) -> None:
+            try:
+                callback(*args)
+            except Exception as exc:  # shown to the user inside the widget; the view stays usable
+                self.errors.append_stderr(traceback.format_exc())
+                self.status.value = (
+                    f"<span style='color:#b00' class='llamaduo-error'><b>error:</b> "
+                    f"{type(exc).__name__}: {_escape(str(exc))} (traceback below)</span>"
+                )
+
+        return run
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+
+def _escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
+def _key_events(source: widgets.DOMWidget, handler: Callable[[dict], None]) -> Any:
+    """Keyboard shortcuts over `source` (ipyevents); None where ipyevents is not installed."""
+    try:
+        from ipyevents import Event
+    except ImportError:
+        return None
+    event = Event(source=source, watched_events=["keydown"], prevent_default_action=True)
+    event.on_dom_event(handler)
+    return event
+
+
+# --------------------------------------------------------------------------- 01: curation
+
+
+class CurationView(_View):
     def __init__(self, rows: list[dict], splits: dict[str, str], decisions_path: str | Path):
         if not rows:
             raise ValueError("nothing to curate: no rows")
@@ -22,8 +85,14 @@ class CurationView:
         self.splits = splits
         self.path = Path(decisions_path)
         self.decisions: dict[str, dict] = load_decisions(self.path)
+        self.visible: list[int] = list(range(len(rows)))
         self.index = 0
+        self._warned_for: int | None = None
+        self._init_feedback()
 
+        categories = sorted({r.get("category", "") for r in rows})
+        self.category = widgets.Dropdown(options=[ALL, *categories], description="category")
+        self.search = widgets.Text(placeholder="search prompt or response", description="search")
         self.header = widgets.HTML()
         self.position = widgets.IntSlider(
             min=0, max=len(rows) - 1, description="row", continuous_update=False
@@ -34,32 +103,40 @@ class CurationView:
         self.response = widgets.Textarea(
             description="response", layout=widgets.Layout(width="98%", height="140px")
         )
+        self.unsaved = widgets.HTML()
         self.split = widgets.ToggleButtons(options=["train", "test"], description="split")
         self.accept_button = widgets.Button(description="Accept", button_style="success", icon="check")
         self.reject_button = widgets.Button(description="Reject", button_style="danger", icon="times")
         self.edit_button = widgets.Button(description="Save edit", button_style="info", icon="save")
         self.prev_button = widgets.Button(description="◀ prev")
         self.next_button = widgets.Button(description="next ▶")
-        self.status = widgets.HTML()
 
-        self.position.observe(lambda change: self.show(change["new"]), names="value")
-        self.prev_button.on_click(lambda _: self._step(-1))
-        self.next_button.on_click(lambda _: self._step(+1))
-        self.accept_button.on_click(lambda _: self.decide("accept"))
-        self.reject_button.on_click(lambda _: self.decide("reject"))
-        self.edit_button.on_click(lambda _: self.decide("edit"))
-        self.split.observe(self._on_split, names="value")
+        self.position.observe(self.guarded(lambda change: self._go(change["new"])), names="value")
+        self.prev_button.on_click(self.guarded(lambda _: self._step(-1)))
+        self.next_button.on_click(self.guarded(lambda _: self._step(+1)))
+        self.accept_button.on_click(self.guarded(lambda _: self.decide("accept")))
+        self.reject_button.on_click(self.guarded(lambda _: self.decide("reject")))
+        self.edit_button.on_click(self.guarded(lambda _: self.decide("edit")))
+        self.split.observe(self.guarded(self._on_split), names="value")
+        self.category.observe(self.guarded(lambda _: self.refilter()), names="value")
+        self.search.observe(self.guarded(lambda _: self.refilter()), names="value")
+        for box in (self.instruction, self.response):
+            box.observe(self.guarded(lambda _: self._show_unsaved()), names="value")
         self.widget = widgets.VBox(
             [
+                widgets.HBox([self.category, self.search]),
                 self.header,
                 widgets.HBox([self.prev_button, self.position, self.next_button]),
                 self.instruction,
                 self.response,
+                self.unsaved,
                 self.split,
                 widgets.HBox([self.accept_button, self.reject_button, self.edit_button]),
                 self.status,
+                self.errors,
             ]
         )
+        self.widget.add_class("llamaduo-curation")
         self._showing = False
         self.show(0)
 
@@ -68,23 +145,92 @@ class CurationView:
     def row(self) -> dict:
         return self.rows[self.index]
 
-    def show(self, index: int) -> None:
-        self._showing = True
-        self.index = index
-        row = self.row
-        decision = self.decisions.get(row["id"], {})
-        self.position.value = index
-        self.instruction.value = decision.get("instruction", row["instruction"])
-        self.response.value = decision.get("response", row["response"])
-        self.split.value = decision.get("split") or self.splits.get(row["id"], "train")
-        self.header.value = (
-            f"<b>{index + 1}/{len(self.rows)}</b> · <code>{row['id']}</code> · {row.get('category', '')} · "
-            f"decision: <b>{decision.get('action', 'none')}</b>"
+    def _saved_text(self) -> tuple[str, str]:
+        decision = self.decisions.get(self.row["id"], {})
+        return (
+            decision.get("instruction", self.row["instruction"]),
+            decision.get("response", self.row["response"]),
         )
+
+    def dirty(self) -> bool:
+        """The prompt or response boxes hold text that is not saved."""
+        return (self.instruction.value, self.response.value) != self._saved_text()
+
+    def _show_unsaved(self) -> None:
+        self.unsaved.value = (
+            "<span style='color:#a60' class='llamaduo-unsaved'><b>● unsaved edit</b> — press Save edit</span>"
+            if not self._showing and self.dirty()
+            else ""
+        )
+
+    def refilter(self) -> None:
+        """Rows matching the category and search boxes; shows the first of them."""
+        needle = self.search.value.strip().casefold()
+        category = None if self.category.value == ALL else self.category.value
+        visible = [
+            i
+            for i, r in enumerate(self.rows)
+            if (category is None or r.get("category") == category)
+            and (not needle or needle in f"{r['id']}\n{r['instruction']}\n{r['response']}".casefold())
+        ]
+        if not visible:
+            self.status.value = "no row matches these filters"
+            return
+        if not self._leave_ok():
+            return
+        self.visible = visible
+        self._showing = True
+        self.position.max = max(len(visible) - 1, 0)
         self._showing = False
+        self.show(0)
+
+    def show(self, position: int) -> None:
+        self._showing = True
+        try:
+            position = min(max(position, 0), len(self.visible) - 1)
+            self.index = self.visible[position]
+            self._warned_for = None
+            row = self.row
+            decision = self.decisions.get(row["id"], {})
+            self.position.value = position
+            self.instruction.value, self.response.value = self._saved_text()
+            self.split.value = decision.get("split") or self.splits.get(row["id"], "train")
+            self.header.value = (
+                f"<b>{position + 1}/{len(self.visible)}</b>"
+                + (f" (of {len(self.rows)})" if len(self.visible) != len(self.rows) else "")
+                + f" · <code>{row['id']}</code> · {row.get('category', '')} · "
+                f"decision: <b class='llamaduo-decision'>{decision.get('action', 'none')}</b>"
+            )
+        finally:
+            self._showing = False
+        self._show_unsaved()
+
+    def _leave_ok(self) -> bool:
+        """Moving away from an unsaved edit is refused once, with a warning; a second move discards it."""
+        if self.dirty() and self._warned_for != self.index:
+            self._warned_for = self.index
+            self.status.value = (
+                "<span style='color:#a60' class='llamaduo-warning'><b>unsaved edit</b> on "
+                f"<code>{self.row['id']}</code>: press Save edit, or move again to discard it</span>"
+            )
+            return False
+        return True
+
+    def _go(self, position: int) -> None:
+        if self._showing:
+            return
+        if position != self.visible.index(self.index) and not self._leave_ok():
+            self._showing = True
+            self.position.value = self.visible.index(self.index)
+            self._showing = False
+            return
+        self.show(position)
 
     def _step(self, delta: int) -> None:
-        self.show(min(max(self.index + delta, 0), len(self.rows) - 1))
+        here = self.visible.index(self.index)
+        target = min(max(here + delta, 0), len(self.visible) - 1)
+        if target != here and self._leave_ok():
+            self.show(target)
 
     def _on_split(self, change: dict) -> None:
         if self._showing:
@@ -104,13 +250,209 @@ class CurationView:
             entry["response"] = self.response.value
         self.decisions[self.row["id"]] = entry
         self._save(action)
-        self.show(self.index)
+        self.show(self.visible.index(self.index))
 
     def _save(self, what: str) -> None:
         save_decisions(self.path, self.decisions)
         self.status.value = f"saved <code>{what}</code> for {self.row['id']} to <code>{self.path}</code>"
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
 
-        display(self.widget)
+# --------------------------------------------------------------------------- 04: side-by-side review
+
+
+class ReviewView(_View):
+    """Review one cycle's answers beside their references; decisions go to `layout.review_file` at once."""
+
+    def __init__(self, layout: RunLayout, cycle: int, zeta: float = 70.0, metric: str = "precision"):
+        self.layout = layout
+        self.metric = metric
+        self.cycle = cycle
+        self.items: list[review.ReviewItem] = []
+        self.visible: list[review.ReviewItem] = []
+        self.position = 0
+        self._showing = False
+        self._init_feedback()
+
+        cycles = review.reviewable_cycles(layout) or [cycle]
+        self.cycle_box = widgets.Dropdown(options=cycles, value=cycle, description="cycle")
+        self.model_box = widgets.Dropdown(options=[ALL], description="model")
+        self.category_box = widgets.Dropdown(options=[ALL], description="category")
+        self.below_box = widgets.Checkbox(value=False, description="below ζ", indent=False)
+        self.zeta_box = widgets.FloatText(value=zeta, description="ζ", layout=widgets.Layout(width="130px"))
+        self.disagree_box = widgets.Checkbox(value=False, description="judges disagree by ≥", indent=False)
+        self.disagree_min = widgets.FloatText(value=20.0, layout=widgets.Layout(width="80px"))
+        self.search = widgets.Text(placeholder="search prompts, references, answers", description="search")
+        self.prev_button = widgets.Button(description="◀ prev (k)")
+        self.next_button = widgets.Button(description="next ▶ (j)")
+        self.counter = widgets.HTML()
+        self.card = widgets.HTML()
+        self.card_box = widgets.Box(
+            [self.card], layout=widgets.Layout(border="1px solid #ddd", padding="4px")
+        )
+        self.card_box.add_class("llamaduo-review-card")
+        wide = widgets.Layout(width="auto")
+        self.bad_button = widgets.ToggleButton(description="reference is bad (b)", icon="ban", layout=wide)
+        self.ambiguous_button = widgets.ToggleButton(
+            description="prompt is ambiguous (a)", icon="question", layout=wide
+        )
+        self.reference_edit = widgets.Textarea(
+            placeholder="corrected reference (optional: without one, 01 drops the row)",
+            layout=widgets.Layout(width="98%", height="80px"),
+        )
+        self.save_reference_button = widgets.Button(
+            description="Save corrected reference", icon="save", layout=wide
+        )
+        self.note = widgets.Textarea(placeholder="note", layout=widgets.Layout(width="98%", height="60px"))
+        self.save_note_button = widgets.Button(description="Save note", icon="save")
+        self.counts = widgets.HTML()
+
+        for box in (self.model_box, self.category_box, self.below_box, self.zeta_box):
+            box.observe(self.guarded(lambda _: self.refilter()), names="value")
+        for box in (self.disagree_box, self.disagree_min, self.search):
+            box.observe(self.guarded(lambda _: self.refilter()), names="value")
+        self.cycle_box.observe(self.guarded(lambda change: self.load(change["new"])), names="value")
+        self.prev_button.on_click(self.guarded(lambda _: self.step(-1)))
+        self.next_button.on_click(self.guarded(lambda _: self.step(+1)))
+        self.bad_button.observe(self.guarded(self._on_flag("bad_reference")), names="value")
+        self.ambiguous_button.observe(self.guarded(self._on_flag("ambiguous")), names="value")
+        self.save_reference_button.on_click(
+            self.guarded(lambda _: self.decide(reference_edit=self.reference_edit.value))
+        )
+        self.save_note_button.on_click(self.guarded(lambda _: self.decide(note=self.note.value)))
+        self.keys = _key_events(self.card_box, self.guarded(self.on_key))
+
+        hint = (
+            "keys over the answers: j/→ next · k/← previous · b bad reference · a ambiguous"
+            if self.keys is not None
+            else "keyboard paging needs the ipyevents package"
+        )
+        self.widget = widgets.VBox(
+            [
+                widgets.HBox([self.cycle_box, self.model_box, self.category_box]),
+                widgets.HBox(
+                    [self.below_box, self.zeta_box, self.disagree_box, self.disagree_min, self.search]
+                ),
+                widgets.HBox([self.prev_button, self.counter, self.next_button]),
+                widgets.HTML(f"<small>{hint}</small>"),
+                self.card_box,
+                widgets.HBox([self.bad_button, self.ambiguous_button]),
+                self.reference_edit,
+                self.save_reference_button,
+                self.note,
+                self.save_note_button,
+                self.counts,
+                self.status,
+                self.errors,
+            ]
+        )
+        self.widget.add_class("llamaduo-review")
+        self.load(cycle)
+
+    # ---- data
+    @property
+    def item(self) -> review.ReviewItem | None:
+        return self.visible[self.position] if self.visible else None
+
+    def decisions(self) -> dict[str, dict]:
+        return review.load_review(self.layout.review_file)
+
+    def load(self, cycle: int) -> None:
+        """Read one cycle's responses and judgments (the only computing step: review.load_items)."""
+        self.cycle = cycle
+        self.items = review.load_items(self.layout, cycle)
+        models = sorted(
+            {m for item in self.items for m in item.models()}, key=lambda m: (m != review.STUDENT, m)
+        )
+        categories = sorted({item.category for item in self.items})
+        self._showing = True
+        self.model_box.options = [ALL, *models]
+        self.category_box.options = [ALL, *categories]
+        self._showing = False
+        self.refilter()
+
+    def filters(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "below": self.zeta_box.value if self.below_box.value else None,
+            "disagreement": self.disagree_min.value if self.disagree_box.value else None,
+            "category": None if self.category_box.value == ALL else self.category_box.value,
+            "model": None if self.model_box.value == ALL else self.model_box.value,
+            "query": self.search.value,
+        }
+
+    def refilter(self) -> None:
+        if self._showing:
+            return
+        current = self.item.prompt_id if self.item else None
+        self.visible = review.filter_items(self.items, **self.filters())
+        ids = [i.prompt_id for i in self.visible]
+        self.position = ids.index(current) if current in ids else 0
+        self.show()
+
+    # ---- display
+    def show(self) -> None:
+        decisions = self.decisions()
+        filters = self.filters()
+        self.counter.value = (
+            f"<b class='llamaduo-position'>{self.position + 1 if self.visible else 0}/{len(self.visible)}</b>"
+            f" shown (of {len(self.items)} prompts in cycle {self.cycle})"
+        )
+        item = self.item
+        self._showing = True
+        try:
+            if item is None:
+                self.card.value = "<i>no prompt matches these filters</i>"
+                decision: dict = {}
+            else:
+                decision = decisions.get(item.prompt_id, {})
+                self.card.value = review.render_item(item, decision, filters["model"], self.zeta_box.value)
+            self.bad_button.value = bool(decision.get("bad_reference"))
+            self.ambiguous_button.value = bool(decision.get("ambiguous"))
+            self.reference_edit.value = decision.get("reference_edit") or ""
+            self.note.value = decision.get("note", "")
+        finally:
+            self._showing = False
+        counts = review.review_counts(decisions)
+        self.counts.value = (
+            f"<span class='llamaduo-counts'>review decisions: {counts['bad_references']} bad references "
+            f"({counts['edited_references']} corrected), {counts['ambiguous']} ambiguous prompts "
+            f"(left out of the decision), {counts['notes']} notes — <code>{self.layout.review_file}</code></span>"
+        )
+
+    def step(self, delta: int) -> None:
+        if self.visible:
+            self.position = min(max(self.position + delta, 0), len(self.visible) - 1)
+        self.show()
+
+    def on_key(self, event: dict) -> None:
+        key = event.get("key")
+        if key in NEXT_KEYS:
+            self.step(+1)
+        elif key in PREV_KEYS:
+            self.step(-1)
+        elif key == "b" and self.item is not None:
+            self.bad_button.value = not self.bad_button.value
+        elif key == "a" and self.item is not None:
+            self.ambiguous_button.value = not self.ambiguous_button.value
+
+    # ---- decisions
+    def _on_flag(self, name: str) -> Callable[[dict], None]:
+        def flag(change: dict) -> None:
+            if not self._showing:
+                self.decide(**{name: bool(change["new"])})
+
+        return flag
+
+    def decide(self, **changes: Any) -> None:
+        """Save one decision about the shown prompt at once (review.record_decision writes atomically)."""
+        item = self.item
+        if item is None:
+            raise ValueError("no prompt is shown: clear the filters first")
+        if changes.get("bad_reference") is False:
+            changes["reference_edit"] = None
+        review.record_decision(self.layout.review_file, item.prompt_id, self.cycle, **changes)
+        self.show()
+        self.status.value = (
+            f"saved {', '.join(sorted(changes))} for <code>{item.prompt_id}</code> "
+            f"to <code>{self.layout.review_file}</code>"
+        )
