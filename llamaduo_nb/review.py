@@ -251,7 +251,27 @@ def load_items(layout: RunLayout, cycle: int) -> list[ReviewItem]:
         raise FileNotFoundError(f"{responses_path} not found: run 03_batch_inference for cycle {cycle} first")
     judgments_path = layout.judgments_file(cycle)
     judgments = read_jsonl(judgments_path) if judgments_path.is_file() else []
-    return build_items(read_jsonl(responses_path), judgments, cycle)
+    responses = read_jsonl(responses_path)
+    extra_responses, extra_judgments = reference_answers(layout)
+    return build_items(responses + extra_responses, judgments + extra_judgments, cycle)
+
+
+def reference_answers(layout: RunLayout) -> tuple[list[dict], list[dict]]:
+    """The run-level reference rows of Table 1 that 04 computed once (the student before fine-tuning and
+    each service baseline, under `<run>/baselines/<model>/`), labelled with their model."""
+    responses: list[dict] = []
+    judgments: list[dict] = []
+    if not layout.baselines_dir.is_dir():
+        return responses, judgments
+    for folder in sorted(p for p in layout.baselines_dir.iterdir() if p.is_dir()):
+        model = "base student" if folder.name == "base_student" else folder.name
+        answers = layout.baseline_responses_file(folder.name)
+        scores = layout.baseline_judgments_file(folder.name)
+        if answers.is_file():
+            responses += [{**row, "model": model} for row in read_jsonl(answers)]
+        if scores.is_file():
+            judgments += [{**row, "model": model} for row in read_jsonl(scores)]
+    return responses, judgments
 
 
 def reviewable_cycles(layout: RunLayout) -> list[int]:

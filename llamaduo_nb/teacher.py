@@ -756,7 +756,7 @@ def validate(run_cfg: RunConfig, layout: RunLayout, cycle: int = 0) -> dict:
     """Fine-tune a short LoRA on each candidate's study data, answer and judge the test split like 03/04,
     and report Spearman's rho of every metric against that measured ranking (expensive by nature)."""
     from .config import dump_config
-    from .evaluate import compute_metrics, judge_responses, load_responses
+    from .evaluate import compute_metrics, judge_rows, load_responses
     from .finetune import finetune
     from .inference import generate_responses
     from .jsonio import read_jsonl
@@ -785,8 +785,14 @@ def validate(run_cfg: RunConfig, layout: RunLayout, cycle: int = 0) -> dict:
         write_jsonl(sub.test_file, test)
         train_summary = finetune(sub_cfg, sub, 0)
         generate_responses(sub_cfg, sub, 0, progress=True)
-        with ServicePool(sub_cfg, sub, "teacher_validation", 0, providers=sub_cfg.evaluate.judges) as pool:
-            judgments = judge_responses(pool, load_responses(sub.responses_file(0)), sub_cfg.evaluate)
+        answers = load_responses(sub.responses_file(0))
+        if sub_cfg.evaluate.judges:
+            with ServicePool(
+                sub_cfg, sub, "teacher_validation", 0, providers=sub_cfg.evaluate.judges
+            ) as pool:
+                judgments = judge_rows(pool, answers, sub_cfg.evaluate)
+        else:  # reference-metric judges only: offline, no pool
+            judgments = judge_rows(None, answers, sub_cfg.evaluate)
         write_jsonl(sub.judgments_file(0), judgments)
         metrics = compute_metrics(judgments, sub_cfg.evaluate, 0)
         write_json(sub.metrics_file(0), metrics)

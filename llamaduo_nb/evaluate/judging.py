@@ -397,10 +397,11 @@ def _llm_judgments(pool: ServicePool | None, rows: Sequence[dict], cfg: Evaluate
         if pool is None:
             raise ValueError(f"LLM judges {cfg.judges} need an open ServicePool")
         requests = judge_requests(answered, cfg, judge_template())
+        # every judge at once: each provider fills its own rate limit (scheduler), none waits for another
+        desc = f"judges {'+'.join(cfg.judges)} ({len(answered)} rows x M={cfg.m})"
+        grouped = pool.complete_groups({judge: requests for judge in cfg.judges}, desc=desc)
         for judge in cfg.judges:
-            desc = f"judge {judge} ({len(answered)} rows x M={cfg.m})"
-            results = pool.complete_many(judge, requests, desc=desc)
-            for i, result in enumerate(results):
+            for i, result in enumerate(grouped[judge]):
                 judgments.append(judgment_record(answered[i // cfg.m], judge, i % cfg.m, result))
     for judge in cfg.judges:
         judgments += [answer_failed_record(row, judge) for row in failed]

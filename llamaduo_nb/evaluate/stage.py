@@ -48,8 +48,22 @@ def run_judges(stage: Stage, rows: Sequence[dict]) -> list[dict]:
 
 
 def write_metrics(stage: Stage, judgments: Sequence[dict]) -> dict:
-    """Compute this cycle's statistics and decision and write `metrics.json` (the runner reads it)."""
-    metrics = compute_metrics(judgments, stage.cfg.evaluate, stage.cycle)
+    """Compute this cycle's statistics and decision and write `metrics.json` (the runner reads it).
+
+    Test prompts marked ambiguous in the review view (`review.json`) are left out of every statistic and
+    the decision; how many, and which, is recorded next to them."""
+    from ..review import ambiguous_prompt_ids
+
+    ambiguous = ambiguous_prompt_ids(stage.layout)
+    kept = [j for j in judgments if j["prompt_id"] not in ambiguous]
+    metrics = compute_metrics(kept, stage.cfg.evaluate, stage.cycle)
+    excluded = sorted({j["prompt_id"] for j in judgments} & ambiguous)
+    metrics["ambiguous_excluded"] = {"prompts": len(excluded), "prompt_ids": excluded}
+    if excluded:
+        metrics["decision"]["reason"] = (
+            f"{metrics['decision'].get('reason', '')}; {len(excluded)} prompt(s) marked ambiguous in review "
+            "were left out"
+        ).lstrip("; ")
     write_json(stage.layout.metrics_file(stage.cycle), metrics)
     return metrics
 
