@@ -740,10 +740,13 @@ def correlation_table(candidates: dict[str, dict], measured: dict[str, float | N
     return pd.DataFrame(records)
 
 
-def measured_score(metrics: dict, metric: str) -> float | None:
-    """What validation ranks candidates by: the mean score V of `metric`, averaged over the judges."""
+def measured_score(metrics: dict, metric: str, judges: Sequence[str] | None = None) -> float | None:
+    """What validation ranks candidates by: the mean score V of `metric`, averaged over `judges` (the
+    judges 04 decides with; all judges when None)."""
     values = []
-    for entry in metrics.get("per_judge", {}).values():
+    for judge, entry in metrics.get("per_judge", {}).items():
+        if judges and judge not in judges:
+            continue
         names = ("precision", "similarity") if metric == "both" else (metric,)
         for name in names:
             mean = (entry.get(name) or {}).get("mean")
@@ -796,7 +799,7 @@ def validate(run_cfg: RunConfig, layout: RunLayout, cycle: int = 0) -> dict:
         write_jsonl(sub.judgments_file(0), judgments)
         metrics = compute_metrics(judgments, sub_cfg.evaluate, 0)
         write_json(sub.metrics_file(0), metrics)
-        measured[name] = measured_score(metrics, sub_cfg.evaluate.decision_metric)
+        measured[name] = measured_score(metrics, sub_cfg.evaluate.decision_metric, decision_judges(sub_cfg))
         per_candidate[name] = {
             "train_rows": len(rows),
             "final_loss": train_summary.get("final_loss"),
@@ -806,7 +809,7 @@ def validate(run_cfg: RunConfig, layout: RunLayout, cycle: int = 0) -> dict:
     report = {
         "cycle": cycle,
         "steps": steps,
-        "measured_by": f"mean {run_cfg.evaluate.decision_metric} over judges {list(run_cfg.evaluate.judges)}",
+        "measured_by": f"mean {run_cfg.evaluate.decision_metric} over judges {decision_judges(run_cfg)}",
         "candidates": per_candidate,
         "measured_rank": dict(zip(measured, rank_descending(list(measured.values())), strict=True)),
         "spearman": table.to_dict(orient="records"),
@@ -817,6 +820,12 @@ def validate(run_cfg: RunConfig, layout: RunLayout, cycle: int = 0) -> dict:
     with atomic_write(root / "validation.md") as fh:
         fh.write(validation_markdown(report))
     return report
+
+
+def decision_judges(cfg: RunConfig) -> list[str]:
+    """The judges 04's decision rests on (`evaluate.decision_judges`, else every judge)."""
+    ev = cfg.evaluate
+    return list(ev.decision_judges or [*ev.judges, *ev.metric_judges])
 
 
 def validation_markdown(report: dict) -> str:
