@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 from reviewrun import BASELINE, BASES, JUDGE, make_reviewed_run
 
-from llamaduo_nb import review
-from llamaduo_nb.config import CoverageConfig
+from llamaduo_nb import evaluate, review
+from llamaduo_nb.config import CoverageConfig, load_config
 from llamaduo_nb.coverage import import_coverage, load_decisions, run_coverage, split_of
-from llamaduo_nb.jsonio import read_jsonl
+from llamaduo_nb.jsonio import read_jsonl, write_jsonl
+from llamaduo_nb.notebook import Stage, resolve_project_paths
 from llamaduo_nb.runlayout import RunLayout
 from llamaduo_nb.runner import PROJECT_ROOT, execute_notebook
 from llamaduo_nb.ui import ALL, CurationView, ReviewView
@@ -46,16 +48,114 @@ def test_review_items_show_every_candidate_with_repeat_spread_and_rationale(run)
 
 def test_review_filters_by_zeta_disagreement_model_category_and_text(run):
     items = review.load_items(run, 0)
+    # 01 splits the sample data into 6 test prompts per category, sorted by id; reviewrun answers the first
+    # eight: 6 Classification and 2 Coding prompts, student means BASES = 20 35 50 65 75 85 95 45
+    assert [(i.prompt_id, i.category) for i in items] == [
+        *((f"cov-cls-0{n}", "Classification") for n in (11, 12, 14, 16, 19, 20)),
+        ("cov-code-007", "Coding"),
+        ("cov-code-011", "Coding"),
+    ]
     below = review.filter_items(items, below=70.0, model="student")
-    assert len(below) == sum(b < 70 for b in BASES)
+    assert [i.prompt_id for i in below] == [
+        "cov-cls-011",
+        "cov-cls-012",
+        "cov-cls-014",
+        "cov-cls-016",
+        "cov-code-011",
+    ]
     # the baseline scores 90 everywhere: nothing of it is below ζ
     assert review.filter_items(items, below=70.0, model=BASELINE) == []
     assert [i.prompt_id for i in review.filter_items(items, disagreement=20.0)] == [items[0].prompt_id]
-    category = items[3].category
-    assert all(i.category == category for i in review.filter_items(items, category=category))
+    assert [i.prompt_id for i in review.filter_items(items, category="Coding")] == [
+        "cov-code-007",
+        "cov-code-011",
+    ]
+    assert len(review.filter_items(items, category="Classification")) == 6
+    assert review.filter_items(items, category="Summarization") == []  # not answered in this fixture
     assert [i.prompt_id for i in review.filter_items(items, query=items[5].prompt_id.upper())] == [
         items[5].prompt_id
     ]
+
+
+def test_review_shows_the_base_student_and_baselines_that_04_stored_for_the_run(run):
+    """04 answers and judges the reference rows once per run, under <run>/baselines/<model>/."""
+    first, second = (row["id"] for row in read_jsonl(run.test_file)[:2])
+    base = [
+        {"prompt_id": pid, "candidate": f"untuned answer {k} to {pid}", "sample_index": k}
+        for pid in (first, second)
+        for k in range(2)
+    ]
+    write_jsonl(run.baseline_responses_file("base_student"), base)
+    write_jsonl(
+        run.baseline_judgments_file("base_student"),
+        [
+            {**row, "judge": JUDGE, "repeat": r, "ok": True, "precision": score, "similarity": score}
+            for row, score in zip(base, [10, 30, 40, 60], strict=True)
+            for r in range(3)
+        ],
+    )
+    write_jsonl(
+        run.baseline_responses_file("claude"), [{"prompt_id": first, "candidate": "a service answer"}]
+    )
+    write_jsonl(
+        run.baseline_judgments_file("claude"),
+        [{"prompt_id": first, "judge": JUDGE, "ok": True, "precision": 80, "similarity": 75}],
+    )
+
+    items = {item.prompt_id: item for item in review.load_items(run, 0)}
+    assert len(items) == len(BASES)  # the reference rows add answers, not prompts
+    shown = [(c.model, c.sample_index, c.text) for c in items[first].candidates]
+    assert shown == [
+        ("student", 0, f"student answer 0 to {first}"),
+        ("student", 1, f"student answer 1 to {first}"),
+        ("base student", 0, f"untuned answer 0 to {first}"),
+        ("base student", 1, f"untuned answer 1 to {first}"),
+        ("claude", 0, "a service answer"),
+        (BASELINE, 0, f"baseline answer to {first}"),
+    ]
+    assert items[first].score("precision", "base student") == 20.0  # (10 + 30) / 2
+    assert items[second].score("precision", "base student") == 50.0  # (40 + 60) / 2
+    assert items[first].score("precision", "claude") == 80.0
+    assert items[first].score("precision") == 20.0  # the student's own score is unchanged
+    assert items[second].models() == ["student", "base student", BASELINE]
+    # the untuned student is below ζ on both prompts; the service model on neither
+    assert [
+        i.prompt_id for i in review.filter_items(list(items.values()), below=70.0, model="base student")
+    ] == [
+        first,
+        second,
+    ]
+    assert review.filter_items(list(items.values()), below=70.0, model="claude") == []
+    html = review.render_item(items[first])
+    assert "base student" in html and "untuned answer 1" in html and "a service answer" in html
+
+
+def test_04_leaves_a_prompt_marked_ambiguous_out_of_the_decision(run):
+    """Student precision per answer, 8 prompts x K=2 (reviewrun.BASES; prompt 0 averages 20, prompt 1's
+    second sample 32.5 after its failed repeat): V = 937.5 / 16 = 58.6 < ε 60. Without prompt 0 it is
+    897.5 / 14 = 64.1, so marking prompt 0 ambiguous passes the cycle."""
+    cfg = resolve_project_paths(load_config(run.params_file))
+    cfg = replace(cfg, evaluate=replace(cfg.evaluate, decision_judges=[JUDGE], epsilon=60.0))
+    stage = Stage("04_evaluate", cfg, run, 0)
+    student = [j for j in read_jsonl(run.judgments_file(0)) if "model" not in j]
+    ambiguous = read_jsonl(run.test_file)[0]["id"]
+
+    metrics = evaluate.write_metrics(stage, student)
+    assert metrics["ambiguous_excluded"] == {"prompts": 0, "prompt_ids": []}
+    judge = metrics["per_judge"][JUDGE]
+    assert (judge["n_rows"], judge["judgments"]) == (16, 48)
+    assert judge["precision"]["mean"] == pytest.approx(937.5 / 16)
+    assert metrics["decision"]["passed"] is False
+
+    review.record_decision(run.review_file, ambiguous, cycle=0, ambiguous=True)
+    metrics = evaluate.write_metrics(stage, student)
+    assert metrics["ambiguous_excluded"] == {"prompts": 1, "prompt_ids": [ambiguous]}
+    judge = metrics["per_judge"][JUDGE]
+    assert (judge["n_rows"], judge["judgments"]) == (14, 42)
+    assert judge["precision"]["mean"] == pytest.approx(897.5 / 14)
+    assert metrics["decision"]["passed"] is True
+    assert "1 prompt(s) marked ambiguous in review were left out" in metrics["decision"]["reason"]
+    assert json.loads(run.metrics_file(0).read_text()) == json.loads(json.dumps(metrics))
 
 
 def test_loader_tolerates_extra_fields_foreign_rows_and_an_unjudged_cycle(tmp_path):
@@ -132,9 +232,6 @@ def test_review_decisions_persist_at_once_and_01_applies_them(run):
     assert unflagged not in saved
 
     before = {r["id"]: r for r in read_jsonl(run.test_file)}
-    from llamaduo_nb.config import load_config
-    from llamaduo_nb.notebook import resolve_project_paths
-
     cfg = resolve_project_paths(load_config(run.params_file))
     result = run_coverage(cfg.coverage, cfg.seed, run)
     after = {r["id"]: r for r in read_jsonl(run.test_file)}
@@ -164,8 +261,13 @@ def test_curation_view_filters_searches_and_warns_before_losing_an_edit(tmp_path
     view.category.value = category
     assert {view.rows[i]["category"] for i in view.visible} == {category}
     assert view.category.options[0] == ALL
-    view.search.value = rows[2]["instruction"][:25].upper()
-    assert [view.rows[i]["id"] for i in view.visible] == [rows[2]["id"]]
+    assert len(view.visible) == 24  # the sample data holds 24 prompts of each of its 4 categories
+    # every summarization prompt opens with the same request; one names the dog Biscuit (case ignored)
+    view.category.value = ALL
+    view.search.value = "SUMMARIZE THIS TEXT"
+    assert len(view.visible) == 24 and {view.rows[i]["category"] for i in view.visible} == {"Summarization"}
+    view.search.value = "missing DOG biscuit"
+    assert [view.rows[i]["id"] for i in view.visible] == ["cov-sum-003"]
     view.search.value = ""
     view.response.value = "half-typed edit"
     assert "unsaved edit" in view.unsaved.value
@@ -197,7 +299,8 @@ def test_01_runs_from_the_notebooks_folder_with_project_relative_paths(tmp_path)
         cwd=PROJECT_ROOT / "notebooks",
     )
     layout = RunLayout(run_dir)
-    assert len(read_jsonl(layout.train_file)) == 40 and len(read_jsonl(layout.test_file)) == 8
+    # 96 sample rows, train_ratio 0.75 stratified over 4 categories of 24: 18 train / 6 test each
+    assert len(read_jsonl(layout.train_file)) == 72 and len(read_jsonl(layout.test_file)) == 24
     assert json.loads(out.read_text())["metadata"]["papermill"]["parameters"]["run_dir"].startswith("..")
     assert not (PROJECT_ROOT / "notebooks" / "outputs").exists()
     assert not (Path(PROJECT_ROOT / "notebooks") / Path(data["outputs_dir"])).resolve().exists()
