@@ -267,10 +267,39 @@ def export_gguf(
     return GGUFExport(qtype, out_path, out_path.stat().st_size, time.monotonic() - t0, "builtin", n_tensors)
 
 
+# Runs convert_hf_to_gguf.py unchanged, except that a byte-level BPE tokenizer whose pre-tokenizer the
+# script does not recognise (it identifies them by hashing the real vocab's output on a probe text) gets
+# the name the user gave in deploy.gguf_tokenizer_pre; check_gguf_tokenizer then verifies the choice.
+_CONVERT_WITH_PRE = """
+import runpy, sys
+from pathlib import Path
+script, pre = sys.argv[1], sys.argv[2]
+sys.argv = [script, *sys.argv[3:]]
+sys.path[:0] = [str(Path(script).parent), str(Path(script).parent / "gguf-py")]
+import conversion.base as base
+known = base.TextModel.get_vocab_base_pre
+def get_vocab_base_pre(self, tokenizer):
+    try:
+        return known(self, tokenizer)
+    except NotImplementedError:
+        return pre
+base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+runpy.run_path(script, run_name="__main__")
+"""
+
+
 def convert_with_llama_cpp(
-    script: str | Path, model_dir: str | Path, out_path: str | Path, qtype: str
+    script: str | Path,
+    model_dir: str | Path,
+    out_path: str | Path,
+    qtype: str,
+    *,
+    tokenizer_pre: str | None = None,
 ) -> GGUFExport:
-    """Run llama.cpp's `convert_hf_to_gguf.py` (from a llama.cpp checkout or sdist) for one GGUF type."""
+    """Run llama.cpp's `convert_hf_to_gguf.py` (llama-cpp-python's sdist or a checkout) for one GGUF type.
+
+    `tokenizer_pre` names llama.cpp's pre-tokenizer for BPE vocabularies the script does not recognise.
+    """
     import subprocess
     import sys
 
@@ -280,13 +309,17 @@ def convert_with_llama_cpp(
         raise GGUFExportError(f"deploy.convert_script: {script} does not exist")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    cmd = [sys.executable, str(script), str(model_dir), "--outfile", str(tmp), "--outtype", qtype]
+    args = [str(model_dir), "--outfile", str(tmp), "--outtype", qtype]
+    if tokenizer_pre:
+        cmd = [sys.executable, "-c", _CONVERT_WITH_PRE, str(script), tokenizer_pre, *args]
+    else:
+        cmd = [sys.executable, str(script), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-20:])
-        raise GGUFExportError(f"{' '.join(cmd)} failed with code {proc.returncode}:\n{tail}")
+        raise GGUFExportError(f"{script} {' '.join(args)} failed with code {proc.returncode}:\n{tail}")
     os.replace(tmp, out_path)
     return GGUFExport(
         qtype, out_path, out_path.stat().st_size, time.monotonic() - t0, f"llama.cpp:{script.name}"
@@ -298,14 +331,28 @@ def check_gguf_tokenizer(
 ) -> dict:
     """Does llama.cpp tokenize like the HF tokenizer? A wrong pre-tokenizer or vocab shows up here."""
     from llama_cpp import Llama
-    from tokenizers import Tokenizer
 
-    hf = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    tok_file = Path(model_dir) / "tokenizer.json"
+    if tok_file.is_file():  # the fast tokenizer's own definition, as written next to the weights
+        from tokenizers import Tokenizer
+
+        fast = Tokenizer.from_file(str(tok_file))
+
+        def encode(text: str) -> list[int]:
+            return fast.encode(text, add_special_tokens=False).ids
+    else:
+        from transformers import AutoTokenizer
+
+        auto = AutoTokenizer.from_pretrained(model_dir)
+
+        def encode(text: str) -> list[int]:
+            return auto(text, add_special_tokens=False)["input_ids"]
+
     llm = Llama(str(gguf_path), vocab_only=True, verbose=False)
     try:
         mismatches = []
         for text in texts:
-            expected = hf.encode(text, add_special_tokens=False).ids
+            expected = encode(text)
             got = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
             if list(got) != list(expected):
                 mismatches.append({"text": text, "hf": expected[:40], "llama_cpp": list(got)[:40]})
@@ -474,7 +521,9 @@ def export_all(cfg: RunConfig, layout: RunLayout, merged_dir: str | Path | None 
             )
         else:
             script = dep.convert_script or ensure_llama_cpp_converter(quiet=True)
-            result = convert_with_llama_cpp(script, merged_dir, out, qtype)
+            result = convert_with_llama_cpp(
+                script, merged_dir, out, qtype, tokenizer_pre=dep.gguf_tokenizer_pre
+            )
         exports[qtype] = result
     for qtype in quantized:
         exports[qtype] = quantize_gguf(exports["f16"].path, layout.gguf_file(qtype), qtype)
