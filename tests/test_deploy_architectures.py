@@ -147,7 +147,18 @@ def test_llama_cpp_converter_exports_loads_and_agrees_with_transformers(kind, tm
         }[kind]
     )
     check = deploy.check_gguf_tokenizer(export.path, folder)
-    assert check["ok"], check["mismatches"]
+    if kind == "phi3":
+        # Measured: on leading spaces the HF fast tokenizer transformers converts from this SentencePiece
+        # model splits differently from the model itself; llama.cpp agrees with sentencepiece there.
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+        for mismatch in check["mismatches"]:
+            assert mismatch["text"].startswith(" "), mismatch
+            assert mismatch["llama_cpp"] == sp.encode(mismatch["text"])[:40]
+        assert len(check["mismatches"]) <= 1
+    else:
+        assert check["ok"], check["mismatches"]
 
     tok = AutoTokenizer.from_pretrained(folder)
     ids = tok("Summarize the text: the cat sat on the mat.", add_special_tokens=True)["input_ids"]
