@@ -174,43 +174,118 @@ class InferenceConfig:
         _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must lie in (0, 1], e.g. 0.9")
 
 
+METRIC_JUDGE_NAMES = ("rougeL", "chrF", "exact_match")  # reserved: reference-metric judges, never providers
+_STATISTIC = re.compile(r"mean|coverage@\d+(\.\d+)?")
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
-    judges: list[str]  # provider names (see `providers`)
-    m: int = 10  # M: judgments per (prompt, sample) per judge
+    """How 04 judges and decides.
+
+    Two kinds of judges, declared apart so a paid one is never confused with a free one:
+    `judges` are service LLMs (provider names, M calls per answer); `metric_judges` are reference metrics
+    computed offline for free (rougeL, chrF, exact_match; M = 1). Both become Table-1 columns.
+
+    The decision (paper eq. 9: synthesize again when V < epsilon or C@zeta < epsilon): for every
+    statistic in `decision_statistic` and every metric of `decision_metric`, the value over
+    `decision_judges` (default: all judges) must reach `epsilon`. `judge_aggregation`: `mean` averages the
+    judges, `strictest` takes the lowest, `each` needs every judge to pass on its own. With
+    `require_lower_bound` the lower end of the 95% cluster-bootstrap interval must reach epsilon.
+    """
+
+    judges: list[str] = field(default_factory=list)  # LLM judges: provider names (see `providers`)
+    metric_judges: list[str] = field(
+        default_factory=list
+    )  # free reference metrics: rougeL, chrF, exact_match
+    label_categories: list[str] = field(
+        default_factory=lambda: ["Classification"]
+    )  # categories exact_match scores (label accuracy)
+    m: int = 10  # M: judgments per (prompt, sample) per LLM judge
     zetas: list[float] = field(default_factory=lambda: [50.0, 70.0])  # coverage thresholds C@zeta
-    epsilon: float = 70.0  # pass threshold on the decision statistic
+    epsilon: float = 70.0  # pass threshold on the decision statistic(s)
     decision_metric: Literal["precision", "similarity", "both"] = "precision"
-    decision_statistic: str = "mean"  # "mean" or "coverage@<zeta>" (a share in percent, e.g. coverage@70)
-    judge_aggregation: Literal["mean", "min", "all"] = (
-        "mean"  # combine judges: average, worst, or all must pass
+    decision_statistic: str | list[str] = "mean"  # "mean", "coverage@70", or a list: all must pass (eq. 9)
+    decision_judges: list[str] | None = None  # judges whose scores decide (null: every judge)
+    judge_aggregation: Literal["mean", "strictest", "each", "min", "all"] = (
+        "mean"  # combine judges: average, lowest, or each must pass (min/all: old names)
     )
+    require_lower_bound: bool = False  # pass only when the CI's lower bound reaches epsilon
+    min_scored_share: float = 0.5  # a judge scoring fewer rows than this share cannot pass the model
+    baselines: list[str] = field(default_factory=list)  # service LLMs answering the test prompts (Table 1)
+    base_student: bool = True  # Table-1 row of the student before fine-tuning (computed once per run)
+    bootstrap_samples: int = 1000  # cluster-bootstrap resamples for the 95% intervals (0: none)
+    bootstrap_seed: int = 0  # seed of the bootstrap (recorded in metrics.json)
+    rationale: bool = False  # ask LLM judges for a one-sentence reason (kept in judgments.jsonl)
     temperature: float = 1.0  # judge sampling temperature (M repeats only differ when > 0)
     max_tokens: int = 256
-    min_scored_share: float = 0.5  # a judge scoring fewer rows than this share cannot pass the model
 
-    EXAMPLE = "judges: [gpt4o, claude]\nm: 10\nzetas: [50, 70]\nepsilon: 70\ndecision_statistic: mean"
+    EXAMPLE = (
+        "judges: [gpt4o, claude]\nmetric_judges: [rougeL]\nm: 10\nzetas: [50, 70]\nepsilon: 70\n"
+        "decision_statistic: [mean, coverage@50]  # eq. 9\njudge_aggregation: mean\nbaselines: [gpt4o]"
+    )
+
+    @property
+    def decision_statistics(self) -> list[str]:
+        stat = self.decision_statistic
+        return [stat] if isinstance(stat, str) else list(stat)
+
+    @property
+    def aggregation(self) -> str:
+        """The judge aggregation under its current name (old `min` is `strictest`, `all` is `each`)."""
+        return {"min": "strictest", "all": "each"}.get(self.judge_aggregation, self.judge_aggregation)
+
+    @property
+    def all_judges(self) -> list[str]:
+        return [*self.judges, *self.metric_judges]
+
+    @property
+    def deciding_judges(self) -> list[str]:
+        return list(self.decision_judges) if self.decision_judges is not None else self.all_judges
 
     def validate(self) -> None:
-        _check(len(self.judges) >= 1, "judges", "name at least one provider")
+        _check(
+            len(self.judges) + len(self.metric_judges) >= 1,
+            "judges",
+            "name at least one LLM judge or one metric_judges entry, e.g. judges: [gpt4o]",
+        )
+        for i, name in enumerate(self.metric_judges):
+            _check(
+                name in METRIC_JUDGE_NAMES,
+                f"metric_judges[{i}]",
+                f"{name!r} is not a reference metric; choose from {list(METRIC_JUDGE_NAMES)}",
+            )
+        _check(len(set(self.all_judges)) == len(self.all_judges), "judges", "each judge once")
         _check(self.m >= 1, "m", "M must be >= 1, e.g. 10")
         _check(all(1 <= z <= 100 for z in self.zetas) and len(self.zetas) >= 1, "zetas", "values in [1, 100]")
-        _check(
-            re.fullmatch(r"mean|coverage@\d+(\.\d+)?", self.decision_statistic) is not None,
-            "decision_statistic",
-            "'mean' or 'coverage@70'",
-        )
-        if self.decision_statistic.startswith("coverage@"):
-            z = float(self.decision_statistic.split("@", 1)[1])
+        stats = self.decision_statistics
+        _check(len(stats) >= 1, "decision_statistic", "name at least one, e.g. [mean, coverage@50]")
+        for stat in stats:
             _check(
-                z in [float(x) for x in self.zetas],
+                _STATISTIC.fullmatch(stat) is not None,
                 "decision_statistic",
-                f"zeta {z:g} must be listed in zetas",
+                f"{stat!r}: use 'mean', 'coverage@70' or a list such as [mean, coverage@50]",
             )
+            if stat.startswith("coverage@"):
+                z = float(stat.split("@", 1)[1])
+                _check(
+                    z in [float(x) for x in self.zetas],
+                    "decision_statistic",
+                    f"zeta {z:g} must be listed in zetas",
+                )
+        if self.decision_judges is not None:
+            _check(len(self.decision_judges) >= 1, "decision_judges", "name at least one judge, or null")
+            for name in self.decision_judges:
+                _check(
+                    name in self.all_judges,
+                    "decision_judges",
+                    f"{name!r} is neither in judges {self.judges} nor in metric_judges {self.metric_judges}",
+                )
         _check(0 <= self.epsilon <= 100, "epsilon", "must lie in [0, 100]")
         _check(self.temperature >= 0, "temperature", "must be >= 0 (M repeats only differ when > 0)")
         _check(0 <= self.min_scored_share <= 1, "min_scored_share", "must lie in [0, 1], e.g. 0.5")
         _check(self.max_tokens >= 1, "max_tokens", "must be >= 1")
+        _check(self.bootstrap_samples >= 0, "bootstrap_samples", "must be >= 0, e.g. 1000")
+        _check(len(set(self.baselines)) == len(self.baselines), "baselines", "each provider once")
 
 
 @dataclass(frozen=True)
@@ -342,8 +417,18 @@ class RunConfig:
         names = [p.name for p in self.providers]
         _check(len(names) >= 1, "providers", "declare at least one provider")
         _check(len(set(names)) == len(names), "providers", f"provider names must be unique, got {names}")
+        for name in names:
+            _check(
+                name not in METRIC_JUDGE_NAMES,
+                "providers",
+                f"'{name}' is reserved for a reference-metric judge {list(METRIC_JUDGE_NAMES)}; rename it",
+            )
         for judge in self.evaluate.judges:
             _check(judge in names, "evaluate.judges", f"'{judge}' is not a declared provider {names}")
+        for baseline in self.evaluate.baselines:
+            _check(
+                baseline in names, "evaluate.baselines", f"'{baseline}' is not a declared provider {names}"
+            )
         _check(
             self.synthesize.generator in names,
             "synthesize.generator",

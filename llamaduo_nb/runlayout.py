@@ -7,7 +7,10 @@
       coverage/              01: train.jsonl, test.jsonl, report.json, curation.json, 01_coverage.ipynb
       cycle_00/ cycle_01/ …  02-05 of each cycle: adapter/, train_log.jsonl, responses.jsonl,
                              judgments.jsonl, metrics.json, synthetic.jsonl, synth_report.json, notebooks
+      baselines/             04, once per run: <model>/responses.jsonl, judgments.jsonl, meta.json for the
+                             student before fine-tuning (base_student) and each service baseline
       deploy/                06: merged/, gguf/, Modelfile, parity.json, economics.json, notebook
+      fig2_cycles.png        V and C@zeta per judge against cycle and training-set size (04 / summary)
       summary.md             written by the runner at the end
 
 The record schemas of these files are documented in `schemas.py`.
@@ -150,6 +153,43 @@ class RunLayout:
 
     def synth_plot(self, cycle: int) -> Path:
         return self.cycle_dir(cycle) / "synth_counts.png"
+
+    def table1_csv(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "table1.csv"
+
+    def table1_md(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "table1.md"
+
+    def agreement_file(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "agreement.json"
+
+    def models_scores_plot(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "precision_vs_similarity_models.png"
+
+    def category_hist_plot(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "scores_by_category.png"
+
+    # ---- run-level reference rows of Table 1 (computed once per run by 04)
+    @property
+    def baselines_dir(self) -> Path:
+        return self.root / "baselines"
+
+    def baseline_dir(self, model: str) -> Path:
+        """`base_student` (the student before fine-tuning) or a service baseline's provider name."""
+        return self.baselines_dir / model
+
+    def baseline_responses_file(self, model: str) -> Path:
+        return self.baseline_dir(model) / "responses.jsonl"
+
+    def baseline_judgments_file(self, model: str) -> Path:
+        return self.baseline_dir(model) / "judgments.jsonl"
+
+    def baseline_meta_file(self, model: str) -> Path:
+        return self.baseline_dir(model) / "meta.json"
+
+    @property
+    def cycles_fig2_plot(self) -> Path:
+        return self.root / "fig2_cycles.png"
 
     # ---- 06 deploy
     @property

@@ -22,6 +22,7 @@ import papermill as pm
 from .config import ConfigError, RunConfig, dump_config, load_config
 from .jsonio import read_json, write_json
 from .runlayout import RunLayout
+from .summary import write_summary
 
 KERNEL_NAME = "llamaduo-nb"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -290,64 +291,6 @@ def run(
     log(summary)
     log(f"[llamaduo] finished in {time.monotonic() - started:.1f}s: {state.stop_reason}")
     return state
-
-
-def cycle_rows(layout: RunLayout) -> list[dict[str, Any]]:
-    """One row per evaluated cycle: training volume, V and C@zeta per judge and metric, the decision."""
-    rows = []
-    for cycle in layout.cycles():
-        path = layout.metrics_file(cycle)
-        if not path.is_file():
-            continue
-        metrics = read_json(path)
-        row: dict[str, Any] = {"cycle": cycle}
-        train = layout.train_summary(cycle)
-        if train.is_file():
-            row["train_rows"] = read_json(train).get("rows")
-        for judge, per_metric in metrics.get("per_judge", {}).items():
-            for metric in ("precision", "similarity"):
-                stats = per_metric.get(metric, {})
-                cells = [f"{stats.get('mean', float('nan')):.2f}"] + [
-                    f"{v:.0f}%" for k, v in stats.items() if k.startswith("c@") and isinstance(v, int | float)
-                ]
-                row[f"{judge} {metric}"] = " / ".join(cells)
-        decision = metrics.get("decision", {})
-        row["decision value"] = decision.get("value")
-        row["passed"] = decision.get("passed")
-        rows.append(row)
-    return rows
-
-
-def write_summary(cfg: RunConfig, layout: RunLayout, state: RunState) -> str:
-    """summary.md + summary.json: V and C per cycle, why the loop stopped, where the time went."""
-    rows = cycle_rows(layout)
-    ev = cfg.evaluate
-    lines = [
-        f"# Run {cfg.run_name}",
-        "",
-        f"Stopped: {state.stop_reason}.",
-        f"Decision: {ev.decision_metric} {ev.decision_statistic} (judges aggregated by {ev.judge_aggregation}) "
-        f">= epsilon {ev.epsilon:g}.",
-        "",
-        "Each cell is mean / C@zeta for zeta in " + ", ".join(f"{z:g}" for z in ev.zetas) + ".",
-        "",
-    ]
-    if rows:
-        headers = list(dict.fromkeys(k for r in rows for k in r))
-        lines.append("| " + " | ".join(headers) + " |")
-        lines.append("|" + "---|" * len(headers))
-        lines += ["| " + " | ".join(str(r.get(h, "")) for h in headers) + " |" for r in rows]
-    lines += ["", "## Time per notebook (s)", "", "| step | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in state.timings.items()]
-    text = "\n".join(lines) + "\n"
-    from .jsonio import atomic_write
-
-    with atomic_write(layout.summary_file) as fh:
-        fh.write(text)
-    write_json(
-        layout.summary_json, {"cycles": rows, "stop_reason": state.stop_reason, "timings": state.timings}
-    )
-    return text
 
 
 def describe_state(layout: RunLayout) -> str:

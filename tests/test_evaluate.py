@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from tinyrun import make_tiny_run
 
 from llamaduo_nb import evaluate
 from llamaduo_nb.callcache import CallCache
@@ -21,7 +23,12 @@ from llamaduo_nb.runner import NOTEBOOKS_DIR, execute_notebook
 
 def test_judge_template_puts_each_text_in_its_own_slot():
     template = evaluate.judge_template()
-    assert template.placeholders == {"instruction", "reference_response", "candidate_response"}
+    assert template.placeholders == {
+        "instruction",
+        "reference_response",
+        "candidate_response",
+        "reply_format",
+    }
     row = {"instruction": "INSTR-1", "reference": "REF-2", "candidate": "CAND-3 costs $5"}
     (message,) = evaluate.judge_messages(row, template)
     text = message["content"]
@@ -29,7 +36,9 @@ def test_judge_template_puts_each_text_in_its_own_slot():
     # the paper's Figure 5 repeats the human response in the model slot; ours shows each text once, in order
     assert text.count("REF-2") == 1 and text.count("CAND-3 costs $5") == 1
     assert text.index("INSTR-1") < text.index("REF-2") < text.index("CAND-3")
-    assert "similarity" in text and "precision" in text
+    assert "similarity" in text and "precision" in text and "rationale" not in text
+    (asked,) = evaluate.judge_messages(row, template, rationale=True)
+    assert '"rationale"' in asked["content"]
 
 
 def test_template_rendering_is_strict_about_placeholders():
@@ -37,7 +46,9 @@ def test_template_rendering_is_strict_about_placeholders():
     with pytest.raises(TemplateError, match="candidate_response"):
         template.render(instruction="a", reference_response="b")
     with pytest.raises(TemplateError, match="extra_value"):
-        template.render(instruction="a", reference_response="b", candidate_response="c", extra_value="d")
+        template.render(
+            instruction="a", reference_response="b", candidate_response="c", reply_format="f", extra_value="d"
+        )
 
 
 def test_template_files_comment_dollar_and_required_placeholders(tmp_path):
@@ -113,6 +124,17 @@ def test_judgment_record_marks_failures_without_a_score():
         assert record["ok"] is False
         assert record["similarity"] is None and record["precision"] is None
         assert record["error"].startswith(kind)
+
+
+def test_judgment_record_keeps_the_judges_rationale():
+    row = {"prompt_id": "p1", "sample_index": 0, "category": "qa"}
+    reply = '{"similarity": 80, "precision": 90, "rationale": "Names the right city."}'
+    record = evaluate.judgment_record(row, "gpt", 0, _Reply(reply))
+    assert record["ok"] and record["rationale"] == "Names the right city."
+    plain = evaluate.judgment_record(row, "gpt", 0, _Reply('{"similarity": 80, "precision": 90}'))
+    assert plain["ok"] and plain["rationale"] is None
+    schema = evaluate.JUDGMENT_SCHEMA_RATIONALE
+    assert schema["required"] == ["similarity", "precision", "rationale"]
 
 
 # --------------------------------------------------------------------------- V and C@zeta
@@ -234,7 +256,7 @@ def test_a_judge_that_scored_too_few_rows_cannot_pass_the_model():
     assert _decide(epsilon=50, min_scored_share=0.6, judges=["g"])["passed"] is True
     strict = _decide(epsilon=50, min_scored_share=0.7, judges=["g"])
     assert strict["passed"] is False and strict["value"] == pytest.approx(80)
-    assert "too few rows scored" in strict["reason"]
+    assert strict["reason"].startswith("refused") and "g scored 2/3 rows" in strict["reason"]
     assert strict["per_judge"]["g"]["scored_share"] == pytest.approx(2 / 3)
 
 
@@ -265,17 +287,21 @@ def test_load_responses_names_file_row_and_field(tmp_path):
 # --------------------------------------------------------------------------- the notebook, for real
 
 M = 2
-RESPONSES = [  # (prompt_id, sample_index, instruction, reference, candidate, category)
-    ("qa-1", 0, "What is the capital of France?", "Paris.", "The capital of France is Paris.", "Closed QA"),
-    ("qa-1", 1, "What is the capital of France?", "Paris.", "Lyon.", "Closed QA"),
-    ("qa-2", 0, "How many legs does a spider have?", "Eight.", "Spiders have six legs.", "Closed QA"),
+RESPONSES = [  # (prompt_id, sample_index, instruction, reference, candidate, category): tinyrun's TEST split
+    ("test-0", 0, "What is the capital of Italy?", "Rome.", "The capital of Italy is Rome.", "Closed QA"),
+    ("test-0", 1, "What is the capital of Italy?", "Rome.", "Milan.", "Closed QA"),
+    ("test-1", 0, "Classify the sentiment: What a wonderful day!", "Positive", "Positive", "Classification"),
+    ("test-1", 1, "Classify the sentiment: What a wonderful day!", "Positive", "Negative.", "Classification"),
 ]
 
 
-def _tiny_run(make_params, root: Path) -> RunLayout:
-    params = make_params({"evaluate": {"judges": ["local"], "m": M, "max_tokens": 40, "temperature": 0.8}})
-    layout = RunLayout(root)
-    dump_config(load_config(params), layout.params_file)
+def _tiny_run(root: Path) -> RunLayout:
+    """tinyrun's folder (demo params: local LLM judge, rougeL + exact_match, baseline local, base student)
+    with M = 2 and this cycle's responses written as 03 would."""
+    layout = make_tiny_run(root)
+    cfg = load_config(layout.params_file)
+    ev = dataclasses.replace(cfg.evaluate, m=M, max_tokens=40, temperature=0.8, bootstrap_samples=200)
+    dump_config(dataclasses.replace(cfg, evaluate=ev), layout.params_file)
     rows = [
         {
             "prompt_id": pid,
@@ -313,21 +339,27 @@ def _recompute(judgments: list[dict], judge: str, metric: str, zetas: list[float
 
 
 @pytest.mark.slow
-def test_notebook_judges_each_row_m_times_and_metrics_match(make_params, tmp_path):
-    layout = _tiny_run(make_params, tmp_path / "tiny")
+def test_notebook_judges_each_row_m_times_and_metrics_match(tmp_path):
+    layout = _tiny_run(tmp_path / "tiny")
     out = execute_notebook(
         NOTEBOOKS_DIR / "04_evaluate.ipynb",
         layout.notebook_out("04_evaluate", 0),
         {"run_dir": str(layout.root), "cycle": 0},
     )
     assert out.is_file() and layout.scores_plot(0).stat().st_size > 0
+    for plot in (layout.models_scores_plot(0), layout.category_hist_plot(0), layout.cycles_fig2_plot):
+        assert plot.stat().st_size > 0
 
     judgments = read_jsonl(layout.judgments_file(0))
-    assert len(judgments) == len(RESPONSES) * M
+    llm = [j for j in judgments if j["judge"] == "local"]
+    assert len(llm) == len(RESPONSES) * M
+    assert len([j for j in judgments if j["judge"] == "rougeL"]) == len(RESPONSES)
+    exact = {
+        (j["prompt_id"], j["sample_index"]): j["precision"] for j in judgments if j["judge"] == "exact_match"
+    }
+    assert exact == {("test-1", 0): 100.0, ("test-1", 1): 1.0}
     for pid, sample_index, *_ in RESPONSES:
-        repeats = [
-            j["repeat"] for j in judgments if (j["prompt_id"], j["sample_index"]) == (pid, sample_index)
-        ]
+        repeats = [j["repeat"] for j in llm if (j["prompt_id"], j["sample_index"]) == (pid, sample_index)]
         assert sorted(repeats) == list(range(M))
     for j in judgments:
         assert j["ok"] == (j["error"] is None)
@@ -343,16 +375,16 @@ def test_notebook_judges_each_row_m_times_and_metrics_match(make_params, tmp_pat
         keys = [pool.cache_key("local", request) for request in requests]
     assert len(set(keys)) == len(RESPONSES) * M
     assert {r.repeat for r in requests} == set(range(M))
-    request_failed = {j["cache_key"] for j in judgments if (j["error"] or "").startswith("request")}
+    request_failed = {j["cache_key"] for j in llm if (j["error"] or "").startswith("request")}
     with CallCache(layout.calls_db) as cache:
         for key in keys:
             assert key in request_failed or cache.get(key) is not None
-    assert {j["cache_key"] for j in judgments} == set(keys)
+    assert {j["cache_key"] for j in llm} == set(keys)
 
     metrics = read_json(layout.metrics_file(0))
     local = metrics["per_judge"]["local"]
-    assert local["failures"] == sum(not j["ok"] for j in judgments)
-    assert local["failure_rate"] == pytest.approx(local["failures"] / len(judgments))
+    assert local["failures"] == sum(not j["ok"] for j in llm)
+    assert local["failure_rate"] == pytest.approx(local["failures"] / len(llm))
     for metric in ("precision", "similarity"):
         expected = _recompute(judgments, "local", metric, [50.0, 70.0])
         if expected["mean"] is None:
@@ -361,9 +393,30 @@ def test_notebook_judges_each_row_m_times_and_metrics_match(make_params, tmp_pat
         assert local[metric]["mean"] == pytest.approx(expected["mean"])
         assert local[metric]["c@50"] == pytest.approx(expected[50.0])
         assert local[metric]["c@70"] == pytest.approx(expected[70.0])
+        lo, hi = local[metric]["mean_ci95"]
+        assert lo <= local[metric]["mean"] <= hi
+
+    # the demo's decision rests on ROUGE-L alone
     decision = metrics["decision"]
-    value = local["precision"]["mean"]
-    scored = {(j["prompt_id"], j["sample_index"]) for j in judgments if j["ok"]}
-    enough = len(scored) / len(RESPONSES) >= cfg.evaluate.min_scored_share
-    assert decision["passed"] is (value is not None and value >= cfg.evaluate.epsilon and enough)
-    assert decision["value"] == (pytest.approx(value) if value is not None else None)
+    rouge = metrics["per_judge"]["rougeL"]["precision"]["mean"]
+    assert decision["judges"] == ["rougeL"] and decision["value"] == pytest.approx(rouge)
+    assert decision["passed"] is (rouge >= cfg.evaluate.epsilon)
+    assert metrics["bootstrap"]["seed"] == cfg.evaluate.bootstrap_seed
+
+    # Table 1: base student, this cycle, the embedded service baseline, P-Match; every judge a column
+    table = layout.table1_md(0).read_text()
+    for label in ("base student", "cycle 0", "| local |", "P-Match"):
+        assert label in table
+    for judge in ("local", "rougeL", "exact_match"):
+        assert f"{judge} precision" in table
+    long = pd.read_csv(layout.table1_csv(0))
+    assert set(long["model"]) == {"base student", "cycle 0", "local"}
+    base = read_jsonl(layout.baseline_responses_file("base_student"))
+    assert len(base) == len(RESPONSES) and all(r["adapter"] is None for r in base)
+    service = read_jsonl(layout.baseline_responses_file("local"))
+    assert [r["model_id"] for r in service] == ["service:local"] * len(RESPONSES)
+    assert read_json(layout.agreement_file(0))["krippendorff_alpha"]
+
+    # computed once per run: a later cycle reuses the reference rows without a pool or the student
+    again = evaluate.reference_rows(cfg, layout, log=lambda msg: None)
+    assert all(ref["reused"] for ref in again.values()) and list(again) == ["base_student", "local"]

@@ -1,0 +1,249 @@
+"""04's file work: judge this cycle, build the run's reference rows once, write metrics and Table 1.
+
+Reference rows of Table 1 are computed once per run and reused by later cycles, under
+`<run>/baselines/<model>/` (responses.jsonl, judgments.jsonl, meta.json):
+
+* `base_student`: the student before fine-tuning, answering through 03's transformers generate path with
+  no adapter (same K, sampling and seeds as the cycles);
+* each provider of `evaluate.baselines`: a service LLM answering the same test prompts K times through
+  the ServicePool (ledger stage "baselines").
+
+They are judged exactly like the student (same judges, M, prompt). meta.json records what produced the
+files; when K, sampling, the test split or the judges change, the rows are recomputed (service answers
+and judgments then come from the call cache where they are unchanged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from ..config import RunConfig
+from ..jsonio import read_json, read_jsonl, write_json, write_jsonl
+from ..notebook import Stage
+from ..runlayout import RunLayout
+from ..services import ServicePool
+from .judging import judge_rows, load_judgments
+from .stats import compute_metrics
+from .tables import BASE_MODEL, cycle_label, table1_long, write_table1
+
+BASE_DIR = "base_student"
+BASELINES_STAGE = "baselines"
+
+
+def run_judges(stage: Stage, rows: Sequence[dict]) -> list[dict]:
+    """04's judging step: LLM judges via the ServicePool, metric judges offline; writes judgments.jsonl."""
+    cfg = stage.cfg.evaluate
+    if cfg.judges:
+        with ServicePool(stage.cfg, stage.layout, stage.name, stage.cycle, providers=cfg.judges) as pool:
+            judgments = judge_rows(pool, rows, cfg)
+    else:
+        judgments = judge_rows(None, rows, cfg)
+    write_jsonl(stage.layout.judgments_file(stage.cycle), judgments)
+    return judgments
+
+
+def write_metrics(stage: Stage, judgments: Sequence[dict]) -> dict:
+    """Compute this cycle's statistics and decision and write `metrics.json` (the runner reads it)."""
+    metrics = compute_metrics(judgments, stage.cfg.evaluate, stage.cycle)
+    write_json(stage.layout.metrics_file(stage.cycle), metrics)
+    return metrics
+
+
+# --------------------------------------------------------------------------- reference rows (once per run)
+
+
+def _test_digest(test_rows: Sequence[dict]) -> str:
+    text = "\n".join(f"{r['id']}\t{r['instruction']}\t{r['response']}" for r in test_rows)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def answers_meta(cfg: RunConfig, test_rows: Sequence[dict], model: str) -> dict:
+    inf = cfg.inference
+    return {
+        "model": model,
+        "student": cfg.student.model_id if model == BASE_DIR else None,
+        "k": inf.k,
+        "temperature": inf.temperature,
+        "top_p": inf.top_p,
+        "max_new_tokens": inf.max_new_tokens,
+        "seed": inf.seed if model == BASE_DIR else None,
+        "test": _test_digest(test_rows),
+    }
+
+
+def judges_meta(cfg: RunConfig) -> dict:
+    ev = cfg.evaluate
+    return {
+        "judges": ev.judges,
+        "metric_judges": ev.metric_judges,
+        "label_categories": ev.label_categories,
+        "m": ev.m,
+        "temperature": ev.temperature,
+        "max_tokens": ev.max_tokens,
+        "rationale": ev.rationale,
+    }
+
+
+def base_student_responses(cfg: RunConfig, test_rows: Sequence[dict], progress: bool = True) -> list[dict]:
+    """K answers per test prompt from the student before fine-tuning (03's generate path, no adapter)."""
+    from ..finetune import cuda_available, load_student, resolve_dtype
+    from ..inference import _generate_transformers, generation_params, model_revision
+
+    dtype = resolve_dtype(cfg.student, cuda_available())
+    model, tokenizer, path = load_student(cfg.student, "none", dtype)
+    if cuda_available():
+        model = model.to("cuda")
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    samples, _ = _generate_transformers(cfg.inference, model, tokenizer, list(test_rows), progress)
+    revision = model_revision(cfg.student, path)
+    params = generation_params(cfg.inference, "transformers")
+    responses = []
+    for row, group in zip(test_rows, samples, strict=True):
+        for index, sample in enumerate(group):
+            responses.append(
+                {
+                    "prompt_id": row["id"],
+                    "instruction": row["instruction"],
+                    "reference": row["response"],
+                    "candidate": sample.text,
+                    "sample_index": index,
+                    "category": row.get("category") or "",
+                    "model_id": cfg.student.model_id,
+                    "model_revision": revision,
+                    "adapter": None,
+                    "output_tokens": sample.output_tokens,
+                    "finish_reason": sample.finish_reason,
+                    "generation": {**params, "sample_seed": sample.seed},
+                }
+            )
+    return responses
+
+
+def _stored(layout: RunLayout, model: str, meta: dict, part: str) -> bool:
+    path = layout.baseline_meta_file(model)
+    return path.is_file() and read_json(path).get(part) == meta
+
+
+def reference_rows(cfg: RunConfig, layout: RunLayout, log: Any = print) -> dict[str, dict]:
+    """Answer and judge the base student and every service baseline, unless done already in this run.
+
+    Returns {model: {"judgments": [...], "responses": [...], "seconds": float, "reused": bool}}, the base
+    student first (when `evaluate.base_student`), then the baselines in params order.
+    """
+    from ..inference import load_test_rows
+
+    ev = cfg.evaluate
+    test_rows = load_test_rows(layout.test_file)
+    models = ([BASE_DIR] if ev.base_student else []) + list(ev.baselines)
+    jmeta = judges_meta(cfg)
+    todo_answers = [m for m in models if not _stored(layout, m, answers_meta(cfg, test_rows, m), "answers")]
+    todo_judging = [m for m in models if m in todo_answers or not _stored(layout, m, jmeta, "judges")]
+    out: dict[str, dict] = {}
+    providers = list(dict.fromkeys([*(m for m in todo_answers if m != BASE_DIR), *ev.judges]))
+    need_pool = bool(todo_judging and ev.judges) or any(m != BASE_DIR for m in todo_answers)
+    pool = ServicePool(cfg, layout, BASELINES_STAGE, providers=providers) if need_pool else None
+    try:
+        if pool is not None:
+            pool.__enter__()
+        for model in models:
+            started = time.monotonic()
+            if model in todo_answers:
+                if model == BASE_DIR:
+                    responses = base_student_responses(cfg, test_rows)
+                else:
+                    responses = _service_answers(pool, model, test_rows, cfg)
+                write_jsonl(layout.baseline_responses_file(model), responses)
+            else:
+                responses = read_jsonl(layout.baseline_responses_file(model))
+            if model in todo_judging:
+                judgments = judge_rows(pool, responses, ev)
+                write_jsonl(layout.baseline_judgments_file(model), judgments)
+                write_json(
+                    layout.baseline_meta_file(model),
+                    {"answers": answers_meta(cfg, test_rows, model), "judges": jmeta},
+                )
+            else:
+                judgments = load_judgments(layout.baseline_judgments_file(model))
+            seconds = round(time.monotonic() - started, 1)
+            reused = model not in todo_judging
+            log(f"[04] reference row {model}: {'reused' if reused else f'computed in {seconds:.1f}s'}")
+            out[model] = {
+                "judgments": judgments,
+                "responses": responses,
+                "seconds": seconds,
+                "reused": reused,
+            }
+    finally:
+        if pool is not None:
+            pool.__exit__(None, None, None)
+    return out
+
+
+def _service_answers(
+    pool: ServicePool, provider: str, test_rows: Sequence[dict], cfg: RunConfig
+) -> list[dict]:
+    from .judging import answer_with_provider
+
+    return answer_with_provider(pool, provider, test_rows, cfg.inference.k, cfg.inference)
+
+
+def table1_models(layout: RunLayout, cycle: int, references: dict[str, dict]) -> dict[str, tuple[str, list]]:
+    """Table-1 rows in order: base student, cycles 0..`cycle` that have judgments, service baselines."""
+    models: dict[str, tuple[str, list]] = {}
+    if BASE_DIR in references:
+        models[BASE_MODEL] = ("base", references[BASE_DIR]["judgments"])
+    for c in range(cycle + 1):
+        path = layout.judgments_file(c)
+        if path.is_file():
+            models[cycle_label(c)] = ("local", load_judgments(path))
+    for model, ref in references.items():
+        if model != BASE_DIR:
+            models[model] = ("service", ref["judgments"])
+    return models
+
+
+def write_cycle_table1(stage: Stage, references: dict[str, dict]):
+    """Table 1 of this cycle: CSV (long, with intervals) + Markdown (paper form); returns (wide, long)."""
+    models = table1_models(stage.layout, stage.cycle, references)
+    long = table1_long(models, stage.cfg.evaluate)
+    wide = write_table1(
+        long,
+        stage.cfg.evaluate.zetas,
+        stage.layout.table1_csv(stage.cycle),
+        stage.layout.table1_md(stage.cycle),
+    )
+    return wide, long
+
+
+def reference_status(references: dict[str, dict]) -> pd.DataFrame:
+    """What the reference rows cost in this notebook: computed (seconds) or reused from earlier."""
+    return pd.DataFrame(
+        [
+            {
+                "model": BASE_MODEL if model == BASE_DIR else model,
+                "answers": len(ref["responses"]),
+                "failed answers": sum(bool(r.get("error")) for r in ref["responses"]),
+                "judgments": len(ref["judgments"]),
+                "status": "reused" if ref["reused"] else f"computed in {ref['seconds']:.1f}s",
+            }
+            for model, ref in references.items()
+        ],
+        columns=["model", "answers", "failed answers", "judgments", "status"],
+    )
+
+
+def write_agreement(stage: Stage, judgments: Sequence[dict]) -> dict:
+    """Repeat spread and between-judge agreement of this cycle's judgments -> agreement.json."""
+    from .agreement import agreement_report
+
+    report = agreement_report(judgments)
+    write_json(stage.layout.agreement_file(stage.cycle), report)
+    return report

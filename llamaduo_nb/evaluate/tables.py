@@ -1,0 +1,289 @@
+"""Tables people read: paper Table 1 (models x judges x metric, with P-Match), the decision, failures.
+
+Table 1 keeps the paper's cell format `mean / C@50 / C@70` and adds what the paper leaves out: the 95%
+cluster-bootstrap interval of each statistic and the rows a judge could score (failed judgments are
+excluded, so every cell says on how many rows it rests). The P-Match row is, per judge and metric,
+100 x (best local model) / (best service model) for each statistic, "best" taken per statistic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from ..config import EvaluateConfig
+from ..jsonio import atomic_write
+from .judging import METRICS
+from .stats import score_table, summarize, zeta_key
+
+BASE_MODEL = "base student"  # Table-1 label of the student before fine-tuning (providers cannot hold spaces)
+KINDS = ("base", "local", "service")
+
+
+def cycle_label(cycle: int) -> str:
+    return f"cycle {cycle}"
+
+
+def _stat_keys(zetas: Sequence[float]) -> list[str]:
+    return ["mean", *(zeta_key(z) for z in zetas)]
+
+
+def _fmt_cell(summary: dict, zetas: Sequence[float]) -> str:
+    if summary.get("mean") is None:
+        return "n/a"
+    parts = [f"{summary['mean']:.2f}"] + [f"{summary[zeta_key(z)]:.0f}%" for z in zetas]
+    return " / ".join(parts)
+
+
+def _fmt_ci(summary: dict, zetas: Sequence[float]) -> str:
+    cis = [summary.get(f"{key}_ci95") for key in _stat_keys(zetas)]
+    if any(ci is None for ci in cis):
+        return ""
+    return "[" + " / ".join(f"{lo:.0f}-{hi:.0f}" for lo, hi in cis) + "]"
+
+
+# --------------------------------------------------------------------------- Table 1
+
+
+def table1_long(
+    models: Mapping[str, tuple[str, Sequence[dict]]],
+    cfg: EvaluateConfig,
+    *,
+    n_boot: int | None = None,
+) -> pd.DataFrame:
+    """Every statistic of every (model, judge, metric) with its interval and the rows scored.
+
+    `models` maps a row label to (kind, judgments) with kind one of "base", "local", "service", in the
+    order the rows should appear. Columns: model, kind, judge, metric, statistic, value, ci_low, ci_high,
+    rows_scored, rows.
+    """
+    n_boot = cfg.bootstrap_samples if n_boot is None else n_boot
+    records = []
+    for model, (kind, judgments) in models.items():
+        if kind not in KINDS:
+            raise ValueError(f"model {model!r}: kind {kind!r} is not one of {KINDS}")
+        per_judge = summarize(judgments, cfg.zetas, n_boot=n_boot, seed=cfg.bootstrap_seed)
+        for judge in cfg.all_judges:
+            entry = per_judge.get(judge)
+            for metric in METRICS:
+                for key in _stat_keys(cfg.zetas):
+                    summary = entry[metric] if entry else {}
+                    ci = summary.get(f"{key}_ci95")
+                    records.append(
+                        {
+                            "model": model,
+                            "kind": kind,
+                            "judge": judge,
+                            "metric": metric,
+                            "statistic": key,
+                            "value": summary.get(key),
+                            "ci_low": ci[0] if ci else None,
+                            "ci_high": ci[1] if ci else None,
+                            "rows_scored": (entry["n_rows"] - entry["rows_unscored"]) if entry else 0,
+                            "rows": entry["n_rows"] if entry else 0,
+                        }
+                    )
+    return pd.DataFrame(
+        records,
+        columns=["model", "kind", "judge", "metric", "statistic", "value", "ci_low", "ci_high"]
+        + ["rows_scored", "rows"],
+    )
+
+
+def p_match(long: pd.DataFrame) -> pd.DataFrame:
+    """P-Match per (judge, metric, statistic): 100 x best local (base or cycle) / best service value.
+
+    Columns: judge, metric, statistic, best_local, best_local_model, best_service, best_service_model,
+    p_match (None when either side has no value).
+    """
+    records = []
+    for (judge, metric, stat), group in long.groupby(["judge", "metric", "statistic"], sort=False):
+        local = group[group["kind"].isin(["base", "local"])].dropna(subset=["value"])
+        service = group[group["kind"] == "service"].dropna(subset=["value"])
+        best_local = local.loc[local["value"].idxmax()] if len(local) else None
+        best_service = service.loc[service["value"].idxmax()] if len(service) else None
+        ratio = None
+        if best_local is not None and best_service is not None and best_service["value"] > 0:
+            ratio = 100.0 * float(best_local["value"]) / float(best_service["value"])
+        records.append(
+            {
+                "judge": judge,
+                "metric": metric,
+                "statistic": stat,
+                "best_local": None if best_local is None else float(best_local["value"]),
+                "best_local_model": None if best_local is None else best_local["model"],
+                "best_service": None if best_service is None else float(best_service["value"]),
+                "best_service_model": None if best_service is None else best_service["model"],
+                "p_match": ratio,
+            }
+        )
+    return pd.DataFrame(records)
+
+
+def table1(long: pd.DataFrame, zetas: Sequence[float], *, intervals: bool = True) -> pd.DataFrame:
+    """Paper Table 1: a line per model plus P-Match; a column per (judge, metric): `mean / C@50 / C@70`.
+
+    Each cell ends with the rows scored (`n=18/20`) and, when `intervals`, the 95% intervals in the same
+    order (`[61-72 / 40-80 / 10-45]`).
+    """
+    keys = _stat_keys(zetas)
+    columns: list[str] = []
+    rows: dict[str, dict[str, str]] = {}
+    for (model, judge, metric), group in long.groupby(["model", "judge", "metric"], sort=False):
+        column = f"{judge} {metric}"
+        if column not in columns:
+            columns.append(column)
+        by_stat = group.set_index("statistic")
+        values = [by_stat.loc[k, "value"] for k in keys]
+        if any(v is None or pd.isna(v) for v in values):
+            cell = "n/a"
+        else:
+            cell = " / ".join([f"{values[0]:.2f}"] + [f"{v:.0f}%" for v in values[1:]])
+        first = group.iloc[0]
+        cell += f" (n={int(first['rows_scored'])}/{int(first['rows'])})"
+        lows, highs = [by_stat.loc[k, "ci_low"] for k in keys], [by_stat.loc[k, "ci_high"] for k in keys]
+        if intervals and not any(v is None or pd.isna(v) for v in lows + highs):
+            cell += " [" + " / ".join(f"{lo:.0f}-{hi:.0f}" for lo, hi in zip(lows, highs, strict=True)) + "]"
+        rows.setdefault(model, {})[column] = cell
+    match = p_match(long)
+    if len(match) and (long["kind"] == "service").any():
+        pm_row = {}
+        for (judge, metric), group in match.groupby(["judge", "metric"], sort=False):
+            by_stat = group.set_index("statistic")
+            ratios = [by_stat.loc[k, "p_match"] for k in keys]
+            pm_row[f"{judge} {metric}"] = " / ".join(
+                "n/a" if r is None or pd.isna(r) else f"{r:.0f}%" for r in ratios
+            )
+        rows["P-Match (best local / best service)"] = pm_row
+    frame = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=columns)
+    frame.index.name = "model"
+    header = "mean / " + " / ".join(f"C@{z:g}" for z in zetas)
+    frame.columns = [f"{c} ({header})" for c in frame.columns]
+    return frame
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub Markdown table of `frame` with its index as the first column."""
+    index_name = frame.index.name or ""
+    header = [index_name, *map(str, frame.columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, row in frame.iterrows():
+        cells = ["" if pd.isna(v) else str(v).replace("|", "\\|") for v in row.tolist()]
+        lines.append("| " + " | ".join([str(label), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table1(long: pd.DataFrame, zetas: Sequence[float], csv_path: Path, md_path: Path) -> pd.DataFrame:
+    """Write Table 1 as CSV (every statistic, interval and row count, long form) and Markdown (paper form)."""
+    wide = table1(long, zetas)
+    with atomic_write(csv_path) as fh:
+        long.to_csv(fh, index=False)
+    header = (
+        "Cells: mean / C@zeta (n = rows scored / rows) [95% cluster-bootstrap intervals, same order].\n\n"
+    )
+    with atomic_write(md_path) as fh:
+        fh.write(header + markdown_table(wide))
+    return wide
+
+
+# --------------------------------------------------------------------------- this cycle's tables
+
+
+def results_table(metrics: dict) -> pd.DataFrame:
+    """One line per judge of this cycle: `mean / C@50 / C@70` per metric, intervals, failures."""
+    zetas = metrics["zetas"]
+    header = "mean / " + " / ".join(f"C@{z:g}" for z in zetas)
+    records = []
+    for judge, entry in metrics["per_judge"].items():
+        records.append(
+            {
+                "judge": judge,
+                f"precision ({header})": _fmt_cell(entry["precision"], zetas),
+                "precision 95% CI": _fmt_ci(entry["precision"], zetas),
+                f"similarity ({header})": _fmt_cell(entry["similarity"], zetas),
+                "similarity 95% CI": _fmt_ci(entry["similarity"], zetas),
+                "rows scored": f"{entry['n_rows'] - entry['rows_unscored']}/{entry['n_rows']}",
+                "failed judgments": f"{entry['failures']}/{entry['judgments']} ({100 * entry['failure_rate']:.0f}%)",
+            }
+        )
+    return pd.DataFrame(records).set_index("judge")
+
+
+def decision_table(metrics: dict) -> pd.DataFrame:
+    """The epsilon decision: each deciding judge's checks, rows scored and verdict, then the combined one."""
+    decision = metrics["decision"]
+    records = []
+    for judge, d in decision["per_judge"].items():
+        record = {"judge": judge}
+        record.update({k: v for k, v in d.items() if "(" in k})
+        record.update(
+            {"value": d["value"], "rows scored": f"{d['rows_scored']}/{d['rows']}", "passed": d["passed"]}
+        )
+        records.append(record)
+    combined = {"judge": f"{decision['aggregation']} over judges"}
+    combined.update({c["check"]: c["value"] for c in decision.get("checks", [])})
+    combined.update({"value": decision["value"], "rows scored": "", "passed": decision["passed"]})
+    records.append(combined)
+    return pd.DataFrame(records).set_index("judge")
+
+
+def responses_preview(rows: Sequence[dict], n: int = 5, width: int = 80) -> pd.DataFrame:
+    """The first rows to be judged, texts shortened."""
+    columns = ["prompt_id", "sample_index", "category", "instruction", "candidate"]
+    frame = pd.DataFrame(list(rows[:n])).reindex(columns=columns)
+    for column in ("instruction", "candidate"):
+        frame[column] = frame[column].str.slice(0, width)
+    return frame
+
+
+def failure_table(judgments: Iterable[dict]) -> pd.DataFrame:
+    """Failed judgments per judge and kind (request error / unparseable / out of range / answer failed)."""
+    frame = pd.DataFrame([j for j in judgments if not j["ok"]])
+    if frame.empty:
+        return pd.DataFrame(columns=["judge", "kind", "count", "example"])
+    frame["kind"] = frame["error"].fillna("unknown").str.split(":", n=1).str[0]
+    grouped = frame.groupby(["judge", "kind"])
+    return grouped.agg(count=("ok", "size"), example=("error", "first")).reset_index()
+
+
+def category_table(
+    judgments: Iterable[dict], zetas: Sequence[float], *, n_boot: int = 1000, seed: int = 0
+) -> pd.DataFrame:
+    """Per judge and task category: rows scored, `mean / C@zeta` per metric and its 95% intervals."""
+    from .stats import metric_summary
+
+    table = score_table(judgments)
+    records = []
+    for (judge, category), rows in table.groupby(["judge", "category"], sort=True):
+        record = {"judge": judge, "category": category or "(none)", "rows": len(rows)}
+        for metric in METRICS:
+            summary = metric_summary(
+                rows[metric].tolist(), zetas, clusters=rows["prompt_id"].tolist(), n_boot=n_boot, seed=seed
+            )
+            record[metric] = _fmt_cell(summary, zetas)
+            record[f"{metric} 95% CI"] = _fmt_ci(summary, zetas)
+        records.append(record)
+    columns = ["judge", "category", "rows"] + [c for m in METRICS for c in (m, f"{m} 95% CI")]
+    return pd.DataFrame(records, columns=columns)
+
+
+def comparison(
+    models: Mapping[str, Sequence[dict]], cfg: EvaluateConfig, *, n_boot: int | None = None
+) -> pd.DataFrame:
+    """V and C@zeta with 95% intervals for a few models side by side (06's evaluated vs served).
+
+    Columns: judge, metric, statistic, then `<model>`, `<model>_ci95`, `<model>_rows` per model.
+    """
+    long = table1_long({name: ("local", j) for name, j in models.items()}, cfg, n_boot=n_boot)
+    records: dict[tuple, dict] = {}
+    for _, r in long.iterrows():
+        key = (r["judge"], r["metric"], r["statistic"])
+        rec = records.setdefault(key, {"judge": key[0], "metric": key[1], "statistic": key[2]})
+        rec[r["model"]] = None if pd.isna(r["value"]) else float(r["value"])
+        rec[f"{r['model']}_ci95"] = (
+            None if pd.isna(r["ci_low"]) else [float(r["ci_low"]), float(r["ci_high"])]
+        )
+        rec[f"{r['model']}_rows"] = int(r["rows_scored"])
+    return pd.DataFrame(list(records.values()))
