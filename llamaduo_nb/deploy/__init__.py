@@ -67,7 +67,6 @@ from .ollama import (
 from .parity import (
     GreedyAnswer,
     answer_profile,
-    comparison_table,
     greedy_parity,
     greedy_summary,
     greedy_transformers,
@@ -80,7 +79,6 @@ from .parity import (
     sampler_comparison,
     served_export,
     served_provider,
-    served_responses,
     test_rows,
     token_agreement,
 )
@@ -132,8 +130,6 @@ __all__ = [
     "served_provider",
     "greedy_parity",
     "greedy_summary",
-    "served_responses",
-    "comparison_table",
     "judged_parity",
     "served_export",
     "parity_verdict",

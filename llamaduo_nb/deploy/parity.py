@@ -279,54 +279,6 @@ def quant_table(exports: Sequence[GGUFExport], greedy: pd.DataFrame) -> pd.DataF
     return pd.DataFrame(records)
 
 
-def served_responses(
-    pool: Any, provider: str, rows: Sequence[dict], cfg: RunConfig, gguf_path: Path
-) -> list[dict]:
-    """K sampled answers per test prompt from the served model, in 03's responses.jsonl shape."""
-    from ..services import ChatRequest
-
-    inf = cfg.inference
-    generation = {
-        "temperature": inf.temperature,
-        "top_p": inf.top_p,
-        "max_new_tokens": inf.max_new_tokens,
-        "engine": "llama.cpp-server",
-    }
-    requests = [
-        ChatRequest(
-            messages=student_messages(r["instruction"]),
-            temperature=inf.temperature,
-            top_p=inf.top_p,
-            max_tokens=inf.max_new_tokens,
-            repeat=k,
-        )
-        for r in rows
-        for k in range(inf.k)
-    ]
-    results = pool.complete_many(provider, requests, desc=f"served answers ({len(rows)} prompts x K={inf.k})")
-    out = []
-    for i, result in enumerate(results):
-        row = rows[i // inf.k]
-        out.append(
-            {
-                "prompt_id": row["id"],
-                "instruction": row["instruction"],
-                "reference": row["response"],
-                "candidate": result.text or "",
-                "sample_index": i % inf.k,
-                "category": row.get("category", ""),
-                "model_id": f"gguf:{gguf_path.name}",
-                "model_revision": None,
-                "adapter": None,
-                "output_tokens": result.output_tokens,
-                "finish_reason": "length" if result.output_tokens >= inf.max_new_tokens else "stop",
-                "generation": generation,
-                "error": result.error,
-            }
-        )
-    return out
-
-
 # --------------------------------------------------------------------------- what differs: sampler or judge?
 
 
@@ -337,7 +289,7 @@ def _repeat_share(text: str, n: int = 3) -> float:
     return 0.0 if not grams else 1.0 - len(set(grams)) / len(grams)
 
 
-def answer_profile(rows: Sequence[dict]) -> pd.DataFrame:
+def answer_profile(rows: Sequence[dict], max_new_tokens: int) -> pd.DataFrame:
     """Per answer: tokens generated, characters, whether it hit the token limit, repeated trigram share."""
     return pd.DataFrame(
         [
@@ -346,7 +298,7 @@ def answer_profile(rows: Sequence[dict]) -> pd.DataFrame:
                 "sample_index": r["sample_index"],
                 "tokens": r.get("output_tokens"),
                 "chars": len(r.get("candidate") or ""),
-                "hit_limit": r.get("finish_reason") == "length",
+                "hit_limit": (r.get("output_tokens") or 0) >= max_new_tokens,
                 "repeat_share": _repeat_share(r.get("candidate") or ""),
                 "empty": not (r.get("candidate") or "").strip(),
             }
@@ -368,11 +320,13 @@ def _paired(a: pd.Series, b: pd.Series, seed: int = 0) -> dict:
     return {"mean_diff": float(diff.mean()), "ci95": list(ci) if ci else None, "n": int(diff.size)}
 
 
-def sampler_comparison(evaluated: Sequence[dict], served: Sequence[dict]) -> pd.DataFrame:
+def sampler_comparison(
+    evaluated: Sequence[dict], served: Sequence[dict], max_new_tokens: int
+) -> pd.DataFrame:
     """The sampled answers of 03 (transformers) and of the served GGUF (llama.cpp) at the same temperature,
     top_p and token limit, side by side: per measure the mean of each engine and the paired difference per
     prompt (llama.cpp - transformers) with its 95% bootstrap CI. A CI away from 0 is a sampler effect."""
-    a, b = answer_profile(evaluated), answer_profile(served)
+    a, b = answer_profile(evaluated, max_new_tokens), answer_profile(served, max_new_tokens)
     records = []
     for measure in ("tokens", "chars", "hit_limit", "repeat_share", "empty"):
         if a.empty or b.empty or a[measure].isna().all() or b[measure].isna().all():
@@ -437,63 +391,6 @@ def judge_attribution(
     return pd.DataFrame(records)
 
 
-def _row_means(judgments: Sequence[dict], judge: str, metric: str) -> list[float]:
-    from ..evaluate import score_table
-
-    table = score_table(judgments)
-    values = table[(table["judge"] == judge)][metric].astype(float)
-    return [v for v in values.tolist() if not np.isnan(v)]
-
-
-def _stat_with_ci(
-    values: Sequence[float], zeta: float | None, seed: int = 0
-) -> tuple[float | None, list | None]:
-    from ..evaluate import bootstrap_ci
-
-    if not values:
-        return None, None
-    data = np.asarray(values, dtype=float)
-    if zeta is None:
-        ci = bootstrap_ci(data, seed=seed)
-        return float(data.mean()), list(ci) if ci else None
-    ci = bootstrap_ci(data, statistic=lambda a: 100.0 * float(np.mean(a >= zeta)), seed=seed)
-    return float(100.0 * np.mean(data >= zeta)), list(ci) if ci else None
-
-
-def comparison_table(
-    cycle_judgments: Sequence[dict],
-    served_judgments: Sequence[dict],
-    judges: Sequence[str],
-    zetas: Sequence[float],
-) -> pd.DataFrame:
-    """V and C@zeta with 95% bootstrap CIs, evaluated cycle vs served model, per judge and metric."""
-    from ..evaluate import METRICS, zeta_key
-
-    records = []
-    for judge in judges:
-        for metric in METRICS:
-            before = _row_means(cycle_judgments, judge, metric)
-            after = _row_means(served_judgments, judge, metric)
-            for zeta in [None, *zetas]:
-                v0, ci0 = _stat_with_ci(before, zeta)
-                v1, ci1 = _stat_with_ci(after, zeta)
-                records.append(
-                    {
-                        "judge": judge,
-                        "metric": metric,
-                        "statistic": "mean" if zeta is None else zeta_key(zeta),
-                        "evaluated": v0,
-                        "evaluated_ci95": ci0,
-                        "served": v1,
-                        "served_ci95": ci1,
-                        "delta": None if v0 is None or v1 is None else v1 - v0,
-                        "rows_evaluated": len(before),
-                        "rows_served": len(after),
-                    }
-                )
-    return pd.DataFrame(records)
-
-
 def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export: GGUFExport) -> dict:
     """Re-answer the test prompts with the served GGUF, judge them like 04 did, compare with the cycle.
 
@@ -501,7 +398,7 @@ def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export
     `deploy.parity_tolerance` points against the evaluated cycle is flagged. Writes
     deploy/parity_responses.jsonl, parity_judgments.jsonl and parity.json.
     """
-    from ..evaluate import compute_metrics, judge_responses, load_judgments
+    from .. import evaluate
     from ..services import ServicePool
 
     if not cfg.deploy.serve:
@@ -519,34 +416,47 @@ def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export
         run_cfg, name = served_provider(cfg, export.path, server.base_url, export.qtype)
         providers = [name, *dict.fromkeys(cfg.evaluate.judges)]
         with _local_prices_are_zero(), ServicePool(run_cfg, layout, "06_deploy", providers=providers) as pool:
-            responses = served_responses(pool, name, rows, cfg, export.path)
+            # 04's answer-and-judge path: the served GGUF answers like a service LLM, judged like the cycle.
+            responses = evaluate.answer_with_provider(
+                pool, name, rows, cfg.inference.k, cfg.inference, model_id=f"gguf:{export.path.name}"
+            )
             answered = [r for r in responses if not r["error"]]
-            judgments = judge_responses(pool, answered, eval_cfg) if answered else []
-            # The evaluated answers, judged exactly like the served ones (same judge, M, prompt): the paired
+            judgments = evaluate.judge_rows(pool, responses, eval_cfg)
+            # The evaluated answers, judged exactly like the served ones (same judges, M, prompt): the paired
             # baseline. Repeats 04 already made come from the call cache at no cost.
-            rejudged = judge_responses(pool, evaluated, eval_cfg) if evaluated else []
+            rejudged = evaluate.judge_rows(pool, evaluated, eval_cfg) if evaluated else []
     seconds = time.monotonic() - t0
     write_jsonl(layout.parity_responses_file, responses)
     write_jsonl(layout.parity_judgments_file, judgments)
     write_jsonl(layout.parity_rejudged_file, rejudged)
 
-    served_metrics = compute_metrics(judgments, eval_cfg, choice.cycle)
+    served_metrics = evaluate.compute_metrics(judgments, eval_cfg, choice.cycle)
     cycle_metrics = read_json(layout.metrics_file(choice.cycle))
     cycle_judgments = (
-        load_judgments(layout.judgments_file(choice.cycle))
+        evaluate.load_judgments(layout.judgments_file(choice.cycle))
         if layout.judgments_file(choice.cycle).is_file()
         else []
     )
-    table = comparison_table(cycle_judgments, judgments, cfg.evaluate.judges, cfg.evaluate.zetas)
+    table = evaluate.comparison({"evaluated": cycle_judgments, "served": judgments}, cfg.evaluate)
+    if not table.empty:
+        table["delta"] = [
+            None if e is None or v is None or pd.isna(e) or pd.isna(v) else v - e
+            for e, v in zip(table["evaluated"], table["served"], strict=True)
+        ]
     evaluated_value = cycle_metrics.get("decision", {}).get("value")
     served_value = served_metrics["decision"]["value"]
     rejudged_value = (
-        compute_metrics(rejudged, eval_cfg, choice.cycle)["decision"]["value"] if rejudged else None
+        evaluate.compute_metrics(rejudged, eval_cfg, choice.cycle)["decision"]["value"] if rejudged else None
     )
     drop = None if evaluated_value is None or served_value is None else evaluated_value - served_value
-    samplers = sampler_comparison(evaluated, answered)
+    samplers = sampler_comparison(evaluated, answered, cfg.inference.max_new_tokens)
     attribution = judge_attribution(
-        cycle_judgments, rejudged, judgments, cfg.evaluate.judges, cfg.evaluate.decision_metric, eval_cfg.m
+        cycle_judgments,
+        rejudged,
+        judgments,
+        evaluate.judge_names(cfg.evaluate),
+        cfg.evaluate.decision_metric,
+        eval_cfg.m,
     )
     paired = attribution[attribution["comparison"].str.startswith("served")]
     significant = any(ci is not None and ci[1] < 0 for ci in paired["ci95"])
