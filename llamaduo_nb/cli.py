@@ -118,6 +118,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     print(f"embedded GGUF: {embedded_gguf_path()}")
     print(f"student (dequantised, cached): {student_base_dir()}")
+    from .deploy.gguf import GGUFExportError, ensure_llama_cpp_converter
+
+    try:  # 06 converts non-Llama students (Gemma, Qwen2, Phi-3, ...) with llama.cpp's own converter
+        print(f"llama.cpp converter (cached): {ensure_llama_cpp_converter(quiet=True)}")
+    except GGUFExportError as exc:
+        print(f"warning: {exc}")
     return 0
 
 

@@ -203,6 +203,8 @@ class FinetuneConfig:
     #                     the saved adapter stacks both, so it still loads on the plain base
     start_from: Literal["base", "previous_adapter", "previous_merged"] = "base"
     report_to: list[str] | str = "none"  # experiment tracking: none, tensorboard, trackio, mlflow, wandb
+    num_processes: int = 1  # > 1: the runner starts 02 with `accelerate launch` (one process per GPU, DDP)
+    accelerate_config: str | None = None  # accelerate config file (DeepSpeed ZeRO / FSDP / multi-node)
     logging_steps: int = 5
     seed: int = 42
     save_steps: int = 50  # checkpoint every N optimizer steps into cycle_NN/checkpoints/ (0: none)
@@ -231,6 +233,7 @@ class FinetuneConfig:
             "report_to",
             "'none' cannot be combined with trackers",
         )
+        _check(self.num_processes >= 1, "num_processes", "must be >= 1 (GPUs to train on, e.g. 4)")
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,9 @@ class InferenceConfig:
     seed: int = 1234
     merge_adapter: bool = True  # transformers engine: fold the LoRA weights into the base first
     share_prompt_cache: bool = True  # transformers engine: prefill each prompt once, reuse it for K samples
+    tensor_parallel_size: int = 1  # vLLM: GPUs one model is split across (03 and serve_vllm.sh)
+    pipeline_parallel_size: int = 1  # vLLM: pipeline stages (x tensor_parallel_size GPUs; nodes via Ray)
+    gpu_memory_utilization: float = 0.9  # vLLM: share of each GPU's memory it may take
 
     EXAMPLE = "engine: auto\nk: 4\ntemperature: 0.7\ntop_p: 0.9\nmax_new_tokens: 512"
 
@@ -253,6 +259,9 @@ class InferenceConfig:
         _check(0 < self.top_p <= 1, "top_p", "must lie in (0, 1]")
         _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1, e.g. 2")
+        _check(self.pipeline_parallel_size >= 1, "pipeline_parallel_size", "must be >= 1, e.g. 1")
+        _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must lie in (0, 1], e.g. 0.9")
 
 
 METRIC_JUDGE_NAMES = ("rougeL", "chrF", "exact_match")  # reserved: reference-metric judges, never providers
@@ -543,14 +552,18 @@ class CacheConfig:
         _check(self.path is None or bool(self.path), "path", "a file path or null")
 
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+# Written directly from the merged weights by the converter:
+GGUF_CONVERTED_TYPES = ("f32", "f16", "bf16", "q8_0")
+# Made from the F16 file by llama.cpp's quantizer (llama_cpp.llama_model_quantize), incl. the K-quants:
+GGUF_QUANTIZED_TYPES = ("q4_0", "q5_0", "q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+GGUF_TYPES = GGUF_CONVERTED_TYPES + GGUF_QUANTIZED_TYPES
 
 
 @dataclass(frozen=True)
 class DeployConfig:
     enabled: bool = True
     select: Literal["first_passing", "best"] = "first_passing"  # which cycle's model to ship
-    gguf_types: list[str] = field(default_factory=lambda: ["f16", "q8_0"])  # any of f32, f16, bf16, q8_0
+    gguf_types: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_k_m"])  # see GGUF_TYPES
     serve: bool = True  # start llama.cpp's server on the exported GGUF and run the parity check
     serve_gguf: str = "q8_0"  # which exported GGUF the served endpoint (and the judged parity check) uses
     n_ctx: int = 2048  # context length of the llama.cpp server
@@ -561,11 +574,13 @@ class DeployConfig:
     gguf_tokenizer_pre: str | None = (
         None  # llama.cpp pre-tokenizer name; None: the embedded GGUF's, else default
     )
+    converter: Literal["auto", "builtin", "llama.cpp"] = "auto"  # auto: builtin for Llama, else llama.cpp's
     convert_script: str | None = (
-        None  # llama.cpp convert_hf_to_gguf.py, for students the built-in exporter lacks
+        None  # a llama.cpp checkout's convert_hf_to_gguf.py (default: the one of the llama-cpp-python sdist)
     )
-    hf_repo: str | None = None  # push merged weights when HF_TOKEN is set
+    hf_repo: str | None = None  # push merged weights + GGUF (token: HF_TOKEN or a cached `hf auth login`)
     hf_private: bool = True
+    hf_dataset_repo: str | None = None  # also push the curated splits + synthetic data as a dataset repo
     economics_file: str = "params/economics.yaml"
 
     EXAMPLE = (
@@ -593,6 +608,12 @@ class DeployConfig:
             self.hf_repo is None or re.fullmatch(r"[\w.-]+/[\w.-]+", self.hf_repo) is not None,
             "hf_repo",
             "'owner/name', e.g. my-org/smollm2-task-student",
+        )
+        _check(
+            self.hf_dataset_repo is None
+            or re.fullmatch(r"[\w.-]+/[\w.-]+", self.hf_dataset_repo) is not None,
+            "hf_dataset_repo",
+            "'owner/name', e.g. my-org/task-coverage-data",
         )
 
 

@@ -341,6 +341,9 @@ def _generate_vllm(
         seed=inf.seed,
         enable_lora=True,
         max_lora_rank=_vllm_max_lora_rank(adapter_dir),
+        tensor_parallel_size=inf.tensor_parallel_size,
+        pipeline_parallel_size=inf.pipeline_parallel_size,
+        gpu_memory_utilization=inf.gpu_memory_utilization,
     )
     greedy = inf.temperature == 0
     prompts = [

@@ -271,6 +271,10 @@ class RunLayout:
         return self.deploy_dir / "serve_vllm.sh"
 
     @property
+    def llamacpp_launch(self) -> Path:
+        return self.deploy_dir / "serve_llamacpp.sh"
+
+    @property
     def parity_report(self) -> Path:
         return self.deploy_dir / "parity.json"
 
@@ -301,6 +305,10 @@ class RunLayout:
     @property
     def parity_judgments_file(self) -> Path:
         return self.deploy_dir / "parity_judgments.jsonl"
+
+    @property
+    def parity_rejudged_file(self) -> Path:
+        return self.deploy_dir / "parity_rejudged.jsonl"
 
     @property
     def parity_plot(self) -> Path:

@@ -421,6 +421,54 @@ def stage_parameters(step: Step, layout: RunLayout, notebook: Path) -> dict[str,
     return {k: v for k, v in params.items() if k in declared}
 
 
+def finetune_launch_command(cfg: RunConfig, layout: RunLayout, cycle: int) -> list[str]:
+    """`accelerate launch` of 02's CLI (`python -m llamaduo_nb.finetune <run> --cycle N`) on
+    `finetune.num_processes` processes; `finetune.accelerate_config` (DeepSpeed ZeRO, FSDP, several
+    machines) is passed as accelerate's --config_file. Each rank trains on its shard; rank 0 writes the
+    adapter, train log and finetune.json that 03 reads, exactly as the notebook would."""
+    ft = cfg.finetune
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(ft.num_processes)]
+    if ft.accelerate_config:
+        cmd += ["--config_file", str(Path(ft.accelerate_config).resolve())]
+    else:
+        cmd += ["--multi_gpu"] if ft.num_processes > 1 else []
+    return [*cmd, "-m", "llamaduo_nb.finetune", str(layout.root), "--cycle", str(cycle)]
+
+
+def launch_distributed_finetune(
+    cfg: RunConfig, layout: RunLayout, step: Step, log: Callable[[str], None] = print
+) -> bool:
+    """Run 02 of a cycle through `accelerate launch` when `finetune.num_processes > 1` (True when it did).
+
+    The step is recorded done only when the launch exits cleanly, so `--resume` relaunches an
+    interrupted cycle instead of retraining it in one process. The 02 notebook is not executed in this mode
+    (its training would run again in one process); the launch log is `logs/accelerate_cycle_NN.log`.
+    """
+    import subprocess
+
+    if step.stage != "02_finetune" or cfg.finetune.num_processes <= 1:
+        return False
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if not cfg.finetune.accelerate_config and gpus < cfg.finetune.num_processes:
+        raise ConfigError(
+            f"finetune.num_processes = {cfg.finetune.num_processes} needs as many CUDA GPUs on this machine "
+            f"(found {gpus}); set it to 1, or name an accelerate config file for several machines in "
+            "finetune.accelerate_config"
+        )
+    cmd = finetune_launch_command(cfg, layout, step.cycle)
+    log_path = layout.logs_dir / f"accelerate_cycle_{step.cycle:02d}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log(f"[llamaduo] {' '.join(cmd)}  (log: {log_path})")
+    with open(log_path, "ab") as fh:
+        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT).returncode
+    if code != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        raise NotebookFailed(log_path, "accelerate launch", f"exit code {code}; last lines:\n{tail}", None)
+    return True
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -514,9 +562,13 @@ def _run_locked(
             state.save(layout.state_file)
             t0 = time.monotonic()
             try:
-                execute_notebook(
-                    src, dst, stage_parameters(step, layout, src), progress=step.name if progress else False
-                )
+                if not launch_distributed_finetune(cfg, layout, step, log):
+                    execute_notebook(
+                        src,
+                        dst,
+                        stage_parameters(step, layout, src),
+                        progress=step.name if progress else False,
+                    )
             except NotebookFailed as exc:
                 state.status = "stopped" if exc.stopped else "failed"
                 state.error = str(exc)

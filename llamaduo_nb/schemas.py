@@ -57,22 +57,26 @@ stage fails with file, row and field when an upstream file is not what it declar
 06_deploy
   deploy/merged/                                     HF folder (safetensors, tokenizer + chat_template.jinja,
                                                      generation_config.json) + README.md model card
-  deploy/gguf/model-<type>.gguf                      llama.cpp files, <type> in f32 | f16 | bf16 | q8_0
-  deploy/Modelfile, deploy/serve_vllm.sh             Ollama recipe; vLLM launcher (merged, or MODE=lora)
+  deploy/gguf/model-<type>.gguf                      llama.cpp files, <type> in config.GGUF_TYPES (K-quants from F16)
+  deploy/Modelfile, deploy/serve_llamacpp.sh        Ollama recipe; llama.cpp server launcher (relative paths)
+  deploy/serve_vllm.sh                               vLLM launcher (merged, or MODE=lora; TP/PP/GPU_MEM)
   deploy/greedy_parity.jsonl                         one per (qtype, prompt): {qtype, prompt_id, category,
       exact_match, prefix_chars, token_agreement, answer_tokens, transformers_chars, served_chars,
       transformers, served, error}
   deploy/parity_responses.jsonl                      RESPONSE_ROW of the served GGUF (model_id "gguf:<file>",
                                                      + error), K per test prompt
   deploy/parity_judgments.jsonl                      JUDGMENT_ROW of those answers (M = deploy.parity_m)
+  deploy/parity_rejudged.jsonl                       JUDGMENT_ROW of the cycle's answers judged the same way
   deploy/parity.json                                 {cycle, served_gguf, qtype, k, m, m_evaluated, prompts,
       answers, generation_failures, seconds, decision: {evaluated, served, drop, tolerance, flagged, message},
       comparison: [{judge, metric, statistic, evaluated, evaluated_ci95, served, served_ci95, delta,
-      rows_evaluated, rows_served}], served_metrics: METRICS}  (or {skipped} when deploy.serve is false)
+      evaluated_rows, served_rows}], rejudged_evaluated, sampler_comparison: [{measure, transformers,
+      llama.cpp, paired_diff, ci95, prompts}], attribution: [{judge, metric, comparison, mean_diff, ci95, n}],
+      served_metrics: METRICS}  (or {skipped} when deploy.serve is false)
   deploy/economics.json                              {source, ledger: {by_provider, by_stage, by_cycle, total},
       migration_spend_usd, params, service_usd_per_day, service_usd_per_month, table2, crossovers}
-  deploy/deploy.json                                 {choice, merge, exports, greedy, parity, modelfile,
-                                                     vllm_launch, hub_url}
+  deploy/deploy.json                                 {choice, merge, exports, quants, greedy, parity, modelfile,
+                                                     llamacpp_launch, vllm_launch, hub: [{pushed, url, reason}]}
   deploy/{cycles,parity,ledger_costs,breakeven}.png, logs/llama_server_<type>.log
 
 Run level: params.yaml (resolved config), state.json (runner), calls.sqlite (cache + ledger),

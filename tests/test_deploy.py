@@ -83,6 +83,23 @@ def build_run(root: Path, *, n_test: int, overrides: dict | None = None) -> RunL
     peft_model.save_pretrained(layout.adapter_dir(0))
     AutoTokenizer.from_pretrained(base).save_pretrained(layout.adapter_dir(0))
 
+    responses = [
+        {
+            "prompt_id": r["id"],
+            "instruction": r["instruction"],
+            "reference": r["response"],
+            "candidate": " ".join(r["response"].split()[: 12 + 4 * s]),
+            "sample_index": s,
+            "category": r["category"],
+            "model_id": cfg.student.model_id,
+            "output_tokens": 16 + 5 * s,
+            "finish_reason": "stop",
+            "error": None,
+        }
+        for r in rows[:n_test]
+        for s in range(cfg.inference.k)
+    ]
+    write_jsonl(layout.responses_file(0), responses)
     judgments = [
         {
             "prompt_id": r["id"],
@@ -110,7 +127,7 @@ def build_run(root: Path, *, n_test: int, overrides: dict | None = None) -> RunL
 
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
-    """One run merged and exported once (f16, q8_0) for the tests below."""
+    """One run merged and exported once (f16, q8_0, q4_k_m as in params/demo.yaml) for the tests below."""
     layout = build_run(tmp_path_factory.mktemp("deploy") / "shipped", n_test=4)
     cfg = load_config(layout.params_file)
     choice = deploy.select_cycle(layout, cfg.deploy.select)
@@ -207,6 +224,7 @@ def test_model_card_tells_where_the_model_comes_from(shipped):
     front = yaml.safe_load(card.split("---")[1])
     assert front["license"] == "apache-2.0"
     assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "## Data lineage of this cycle" in card and "coverage/test.jsonl" in card
     assert f"**cycle {choice.cycle}**" in card
     assert "## Data per cycle" in card and "| 0 | 44 |" in card  # 48 sample rows - 4 test rows
     assert "## Judged quality per cycle" in card and "| 0 | local |" in card
@@ -219,12 +237,29 @@ def test_model_card_tells_where_the_model_comes_from(shipped):
 
 
 @pytest.mark.slow
+def test_model_card_validates_with_huggingface_hub_and_carries_the_cycles_results(shipped):
+    from huggingface_hub import ModelCard
+
+    cfg, layout, choice, _, _ = shipped
+    card = ModelCard.load(layout.model_card)  # parses the front matter and model-index
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    metrics = json.loads(layout.metrics_file(choice.cycle).read_text())
+    results = {(r.metric_type, r.metric_value) for r in card.data.eval_results}
+    mean_precision = round(metrics["per_judge"]["local"]["precision"]["mean"], 2)
+    assert ("llm-judge-precision-mean", mean_precision) in results
+    assert any(t.startswith("llm-judge-similarity-c@") for t, _ in results)
+    assert {r.dataset_name for r in card.data.eval_results} == {f"{cfg.run_name} test split"}
+    index = card.data.to_dict()["model-index"]
+    assert index[0]["name"] == f"{cfg.run_name}-cycle00" and index[0]["results"]
+
+
+@pytest.mark.slow
 def test_gguf_f16_holds_the_merged_weights_with_llama_cpp_layout(shipped):
     import gguf
     from safetensors.torch import load_file
 
     _, layout, _, merge, exports = shipped
-    assert [e.qtype for e in exports] == ["f16", "q8_0"]
+    assert [e.qtype for e in exports] == ["f16", "q8_0", "q4_k_m"]
     reader = gguf.GGUFReader(str(layout.gguf_file("f16")))
     tensors = {t.name: t for t in reader.tensors}
     merged = load_file(merge.path / "model.safetensors")
@@ -258,12 +293,28 @@ def test_gguf_f16_holds_the_merged_weights_with_llama_cpp_layout(shipped):
 
 
 @pytest.mark.slow
-def test_q8_0_is_smaller_and_both_files_tokenize_like_transformers(shipped):
+def test_quantized_files_are_smaller_and_all_tokenize_like_transformers(shipped):
     _, layout, _, merge, exports = shipped
     sizes = {e.qtype: e.bytes for e in exports}
     assert sizes["q8_0"] < 0.6 * sizes["f16"]
+    assert sizes["q4_k_m"] < sizes["q8_0"]
     for export in exports:
         assert deploy.check_gguf_tokenizer(export.path, merge.path)["ok"], export.qtype
+
+
+@pytest.mark.slow
+def test_k_quants_come_from_llama_cpps_quantizer_with_its_fallbacks(shipped, tmp_path):
+    _, layout, _, _, exports = shipped
+    q4 = deploy.tensor_types(layout.gguf_file("q4_k_m"))
+    # SmolLM2's 576-wide rows do not split into 256-value K blocks, so llama.cpp falls back for those
+    # (Q4_K -> Q5_0, Q6_K -> Q8_0); the 1536-wide ffn_down rows do, and carry K-quants.
+    assert q4.get("Q4_K", 0) + q4.get("Q6_K", 0) > 0, q4
+    assert q4["F32"] == 61  # norms stay F32 as in the F16 file
+    q5 = deploy.quantize_gguf(layout.gguf_file("f16"), tmp_path / "model-q5_k_m.gguf", "q5_k_m")
+    assert q5.path.is_file() and "llama_model_quantize" in q5.exporter
+    assert deploy.tensor_types(q5.path).get("Q5_K", 0) + deploy.tensor_types(q5.path).get("Q6_K", 0) > 0
+    with pytest.raises(deploy.GGUFExportError, match="quantization type"):
+        deploy.quantize_gguf(layout.gguf_file("f16"), tmp_path / "x.gguf", "f16")
 
 
 @pytest.mark.slow
@@ -273,7 +324,7 @@ def test_served_gguf_answers_greedily_like_the_merged_transformers_model(shipped
         cfg, deploy=dataclasses.replace(cfg.deploy, greedy_prompts=3, greedy_max_new_tokens=32)
     )
     greedy = deploy.greedy_parity(small, layout, exports)
-    assert len(greedy) == 6 and not greedy["error"].any()
+    assert len(greedy) == 9 and not greedy["error"].any()
     f16 = greedy[greedy["qtype"] == "f16"]
     # F16 weights, same prompt, greedy: token for token the same answers (measured 6/6 at 64 tokens too).
     assert f16["exact_match"].all(), f16[["transformers", "served"]].to_dict("records")
@@ -287,10 +338,15 @@ def test_served_gguf_answers_greedily_like_the_merged_transformers_model(shipped
     )
     summary = deploy.greedy_summary(greedy).set_index("qtype")
     assert summary.loc["f16", "exact_match_rate"] == 1.0
+    assert (summary["tokens_per_s"] > 0).all()
     assert layout.greedy_parity_file.is_file()
+    table = deploy.quant_table(exports, greedy).set_index("type")
+    assert list(table.index) == ["f16", "q8_0", "q4_k_m"]
+    assert table.loc["f16", "greedy exact"] == 1.0 and table.loc["q4_k_m", "MiB"] < table.loc["q8_0", "MiB"]
 
 
 def test_builtin_exporter_refuses_architectures_it_does_not_know(tmp_path):
+    """(export_all sends those to llama.cpp's converter instead: tests/test_deploy_architectures.py)"""
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GemmaForCausalLM"]}))
     with pytest.raises(deploy.GGUFExportError, match="convert_script"):
         deploy.export_gguf(tmp_path, tmp_path / "out.gguf", "f16")
@@ -318,7 +374,23 @@ def test_vllm_script_is_valid_bash_for_merged_and_lora_modes(shipped):
     assert script.stat().st_mode & 0o111
     text = script.read_text()
     assert 'exec vllm serve "$HERE/merged"' in text
-    assert f"--enable-lora --max-lora-rank {LORA_R}" in text and str(layout.adapter_dir(0).resolve()) in text
+    assert f"--enable-lora --max-lora-rank {LORA_R}" in text
+    # Paths of the run are relative to the script, so the run folder can move.
+    assert '"$HERE/../cycle_00/adapter"' not in text and "$HERE/../cycle_00/adapter" in text
+    assert str(layout.root.resolve()) not in text
+    assert '--tensor-parallel-size "$TP"' in text and '--pipeline-parallel-size "$PP"' in text
+    assert '--gpu-memory-utilization "$GPU_MEM"' in text and 'TP="${TP:-1}"' in text
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_llamacpp_launcher_serves_the_run_gguf_by_relative_path(shipped):
+    cfg, layout, _, _, exports = shipped
+    script = deploy.write_llamacpp_script(cfg, layout, layout.gguf_file("f16"))
+    text = script.read_text()
+    assert script.stat().st_mode & 0o111 and str(layout.root.resolve()) not in text
+    assert 'GGUF="${GGUF:-gguf/model-f16.gguf}"' in text and '--model "$HERE/$GGUF"' in text
+    assert "-m llamaduo_nb.embedded" in text  # the server (and sampling semantics) 06 itself used
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
 
 
@@ -345,10 +417,14 @@ def test_06_notebook_ships_serves_checks_parity_and_reports_costs(tmp_path, monk
     )
     assert out.is_file()
     report = json.loads(layout.deploy_report.read_text())
-    assert report["choice"]["cycle"] == 0 and report["hub_url"] is None
-    assert {e["qtype"] for e in report["exports"]} == {"f16", "q8_0"}
+    assert report["choice"]["cycle"] == 0
+    assert report["hub"] == [
+        {"pushed": False, "url": None, "reason": "deploy.hf_repo is not set: nothing pushed"}
+    ]
+    assert {e["qtype"] for e in report["exports"]} == {"f16", "q8_0", "q4_k_m"}
     assert all(Path(e["path"]).is_file() for e in report["exports"])
-    assert {g["qtype"] for g in report["greedy"]} == {"f16", "q8_0"}
+    assert {g["qtype"] for g in report["greedy"]} == {"f16", "q8_0", "q4_k_m"}
+    assert {q["type"] for q in report["quants"]} == {"f16", "q8_0", "q4_k_m"}
 
     parity = json.loads(layout.parity_report.read_text())
     assert parity["qtype"] == "q8_0" and parity["answers"] == 3 and parity["m"] == 1
@@ -358,7 +434,13 @@ def test_06_notebook_ships_serves_checks_parity_and_reports_costs(tmp_path, monk
     assert isinstance(parity["decision"]["flagged"], bool) and parity["decision"]["message"]
     stats = {(c["judge"], c["metric"], c["statistic"]) for c in parity["comparison"]}
     assert ("local", "precision", "c@70") in stats and ("local", "similarity", "mean") in stats
-    assert len(list((layout.root / "deploy").glob("parity_*.jsonl"))) == 2
+    assert len(list((layout.root / "deploy").glob("parity_*.jsonl"))) == 3
+    measures = {row["measure"] for row in parity["sampler_comparison"]}
+    assert {"tokens", "hit_limit", "repeat_share"} <= measures
+    comparisons = {row["comparison"] for row in parity["attribution"]}
+    assert any(c.startswith("judge noise") for c in comparisons) and any(
+        c.startswith("served") for c in comparisons
+    )
 
     economics_report = json.loads(layout.economics_report.read_text())
     assert economics_report["service_usd_per_day"]["light"] == pytest.approx(65.0)
@@ -371,6 +453,7 @@ def test_06_notebook_ships_serves_checks_parity_and_reports_costs(tmp_path, monk
         "breakeven.png",
         "Modelfile",
         "serve_vllm.sh",
+        "serve_llamacpp.sh",
     ):
         assert (layout.deploy_dir / name).is_file(), name
     assert layout.model_card.is_file()

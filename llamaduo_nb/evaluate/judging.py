@@ -334,7 +334,7 @@ def answer_with_provider(
     }
     requests = [
         ChatRequest(
-            messages=student_messages(row["instruction"]),
+            messages=student_messages(row["instruction"], row.get("system")),
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=sampling.max_new_tokens,
