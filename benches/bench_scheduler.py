@@ -111,7 +111,7 @@ def _machine() -> str:
 
 
 def _pool(root: Path, base_url: str, rpm: int, period_s: float, max_concurrency: int | None) -> ServicePool:
-    provider = {"name": "svc", "kind": "openai_compatible", "model": "bench-model", "base_url": base_url,
+    provider = {"name": "svc", "kind": "openai_compatible", "model": "bench-model", "free": True, "base_url": base_url,
                 "rpm": rpm, "tpm": 10**9, "max_retries": 8, "timeout_s": 60.0, "max_concurrency": max_concurrency}  # fmt: skip
     data = {"run_name": "bench", "outputs_dir": str(root), "coverage": {"source": "unused.jsonl"},
             "prices_file": str(ROOT / "params" / "prices.yaml"),

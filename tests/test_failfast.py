@@ -104,16 +104,18 @@ def test_a_rejected_key_stops_judging_at_once_and_resume_repays_nothing(tmp_path
     message = str(stopped.value)
     assert "'claude'" in message and "claude-3-sonnet-20240229" in message and "authentication" in message
     assert "--resume" in message and "test-anthropic_api_key" not in message  # the key is never echoed
-    assert len(servers["gpt4o"].requests) == calls  # the first judge finished before claude was asked
     assert len(servers["claude"].requests) == 1  # one call, not max_concurrency or M x rows
-    assert servers["gemini"].requests == []  # the stage never got to the third judge
+    # the judges run side by side: the others sent at most what was under way when claude's probe failed
+    before = {name: len(servers[name].requests) for name in ("gpt4o", "gemini")}
+    assert all(1 <= n <= calls for n in before.values())
     assert not stage.layout.judgments_file(0).exists()  # no partial output
 
     servers["claude"].fail_with = None  # "fix the key"
     judgments = evaluate.run_judges(stage, ROWS)
     assert len(judgments) == 3 * calls and all(j["ok"] for j in judgments)
-    assert len(servers["gpt4o"].requests) == calls  # its answers replayed from the cache: not paid again
-    assert len(servers["claude"].requests) == 1 + calls and len(servers["gemini"].requests) == calls
+    # what was answered before the stop replays from the cache: every other judge is asked each call once
+    assert len(servers["gpt4o"].requests) == calls and len(servers["gemini"].requests) == calls
+    assert len(servers["claude"].requests) == 1 + calls
     paid = paid_keys(stage.layout)
     assert len(paid) == len(set(paid)) == 3 * calls  # each answer paid exactly once over both runs
 

@@ -26,7 +26,8 @@ def paid_config(layout: RunLayout) -> RunConfig:
     data = yaml.safe_load(layout.params_file.read_text())
     paper = yaml.safe_load((ROOT / "params" / "paper_gemma7b.yaml").read_text())
     data.update(providers=paper["providers"], prices_file=str(ROOT / "params" / "prices.yaml"))
-    data["evaluate"].update(judges=["gpt4o", "claude", "gemini"], m=3)
+    data["evaluate"].update(judges=["gpt4o", "claude", "gemini"], m=3, baselines=[])
+    data.pop("teacher_study", None)  # the demo's study samples the embedded model, not declared here
     data["synthesize"].update(generator="gpt4o", target_per_cycle=10, max_requests_per_cycle=50)
     data["loop"] = {"max_cycles": 3}
     return build(RunConfig, data, source="tests")

@@ -56,7 +56,7 @@ def make_run(
     data.update(
         run_name=root.name, outputs_dir=str(root.parent), prices_file=str(ROOT / "params" / "prices.yaml")
     )
-    data["providers"] = [{"name": "svc", "model": "test-model", "max_retries": 2, **provider}]
+    data["providers"] = [{"name": "svc", "model": "test-model", "free": True, "max_retries": 2, **provider}]
     data["evaluate"] = {**data["evaluate"], "judges": ["svc"], **(evaluate or {})}
     data["synthesize"] = {**data["synthesize"], "generator": "svc", **(synthesize or {})}
     layout = RunLayout(root)
