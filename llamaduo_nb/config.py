@@ -127,6 +127,9 @@ class FinetuneConfig:
     continue_from_previous: bool = False  # paper: retrain from the base each cycle on the grown data
     logging_steps: int = 5
     seed: int = 42
+    # Padding-free batches: a batch's rows are concatenated into one sequence (position_ids restart per
+    # row, attention stays within a row), so no step computes pad tokens; same per-token loss as padding.
+    padding_free: bool = True
 
     EXAMPLE = "lora_r: null  # Table 5 schedule\nlearning_rate: 2.0e-4\nnum_epochs: 1\nmax_length: 1024"
 
@@ -145,7 +148,9 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    engine: Literal["auto", "vllm", "transformers"] = "auto"  # auto: vLLM when CUDA + vllm, else transformers
+    # auto: vLLM when CUDA + vllm, else llama.cpp (GGUF F16 of the merged cycle weights) when it imports,
+    # else transformers
+    engine: Literal["auto", "vllm", "transformers", "llamacpp"] = "auto"
     k: int = 4  # K: sampled answers per test prompt
     temperature: float = 0.7
     top_p: float = 0.9
@@ -154,6 +159,7 @@ class InferenceConfig:
     seed: int = 1234
     merge_adapter: bool = True  # transformers engine: fold the LoRA weights into the base first
     share_prompt_cache: bool = True  # transformers engine: prefill each prompt once, reuse it for K samples
+    llamacpp_threads: int = 0  # llama.cpp engine: CPU threads of the server (0: all cores)
 
     EXAMPLE = "engine: auto\nk: 4\ntemperature: 0.7\ntop_p: 0.9\nmax_new_tokens: 512"
 
