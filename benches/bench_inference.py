@@ -29,7 +29,7 @@ from benches.common import BenchLine, demo_run, timed
 
 K_LOOP_PROMPTS = 4
 K_LOOP_K = 4
-K_LOOP_TOKENS = 48
+K_LOOP_TOKENS = 32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
