@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # one broken bench must not hide the others' figures
             traceback.print_exc()
             lines.append(BenchLine(f"{name}: FAILED", f"{type(exc).__name__}: {exc}"[:200], "", None, ""))
+        write(lines, Path(args.out) / "summary.partial")  # a run stopped later keeps the figures so far
     uptime_end = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     preamble = (
         f"`make bench` ({' '.join(sys.argv[1:]) or 'all'}) took {time.monotonic() - started:.0f} s.\n"
