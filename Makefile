@@ -36,7 +36,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python -m llamaduo_nb.bench_dataquality
+	nice -n 0 $(BIN)/python -m benches $(BENCH_ARGS)
 
 # The teacher study's ground truth (paper Table 4): a short LoRA per candidate teacher, judged like 04.
 validate-teachers: $(STAMP)

@@ -209,6 +209,9 @@ class FinetuneConfig:
     seed: int = 42
     save_steps: int = 50  # checkpoint every N optimizer steps into cycle_NN/checkpoints/ (0: none)
     save_total_limit: int = 2  # keep the last N checkpoints (a re-run resumes from the newest)
+    # Padding-free batches: a batch's rows are concatenated into one sequence (position_ids restart per
+    # row, attention stays within a row), so no step computes pad tokens; same per-token loss as padding.
+    padding_free: bool = True
 
     EXAMPLE = "lora_r: null  # Table 5 schedule\nlearning_rate: 2.0e-4\nnum_epochs: 1\nmax_length: 1024"
 
@@ -238,7 +241,9 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    engine: Literal["auto", "vllm", "transformers"] = "auto"  # auto: vLLM when CUDA + vllm, else transformers
+    # auto: vLLM when CUDA + vllm, else llama.cpp (GGUF F16 of the merged cycle weights) when it imports,
+    # else transformers
+    engine: Literal["auto", "vllm", "transformers", "llamacpp"] = "auto"
     k: int = 4  # K: sampled answers per test prompt
     temperature: float = 0.7
     top_p: float = 0.9
@@ -250,6 +255,7 @@ class InferenceConfig:
     tensor_parallel_size: int = 1  # vLLM: GPUs one model is split across (03 and serve_vllm.sh)
     pipeline_parallel_size: int = 1  # vLLM: pipeline stages (x tensor_parallel_size GPUs; nodes via Ray)
     gpu_memory_utilization: float = 0.9  # vLLM: share of each GPU's memory it may take
+    llamacpp_threads: int = 0  # llama.cpp engine: CPU threads of the server (0: all cores)
 
     EXAMPLE = "engine: auto\nk: 4\ntemperature: 0.7\ntop_p: 0.9\nmax_new_tokens: 512"
 

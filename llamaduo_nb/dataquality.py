@@ -37,7 +37,7 @@ character per token and ``rapidfuzz.distance.LCSseq`` (bit-parallel C++) gives t
 rouge-score needs ~0.7 ms for a pair of 80-token texts, rapidfuzz ~0.3 us. Beyond 1.1M distinct tokens
 (more than Unicode has code points) texts fall back to tuples of ids: slower, still exact.
 
-Candidate generation, with the numbers that chose it (benchmark pool of bench_dataquality, 20K rows)
+Candidate generation, with the numbers that chose it (benchmark pool of benches/bench_dataquality.py, 20K rows)
 -------------------------------------------------------------------------------------------------------
 * Signatures: one-permutation MinHash (one 64-bit hash per shingle picks a bin and a value; one
   ``np.minimum.at`` fills every bin of every text) with densification by the nearest filled bin, left or

@@ -4,12 +4,23 @@ Reads `coverage/test.jsonl` and `cycle_NN/adapter/`; writes `cycle_NN/responses.
 (prompt, sample), schema in `schemas.py`) and `cycle_NN/inference.json` (rows, tokens, wall time,
 tokens/s, engine).
 
-Two engines, chosen by `inference.engine` (`auto`: vLLM when CUDA and `vllm` are importable):
+Three engines, chosen by `inference.engine` (`auto`: vLLM when CUDA and `vllm` are importable, else
+llama.cpp on a machine without CUDA when `llama_cpp` imports, else transformers):
 
 * **vLLM** (written for GPU users; not executable on the CPU-only development machine): one `generate`
   call over all prompts, each with `SamplingParams(n=K, seed=…)` so the prompt is prefilled once and
   K continuations share its KV blocks; the cycle's adapter is served through a `LoRARequest`.
-* **transformers** (CPU default): prompts are batched with LEFT padding and `num_return_sequences=K`.
+* **llama.cpp** (CPU default): the cycle's adapter is merged into the base (`deploy.merge_adapter`) and
+  exported as GGUF F16 (`deploy.export_gguf`) once per adapter, to `cycle_NN/model-f16.gguf`, where 06
+  finds it. llama.cpp's OpenAI-compatible server (`embedded.LlamaServer`, on 127.0.0.1) answers through
+  the ServicePool like every other model, so answers are cached and ledgered ($0). llama-cpp-python's
+  server decodes one request at a time; the K requests of a prompt follow each other, so its prompt cache
+  prefills the prompt once for all K. The sampler chain is transformers': temperature and top-p only
+  (`LLAMACPP_SAMPLER`: top_k 0, min_p 0, repeat_penalty 1). Greedy answers are token-for-token the
+  transformers engine's (tested); sampled ones follow the same distribution but not the same random
+  stream: llama.cpp draws its own seeds, so a re-run samples anew (the call cache key holds the
+  server's URL, whose port changes per start, so it does not replay them either).
+* **transformers**: prompts are batched with LEFT padding and `num_return_sequences=K`.
   Hugging Face's `generate` repeats every prompt K times *before* the prefill (checked in transformers
   5.23, `_expand_inputs_for_generation`), so a long prompt is computed K times. With
   `share_prompt_cache: true` the batch's prompts (all but their last token) are run once, the resulting
@@ -53,23 +64,38 @@ from .jsonio import (
 from .runlayout import RunLayout
 
 
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def resolve_engine(setting: str) -> str:
-    """'vllm' or 'transformers'. `auto` is vLLM exactly when CUDA is present and `vllm` imports."""
+    """'vllm', 'llamacpp' or 'transformers' for the `inference.engine` setting.
+
+    `auto` is vLLM exactly when CUDA is present and `vllm` imports; on a machine without CUDA it is
+    llama.cpp when `llama_cpp` imports (measured in `make bench`: several times transformers' tokens/s on
+    CPU), else transformers.
+    """
     import torch
 
     has_cuda = torch.cuda.is_available()
     if setting == "transformers":
         return setting
-    try:
-        import vllm  # noqa: F401
-
-        has_vllm = True
-    except ImportError:
-        has_vllm = False
-    if setting == "vllm" and not (has_cuda and has_vllm):
+    if setting == "llamacpp":
+        if not _importable("llama_cpp"):
+            raise ConfigError(
+                "inference.engine: 'llamacpp' needs llama-cpp-python (pip install 'llama-cpp-python[server]'); "
+                "use engine: auto or transformers"
+            )
+        return setting
+    has_vllm = has_cuda and _importable("vllm")
+    if setting == "vllm" and not has_vllm:
         missing = "a CUDA GPU" if not has_cuda else "the vllm package (pip install 'llamaduo-nb[gpu]')"
         raise ConfigError(f"inference.engine: 'vllm' needs {missing}; use engine: auto or transformers")
-    return "vllm" if has_cuda and has_vllm else "transformers"
+    if has_vllm:
+        return "vllm"
+    return "llamacpp" if not has_cuda and _importable("llama_cpp") else "transformers"
 
 
 # --------------------------------------------------------------------------- inputs
@@ -379,10 +405,176 @@ def _generate_vllm(
     return samples, {"batches": 1, "prompt_tokens": prompt_tokens, "prompt_tokens_computed": prompt_tokens}
 
 
+# --------------------------------------------------------------------------- llama.cpp engine (CPU)
+
+# The sampler chain every llama.cpp request gets: only temperature and top-p act, as in transformers with
+# `top_k=0` (what `sample_batch` passes) and vLLM's defaults. llama-cpp-python would otherwise add
+# repeat_penalty 1.1, top_k 40 and min_p 0.05 (`embedded.NEUTRAL_SAMPLING` fills the same values in on the
+# server side for requests that do not set them).
+LLAMACPP_SAMPLER = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
+
+
+def _digest(paths: list[Path]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def cycle_gguf(cfg: RunConfig, layout: RunLayout, cycle: int, progress: bool = True) -> tuple[Path, bool]:
+    """(path, built now): the cycle's merged weights as GGUF F16 at `layout.cycle_gguf(cycle)`.
+
+    Built once per adapter: the merge is 06's (`deploy.merge_adapter`, the model exactly as 03's
+    transformers engine builds it) into `layout.cycle_merged_dir(cycle)`, the export 06's `export_gguf`
+    with the tokenizer check 06 runs. `layout.cycle_gguf_marker(cycle)` records the adapter's content hash,
+    so a retrained adapter is re-exported and 06 can reuse the file for the cycle it ships.
+    """
+    from .deploy import base_licence, check_gguf_tokenizer, export_gguf, merge_adapter, tokenizer_pre_for
+
+    adapter_dir = layout.adapter_dir(cycle)
+    sources = sorted(p for p in adapter_dir.iterdir() if p.suffix in (".safetensors", ".json", ".jinja"))
+    adapter_sha = _digest(sources)
+    path, marker = layout.cycle_gguf(cycle), layout.cycle_gguf_marker(cycle)
+    if path.is_file() and marker.is_file() and read_json(marker).get("adapter_sha256") == adapter_sha:
+        return path, False
+    merged = merge_adapter(cfg, adapter_dir, layout.cycle_merged_dir(cycle))
+    licence, upstream, _ = base_licence(cfg.student.model_id)
+    export = export_gguf(
+        merged.path,
+        path,
+        "f16",
+        tokenizer_pre=tokenizer_pre_for(cfg),
+        name=f"{cfg.run_name} cycle {cycle} ({upstream or cfg.student.model_id})",
+        licence=licence,
+    )
+    check = check_gguf_tokenizer(export.path, merged.path)
+    if not check["ok"]:
+        path.unlink()
+        raise ConfigError(
+            f"{path}: llama.cpp tokenizes {len(check['mismatches'])} of {check['probes']} probe texts "
+            f"differently from the HF tokenizer (first: {check['mismatches'][0]}); use inference.engine: "
+            "transformers, or set deploy.gguf_tokenizer_pre"
+        )
+    write_json(
+        marker,
+        {
+            "adapter": str(adapter_dir),
+            "adapter_sha256": adapter_sha,
+            "gguf": path.name,
+            "gguf_sha256": _digest([path]),
+            "qtype": "f16",
+            "merged_dir": str(merged.path),
+            "merge_seconds": round(merged.seconds, 2),
+            "export_seconds": round(export.seconds, 2),
+        },
+    )
+    return path, True
+
+
+def _generate_llamacpp(
+    cfg: RunConfig, layout: RunLayout, cycle: int, rows: list[dict], gguf: Path, progress: bool = True
+) -> tuple[list[list[Sample]], dict[str, Any]]:
+    """K answers per prompt from llama.cpp's server on 127.0.0.1, through the ServicePool (cache + ledger).
+
+    Requests for one prompt are sent one after the other, so the server's prompt cache (the longest
+    common prefix with the previous request stays in its KV cache) prefills each prompt once for its K
+    samples. The served model's name carries the GGUF's hash, so the ledger tells exports apart.
+    """
+    import dataclasses
+    import os
+    import warnings
+
+    from .config import ProviderConfig
+    from .embedded import LlamaServer
+    from .services import ChatRequest, ServicePool
+
+    inf = cfg.inference
+    greedy = inf.temperature == 0
+    n_per_prompt = 1 if greedy else inf.k
+    threads = inf.llamacpp_threads or os.cpu_count() or 1
+    marker = read_json(layout.cycle_gguf_marker(cycle))
+    requests = [
+        ChatRequest(
+            messages=student_messages(row["instruction"]),
+            temperature=inf.temperature,
+            top_p=None if greedy else inf.top_p,
+            max_tokens=inf.max_new_tokens,
+            repeat=j,
+        )
+        for row in rows
+        for j in range(n_per_prompt)
+    ]
+    with LlamaServer(
+        gguf,
+        n_ctx=max(2048, inf.max_new_tokens + 1024),
+        n_threads=threads,
+        log_file=layout.logs_dir / f"llama_server_03_cycle_{cycle:02d}.log",
+        model_alias=gguf.stem,
+    ) as server:
+        provider = ProviderConfig(
+            name="student_llamacpp",
+            kind="openai_compatible",
+            model=f"{cfg.run_name}-cycle{cycle:02d}-f16-{marker['gguf_sha256'][:12]}",
+            base_url=server.base_url,
+            rpm=100_000,
+            tpm=100_000_000,
+            max_concurrency=1,  # one request at a time: K samples of a prompt follow each other
+            timeout_s=600.0,
+            max_retries=2,
+            json_mode="none",
+        )
+        run_cfg = dataclasses.replace(cfg, providers=[*cfg.providers, provider])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="no price for model")  # the local student costs $0
+            with ServicePool(run_cfg, layout, "03_batch_inference", cycle, providers=[provider.name]) as pool:
+                results = pool.complete_many(
+                    provider.name, requests, desc=f"generate, llama.cpp ({len(rows)} prompts x K={inf.k})"
+                )
+    failed = [(i, r.error) for i, r in enumerate(results) if r.error]
+    if failed:
+        i, error = failed[0]
+        raise RuntimeError(
+            f"llama.cpp answered {len(failed)} of {len(results)} requests with an error (first: prompt "
+            f"{rows[i // n_per_prompt]['id']}: {error}); server log: {layout.logs_dir}"
+        )
+    samples: list[list[Sample]] = []
+    for p, _row in enumerate(rows):
+        group = []
+        for j in range(n_per_prompt):
+            result = results[p * n_per_prompt + j]
+            # llama.cpp does not count the stop token it ended on; transformers' rows do (one more).
+            stopped = result.output_tokens < inf.max_new_tokens
+            group.append(
+                Sample(
+                    result.text.strip(),
+                    result.output_tokens + int(stopped),
+                    "stop" if stopped else "length",
+                    -1,  # llama.cpp seeds its sampler itself (recorded as sample_seed None)
+                )
+            )
+        samples.append(group * inf.k if greedy else group)
+    prompt_tokens = sum(r.input_tokens for r in results)
+    return samples, {
+        "batches": len(requests),
+        "prompt_tokens": prompt_tokens,
+        "prompt_tokens_computed": None,  # the server's prompt cache: about one prefill per prompt
+        "cached_calls": sum(r.cached for r in results),
+        "llamacpp_threads": threads,
+        "gguf": str(gguf),
+    }
+
+
 # --------------------------------------------------------------------------- the stage
 
 
 def generation_params(inf: InferenceConfig, engine: str) -> dict[str, Any]:
+    """The sampler settings recorded with every answer; every engine samples with temperature and top-p
+    only (top_k 0, min_p 0, no repetition penalty)."""
     return {
         "engine": engine,
         "k": inf.k,
@@ -392,6 +584,7 @@ def generation_params(inf: InferenceConfig, engine: str) -> dict[str, Any]:
         "max_new_tokens": inf.max_new_tokens,
         "seed": inf.seed,
         "batch_size": inf.batch_size if engine == "transformers" else None,
+        **LLAMACPP_SAMPLER,
     }
 
 
@@ -418,6 +611,16 @@ def generate_responses(
         gen_started, cpu_started = time.monotonic(), time.process_time()
         samples, info = _generate_vllm(cfg, rows, model_path, adapter_dir, cycle)
         merged = False
+    elif engine == "llamacpp":
+        from .embedded import resolve_model_path
+
+        model_path = resolve_model_path(cfg.student.model_id)
+        gguf, built = cycle_gguf(cfg, layout, cycle, progress)
+        load_s = time.monotonic() - started
+        gen_started, cpu_started = time.monotonic(), time.process_time()
+        samples, info = _generate_llamacpp(cfg, layout, cycle, rows, gguf, progress)
+        info["gguf_built_now"] = built
+        merged = True
     else:
         model, tokenizer, model_path = load_model(cfg, adapter_dir, merge=inf.merge_adapter)
         load_s = time.monotonic() - started
@@ -445,7 +648,10 @@ def generate_responses(
                     "adapter": adapter,
                     "output_tokens": sample.output_tokens,
                     "finish_reason": sample.finish_reason,
-                    "generation": {**base_params, "sample_seed": sample.seed},
+                    "generation": {
+                        **base_params,
+                        "sample_seed": sample.seed if sample.seed >= 0 else None,
+                    },
                 }
             )
     write_jsonl(layout.responses_file(cycle), responses)

@@ -168,6 +168,18 @@ class RunLayout:
     def inference_summary(self, cycle: int) -> Path:
         return self.cycle_dir(cycle) / "inference.json"
 
+    def cycle_merged_dir(self, cycle: int) -> Path:
+        """03 on the llama.cpp engine: the cycle's adapter merged into the base (a standard HF folder)."""
+        return self.cycle_dir(cycle) / "merged"
+
+    def cycle_gguf(self, cycle: int, qtype: str = "f16") -> Path:
+        """03 on the llama.cpp engine: `cycle_merged_dir` as GGUF; 06 reuses it for the chosen cycle."""
+        return self.cycle_dir(cycle) / f"model-{qtype.lower()}.gguf"
+
+    def cycle_gguf_marker(self, cycle: int, qtype: str = "f16") -> Path:
+        """Which adapter (content hash) `cycle_gguf` was built from; a GGUF without a match is rebuilt."""
+        return self.cycle_dir(cycle) / f"model-{qtype.lower()}.json"
+
     def output_lengths_plot(self, cycle: int) -> Path:
         return self.cycle_dir(cycle) / "output_lengths.png"
 

@@ -41,7 +41,8 @@ def save_untrained_adapter(layout: RunLayout, cycle: int) -> None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     layout = make_tiny_run(
-        tmp_path_factory.mktemp("inf") / "tiny", inference_overrides={"k": K, "max_new_tokens": 16}
+        tmp_path_factory.mktemp("inf") / "tiny",
+        inference_overrides={"k": K, "max_new_tokens": 16, "engine": "transformers"},
     )
     save_untrained_adapter(layout, 0)
     execute_notebook(
@@ -147,14 +148,93 @@ def test_a_test_row_without_instruction_is_reported_with_file_row_and_field(tmp_
     assert (err.value.row, err.value.field) == (2, "instruction")
 
 
-def test_engine_auto_is_transformers_without_cuda():
+def test_engine_auto_is_llamacpp_without_cuda():
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert inference.resolve_engine("auto") == "transformers"
+    assert inference.resolve_engine("auto") == "llamacpp"
+    assert inference.resolve_engine("transformers") == "transformers"
     with pytest.raises(ValueError, match="vllm|CUDA"):
         inference.resolve_engine("vllm")
+
+
+# --------------------------------------------------------------------------- the llama.cpp engine
+
+
+def perturbed_adapter(layout: RunLayout, cycle: int) -> None:
+    """An adapter whose merge changes the model (B != 0), so the GGUF must carry the merged weights."""
+    import torch
+
+    save_untrained_adapter(layout, cycle)
+    from safetensors.torch import load_file, save_file
+
+    path = layout.adapter_dir(cycle) / "adapter_model.safetensors"
+    tensors = load_file(path)
+    generator = torch.Generator().manual_seed(0)
+    for name, tensor in tensors.items():
+        if "lora_B" in name:
+            tensors[name] = torch.randn(tensor.shape, generator=generator) * 0.02
+    save_file(tensors, path)
+
+
+def _generate(layout: RunLayout, engine: str, **overrides) -> tuple[dict, list[dict]]:
+    import dataclasses
+
+    cfg = load_config(layout.params_file)
+    cfg = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, engine=engine, **overrides))
+    summary = inference.generate_responses(cfg, layout, 0, progress=False)
+    return summary, read_jsonl(layout.responses_file(0))
+
+
+@pytest.fixture(scope="module")
+def llamacpp_run(tmp_path_factory):
+    layout = make_tiny_run(
+        tmp_path_factory.mktemp("infcpp") / "tiny", inference_overrides={"k": K, "max_new_tokens": 24}
+    )
+    perturbed_adapter(layout, 0)
+    return layout
+
+
+@pytest.mark.slow
+def test_llamacpp_greedy_answers_are_the_transformers_answers(llamacpp_run):
+    layout = llamacpp_run
+    _, torch_rows = _generate(layout, "transformers", temperature=0.0)
+    summary, cpp_rows = _generate(layout, "llamacpp", temperature=0.0)
+    assert summary["engine"] == "llamacpp" and summary["adapter_merged"] is True
+    assert [(r["prompt_id"], r["sample_index"]) for r in cpp_rows] == [
+        (r["prompt_id"], r["sample_index"]) for r in torch_rows
+    ]
+    assert [r["candidate"] for r in cpp_rows] == [r["candidate"] for r in torch_rows]
+    assert [(r["output_tokens"], r["finish_reason"]) for r in cpp_rows] == [
+        (r["output_tokens"], r["finish_reason"]) for r in torch_rows
+    ]
+    assert any(r["candidate"] for r in cpp_rows)
+
+
+@pytest.mark.slow
+def test_llamacpp_returns_k_samples_per_prompt_with_the_transformers_schema(llamacpp_run):
+    layout = llamacpp_run
+    _, torch_rows = _generate(layout, "transformers")
+    summary, rows = _generate(layout, "llamacpp")
+    assert set(rows[0]) == set(torch_rows[0])
+    assert set(rows[0]["generation"]) == set(torch_rows[0]["generation"])
+    by_prompt = defaultdict(list)
+    for row in rows:
+        by_prompt[row["prompt_id"]].append(row["sample_index"])
+    assert by_prompt == {f"test-{i}": list(range(K)) for i in range(len(TEST))}
+    generation = rows[0]["generation"]
+    assert generation["engine"] == "llamacpp" and generation["temperature"] == 0.7
+    assert (generation["top_p"], generation["top_k"], generation["min_p"], generation["repeat_penalty"]) == (
+        0.9, 0, 0.0, 1.0,
+    )  # fmt: skip
+    assert all(isinstance(r["candidate"], str) and 1 <= r["output_tokens"] <= 24 for r in rows)
+    assert summary["rows"] == len(TEST) * K and summary["tokens_per_s"] > 0
+    # the export is where 06 finds it, made once per adapter and reused by the next run
+    marker = read_json(layout.cycle_gguf_marker(0))
+    assert layout.cycle_gguf(0).is_file() and marker["qtype"] == "f16"
+    again_summary, again = _generate(layout, "llamacpp")
+    assert again_summary["gguf_built_now"] is False and len(again) == len(rows)
 
 
 def test_notebook_is_committed_without_outputs():
