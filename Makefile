@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test bench lint format lab validate-teachers
+.PHONY: install demo test bench lint format lab validate-teachers docs
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	nice -n 0 $(BIN)/python -m benches $(BENCH_ARGS)
+
+# A small committed gallery of the last demo run (docs/demo/): summary, Table 1, plots.
+docs: $(STAMP)
+	$(BIN)/python -m llamaduo_nb.gallery outputs/demo docs/demo
 
 # The teacher study's ground truth (paper Table 4): a short LoRA per candidate teacher, judged like 04.
 validate-teachers: $(STAMP)
