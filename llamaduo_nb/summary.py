@@ -74,6 +74,129 @@ def _md(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _fmt(value: Any, ci_low: Any = None, ci_high: Any = None) -> str:
+    import math
+
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    text = f"{value:.2f}"
+    if ci_low is not None and ci_high is not None and not (math.isnan(ci_low) or math.isnan(ci_high)):
+        text += f" [{ci_low:.1f}-{ci_high:.1f}]"
+    return text
+
+
+def gain_lines(cfg: RunConfig, layout: RunLayout) -> list[str]:
+    """What fine-tuning and synthesis changed, on the judges the decision rests on: the base student against
+    cycle 0 (fine-tuning on the coverage data) and each later cycle against the one before (synthetic data),
+    said plainly when the 95% intervals overlap."""
+    import pandas as pd
+
+    t1 = latest_table1_cycle(layout)
+    if t1 is None:
+        return []
+    table = pd.read_csv(layout.table1_csv(t1))
+    metric = "precision" if cfg.evaluate.decision_metric == "both" else cfg.evaluate.decision_metric
+    lines = []
+    for judge in cfg.evaluate.deciding_judges:
+        rows = table[(table.judge == judge) & (table.metric == metric) & (table.statistic == "mean")]
+        local = rows[rows.kind.isin(["base", "local"])].reset_index(drop=True)
+        for i in range(1, len(local)):
+            before, after = local.iloc[i - 1], local.iloc[i]
+            if pd.isna(before.value) or pd.isna(after.value):
+                continue
+            overlap = not (after.ci_low > before.ci_high or after.ci_high < before.ci_low)
+            change = after.value - before.value
+            what = (
+                "fine-tuning on the coverage data" if before.kind == "base" else "this cycle's synthetic data"
+            )
+            verdict = (
+                "the 95% intervals overlap: no measurable change"
+                if overlap
+                else ("a measurable gain" if change > 0 else "a measurable loss")
+            )
+            lines.append(
+                f"- {judge} mean {metric}: {before.model} {_fmt(before.value, before.ci_low, before.ci_high)} -> "
+                f"{after.model} {_fmt(after.value, after.ci_low, after.ci_high)} ({change:+.2f}, {what}): {verdict}."
+            )
+    return lines
+
+
+def story_lines(layout: RunLayout) -> list[str]:
+    """Per cycle: what it trained on, how it was judged and decided, and what 05 added and dropped (and why)."""
+    lines: list[str] = []
+    for cycle in layout.cycles():
+        parts = [f"### Cycle {cycle}", ""]
+        if layout.train_summary(cycle).is_file():
+            ft = read_json(layout.train_summary(cycle))
+            origins = ", ".join(f"{k} {v}" for k, v in (ft.get("rows_by_origin") or {}).items())
+            parts.append(
+                f"- 02 trained on {ft.get('rows')} rows ({origins}); {ft.get('steps')} steps, "
+                f"final loss {ft.get('final_loss') or float('nan'):.3f}."
+            )
+        if layout.metrics_file(cycle).is_file():
+            decision = read_json(layout.metrics_file(cycle)).get("decision", {})
+            verdict = "passed" if decision.get("passed") else "not passed"
+            parts.append(f"- 04 decision: {verdict} — {decision.get('reason', '')}.")
+        if layout.teacher_study_file(cycle).is_file():
+            study = read_json(layout.teacher_study_file(cycle))
+            parts.append(f"- 05 teacher study chose **{study.get('chosen')}**: {study.get('why')}.")
+        if layout.synth_report(cycle).is_file():
+            rep = read_json(layout.synth_report(cycle))
+            dropped = ", ".join(f"{k} {v}" for k, v in (rep.get("rejected") or {}).items() if v)
+            parts.append(
+                f"- 05 asked {rep.get('requests')} requests for {rep.get('target')} rows: {rep.get('candidates')} "
+                f"candidates, {rep.get('accepted')} accepted; dropped: {dropped or 'none'}; "
+                f"request/parse failures {rep.get('request_failures')}/{rep.get('parse_failures')}."
+            )
+        if len(parts) > 2:
+            lines += parts + [""]
+    return lines
+
+
+def teacher_lines(layout: RunLayout) -> list[str]:
+    for cycle in reversed(layout.cycles()):
+        if layout.teacher_table_csv(cycle).is_file():
+            import pandas as pd
+
+            table = pd.read_csv(layout.teacher_table_csv(cycle)).round(3)
+            return [
+                f"## Teacher study (cycle {cycle}: CAR = r / (1 + beta L))",
+                "",
+                *_md(table.to_dict("records")),
+            ]
+    return []
+
+
+def cost_lines(layout: RunLayout, state: Any) -> list[str]:
+    """Service calls, tokens and USD per stage from the run's ledger, beside each stage's wall time."""
+    from collections import defaultdict
+
+    from .callcache import read_ledger
+
+    by_stage: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for row in read_ledger(layout.calls_db):
+        entry = by_stage[row["stage"]]
+        entry["calls"] += 1
+        entry["failed"] += 0 if row["ok"] else 1
+        entry["tokens"] += int(row["input_tokens"]) + int(row["output_tokens"])
+        entry["usd"] += float(row["cost_usd"])
+    seconds: dict[str, float] = defaultdict(float)
+    for step, value in state.timings.items():
+        if step != "total":
+            seconds[step.split("/")[-1]] += value
+    stages = sorted(set(seconds) | set(by_stage))
+    lines = ["## Time and cost per stage", "", "| stage | seconds | paid calls | failed | tokens | USD |"]
+    lines.append("|---|---|---|---|---|---|")
+    for stage in stages:
+        e = by_stage.get(stage, {})
+        lines.append(
+            f"| {stage} | {seconds.get(stage, 0):.1f} | {int(e.get('calls', 0))} | {int(e.get('failed', 0))} | "
+            f"{int(e.get('tokens', 0)):,} | {e.get('usd', 0.0):.4f} |"
+        )
+    lines.append(f"| total | {state.timings.get('total', sum(seconds.values())):.1f} | | | | |")
+    return lines
+
+
 def write_summary(cfg: RunConfig, layout: RunLayout, state: Any) -> str:
     """summary.md + summary.json: the story of the run's cycles, Table 1, Fig. 2 and the time per notebook."""
     from .evaluate.stats import decision_rule_text
@@ -115,6 +238,16 @@ def write_summary(cfg: RunConfig, layout: RunLayout, state: Any) -> str:
             lines += ["", f"(Fig. 2 could not be drawn: {type(exc).__name__}: {exc})"]
     if fig2 is not None:
         lines += ["", "## Over cycles (paper Fig. 2)", "", f"![V and C@zeta over cycles]({fig2.name})"]
+    for title, part in (
+        ("## What changed, on the judges that decide", gain_lines(cfg, layout)),
+        ("## The run, cycle by cycle", story_lines(layout)),
+    ):
+        if part:
+            lines += ["", title, "", *part]
+    teacher = teacher_lines(layout)
+    if teacher:
+        lines += ["", *teacher]
+    lines += ["", *cost_lines(layout, state)]
     lines += ["", "## Time per notebook (s)", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in state.timings.items()]
     text = "\n".join(lines) + "\n"

@@ -824,8 +824,7 @@ def validate(run_cfg: RunConfig, layout: RunLayout, cycle: int = 0) -> dict:
 
 def decision_judges(cfg: RunConfig) -> list[str]:
     """The judges 04's decision rests on (`evaluate.decision_judges`, else every judge)."""
-    ev = cfg.evaluate
-    return list(ev.decision_judges or [*ev.judges, *ev.metric_judges])
+    return list(cfg.evaluate.deciding_judges)
 
 
 def validation_markdown(report: dict) -> str:
