@@ -145,6 +145,18 @@ def synthesis_messages(seed: dict, cfg: SynthesizeConfig, templates: dict[str, P
     return [{"role": "user", "content": content}]
 
 
+def prompt_preview(run_cfg: RunConfig, layout: RunLayout, cycle: int) -> str:
+    """The synthesis prompt of this cycle's first request: the template of its first seed (drawn from the
+    train split exactly as `synthesize_cycle` draws it), rendered with that seed row."""
+    train = load_split(layout.train_file, "train")
+    seed = sample_seeds(train, 1, cycle_seed(run_cfg.seed, cycle))[0]
+    messages = synthesis_messages(seed, run_cfg.synthesize, load_templates())
+    header = (
+        f"seed {seed['id']} ({seed.get('category') or 'general'}, template {task_kind(seed.get('category'))})"
+    )
+    return header + "\n\n" + messages[0]["content"]
+
+
 # --------------------------------------------------------------------------- parsing replies
 
 
