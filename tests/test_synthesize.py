@@ -259,6 +259,18 @@ def _tiny_run(make_params, tmp_path: Path) -> RunLayout:
     return layout
 
 
+def test_prompt_preview_renders_the_first_request_of_the_cycle(make_params, tmp_path):
+    layout = _tiny_run(make_params, tmp_path)
+    cfg = load_config(layout.params_file)
+    train = read_jsonl(layout.train_file)
+    for cycle in (0, 1):
+        (seed,) = synthesize.sample_seeds(train, 1, synthesize.cycle_seed(cfg.seed, cycle))
+        text = synthesize.prompt_preview(cfg, layout, cycle)
+        assert text.startswith(f"seed {seed['id']} ")
+        body = synthesize.synthesis_messages(seed, cfg.synthesize, synthesize.load_templates())[0]["content"]
+        assert text.endswith(body) and seed["instruction"] in text and "$" not in text
+
+
 @pytest.mark.slow
 def test_notebook_writes_lineage_and_keeps_test_items_out(make_params, tmp_path):
     layout = _tiny_run(make_params, tmp_path)
