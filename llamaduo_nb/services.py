@@ -131,6 +131,9 @@ class ChatRequest:
     json_schema: dict | None = None  # ask for structured output (JSON schema) when not None
     schema_name: str = "response"
     repeat: int = 0  # repeat/sample index: part of the cache key (M repeats don't collapse)
+    # Free-text answers (03's samples, Table-1 baselines, parity, teacher answers): a reply cut at max_tokens is
+    # the model's answer at that budget, usable and cached. Structured replies (judge, synthesis) never are.
+    allow_truncated: bool = False
 
 
 @dataclass
@@ -404,7 +407,7 @@ _BLOCKED_STOPS = frozenset(
 )
 
 
-def unusable_reason(reply: _Reply, max_tokens: int) -> tuple[str, bool] | None:
+def unusable_reason(reply: _Reply, max_tokens: int, allow_truncated: bool = False) -> tuple[str, bool] | None:
     """(why the reply cannot be used as an answer, whether re-sending may help) or None for a usable reply.
 
     Usable replies are the only ones cached as answers; the others are ledgered (they were paid), kept with
@@ -420,6 +423,8 @@ def unusable_reason(reply: _Reply, max_tokens: int) -> tuple[str, bool] | None:
                 "reasoning_effort / thinking_budget",
                 False,
             )
+        if allow_truncated:
+            return None
         return f"truncated reply (finish_reason {finish} at max_tokens={max_tokens})", False
     if finish in _BLOCKED_STOPS or reply.text.startswith("[refusal]"):
         return f"refused or blocked reply (finish_reason {finish or 'refusal'})", True
@@ -1181,6 +1186,8 @@ class ServicePool:
             "json_schema": request.json_schema,
             "schema_name": request.schema_name,
             "repeat": int(request.repeat),
+            # only when set, so the keys of every other request stay what they were
+            **({"allow_truncated": True} if request.allow_truncated else {}),
         }
 
     async def _run_many(self, provider: str, requests: list[ChatRequest], progress: dict) -> list[ChatResult]:
@@ -1305,7 +1312,7 @@ class ServicePool:
                 free=p.is_free,
                 cached_input_tokens=reply.cached_input_tokens,
             )
-            unusable = unusable_reason(reply, request.max_tokens)
+            unusable = unusable_reason(reply, request.max_tokens, request.allow_truncated)
             if unusable is None:
                 guard.record(True)
                 self._cache.put(

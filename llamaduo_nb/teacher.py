@@ -419,6 +419,7 @@ def answer_requests(
             top_p=candidate.top_p,
             max_tokens=candidate.max_tokens,
             repeat=salt + j,
+            allow_truncated=True,
         )
         for text in instructions
         for j in range(candidate.n)

@@ -57,7 +57,8 @@ def make_run(
         run_name=root.name, outputs_dir=str(root.parent), prices_file=str(ROOT / "params" / "prices.yaml")
     )
     data["providers"] = [{"name": "svc", "model": "test-model", "free": True, "max_retries": 2, **provider}]
-    data["evaluate"] = {**data["evaluate"], "judges": ["svc"], **(evaluate or {})}
+    data["evaluate"] = {**data["evaluate"], "judges": ["svc"], "baselines": [], **(evaluate or {})}
+    data.pop("teacher_study", None)  # the demo's study samples the embedded model, not declared here
     data["synthesize"] = {**data["synthesize"], "generator": "svc", **(synthesize or {})}
     layout = RunLayout(root)
     layout.params_file.parent.mkdir(parents=True, exist_ok=True)

@@ -196,6 +196,7 @@ def greedy_parity(
             messages=student_messages(r["instruction"], r.get("system")),
             temperature=0.0,
             max_tokens=cfg.deploy.greedy_max_new_tokens,
+            allow_truncated=True,  # greedy parity compares the first max_new_tokens of both engines
         )
         for r in rows
     ]

@@ -339,6 +339,7 @@ def answer_with_provider(
             top_p=sampling.top_p,
             max_tokens=sampling.max_new_tokens,
             repeat=sample,
+            allow_truncated=True,  # judged like the student's answers, which are kept when cut at the budget
         )
         for row in test_rows
         for sample in range(k)
