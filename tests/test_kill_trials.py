@@ -59,6 +59,9 @@ def make_run(
     data["providers"] = [{"name": "svc", "model": "test-model", "free": True, "max_retries": 2, **provider}]
     data["evaluate"] = {**data["evaluate"], "judges": ["svc"], "baselines": [], **(evaluate or {})}
     data.pop("teacher_study", None)  # the demo's study samples the embedded model, not declared here
+    # the uninterrupted and the killed run sit side by side: without this the killed run would replay the
+    # other run's answers from the project-wide cache, and the trial would prove nothing about its own ledger
+    data["cache"] = {"shared": False}
     data["synthesize"] = {**data["synthesize"], "generator": "svc", **(synthesize or {})}
     layout = RunLayout(root)
     layout.params_file.parent.mkdir(parents=True, exist_ok=True)
