@@ -37,14 +37,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--inf-prompts", type=int, help="test prompts for the engine comparison (default all)")
 
 
-def run_engine(layout: Any, engine: str) -> dict[str, Any]:
+def run_engine(layout: Any, engine: str, parallel: int | None = None) -> dict[str, Any]:
     import dataclasses
 
     from llamaduo_nb.config import dump_config, load_config
     from llamaduo_nb.inference import generate_responses
 
     cfg = load_config(layout.params_file)
-    cfg = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, engine=engine))
+    inf = dataclasses.replace(cfg.inference, engine=engine)
+    if parallel is not None:
+        inf = dataclasses.replace(inf, llamacpp_parallel=parallel)
+    cfg = dataclasses.replace(cfg, inference=inf)
     dump_config(cfg, layout.params_file)
     layout.calls_db.unlink(missing_ok=True)  # no replay from the call cache: every answer is generated
     return generate_responses(cfg, layout, 0, progress=False)
@@ -97,6 +100,8 @@ def lines(args: argparse.Namespace) -> list[BenchLine]:
         export_s = cpp["load_time_s"]
         print("03, llama.cpp engine again (GGUF reused) ...", flush=True)
         cpp_runs = [cpp, run_engine(layout, "llamacpp")]
+        print("03, llama.cpp engine with one slot (requests decoded one at a time) ...", flush=True)
+        cpp_one = run_engine(layout, "llamacpp", parallel=1)
         print("03, transformers engine again ...", flush=True)
         tf_runs.append(run_engine(layout, "transformers"))
         del export_started
@@ -109,7 +114,7 @@ def lines(args: argparse.Namespace) -> list[BenchLine]:
         rows.append(
             BenchLine(
                 f"03 on CPU, demo settings ({setting}): llama.cpp vs transformers",
-                f"{cpp_rate:.1f} tok/s (llama.cpp server, GGUF F16; runs {[r['tokens_per_s'] for r in cpp_runs]})",
+                f"{cpp_rate:.1f} tok/s (llama-server, GGUF F16, {cfg.inference.llamacpp_parallel} slots; runs {[r['tokens_per_s'] for r in cpp_runs]})",
                 f"{tf_rate:.1f} tok/s (transformers, one batch, shared prompt cache; runs "
                 f"{[r['tokens_per_s'] for r in tf_runs]})",
                 ratio,
@@ -120,6 +125,17 @@ def lines(args: argparse.Namespace) -> list[BenchLine]:
                     "llamacpp": cpp_runs,
                     "merge_and_export_s": export_s,
                 },
+            )
+        )
+        slots = cfg.inference.llamacpp_parallel
+        rows.append(
+            BenchLine(
+                f"03 llama.cpp engine: {slots} parallel slots (continuous batching) vs 1 slot",
+                f"{cpp_rate:.1f} tok/s ({slots} slots)",
+                f"{cpp_one['tokens_per_s']:.1f} tok/s (1 slot: what llama-cpp-python's own server does)",
+                cpp_rate / cpp_one["tokens_per_s"],
+                "",
+                details={"one_slot": cpp_one},
             )
         )
         rows.append(

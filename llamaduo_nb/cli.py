@@ -118,6 +118,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     print(f"embedded GGUF: {embedded_gguf_path()}")
     print(f"student (dequantised, cached): {student_base_dir()}")
+    from .llamacpp import ensure_llama_server
+
+    # the server of the offline service LLM, 03's llama.cpp engine and 06 (compiled once per machine)
+    print(f"llama-server (cached): {ensure_llama_server()}")
     from .deploy.gguf import GGUFExportError, ensure_llama_cpp_converter
 
     try:  # 06 converts non-Llama students (Gemma, Qwen2, Phi-3, ...) with llama.cpp's own converter
@@ -157,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a param (dotted key)"
     )
     run.set_defaults(func=cmd_run)
-    prepare = sub.add_parser("prepare", help="dequantise the embedded student once (make install runs this)")
+    prepare = sub.add_parser(
+        "prepare",
+        help="dequantise the embedded student, build llama-server, fetch the GGUF converter (make install)",
+    )
     prepare.set_defaults(func=cmd_prepare)
     fc = sub.add_parser("forecast", help="calls, tokens and USD the paid stages (04, 05) will spend")
     fc.add_argument("params", help="params YAML, e.g. params/paper_gemma7b.yaml")

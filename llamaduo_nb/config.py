@@ -256,6 +256,7 @@ class InferenceConfig:
     pipeline_parallel_size: int = 1  # vLLM: pipeline stages (x tensor_parallel_size GPUs; nodes via Ray)
     gpu_memory_utilization: float = 0.9  # vLLM: share of each GPU's memory it may take
     llamacpp_threads: int = 0  # llama.cpp engine: CPU threads of the server (0: all cores)
+    llamacpp_parallel: int = 8  # llama.cpp engine: server slots decoded together (continuous batching)
 
     EXAMPLE = "engine: auto\nk: 4\ntemperature: 0.7\ntop_p: 0.9\nmax_new_tokens: 512"
 
@@ -264,6 +265,7 @@ class InferenceConfig:
         _check(self.temperature >= 0, "temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "top_p", "must lie in (0, 1]")
         _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        _check(self.llamacpp_parallel >= 1, "llamacpp_parallel", "must be >= 1, e.g. 8")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1, e.g. 2")
         _check(self.pipeline_parallel_size >= 1, "pipeline_parallel_size", "must be >= 1, e.g. 1")

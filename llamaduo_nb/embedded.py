@@ -6,20 +6,17 @@ plays two roles here:
 * the **student** base model: `student_base_dir()` dequantises it once into a standard Hugging Face
   folder (float32 safetensors, tokenizer with the ChatML chat template, generation config) under
   `cache_home()`, and every later call reuses that folder;
-* the offline **service LLM**: `LlamaServer` runs llama.cpp's OpenAI-compatible server
-  (`llama-cpp-python[server]`) on 127.0.0.1, so the demo talks to it through the same OpenAI client
-  path a real GPT-4o run uses.
+* the offline **service LLM**: `LlamaServer` runs llama.cpp's own OpenAI-compatible server (llama-server,
+  built once per machine from the sdist llama-cpp-python was built from: `llamacpp.ensure_llama_server`) on
+  127.0.0.1, so the demo talks to it through the same OpenAI client path a real GPT-4o run uses. Its
+  parallel slots decode concurrent requests in one batch (continuous batching): judging, synthesis and 03's
+  K samples keep the CPU busy instead of queueing behind each other.
 
-The server is started through this module's `__main__` rather than `python -m llama_cpp.server`, so a
-small ASGI wrapper can give it OpenAI semantics where llama-cpp-python 0.3.x differs:
-
-* structured output: it only understands `response_format={"type": "json_object", "schema": …}`, while
-  OpenAI, vLLM, Ollama and llama.cpp's own C++ server take `{"type": "json_schema", "json_schema":
-  {"schema": …}}`; the wrapper rewrites the latter into the former (a grammar-constrained answer);
-* sampling defaults: it applies `repeat_penalty=1.1`, `top_k=40` and `min_p=0.05` unless a request says
-  otherwise, even at temperature 0, so "greedy" would not be greedy and sampled answers would not follow
-  the distribution that transformers or vLLM sample from. OpenAI's API has no such knobs, so the wrapper
-  fills in neutral values (1.0, 0 = off, 0.0) when a request does not set them.
+OpenAI semantics: llama-server takes OpenAI's `json_schema` response format (a grammar-constrained answer)
+as it is. Its *sampling defaults* differ from OpenAI's API (top_k 40, min_p 0.05, top_p 0.95, temperature
+0.8, unless a request says otherwise), so "greedy" would still be greedy but sampled answers would not follow
+the distribution transformers or vLLM sample from; `LlamaServer` starts it with OpenAI's neutral values and
+transformers' order (temperature, then top-p: `NEUTRAL_SAMPLING_ARGS`); a request's temperature / top_p act.
 """
 
 from __future__ import annotations
@@ -249,12 +246,13 @@ def _parent_death_signal() -> Any:
 
 
 class LlamaServer:
-    """llama.cpp's OpenAI-compatible server on 127.0.0.1 with a free port, as a context manager.
+    """llama.cpp's OpenAI-compatible server (llama-server) on 127.0.0.1 with a free port, as a context manager.
 
-    >>> with LlamaServer(embedded_gguf_path()) as server:
+    >>> with LlamaServer(embedded_gguf_path(), parallel=4) as server:
     ...     OpenAI(base_url=server.base_url, api_key="local").chat.completions.create(...)
 
-    The GGUF's own chat template is used unless `chat_format` names one of llama-cpp-python's formats.
+    `parallel` slots are decoded together (continuous batching); each slot holds `n_ctx` tokens. The GGUF's
+    own chat template is used (Jinja) unless `chat_format` names one of llama.cpp's built-in templates.
     `lora_path` must be a GGUF LoRA adapter. The server's output goes to `log_file` (or a temp file that
     is removed after a clean stop); when the server dies during start-up the error shows its last lines.
     """
@@ -271,7 +269,10 @@ class LlamaServer:
         startup_timeout_s: float = 180.0,
         model_alias: str | None = None,
         host: str = "127.0.0.1",
+        parallel: int = 1,
     ):
+        if parallel < 1:
+            raise EmbeddedModelError(f"LlamaServer: parallel must be >= 1, got {parallel}")
         self.model_path = Path(model_path)
         self.n_ctx = n_ctx
         self.lora_path = Path(lora_path) if lora_path is not None else None
@@ -281,6 +282,7 @@ class LlamaServer:
         self.startup_timeout_s = startup_timeout_s
         self.model_alias = model_alias or self.model_path.stem
         self.host = host
+        self.parallel = parallel
         self._log_file = Path(log_file) if log_file is not None else None
         self._temp_log = log_file is None
         self.log_path: Path | None = None
@@ -347,20 +349,28 @@ class LlamaServer:
 
     # ---- internals
     def command(self, port: int) -> list[str]:
+        from .llamacpp import ensure_llama_server
+
         cmd = [
-            sys.executable, "-m", "llamaduo_nb.embedded",
+            str(ensure_llama_server()),
             "--model", str(self.model_path),
-            "--model_alias", self.model_alias,
+            "--alias", self.model_alias,
             "--host", self.host,
             "--port", str(port),
-            "--n_ctx", str(self.n_ctx),
+            "--ctx-size", str(self.n_ctx * self.parallel),  # split evenly: n_ctx per slot
+            "--parallel", str(self.parallel),
+            "--no-kv-unified",
+            "--no-webui",
+            "--jinja",
+            "--reasoning-format", "none",  # the answer's text as the model wrote it
+            *NEUTRAL_SAMPLING_ARGS,
         ]  # fmt: skip
         if self.lora_path is not None:
-            cmd += ["--lora_path", str(self.lora_path)]
+            cmd += ["--lora", str(self.lora_path)]
         if self.chat_format is not None:
-            cmd += ["--chat_format", self.chat_format]
+            cmd += ["--chat-template", self.chat_format]
         if self.n_threads is not None:
-            cmd += ["--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads)]
+            cmd += ["--threads", str(self.n_threads), "--threads-batch", str(self.n_threads)]
         return cmd + list(self.extra_args)
 
     def _launch(self) -> None:
@@ -368,9 +378,6 @@ class LlamaServer:
 
         port = free_port(self.host)
         env = dict(os.environ)
-        # The child imports llamaduo_nb from wherever this process found it (repo checkout or install).
-        package_root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
         with open(self._log_file, "ab") as log:
             log.write(f"$ {' '.join(self.command(port))}\n".encode())
             log.flush()
@@ -417,85 +424,11 @@ class _PortTaken(Exception):
     pass
 
 
-# --------------------------------------------------------------------------- server process entry point
-
-
-# llama-cpp-python's request defaults that OpenAI's API does not have, set to "off".
-NEUTRAL_SAMPLING = {"repeat_penalty": 1.0, "top_k": 0, "min_p": 0.0}
-
-
-def translate_response_format(body: dict) -> dict:
-    """OpenAI's `json_schema` response format -> llama-cpp-python's `json_object` + `schema` (grammar)."""
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        schema = (fmt.get("json_schema") or {}).get("schema")
-        body = dict(body)
-        body["response_format"] = {"type": "json_object", **({"schema": schema} if schema else {})}
-    return body
-
-
-def with_openai_semantics(body: dict) -> dict:
-    """A chat/completion request body as llama-cpp-python should see it to behave like OpenAI's API."""
-    body = translate_response_format(body)
-    return {**NEUTRAL_SAMPLING, **body}
-
-
-class _OpenAISemanticsMiddleware:
-    """ASGI wrapper applying `with_openai_semantics` to chat-completion and completion request bodies."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if (
-            scope["type"] != "http"
-            or scope.get("method") != "POST"
-            or not scope["path"].endswith("/completions")
-        ):
-            await self.app(scope, receive, send)
-            return
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        with contextlib.suppress(ValueError, UnicodeDecodeError):
-            parsed = json.loads(body)
-            if isinstance(parsed, dict):
-                body = json.dumps(with_openai_semantics(parsed)).encode()
-        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
-        headers.append((b"content-length", str(len(body)).encode()))
-        delivered = False
-
-        async def replay() -> dict:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(dict(scope, headers=headers), replay, send)
-
-
-def _serve(argv: Sequence[str]) -> None:
-    """`python -m llamaduo_nb.embedded --model X --port N …`: llama-cpp-python's server plus the wrapper."""
-    import argparse
-
-    import uvicorn
-    from llama_cpp.server.app import create_app
-    from llama_cpp.server.cli import add_args_from_model, parse_model_from_args
-    from llama_cpp.server.settings import ModelSettings, ServerSettings, Settings
-
-    parser = argparse.ArgumentParser(description="llama.cpp OpenAI-compatible server (llamaduo_nb)")
-    add_args_from_model(parser, Settings)
-    args = parser.parse_args(list(argv))
-    server_settings = parse_model_from_args(ServerSettings, args)
-    model_settings = [parse_model_from_args(ModelSettings, args)]
-    app = create_app(server_settings=server_settings, model_settings=model_settings)
-    uvicorn.run(_OpenAISemanticsMiddleware(app), host=server_settings.host, port=server_settings.port)
-
-
-if __name__ == "__main__":
-    _serve(sys.argv[1:])
+# OpenAI's API has no top_k / min_p / repeat penalty and defaults to temperature 1, top_p 1: llama-server's
+# own defaults (top_k 40, min_p 0.05, top_p 0.95, temperature 0.8) are switched to those neutral values, and
+# temperature is applied before top-p, as transformers' and vLLM's samplers do (llama.cpp's default chain
+# applies top-p first, which keeps a different nucleus whenever temperature != 1).
+NEUTRAL_SAMPLING_ARGS = (
+    "--temp", "1.0", "--top-k", "0", "--top-p", "1.0", "--min-p", "0.0", "--repeat-penalty", "1.0",
+    "--samplers", "top_k;temperature;top_p;min_p",
+)  # fmt: skip

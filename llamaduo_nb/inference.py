@@ -13,10 +13,10 @@ llama.cpp on a machine without CUDA when `llama_cpp` imports, else transformers)
 * **llama.cpp** (CPU default): the cycle's adapter is merged into the base (`deploy.merge_adapter`) and
   exported as GGUF F16 (`deploy.export_gguf`) once per adapter, to `cycle_NN/model-f16.gguf`, where 06
   finds it. llama.cpp's OpenAI-compatible server (`embedded.LlamaServer`, on 127.0.0.1) answers through
-  the ServicePool like every other model, so answers are cached and ledgered ($0). llama-cpp-python's
-  server decodes one request at a time; the K requests of a prompt follow each other, so its prompt cache
-  prefills the prompt once for all K. The sampler chain is transformers': temperature and top-p only
-  (`LLAMACPP_SAMPLER`: top_k 0, min_p 0, repeat_penalty 1). Greedy answers are token-for-token the
+  the ServicePool like every other model, so answers are cached and ledgered ($0). The server
+  (llama-server) has `inference.llamacpp_parallel` slots: that many requests are decoded together in one
+  batch (continuous batching), which is where a CPU gets its throughput. The sampler chain is
+  transformers': temperature and top-p only (`LLAMACPP_SAMPLER`: top_k 0, min_p 0, repeat_penalty 1). Greedy answers are token-for-token the
   transformers engine's (tested); sampled ones follow the same distribution but not the same random
   stream: llama.cpp draws its own seeds, so a re-run samples anew (the call cache key holds the
   server's URL, whose port changes per start, so it does not replay them either).
@@ -85,7 +85,7 @@ def resolve_engine(setting: str) -> str:
     if setting == "llamacpp":
         if not _importable("llama_cpp"):
             raise ConfigError(
-                "inference.engine: 'llamacpp' needs llama-cpp-python (pip install 'llama-cpp-python[server]'); "
+                "inference.engine: 'llamacpp' needs llama-cpp-python (pip install llama-cpp-python); "
                 "use engine: auto or transformers"
             )
         return setting
@@ -408,9 +408,8 @@ def _generate_vllm(
 # --------------------------------------------------------------------------- llama.cpp engine (CPU)
 
 # The sampler chain every llama.cpp request gets: only temperature and top-p act, as in transformers with
-# `top_k=0` (what `sample_batch` passes) and vLLM's defaults. llama-cpp-python would otherwise add
-# repeat_penalty 1.1, top_k 40 and min_p 0.05 (`embedded.NEUTRAL_SAMPLING` fills the same values in on the
-# server side for requests that do not set them).
+# `top_k=0` (what `sample_batch` passes) and vLLM's defaults. llama.cpp would otherwise add top_k 40 and
+# min_p 0.05 (`embedded.NEUTRAL_SAMPLING_ARGS` starts the server with these neutral values).
 LLAMACPP_SAMPLER = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
 
 
@@ -497,6 +496,7 @@ def _generate_llamacpp(
     greedy = inf.temperature == 0
     n_per_prompt = 1 if greedy else inf.k
     threads = inf.llamacpp_threads or os.cpu_count() or 1
+    slots = max(1, min(inf.llamacpp_parallel, len(rows) * n_per_prompt))
     marker = read_json(layout.cycle_gguf_marker(cycle))
     requests = [
         ChatRequest(
@@ -514,6 +514,7 @@ def _generate_llamacpp(
         gguf,
         n_ctx=max(2048, inf.max_new_tokens + 1024),
         n_threads=threads,
+        parallel=slots,
         log_file=layout.logs_dir / f"llama_server_03_cycle_{cycle:02d}.log",
         model_alias=gguf.stem,
     ) as server:
@@ -524,7 +525,7 @@ def _generate_llamacpp(
             base_url=server.base_url,
             rpm=100_000,
             tpm=100_000_000,
-            max_concurrency=1,  # one request at a time: K samples of a prompt follow each other
+            max_concurrency=slots,  # one request per slot: the server decodes them in one batch
             timeout_s=600.0,
             max_retries=2,
             json_mode="none",
@@ -551,12 +552,16 @@ def _generate_llamacpp(
         group = []
         for j in range(n_per_prompt):
             result = results[p * n_per_prompt + j]
-            # llama.cpp does not count the stop token it ended on; transformers' rows do (one more).
-            stopped = result.output_tokens < inf.max_new_tokens
+            # llama-server counts the stop token it ended on, as transformers' rows do; a cached reply has no
+            # finish reason, and one that stopped before the limit did so on a stop token
+            if result.finish_reason is not None:
+                stopped = result.finish_reason == "stop"
+            else:
+                stopped = result.output_tokens < inf.max_new_tokens
             group.append(
                 Sample(
                     result.text.strip(),
-                    result.output_tokens + int(stopped),
+                    result.output_tokens,
                     "stop" if stopped else "length",
                     -1,  # llama.cpp seeds its sampler itself (recorded as sample_seed None)
                 )
@@ -569,6 +574,7 @@ def _generate_llamacpp(
         "prompt_tokens_computed": None,  # the server's prompt cache: about one prefill per prompt
         "cached_calls": sum(r.cached for r in results),
         "llamacpp_threads": threads,
+        "llamacpp_parallel": slots,
         "gguf": str(gguf),
     }
 

@@ -94,9 +94,10 @@ KEY_ENV_DEFAULTS: dict[str, tuple[str, ...]] = {
 }
 LOCAL_DUMMY_KEY = "local-no-key"  # local OpenAI-compatible servers accept any key
 EMBEDDED_N_CTX = 4096  # judge prompts (instruction + reference + candidate + schema) outgrow 2048
-# llama-cpp-python's server answers one request at a time: more in flight would only queue there and spend
-# their timeout waiting (used when an embedded provider sets no max_concurrency)
-EMBEDDED_MAX_CONCURRENCY = 2
+# llama-server's slots for the embedded service LLM: requests in flight are decoded together in one batch
+# (continuous batching); more in flight than slots would only queue there. An embedded provider's
+# max_concurrency, when set, caps both.
+EMBEDDED_PARALLEL = 8
 _ROLES = ("system", "user", "assistant")
 
 
@@ -996,10 +997,16 @@ class ServicePool:
         from .embedded import LlamaServer, embedded_gguf_path
 
         gguf = embedded_gguf_path()
-        self._server = LlamaServer(gguf, n_ctx=EMBEDDED_N_CTX)
+        caps = [
+            p.max_concurrency for p in self._providers.values() if p.kind == "embedded" and p.max_concurrency
+        ]
+        slots = min([EMBEDDED_PARALLEL, *caps])
+        self._server = LlamaServer(gguf, n_ctx=EMBEDDED_N_CTX, parallel=slots)
         self._server.__enter__()
-        # the port changes each start; the cache key names the model file instead
-        return self._server.base_url, f"embedded:{Path(gguf).name}"
+        # the port changes each start; the cache key names the model file and the server that samples from it
+        from .llamacpp import llama_cpp_python_version
+
+        return self._server.base_url, f"embedded:{Path(gguf).name}:llama-server-{llama_cpp_python_version()}"
 
     async def _setup(self, keys: dict[str, str], embedded_url: str | None) -> None:
         for name, lane in self._lanes.items():
@@ -1018,7 +1025,7 @@ class ServicePool:
             self._guards[name] = _Guard(p.failure_window, p.max_failure_share)
             cap = p.max_concurrency
             if cap is None and p.kind == "embedded":
-                cap = EMBEDDED_MAX_CONCURRENCY
+                cap = EMBEDDED_PARALLEL
             lane.scheduler = RateScheduler(p.rpm, p.tpm, max_concurrency=cap, period_s=self.rate_period_s)
 
     async def _teardown(self) -> None:

@@ -8,9 +8,13 @@ merge, GGUF files loaded by llama.cpp, its server on 127.0.0.1, the embedded jud
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -390,8 +394,31 @@ def test_llamacpp_launcher_serves_the_run_gguf_by_relative_path(shipped):
     text = script.read_text()
     assert script.stat().st_mode & 0o111 and str(layout.root.resolve()) not in text
     assert 'GGUF="${GGUF:-gguf/model-f16.gguf}"' in text and '--model "$HERE/$GGUF"' in text
-    assert "-m llamaduo_nb.embedded" in text  # the server (and sampling semantics) 06 itself used
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    # it really serves: started as a user would, answered through the OpenAI client like 06's own server
+    import httpx
+    from openai import OpenAI
+
+    from llamaduo_nb.embedded import free_port
+
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "SLOTS": "2", "PYTHON": sys.executable}
+    proc = subprocess.Popen([str(script)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(240):
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            assert proc.poll() is None, "serve_llamacpp.sh exited during start-up"
+            time.sleep(0.25)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="local")
+        reply = client.chat.completions.create(
+            model=cfg.run_name, messages=[{"role": "user", "content": "Say hi."}], temperature=0, max_tokens=8
+        )
+        assert reply.choices[0].message.content.strip() and reply.model
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 # --------------------------------------------------------------------------- the notebook, end to end

@@ -24,8 +24,6 @@ from llamaduo_nb.embedded import (
     embedded_gguf_path,
     resolve_model_path,
     student_base_dir,
-    translate_response_format,
-    with_openai_semantics,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,23 +113,41 @@ def test_model_ids_other_than_embedded_pass_unchanged(tmp_path):
         resolve_model_path("embedded:llama-70b")
 
 
-def test_openai_json_schema_format_becomes_llama_cpp_schema_grammar():
-    body = {
-        "messages": [],
-        "response_format": {"type": "json_schema", "json_schema": {"name": "j", "schema": JUDGE_SCHEMA}},
-    }
-    assert translate_response_format(body)["response_format"] == {
-        "type": "json_object",
-        "schema": JUDGE_SCHEMA,
-    }
-    plain = {"messages": [], "response_format": {"type": "json_object"}}
-    assert translate_response_format(plain) == plain
+@pytest.mark.slow
+def test_server_decodes_concurrent_requests_in_parallel_slots_with_openai_sampling(tmp_path):
+    """Two requests in flight at once are served by two slots, and each slot samples like OpenAI's API:
+    llama.cpp's own top_k / min_p / repeat-penalty defaults are off, the request's temperature and top_p act."""
+    import concurrent.futures
 
+    import httpx
+    from openai import OpenAI
 
-def test_requests_get_openai_sampling_unless_they_set_their_own():
-    neutral = with_openai_semantics({"messages": [], "temperature": 0.0})
-    assert neutral["repeat_penalty"] == 1.0 and neutral["top_k"] == 0 and neutral["min_p"] == 0.0
-    assert with_openai_semantics({"messages": [], "repeat_penalty": 1.3})["repeat_penalty"] == 1.3
+    with LlamaServer(embedded_gguf_path(), n_ctx=512, parallel=2, log_file=tmp_path / "s.log") as server:
+        client = OpenAI(base_url=server.base_url, api_key="local")
+
+        def ask(i: int) -> str:
+            reply = client.chat.completions.create(
+                model="smollm2",
+                messages=[{"role": "user", "content": f"Write a story about the number {i}."}],
+                temperature=0.7,
+                top_p=0.9,
+                max_tokens=48,
+            )
+            return reply.choices[0].message.content
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(ask, [1, 2]))
+        assert all(a.strip() for a in answers)
+        slots = httpx.get(server.base_url.removesuffix("/v1") + "/slots", timeout=10).json()
+    assert len(slots) == 2
+    assert all(slot["n_ctx"] == 512 for slot in slots)
+    used = [slot["params"] for slot in slots if slot.get("id_task", -1) != -1] or [s["params"] for s in slots]
+    for params in used:
+        assert params["top_k"] == 0 and params["min_p"] == 0.0 and params["repeat_penalty"] == 1.0
+    touched = [s["params"] for s in slots if s["params"]["temperature"] == pytest.approx(0.7)]
+    assert touched and all(p["top_p"] == pytest.approx(0.9) for p in touched)
+    for params in touched:  # transformers' order: temperature first, then the nucleus
+        assert params["samplers"].index("temperature") < params["samplers"].index("top_p")
 
 
 @pytest.mark.slow
@@ -167,7 +183,7 @@ def test_server_answers_chat_and_json_schema_requests_and_closes_its_port(tmp_pa
         process = server.process
     assert process.poll() is not None
     assert not _port_open(port)
-    assert "Uvicorn running" in log.read_text()
+    assert "llama-server" in log.read_text()  # the command line, logged first
 
 
 @pytest.mark.slow
@@ -178,9 +194,24 @@ def test_server_that_cannot_load_its_model_reports_the_log_tail(tmp_path):
         pass
     message = str(err.value)
     assert "exited with code" in message
-    assert "Failed to load model" in message
+    assert "model loading error" in message  # llama-server's own words, from its log
 
 
 def test_server_refuses_a_missing_model_file(tmp_path):
     with pytest.raises(EmbeddedModelError, match="not found"):
         LlamaServer(tmp_path / "absent.gguf").start()
+
+
+def test_llama_server_binary_can_be_named_by_the_environment(tmp_path, monkeypatch):
+    from llamaduo_nb.llamacpp import SERVER_ENV, LlamaCppBuildError, llama_server_binary
+
+    fake = tmp_path / "llama-server"
+    fake.write_text("#!/bin/sh\n")
+    monkeypatch.setenv(SERVER_ENV, str(fake))
+    with pytest.raises(LlamaCppBuildError, match="not an executable"):
+        llama_server_binary()
+    fake.chmod(0o755)
+    assert llama_server_binary() == fake
+    monkeypatch.setenv(SERVER_ENV, str(tmp_path / "absent"))
+    with pytest.raises(LlamaCppBuildError, match=SERVER_ENV):
+        llama_server_binary()

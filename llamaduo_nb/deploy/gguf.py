@@ -441,11 +441,9 @@ def ensure_llama_cpp_converter(quiet: bool = False) -> Path:
     file pip built the installed wheel from (pip's cache usually serves it without a download); kept under
     `converter_home()`. `llamaduo prepare` (make install) calls this once.
     """
-    import subprocess
-    import sys
-    import tarfile
     import tempfile
-    from importlib.metadata import version
+
+    from ..llamacpp import LlamaCppBuildError, extract_vendored, fetch_sdist
 
     home = converter_home()
     script = home / "convert_hf_to_gguf.py"
@@ -453,24 +451,16 @@ def ensure_llama_cpp_converter(quiet: bool = False) -> Path:
         return script
     wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
     with tempfile.TemporaryDirectory(prefix="llamaduo-sdist-") as tmp:
-        spec = f"llama-cpp-python=={version('llama-cpp-python')}"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", tmp, spec]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        archives = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if proc.returncode != 0 or not archives:
+        try:
+            archive = fetch_sdist(tmp)
+        except LlamaCppBuildError as exc:
             raise GGUFExportError(
-                f"could not fetch the {spec} sdist with pip ({' '.join(cmd)}):\n{proc.stderr[-2000:]}\n"
-                "alternatively set deploy.convert_script to a llama.cpp checkout's convert_hf_to_gguf.py"
-            )
+                f"{exc}\nalternatively set deploy.convert_script to a llama.cpp checkout's convert_hf_to_gguf.py"
+            ) from exc
         staging = home.with_name(home.name + f".tmp-{os.getpid()}")
-        with tarfile.open(archives[0]) as tar:
-            for member in tar.getmembers():
-                parts = member.name.split("/vendor/llama.cpp/", 1)
-                if len(parts) == 2 and parts[1].startswith(wanted) and (member.isfile() or member.isdir()):
-                    member.name = parts[1]
-                    tar.extract(member, staging, filter="data")
+        extract_vendored(archive, staging, wanted)
         if not (staging / "convert_hf_to_gguf.py").is_file():
-            raise GGUFExportError(f"{archives[0].name} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
+            raise GGUFExportError(f"{archive.name} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
         os.replace(staging, home)
     if not quiet:
         print(f"llama.cpp converter: {script}")

@@ -92,31 +92,42 @@ def write_vllm_script(cfg: RunConfig, layout: RunLayout, choice: CycleChoice) ->
 
 
 def llamacpp_script_text(served_name: str, gguf_rel: str, n_ctx: int) -> str:
-    """A bash launcher for the llama.cpp server exactly as 06 ran it for the parity check: llama-cpp-python's
-    OpenAI-compatible server behind llamaduo_nb's wrapper (OpenAI sampling semantics), on a GGUF of this run."""
+    """A bash launcher for llama.cpp's server exactly as 06 ran it for the parity check: llama-server with
+    OpenAI's sampling semantics (`embedded.NEUTRAL_SAMPLING_ARGS`), parallel slots, on a GGUF of this run."""
+    import shlex
+
+    from ..embedded import NEUTRAL_SAMPLING_ARGS
+
+    neutral = " ".join(shlex.quote(a) for a in NEUTRAL_SAMPLING_ARGS)
     return f"""#!/usr/bin/env bash
-# OpenAI-compatible endpoint for this run's student on CPU (or Metal/CUDA builds of llama-cpp-python),
-# the server 06's parity check talked to:
+# OpenAI-compatible endpoint for this run's student on CPU (or a CUDA/Metal build of llama.cpp), the server
+# 06's parity check talked to:
 #   ./serve_llamacpp.sh                           serves ./{gguf_rel}
 #   GGUF=gguf/model-q4_k_m.gguf ./serve_llamacpp.sh   another export of this run
-#   PORT=8081 HOST=0.0.0.0 THREADS=8 ./serve_llamacpp.sh
+#   PORT=8081 HOST=0.0.0.0 THREADS=8 SLOTS=16 ./serve_llamacpp.sh
 # Then point any OpenAI client at http://$HOST:$PORT/v1 with model "{served_name}".
-# Needs `pip install 'llama-cpp-python[server]'` and llamaduo_nb importable (pip install -e . in the project);
-# without llamaduo_nb it falls back to `python -m llama_cpp.server`, whose per-request defaults
-# (repeat_penalty 1.1, top_k 40, min_p 0.05) differ from OpenAI's API: send them as 1.0, 0, 0.0 yourself.
+# The server: $LLAMA_SERVER, else `llama-server` on PATH (llama.cpp releases, brew, your own build), else the
+# one llamaduo_nb built from llama-cpp-python's sources (`llamaduo prepare`). Sampling follows OpenAI's API
+# (temperature and top_p only): llama.cpp's own defaults (top_k 40, min_p 0.05, ...) are switched off.
 set -euo pipefail
 HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 GGUF="${{GGUF:-{gguf_rel}}}"
 HOST="${{HOST:-127.0.0.1}}"
 PORT="${{PORT:-8080}}"
+SLOTS="${{SLOTS:-4}}"
 PYTHON="${{PYTHON:-python}}"
-ARGS=(--model "$HERE/$GGUF" --model_alias "{served_name}" --host "$HOST" --port "$PORT" --n_ctx {n_ctx})
-if [ -n "${{THREADS:-}}" ]; then ARGS+=(--n_threads "$THREADS" --n_threads_batch "$THREADS"); fi
-if "$PYTHON" -c "import llamaduo_nb.embedded" 2>/dev/null; then
-  exec "$PYTHON" -m llamaduo_nb.embedded "${{ARGS[@]}}"
-else
-  exec "$PYTHON" -m llama_cpp.server "${{ARGS[@]}}"
+if [ -z "${{LLAMA_SERVER:-}}" ]; then
+  if command -v llama-server >/dev/null 2>&1; then
+    LLAMA_SERVER="$(command -v llama-server)"
+  else
+    LLAMA_SERVER="$("$PYTHON" -c 'from llamaduo_nb.llamacpp import ensure_llama_server; print(ensure_llama_server())')"
+  fi
 fi
+ARGS=(--model "$HERE/$GGUF" --alias "{served_name}" --host "$HOST" --port "$PORT"
+      --ctx-size "$(( {n_ctx} * SLOTS ))" --parallel "$SLOTS" --no-kv-unified --no-webui --jinja
+      --reasoning-format none {neutral})
+if [ -n "${{THREADS:-}}" ]; then ARGS+=(--threads "$THREADS" --threads-batch "$THREADS"); fi
+exec "$LLAMA_SERVER" "${{ARGS[@]}}"
 """
 
 
