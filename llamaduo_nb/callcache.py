@@ -321,18 +321,24 @@ class CallCache:
                 (_now(), stage, cycle, provider, model, cache_key, float(saved_usd)),
             )
 
-    def record_forecast(self, stage: str, cycle: int, lines: list[dict[str, Any]]) -> None:
-        """Keep the forecast a stage showed before it ran (the latest one per stage and cycle)."""
+    def record_forecast(self, stage: str, cycle: int | None, lines: list[dict[str, Any]]) -> None:
+        """Keep the forecast a notebook stage made before it ran (the latest one per stage and cycle; 06, which
+        has no cycle, is stored under cycle -1). Its lines name the ledger stages they forecast."""
         conn = self._conn()
         with conn:
             conn.execute(
                 "INSERT OR REPLACE INTO forecasts (stage, cycle, ts, lines_json) VALUES (?,?,?,?)",
-                (stage, int(cycle), _now(), canonical_json(lines)),
+                (stage, -1 if cycle is None else int(cycle), _now(), canonical_json(lines)),
             )
 
     def forecast_rows(self) -> list[dict[str, Any]]:
         rows = self._conn().execute("SELECT lines_json FROM forecasts ORDER BY stage, cycle")
         return [line for (text,) in rows for line in json.loads(text)]
+
+    def has_forecast(self, stage: str, cycle: int | None) -> bool:
+        """Whether a recorded forecast has a line for ledger stage `stage` in `cycle` (what the ServicePool
+        asks before a stage's first paid call)."""
+        return any(r["stage"] == stage and r["cycle"] == cycle for r in self.forecast_rows())
 
     def reused_rows(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._conn().execute("SELECT * FROM reused ORDER BY id")]

@@ -528,6 +528,7 @@ def _generate_llamacpp(
             timeout_s=600.0,
             max_retries=2,
             json_mode="none",
+            free=True,  # the student on this machine: no price, no forecast needed
         )
         run_cfg = dataclasses.replace(cfg, providers=[*cfg.providers, provider])
         with warnings.catch_warnings():

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from test_services import SCORE_SCHEMA, ScriptedLLMServer, ask, make_pool
 
-from llamaduo_nb import evaluate, runner, synthesize
+from llamaduo_nb import evaluate, forecast, runner, synthesize
 from llamaduo_nb.callcache import CallCache, LedgerRow, read_ledger
 from llamaduo_nb.config import RunConfig, build
 from llamaduo_nb.jsonio import write_jsonl
@@ -87,7 +87,13 @@ def paper_config(tmp_path: Path, servers: dict[str, ScriptedLLMServer], **sectio
 
 
 def judge_stage(cfg: RunConfig) -> Stage:
-    return Stage("04_evaluate", cfg, RunLayout.for_run(cfg.outputs_dir, cfg.run_name), 0)
+    return forecasted(Stage("04_evaluate", cfg, RunLayout.for_run(cfg.outputs_dir, cfg.run_name), 0))
+
+
+def forecasted(stage: Stage) -> Stage:
+    """The stage with its forecast recorded, as the runner and the notebook's forecast cell do before it."""
+    forecast.forecast_stage(stage.cfg, stage.name, stage.cycle, stage.layout)
+    return stage
 
 
 def paid_keys(layout: RunLayout) -> list[str]:
@@ -137,7 +143,7 @@ def test_an_exhausted_quota_stops_synthesis_without_retrying_and_resume_continue
     gpt = servers["gpt4o"]
     gpt.script = [(200, {}, None)] * 2  # two answers, then the account runs dry
     gpt.fail_with = NO_QUOTA
-    stage = Stage("05_synthesize", cfg, layout, 0)
+    stage = forecasted(Stage("05_synthesize", cfg, layout, 0))
 
     with pytest.raises(StageStopped) as stopped:
         synthesize.run_synthesis(stage)

@@ -149,6 +149,7 @@ def served_provider(cfg: RunConfig, gguf_path: Path, base_url: str, qtype: str) 
         timeout_s=600.0,
         max_retries=2,
         json_mode="none",
+        free=True,  # served on this machine: no price, no forecast needed
     )
     return dataclasses.replace(cfg, providers=[*cfg.providers, provider]), name
 
