@@ -372,11 +372,15 @@ def read_ledger(
 
 
 def unanswered_failures(db_path: str | Path, stage: str, cycle: int | None) -> list[dict[str, Any]]:
-    """Ledger rows of `stage`/`cycle` that failed and whose request was never answered since (one per key)."""
+    """Ledger rows of `stage`/`cycle` that failed and whose request has no answer in the run's cache since
+    (one per key; answered by a later call of any stage counts as answered)."""
     rows = read_ledger(db_path, stage=stage, cycle=cycle)
     answered = {r["cache_key"] for r in rows if r["ok"]}
     latest = {r["cache_key"]: r for r in rows if not r["ok"] and r["cache_key"] not in answered}
-    return list(latest.values())
+    if not latest:
+        return []
+    with CallCache(db_path) as cache:
+        return [row for key, row in latest.items() if cache.get(key) is None]
 
 
 def ledger_frame(db_path: str | Path, stage: str | None = None, cycle: int | None = None):
