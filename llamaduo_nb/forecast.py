@@ -502,6 +502,18 @@ def forecast_stage(
     return table
 
 
+def record_judging(
+    cfg: RunConfig, layout: RunLayout, stage: str, cycle: int, test: Sequence[dict]
+) -> pd.DataFrame:
+    """Forecast and record a judging step outside the notebooks (`llamaduo validate-teachers` judges each
+    candidate's trial student under ledger stage "teacher_validation"): the judges score K answers per test
+    prompt M times."""
+    lines = _judge_lines(cfg, stage, cycle, test, load_prices(cfg.prices_file), cfg.evaluate.m, 1)
+    with CallCache(layout.calls_db) as cache:
+        cache.record_forecast(stage, cycle, lines)
+    return _frame(lines)
+
+
 def budget_notes(cfg: RunConfig, lines: Sequence[dict], layout: RunLayout | None = None) -> list[str]:
     """Where the forecast's upper bound (worst_usd, worst_tokens) plus what the run's ledger already paid in
     that scope exceeds a `budget:` cap. Said before the stage starts; the pool's budget check still stops the

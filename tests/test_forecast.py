@@ -86,6 +86,29 @@ def test_a_stage_forecast_is_kept_and_shown_next_to_the_ledger(tmp_path):
         forecast.forecast_stage(cfg, "02_finetune", 0)
 
 
+def test_06_forecasts_judged_parity_and_a_budget_below_the_upper_bound_is_said_before_the_stage(tmp_path):
+    layout = make_tiny_run(tmp_path / "run")
+    cfg = paid_config(layout)
+    k, m, n_test = cfg.inference.k, cfg.evaluate.m, len(TEST)
+    cfg = dataclasses.replace(cfg, deploy=dataclasses.replace(cfg.deploy, parity_m=m + 1))
+    table = forecast.forecast_stage(cfg, "06_deploy", None, layout)
+    # served answers judged M'=m+1 times; the evaluated answers re-judged as often, their first m repeats replayed
+    assert set(table.calls) == {n_test * k * (m + 1) + n_test * k * 1} and len(table) == len(
+        cfg.evaluate.judges
+    )
+    with CallCache(layout.calls_db) as cache:
+        assert cache.has_forecast("06_deploy", None) and not cache.has_forecast("04_evaluate", 0)
+
+    tight = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, stage_usd=0.0001))
+    with pytest.warns(
+        forecast.BudgetWarning, match=r"budget\.stage_usd=0\.0001 is below the forecast upper bound"
+    ):
+        shown = forecast.forecast_stage(tight, "04_evaluate", 0, layout)
+    assert any("04_evaluate, cycle 0" in note for note in shown.attrs["budget"])
+    roomy = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, stage_usd=1000.0))
+    assert forecast.forecast_stage(roomy, "04_evaluate", 0, layout).attrs["budget"] == []
+
+
 def test_cli_forecasts_the_paper_configuration_without_its_data(capsys):
     assert main(["forecast", str(ROOT / "params" / "paper_gemma7b.yaml"), "--set", "loop.max_cycles=2"]) == 0
     out = capsys.readouterr().out
