@@ -1,26 +1,43 @@
 """What the paid stages will cost, before they run: calls, tokens and USD per stage, cycle and provider.
 
-    table = forecast_run(cfg)                       # every cycle's 04 (judging) and 05 (synthesis)
-    table = forecast_stage(cfg, "04_evaluate", 0)   # one stage, as the notebooks show it before calling
+    table = forecast_run(cfg)                       # every cycle's 04 and 05, and 06
+    table = forecast_stage(cfg, "04_evaluate", 0)   # one notebook stage, as the runner and notebooks record it
+
+Every paid call site is counted, each line under the ledger stage its pool writes:
+
+* 04 (`04_evaluate`): every LLM judge scores the K answers per test prompt M times; Table 1's reference rows
+  (`baselines`, once per run): each service baseline answers the test prompts K times, and the judges score
+  the base student's and each baseline's answers like the student's (rows already computed are not counted).
+* 05 (`teacher_study`): each candidate answers `sample_size` train instructions N times, the reward judge
+  scores every answer M times; (`05_synthesize`) the synthesis requests, and with best-of-N the N - 1 extra
+  answers per pair and their rewards. With a study the generator is chosen at run time: the costliest
+  candidate is forecast.
+* 06 (`06_deploy`): judged parity: the served GGUF (local, free) answers, the judges score its answers
+  `deploy.parity_m` times and re-judge the evaluated answers as often (04's repeats replay from the cache).
 
 The numbers come from the params (K, M, judges, targets, growth, caps, max_tokens), the data and the price
 table (params/prices.yaml):
 
-* Prompts are the real ones: the judge and synthesis requests are built by evaluate.py / synthesize.py from
-  the run's test and train splits (or, before 01 ran, from `coverage.source` when it is a local file, else
-  from `Assumptions`), and their input tokens are estimated like the ServicePool's rate limiter does
-  (characters / 4; JSON schemas count).
-* Output tokens: a judgment is a two-number JSON object (`JUDGE_REPLY_TOKENS`); a synthesis reply holds
-  `pairs_per_request` pairs as long as the seed rows, capped by `max_tokens`. `worst_usd` assumes every reply
-  uses all of max_tokens (what the budgets reserve before each call).
-* Synthesis requests per cycle: the target (2^t k with `growth: double`) over pairs per request and the share
-  of pairs that survive the filters (`Assumptions.accept_share`), capped by `max_requests_per_cycle`.
+* Prompts are the real ones: the requests are built by the stage modules from the run's test and train
+  splits (or, before 01 ran, from `coverage.source` when it is a local file, else from `Assumptions`), and
+  their input tokens are estimated like the ServicePool's rate limiter does (characters / 4; schemas count).
+* Output tokens: a judgment is a two-number JSON object (`JUDGE_REPLY_TOKENS`), a reward one number; an
+  answer is as long as the reference, capped by max_tokens; a synthesis reply holds `pairs_per_request` pairs
+  as long as the seed rows, capped by `max_tokens`.
+* Upper bounds: `max_calls` (synthesis: `max_requests_per_cycle`; elsewhere the calls themselves, fixed by the
+  params) and `worst_usd` / `worst_tokens` (`max_calls` calls, every reply at max_tokens: what the budgets
+  reserve before each call). Equal requests are paid once, so a run can pay fewer calls than forecast, never
+  more (re-sent failures and unusable replies aside).
+* Synthesis requests per cycle (`calls`): the target (2^t k with `growth: double`) over pairs per request and
+  the share of pairs that survive the filters (`Assumptions.accept_share`), capped by `max_requests_per_cycle`.
 * Every cycle is counted (the loop may stop earlier when epsilon is met; 05 never runs on the last cycle).
 * Reasoning models think on top of this; their thinking is not forecast (the worst case includes the
   allowance). Cache hits are free and not subtracted: this is the cost of a run from an empty cache.
 
-The forecast of a stage is stored in the run's calls.sqlite when the notebook shows it, so the ledger can
-be read as forecast vs actual per stage (`forecast_vs_actual`).
+The forecast of a notebook stage is recorded in the run's calls.sqlite before it runs (the runner does it, so
+do the notebooks' forecast cells); the ServicePool sends no paid call of a stage without it, and the ledger
+can be read as forecast vs actual per stage (`forecast_vs_actual`). A `budget:` cap below the forecast's upper
+bound is said before the stage starts (`BudgetWarning`, `budget_notes`).
 """
 
 from __future__ import annotations
