@@ -105,9 +105,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     if args.resume and args.fresh:
         raise ConfigError("--resume and --fresh exclude each other")
+    if args.step and not args.retry_failed:
+        raise ConfigError("--step names the step --retry-failed re-sends; pass both")
     if args.retry_failed:
-        step = None if args.retry_failed == "all" else args.retry_failed
-        print(f"llamaduo: {retry_failed(args.params, _parse_set(args.set), step=step)}")
+        print(f"llamaduo: {retry_failed(args.params, _parse_set(args.set), step=args.step)}")
         if not args.resume:
             return 0
     state = runner.run(
@@ -184,12 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true", help="delete this run's folder first and start over")
     run.add_argument(
         "--retry-failed",
-        nargs="?",
-        const="all",
+        action="store_true",
+        help="re-send only the failed calls of every finished paid step (04/05/06); with --resume, then continue",
+    )
+    run.add_argument(
+        "--step",
         default=None,
         metavar="STEP",
-        help="re-send only the failed calls of every finished paid step (04/05/06), or of STEP "
-        "(cycle_00/04_evaluate, or 04_evaluate for all cycles); with --resume, then continue",
+        help="with --retry-failed: only this step (cycle_00/04_evaluate, or 04_evaluate for all its cycles)",
     )
     run.add_argument(
         "--accept-changed-params",

@@ -1272,8 +1272,9 @@ class ServicePool:
                 f"no forecast recorded for {self.stage}"
                 + (f" (cycle {self.cycle})" if self.cycle is not None else "")
                 + f" in {self.layout.calls_db}: no paid call goes out before its stage's forecast. `llamaduo run`"
-                " records it before each paid notebook; run the notebook's forecast cell"
-                " (`forecast.forecast_stage(stage.cfg, stage.name, cycle, stage.layout)`) first"
+                " records it before each paid notebook; run the notebook's forecast cell first"
+                " (`forecast.forecast_stage(cfg, notebook_stage, cycle, layout)`; 04_evaluate covers Table 1's"
+                " baselines, 05_synthesize the teacher study)"
             )
             self._stop(why)
             raise _NotSent(why)

@@ -521,9 +521,9 @@ with ServicePool(cfg, layout, {stage!r}, cycle, providers=["judge"]) as pool:
 
 
 def test_retry_failed_resends_the_failed_calls_of_every_finished_paid_stage(
-    tmp_path, make_params, monkeypatch
+    tmp_path, make_params, monkeypatch, capsys
 ):
-    from llamaduo_nb.cli import retry_failed
+    from llamaduo_nb.cli import main, retry_failed
 
     server = ScriptedLLMServer()
     try:
@@ -563,6 +563,12 @@ def test_retry_failed_resends_the_failed_calls_of_every_finished_paid_stage(
         assert message.startswith("cycle_00/04_evaluate: re-sent 1 failed call(s); 0 still failing")
         assert len(server.requests) == 4 + 2 + 4 + 2  # every answer replayed from the cache
         assert retry_failed(params, notebooks_dir=notebooks).endswith("no failed calls to retry")
+        assert (
+            main(["run", str(params), "--retry-failed", "--step", "04_evaluate"]) == 0
+        )  # the CLI's spelling
+        assert (
+            "cycle_00/04_evaluate, cycle_01/04_evaluate: no failed calls to retry" in capsys.readouterr().out
+        )
         paid = paid_keys(layout)
         assert len(paid) == len(set(paid)) == 4 + 2 + 4  # each answer paid once
         assert "cycle_00" not in runner.RunState.load(layout.state_file).decisions  # re-read on --resume
