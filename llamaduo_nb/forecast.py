@@ -361,7 +361,8 @@ def _synthesis(
 ) -> list[dict]:
     """05's synthesis requests (`calls` at the assumed accept share; `max_calls` = max_requests_per_cycle),
     and with best-of-N the N - 1 extra answers per pair and their rewards. With a teacher study the generator
-    is chosen at run time: the candidate whose synthesis would cost most is forecast (an upper bound)."""
+    is chosen at run time: the candidate (or `synthesize.generator`, used when the study ranks none) whose
+    synthesis would cost most is forecast (an upper bound)."""
     from .synthesize import load_templates, request_batch
     from .teacher import TeacherCandidate
 
@@ -374,8 +375,10 @@ def _synthesis(
     pair = assume.pair_tokens if assume.pair_tokens is not None else _tokens(int(pair_chars))
     answer = _tokens(int(sum(len(r["response"]) for r in sample) / len(sample)))
     instruction = "x" * int(sum(len(r["instruction"]) for r in sample) / len(sample))
-    generators = list(cfg.teacher_study.candidates) or [
-        TeacherCandidate(name=sy.generator, provider=sy.generator, n=sy.best_of_n, max_tokens=sy.max_tokens)
+    # without a study, or when it ranks no candidate, synthesize.generator writes the pairs
+    generators = [
+        *cfg.teacher_study.candidates,
+        TeacherCandidate(name=sy.generator, provider=sy.generator, n=sy.best_of_n, max_tokens=sy.max_tokens),
     ]
     options = []
     for gen in generators:

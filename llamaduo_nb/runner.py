@@ -483,12 +483,10 @@ def record_forecast(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", forecast.BudgetWarning)  # logged below instead
         table = forecast.forecast_stage(cfg, step.stage, step.cycle, layout)
-    paid = table[table.usd > 0] if not table.empty else table
-    if not paid.empty:
-        log(
-            f"[llamaduo] forecast {step.name}: {int(paid.calls.sum())} paid calls, ${paid.usd.sum():.4f} "
-            f"(upper bound ${paid.worst_usd.sum():.4f})"
-        )
+    log(
+        f"[llamaduo] forecast {step.name}: {int(table.calls.sum())} service calls, ${table.usd.sum():.4f} "
+        f"(upper bound ${table.worst_usd.sum():.4f}; `llamaduo forecast` shows the lines)"
+    )
     for note in table.attrs["budget"]:
         log(f"[llamaduo] WARNING {step.name}: {note}")
 

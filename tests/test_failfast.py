@@ -546,8 +546,12 @@ def test_retry_failed_resends_the_failed_calls_of_every_finished_paid_stage(
         }
         for stage in STAGES:
             nbformat.write(stand_in(stage, bodies.get(stage, "")), notebooks / f"{stage}.ipynb")
-        state = runner.run(params, notebooks_dir=notebooks, log=lambda m: None)
+        logged: list[str] = []
+        state = runner.run(params, notebooks_dir=notebooks, log=logged.append)
         assert state.status == "finished" and state.done[-1] == "cycle_01/04_evaluate"
+        # the runner recorded (and showed) each paid stage's forecast before it ran: the stand-ins have no cell
+        for step in ("cycle_00/04_evaluate", "cycle_00/05_synthesize", "cycle_01/04_evaluate"):
+            assert any(m.startswith(f"[llamaduo] forecast {step}: ") for m in logged), step
         assert len(server.requests) == 4 + 2 + 4
         layout = RunLayout(tmp_path / "outputs" / "demo")
 
