@@ -321,18 +321,24 @@ class CallCache:
                 (_now(), stage, cycle, provider, model, cache_key, float(saved_usd)),
             )
 
-    def record_forecast(self, stage: str, cycle: int, lines: list[dict[str, Any]]) -> None:
-        """Keep the forecast a stage showed before it ran (the latest one per stage and cycle)."""
+    def record_forecast(self, stage: str, cycle: int | None, lines: list[dict[str, Any]]) -> None:
+        """Keep the forecast a notebook stage made before it ran (the latest one per stage and cycle; 06, which
+        has no cycle, is stored under cycle -1). Its lines name the ledger stages they forecast."""
         conn = self._conn()
         with conn:
             conn.execute(
                 "INSERT OR REPLACE INTO forecasts (stage, cycle, ts, lines_json) VALUES (?,?,?,?)",
-                (stage, int(cycle), _now(), canonical_json(lines)),
+                (stage, -1 if cycle is None else int(cycle), _now(), canonical_json(lines)),
             )
 
     def forecast_rows(self) -> list[dict[str, Any]]:
         rows = self._conn().execute("SELECT lines_json FROM forecasts ORDER BY stage, cycle")
         return [line for (text,) in rows for line in json.loads(text)]
+
+    def has_forecast(self, stage: str, cycle: int | None) -> bool:
+        """Whether a recorded forecast has a line for ledger stage `stage` in `cycle` (what the ServicePool
+        asks before a stage's first paid call)."""
+        return any(r["stage"] == stage and r["cycle"] == cycle for r in self.forecast_rows())
 
     def reused_rows(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._conn().execute("SELECT * FROM reused ORDER BY id")]
@@ -366,11 +372,15 @@ def read_ledger(
 
 
 def unanswered_failures(db_path: str | Path, stage: str, cycle: int | None) -> list[dict[str, Any]]:
-    """Ledger rows of `stage`/`cycle` that failed and whose request was never answered since (one per key)."""
+    """Ledger rows of `stage`/`cycle` that failed and whose request has no answer in the run's cache since
+    (one per key; answered by a later call of any stage counts as answered)."""
     rows = read_ledger(db_path, stage=stage, cycle=cycle)
     answered = {r["cache_key"] for r in rows if r["ok"]}
     latest = {r["cache_key"]: r for r in rows if not r["ok"] and r["cache_key"] not in answered}
-    return list(latest.values())
+    if not latest:
+        return []
+    with CallCache(db_path) as cache:
+        return [row for key, row in latest.items() if cache.get(key) is None]
 
 
 def ledger_frame(db_path: str | Path, stage: str | None = None, cycle: int | None = None):

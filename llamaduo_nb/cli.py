@@ -22,42 +22,81 @@ def _parse_set(items: list[str]) -> dict:
     return overrides
 
 
-def retry_failed(params: str | Path, overrides: dict | None = None, notebooks_dir: Path | None = None) -> str:
-    """Re-send the failed calls of the run's last finished step when it is a paid stage (04 or 05).
+def retry_failed(
+    params: str | Path,
+    overrides: dict | None = None,
+    notebooks_dir: Path | None = None,
+    step: str | None = None,
+    log=print,
+) -> str:
+    """Re-send the recorded failed calls of every finished paid step of the run (04, 05, 06), or of `step`
+    ("cycle_00/04_evaluate", "04_evaluate" for every cycle, "06_deploy").
 
-    The stage's notebook runs again: every answered call replays from the cache for free, so only the calls
-    that failed (errors, unusable replies) go out again. Only the last finished step can be retried, so no
-    later stage has consumed its outputs yet; a re-run 04 has its decision read again by the next --resume.
-    """
+    Each step with failures in the ledger (its stages: 04 = judging + Table 1's reference rows, 05 = teacher
+    study + synthesis, 06 = judged parity) has its notebook run again, in run order: every answered call
+    replays from the cache for free, so only the calls that failed (errors, unusable replies) go out again,
+    through the same pool, cache and ledger. A re-run 04 has its decision read again by the next --resume;
+    steps that already ran on a re-run step's earlier outputs are named in the message (they keep them)."""
     from . import runner
     from .callcache import unanswered_failures
     from .config import load_config
+    from .evaluate.stage import forget_failed_reference_rows
+    from .forecast import LEDGER_STAGES
     from .runlayout import RunLayout
 
     cfg = load_config(params, overrides)
     layout = RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
     state = runner.RunState.load(layout.state_file)
-    last = state.done[-1] if state.done else None
-    cycle_part, _, stage = (last or "").rpartition("/")
-    if stage not in ("04_evaluate", "05_synthesize"):
-        raise ConfigError(
-            f"--retry-failed re-sends the failed calls of the last finished step when it is 04_evaluate or "
-            f"05_synthesize; the last finished step of {layout.root} is {last or 'none'}"
-        )
-    cycle = int(cycle_part.removeprefix("cycle_"))
-    failed = unanswered_failures(layout.calls_db, stage, cycle)
-    if not failed:
-        return f"{last}: no failed calls to retry"
-    src = runner.notebook_source(stage, notebooks_dir or runner.NOTEBOOKS_DIR)
-    step = runner.Step(stage, cycle)
-    runner.execute_notebook(
-        src, layout.notebook_out(stage, cycle), runner.stage_parameters(step, layout, src)
-    )
-    if stage == "04_evaluate":
-        state.decisions.pop(f"cycle_{cycle:02d}", None)  # re-read from the new metrics.json
-        state.save(layout.state_file)
-    left = len(unanswered_failures(layout.calls_db, stage, cycle))
-    return f"{last}: re-sent {len(failed)} failed call(s); {left} still failing"
+    paid = [name for name in state.done if name.rpartition("/")[2] in LEDGER_STAGES]
+    if step is not None:
+        paid = [name for name in paid if step in (name, name.rpartition("/")[2])]
+        if not paid:
+            raise ConfigError(
+                f"--retry-failed {step}: no such finished paid step in {layout.root}; finished paid steps: "
+                f"{[n for n in state.done if n.rpartition('/')[2] in LEDGER_STAGES] or 'none'} (name one like "
+                "cycle_00/04_evaluate, or a stage like 04_evaluate for all its cycles)"
+            )
+
+    def failures(name: str) -> list[dict]:
+        cycle_part, _, stage = name.rpartition("/")
+        cycle = int(cycle_part.removeprefix("cycle_")) if cycle_part else None
+        found = []
+        for ledger_stage in LEDGER_STAGES[stage]:
+            found += unanswered_failures(
+                layout.calls_db, ledger_stage, None if ledger_stage == "baselines" else cycle
+            )
+        return found
+
+    lines = []
+    with runner.run_lock(layout):
+        # in run order, each asked when its turn comes: a re-run 04 also re-sends Table 1's shared failures
+        for name in paid:
+            failed = failures(name)
+            if not failed:
+                continue
+            cycle_part, _, stage = name.rpartition("/")
+            cycle = int(cycle_part.removeprefix("cycle_")) if cycle_part else None
+            if stage == "04_evaluate":
+                forget_failed_reference_rows(layout)  # Table 1's rows with failures are computed again
+            src = runner.notebook_source(stage, notebooks_dir or runner.NOTEBOOKS_DIR)
+            log(f"[llamaduo] --retry-failed {name}: {len(failed)} failed call(s); re-running {src.name}")
+            runner.execute_notebook(
+                src,
+                layout.notebook_out(stage, cycle),
+                runner.stage_parameters(runner.Step(stage, cycle), layout, src),
+            )
+            if stage == "04_evaluate":
+                state.decisions.pop(f"cycle_{cycle:02d}", None)  # re-read from the new metrics.json
+                state.save(layout.state_file)
+            left = len(failures(name))
+            later = state.done[state.done.index(name) + 1 :]
+            line = f"{name}: re-sent {len(failed)} failed call(s); {left} still failing"
+            if later:
+                line += f" (already ran on its earlier outputs: {', '.join(later)})"
+            lines.append(line)
+    if not lines:
+        return f"{', '.join(paid) or 'no finished paid step'}: no failed calls to retry"
+    return "\n".join(lines)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -66,8 +105,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     if args.resume and args.fresh:
         raise ConfigError("--resume and --fresh exclude each other")
+    if args.step and not args.retry_failed:
+        raise ConfigError("--step names the step --retry-failed re-sends; pass both")
     if args.retry_failed:
-        print(f"llamaduo: {retry_failed(args.params, _parse_set(args.set))}")
+        print(f"llamaduo: {retry_failed(args.params, _parse_set(args.set), step=args.step)}")
         if not args.resume:
             return 0
     state = runner.run(
@@ -149,7 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--retry-failed",
         action="store_true",
-        help="re-send only the failed calls of the last finished paid stage (04/05); with --resume, then continue",
+        help="re-send only the failed calls of every finished paid step (04/05/06); with --resume, then continue",
+    )
+    run.add_argument(
+        "--step",
+        default=None,
+        metavar="STEP",
+        help="with --retry-failed: only this step (cycle_00/04_evaluate, or 04_evaluate for all its cycles)",
     )
     run.add_argument(
         "--accept-changed-params",

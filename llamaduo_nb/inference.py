@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -475,6 +476,25 @@ def cycle_gguf(cfg: RunConfig, layout: RunLayout, cycle: int, progress: bool = T
     return path, True
 
 
+def llamacpp_requests(inf: InferenceConfig, rows: Sequence[dict]) -> list[Any]:
+    """03's requests to the llama.cpp server: K per prompt (one when greedy), `repeat` = the sample index."""
+    from .services import ChatRequest
+
+    greedy = inf.temperature == 0
+    return [
+        ChatRequest(
+            messages=student_messages(row["instruction"], row.get("system")),
+            temperature=inf.temperature,
+            top_p=None if greedy else inf.top_p,
+            max_tokens=inf.max_new_tokens,
+            repeat=j,
+            allow_truncated=True,  # an answer cut at max_new_tokens is kept, as transformers' is
+        )
+        for row in rows
+        for j in range(1 if greedy else inf.k)
+    ]
+
+
 def _generate_llamacpp(
     cfg: RunConfig, layout: RunLayout, cycle: int, rows: list[dict], gguf: Path, progress: bool = True
 ) -> tuple[list[list[Sample]], dict[str, Any]]:
@@ -490,7 +510,7 @@ def _generate_llamacpp(
 
     from .config import ProviderConfig
     from .embedded import LlamaServer
-    from .services import ChatRequest, ServicePool
+    from .services import ServicePool
 
     inf = cfg.inference
     greedy = inf.temperature == 0
@@ -498,18 +518,7 @@ def _generate_llamacpp(
     threads = inf.llamacpp_threads or os.cpu_count() or 1
     slots = max(1, min(inf.llamacpp_parallel, len(rows) * n_per_prompt))
     marker = read_json(layout.cycle_gguf_marker(cycle))
-    requests = [
-        ChatRequest(
-            messages=student_messages(row["instruction"], row.get("system")),
-            temperature=inf.temperature,
-            top_p=None if greedy else inf.top_p,
-            max_tokens=inf.max_new_tokens,
-            repeat=j,
-            allow_truncated=True,  # an answer cut at max_new_tokens is kept, as transformers' is
-        )
-        for row in rows
-        for j in range(n_per_prompt)
-    ]
+    requests = llamacpp_requests(inf, rows)
     with LlamaServer(
         gguf,
         n_ctx=max(2048, inf.max_new_tokens + 1024),
@@ -529,6 +538,7 @@ def _generate_llamacpp(
             timeout_s=600.0,
             max_retries=2,
             json_mode="none",
+            free=True,  # the student on this machine: no price, no forecast needed
         )
         run_cfg = dataclasses.replace(cfg, providers=[*cfg.providers, provider])
         with warnings.catch_warnings():

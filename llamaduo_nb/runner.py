@@ -469,6 +469,28 @@ def launch_distributed_finetune(
     return True
 
 
+def record_forecast(
+    cfg: RunConfig, layout: RunLayout, step: Step, log: Callable[[str], None] = print
+) -> None:
+    """Before a paid notebook (04, 05, 06): record its forecast in the run's calls.sqlite (the ServicePool sends
+    no paid call without it) and log its calls, USD and upper bound, and any budget it may cross."""
+    import warnings
+
+    from . import forecast
+
+    if step.stage not in forecast.PAID_STAGES:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", forecast.BudgetWarning)  # logged below instead
+        table = forecast.forecast_stage(cfg, step.stage, step.cycle, layout)
+    log(
+        f"[llamaduo] forecast {step.name}: {int(table.calls.sum())} service calls, ${table.usd.sum():.4f} "
+        f"(upper bound ${table.worst_usd.sum():.4f}; `llamaduo forecast` shows the lines)"
+    )
+    for note in table.attrs["budget"]:
+        log(f"[llamaduo] WARNING {step.name}: {note}")
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -562,6 +584,7 @@ def _run_locked(
             state.save(layout.state_file)
             t0 = time.monotonic()
             try:
+                record_forecast(cfg, layout, step, log)
                 if not launch_distributed_finetune(cfg, layout, step, log):
                     execute_notebook(
                         src,

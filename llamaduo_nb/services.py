@@ -14,7 +14,10 @@ What the pool does for each request, in order:
    false` bypasses it), which is noted in the run's `reused` table.
 1a. Admission: the first real call to a provider goes out alone (a revoked key costs one call); a call is
    sent only while the stage has not stopped and its worst case (input estimate + max_tokens at list
-   price) fits under every `budget:` cap, counting what the run's ledger already paid.
+   price) fits under every `budget:` cap, counting what the run's ledger already paid. A paid call (any
+   provider but embedded / `free: true`) is sent only when the run's calls.sqlite holds a forecast of the
+   pool's stage and cycle (`forecast.forecast_stage`; the runner records it before each paid notebook);
+   without one the stage stops before its first paid call, saying what to run.
 2. Limits: the provider's `scheduler.RateScheduler` - RPM and TPM over a sliding minute, paced, with
    as many calls in flight as rate x latency needs (`max_concurrency` is an optional hard cap).
    Tokens are estimated before the call as prompt characters / 4 + max_tokens.
@@ -942,6 +945,7 @@ class ServicePool:
         self._shared: CallCache | None = None
         self._guards: dict[str, _Guard] = {}
         self._budget: _Budget | None = None
+        self._has_forecast = False  # a forecast of (stage, cycle) is recorded: paid calls may go out
         self._stopped: str | None = None
         self._prices: PriceTable | None = None
         self._server: Any = None
@@ -1270,12 +1274,29 @@ class ServicePool:
         """Clear one attempt to go out: not when the stage stopped, not across a budget. Returns the booking."""
         if self._stopped is not None:
             raise _NotSent(self._stopped)
+        if not lane.provider.is_free and not self._forecast_recorded():
+            why = (
+                f"no forecast recorded for {self.stage}"
+                + (f" (cycle {self.cycle})" if self.cycle is not None else "")
+                + f" in {self.layout.calls_db}: no paid call goes out before its stage's forecast. `llamaduo run`"
+                " records it before each paid notebook; run the notebook's forecast cell first"
+                " (`forecast.forecast_stage(cfg, notebook_stage, cycle, layout)`; 04_evaluate covers Table 1's"
+                " baselines, 05_synthesize the teacher study)"
+            )
+            self._stop(why)
+            raise _NotSent(why)
         usd, prompt, output = self._worst_case(lane, request)
         over = self._budget.reserve(usd, prompt + output)
         if over is not None:
             self._stop(over)
             raise _NotSent(over)
         return usd, prompt, output
+
+    def _forecast_recorded(self) -> bool:
+        """Whether the run's calls.sqlite holds a forecast of this pool's stage and cycle (asked until yes)."""
+        if not self._has_forecast:
+            self._has_forecast = self._cache.has_forecast(self.stage, self.cycle)
+        return self._has_forecast
 
     def _row(self, p: ProviderConfig, key: str, **values: Any) -> LedgerRow:
         return LedgerRow(

@@ -762,6 +762,7 @@ def validate(run_cfg: RunConfig, layout: RunLayout, cycle: int = 0) -> dict:
     from .config import dump_config
     from .evaluate import compute_metrics, judge_rows, load_responses
     from .finetune import finetune
+    from .forecast import record_judging
     from .inference import generate_responses
     from .jsonio import read_jsonl
     from .synthesize import load_split
@@ -791,6 +792,7 @@ def validate(run_cfg: RunConfig, layout: RunLayout, cycle: int = 0) -> dict:
         generate_responses(sub_cfg, sub, 0, progress=True)
         answers = load_responses(sub.responses_file(0))
         if sub_cfg.evaluate.judges:
+            record_judging(sub_cfg, sub, "teacher_validation", 0, test)  # no paid call without a forecast
             with ServicePool(
                 sub_cfg, sub, "teacher_validation", 0, providers=sub_cfg.evaluate.judges
             ) as pool:
@@ -867,5 +869,8 @@ def validate_teachers(params_file: str | Path, cycle: int = 0, overrides: dict |
     if not layout.test_file.is_file():
         run_coverage(cfg.coverage, cfg.seed, layout)
     if not layout.teacher_study_file(cycle).is_file():
+        from .forecast import forecast_stage
+
+        forecast_stage(cfg, "05_synthesize", cycle, layout)  # the study's calls are forecast before it pays
         run_teacher_study(Stage("05_synthesize", cfg, layout, cycle))
     return validate(cfg, layout, cycle)

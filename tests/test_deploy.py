@@ -484,3 +484,33 @@ def test_06_notebook_ships_serves_checks_parity_and_reports_costs(tmp_path, monk
     ):
         assert (layout.deploy_dir / name).is_file(), name
     assert layout.model_card.is_file()
+
+
+def test_parity_answers_are_fresh_calls_not_replays_of_03s_samples(tmp_path):
+    """The served endpoint is asked 03's exact questions: were the requests the same, the call cache would
+    answer 06 with 03's samples and served-vs-evaluated would compare a model with itself."""
+    from tinyrun import make_tiny_run
+
+    from llamaduo_nb.config import ProviderConfig
+    from llamaduo_nb.deploy.parity import served_answers
+    from llamaduo_nb.inference import llamacpp_requests
+    from llamaduo_nb.jsonio import read_jsonl
+    from llamaduo_nb.services import ServicePool
+    from llamaduo_nb.testserver import Behaviour, TestLLMServer
+
+    layout = make_tiny_run(tmp_path / "run")
+    cfg = load_config(layout.params_file)
+    rows = list(read_jsonl(layout.test_file))
+    with TestLLMServer(Behaviour()) as server:
+        served = ProviderConfig(name="served", kind="openai_compatible", model="tiny-f16-abc", free=True,
+                                base_url=server.base_url, rpm=100_000, tpm=100_000_000)  # fmt: skip
+        cfg = dataclasses.replace(cfg, providers=[*cfg.providers, served])
+        with ServicePool(cfg, layout, "06_deploy", providers=["served"]) as pool:
+            sampled = pool.complete_many("served", llamacpp_requests(cfg.inference, rows))  # as 03 asks
+            asked = len(server.entries())
+            answers = served_answers(pool, "served", rows, cfg, "tiny-f16.gguf")
+    assert len(sampled) == asked == len(rows) * cfg.inference.k
+    assert len(answers) == len(rows) * cfg.inference.k and not any(a["error"] for a in answers)
+    assert len(server.entries()) == 2 * asked  # every parity answer went to the server
+    assert pool.stats.cache_hits == 0
+    assert sorted(a["sample_index"] for a in answers) == sorted(list(range(cfg.inference.k)) * len(rows))

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from test_services import SCORE_SCHEMA, ScriptedLLMServer, ask, make_pool
 
-from llamaduo_nb import evaluate, runner, synthesize
+from llamaduo_nb import evaluate, forecast, runner, synthesize
 from llamaduo_nb.callcache import CallCache, LedgerRow, read_ledger
-from llamaduo_nb.config import RunConfig, build
+from llamaduo_nb.config import ConfigError, RunConfig, build
 from llamaduo_nb.jsonio import write_jsonl
 from llamaduo_nb.notebook import Stage
 from llamaduo_nb.runlayout import STAGES, RunLayout
@@ -87,7 +87,13 @@ def paper_config(tmp_path: Path, servers: dict[str, ScriptedLLMServer], **sectio
 
 
 def judge_stage(cfg: RunConfig) -> Stage:
-    return Stage("04_evaluate", cfg, RunLayout.for_run(cfg.outputs_dir, cfg.run_name), 0)
+    return forecasted(Stage("04_evaluate", cfg, RunLayout.for_run(cfg.outputs_dir, cfg.run_name), 0))
+
+
+def forecasted(stage: Stage) -> Stage:
+    """The stage with its forecast recorded, as the runner and the notebook's forecast cell do before it."""
+    forecast.forecast_stage(stage.cfg, stage.name, stage.cycle, stage.layout)
+    return stage
 
 
 def paid_keys(layout: RunLayout) -> list[str]:
@@ -137,7 +143,7 @@ def test_an_exhausted_quota_stops_synthesis_without_retrying_and_resume_continue
     gpt = servers["gpt4o"]
     gpt.script = [(200, {}, None)] * 2  # two answers, then the account runs dry
     gpt.fail_with = NO_QUOTA
-    stage = Stage("05_synthesize", cfg, layout, 0)
+    stage = forecasted(Stage("05_synthesize", cfg, layout, 0))
 
     with pytest.raises(StageStopped) as stopped:
         synthesize.run_synthesis(stage)
@@ -501,35 +507,74 @@ def test_each_providers_fatal_errors_stop_after_one_call(tmp_path, monkeypatch, 
         server.close()
 
 
-def test_retry_failed_resends_only_the_failed_calls_of_the_last_finished_stage(
-    tmp_path, make_params, monkeypatch
+def paid_stand_in(stage: str, n: int) -> str:
+    """A stand-in paid notebook body: `n` distinct calls of `stage` through the pool."""
+    return f"""
+from llamaduo_nb.config import load_config
+from llamaduo_nb.services import ChatRequest, ServicePool
+layout = RunLayout(Path(run_dir))
+cfg = load_config(layout.params_file)
+with ServicePool(cfg, layout, {stage!r}, cycle, providers=["judge"]) as pool:
+    pool.complete_many("judge", [ChatRequest([{{"role": "user", "content": f"{stage} {{cycle}}"}}], repeat=i)
+                                 for i in range({n})])
+"""
+
+
+def test_retry_failed_resends_the_failed_calls_of_every_finished_paid_stage(
+    tmp_path, make_params, monkeypatch, capsys
 ):
-    from llamaduo_nb.cli import retry_failed
+    from llamaduo_nb.cli import main, retry_failed
 
     server = ScriptedLLMServer()
     try:
-        server.script = [
-            (200, {}, None),
-            (500, {}, {"error": {"message": "overloaded"}}),
-        ]  # the 2nd call fails
+        failing = (500, {}, {"error": {"message": "overloaded"}})
+        # 04 of cycle 0 (4 calls): the 2nd fails; 05 of cycle 0 (2 calls): the 2nd fails; cycle 1 all answered
+        server.script = [(200, {}, None), failing, (200, {}, None), (200, {}, None), (200, {}, None), failing]
         monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
         judge = {"name": "judge", "kind": "openai", "model": "gpt-4o-mini", "base_url": f"{server.root}/v1",
-                 "max_retries": 0}  # fmt: skip
+                 "max_retries": 0, "max_failure_share": 1.0, "max_concurrency": 1}  # fmt: skip
         demo_local = yaml.safe_load((ROOT / "params" / "demo.yaml").read_text())["providers"][0]
         params = make_params({"providers": [demo_local, judge], "evaluate": {"judges": ["judge"]},
-                              "loop": {"max_cycles": 1}, "deploy": {"enabled": False}})  # fmt: skip
+                              "synthesize": {"generator": "judge"}, "loop": {"max_cycles": 2},
+                              "deploy": {"enabled": False}})  # fmt: skip
         notebooks = tmp_path / "nbs"
         notebooks.mkdir()
+        decision = '\nwrite_json(layout.metrics_file(cycle), {"decision": {"passed": False, "value": 1.0}})'
+        bodies = {
+            "04_evaluate": paid_stand_in("04_evaluate", 4) + decision,
+            "05_synthesize": paid_stand_in("05_synthesize", 2),
+        }
         for stage in STAGES:
-            body = STOPPING_04 if stage == "04_evaluate" else ""
-            nbformat.write(stand_in(stage, body), notebooks / f"{stage}.ipynb")
-        state = runner.run(params, notebooks_dir=notebooks, log=lambda m: None)
-        assert state.status == "finished" and state.done[-1] == "cycle_00/04_evaluate"
-        assert len(server.requests) == 4  # one of them failed (below the failure window's threshold)
+            nbformat.write(stand_in(stage, bodies.get(stage, "")), notebooks / f"{stage}.ipynb")
+        logged: list[str] = []
+        state = runner.run(params, notebooks_dir=notebooks, log=logged.append)
+        assert state.status == "finished" and state.done[-1] == "cycle_01/04_evaluate"
+        # the runner recorded (and showed) each paid stage's forecast before it ran: the stand-ins have no cell
+        for step in ("cycle_00/04_evaluate", "cycle_00/05_synthesize", "cycle_01/04_evaluate"):
+            assert any(m.startswith(f"[llamaduo] forecast {step}: ") for m in logged), step
+        assert len(server.requests) == 4 + 2 + 4
+        layout = RunLayout(tmp_path / "outputs" / "demo")
 
-        message = retry_failed(params, notebooks_dir=notebooks)
-        assert message == "cycle_00/04_evaluate: re-sent 1 failed call(s); 0 still failing"
-        assert len(server.requests) == 5  # the three answers replayed from the cache
+        with pytest.raises(ConfigError, match="no such finished paid step"):
+            retry_failed(params, notebooks_dir=notebooks, step="cycle_01/05_synthesize")
+        # a named step: only its failure goes out again
+        message = retry_failed(params, notebooks_dir=notebooks, step="05_synthesize", log=lambda m: None)
+        assert message.startswith("cycle_00/05_synthesize: re-sent 1 failed call(s); 0 still failing")
+        assert "already ran on its earlier outputs: cycle_01/02_finetune" in message
+        assert len(server.requests) == 4 + 2 + 4 + 1
+        # every finished paid stage: what is left is 04's of cycle 0 (not the last step)
+        message = retry_failed(params, notebooks_dir=notebooks, log=lambda m: None)
+        assert message.startswith("cycle_00/04_evaluate: re-sent 1 failed call(s); 0 still failing")
+        assert len(server.requests) == 4 + 2 + 4 + 2  # every answer replayed from the cache
         assert retry_failed(params, notebooks_dir=notebooks).endswith("no failed calls to retry")
+        assert (
+            main(["run", str(params), "--retry-failed", "--step", "04_evaluate"]) == 0
+        )  # the CLI's spelling
+        assert (
+            "cycle_00/04_evaluate, cycle_01/04_evaluate: no failed calls to retry" in capsys.readouterr().out
+        )
+        paid = paid_keys(layout)
+        assert len(paid) == len(set(paid)) == 4 + 2 + 4  # each answer paid once
+        assert "cycle_00" not in runner.RunState.load(layout.state_file).decisions  # re-read on --resume
     finally:
         server.close()

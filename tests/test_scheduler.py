@@ -15,6 +15,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+from test_services import record_forecast
 
 from llamaduo_nb.callcache import read_ledger
 from llamaduo_nb.config import RunConfig, build
@@ -47,6 +48,8 @@ def pool_for(tmp_path: Path, providers: list[dict[str, Any]], rate_period_s: flo
     }
     cfg = build(RunConfig, data, source="<test>")
     layout = RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
+    for p in cfg.providers:
+        record_forecast(layout, "04_evaluate", 0, p.name)
     return ServicePool(cfg, layout, stage="04_evaluate", cycle=0, rate_period_s=rate_period_s)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from llamaduo_nb.callcache import read_ledger
+from llamaduo_nb.callcache import CallCache, read_ledger
 from llamaduo_nb.config import RunConfig, build
 from llamaduo_nb.runlayout import RunLayout
 from llamaduo_nb.services import (
@@ -145,7 +145,13 @@ def llm_server():
     server.close()
 
 
-def make_pool(tmp_path: Path, provider: dict[str, Any], stage: str = "04_evaluate", cycle: int | None = 0):
+def make_pool(
+    tmp_path: Path,
+    provider: dict[str, Any],
+    stage: str = "04_evaluate",
+    cycle: int | None = 0,
+    forecast: bool = True,
+):
     provider = {
         "name": "judge",
         "kind": "openai_compatible",
@@ -166,7 +172,16 @@ def make_pool(tmp_path: Path, provider: dict[str, Any], stage: str = "04_evaluat
     }
     cfg = build(RunConfig, data, source="<test>")
     layout = RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
+    if forecast:
+        record_forecast(layout, stage, cycle, provider["name"])
     return ServicePool(cfg, layout, stage=stage, cycle=cycle), layout
+
+
+def record_forecast(layout: RunLayout, stage: str, cycle: int | None, provider: str) -> None:
+    """A paid call needs its stage's forecast on record (the runner and the notebooks record the real one
+    before a stage; these tests drive the pool directly, so they note one line of it)."""
+    with CallCache(layout.calls_db) as cache:
+        cache.record_forecast(stage, cycle, [{"stage": stage, "cycle": cycle, "provider": provider}])
 
 
 def ask(text: str = "Rate this answer.", repeat: int = 0, **kw: Any) -> ChatRequest:
@@ -331,6 +346,7 @@ def test_missing_key_is_reported_by_name_before_any_call(tmp_path, llm_server, m
             "base_url": f"{llm_server.root}/v1",
             "api_key_env": "LLAMADUO_TEST_ABSENT_KEY",
         },  # fmt: skip
+        forecast=False,
     )
     with pytest.raises(MissingAPIKeyError, match="LLAMADUO_TEST_ABSENT_KEY"):
         with pool:

@@ -25,6 +25,9 @@ from ..runlayout import RunLayout
 from .gguf import GGUFExport
 from .select import CycleChoice, DeployError
 
+# 06's served answers are sent with repeat = PARITY_REPEAT_OFFSET + j: never one of 03's keys (repeat j < K)
+PARITY_REPEAT_OFFSET = 1_000_000
+
 
 def test_rows(layout: RunLayout, limit: int | None = None) -> list[dict]:
     path = layout.test_file
@@ -149,6 +152,7 @@ def served_provider(cfg: RunConfig, gguf_path: Path, base_url: str, qtype: str) 
         timeout_s=600.0,
         max_retries=2,
         json_mode="none",
+        free=True,  # served on this machine: no price, no forecast needed
     )
     return dataclasses.replace(cfg, providers=[*cfg.providers, provider]), name
 
@@ -399,6 +403,25 @@ def judge_attribution(
     return pd.DataFrame(records)
 
 
+def served_answers(
+    pool: Any, provider: str, rows: Sequence[dict], cfg: RunConfig, gguf_name: str
+) -> list[dict]:
+    """K answers per test prompt from the served GGUF, each a fresh call: sent with repeats from
+    PARITY_REPEAT_OFFSET, so no request is the same as one of 03's (repeats 0..K-1) and the call cache cannot
+    answer parity with 03's samples; served-vs-evaluated stays an independent check."""
+    from .. import evaluate
+
+    return evaluate.answer_with_provider(
+        pool,
+        provider,
+        rows,
+        cfg.inference.k,
+        cfg.inference,
+        model_id=f"gguf:{gguf_name}",
+        repeat_offset=PARITY_REPEAT_OFFSET,
+    )
+
+
 def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export: GGUFExport) -> dict:
     """Re-answer the test prompts with the served GGUF, judge them like 04 did, compare with the cycle.
 
@@ -425,9 +448,7 @@ def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export
         providers = [name, *dict.fromkeys(cfg.evaluate.judges)]
         with _local_prices_are_zero(), ServicePool(run_cfg, layout, "06_deploy", providers=providers) as pool:
             # 04's answer-and-judge path: the served GGUF answers like a service LLM, judged like the cycle.
-            responses = evaluate.answer_with_provider(
-                pool, name, rows, cfg.inference.k, cfg.inference, model_id=f"gguf:{export.path.name}"
-            )
+            responses = served_answers(pool, name, rows, cfg, export.path.name)
             answered = [r for r in responses if not r["error"]]
             judgments = evaluate.judge_rows(pool, responses, eval_cfg)
             # The evaluated answers, judged exactly like the served ones (same judges, M, prompt): the paired

@@ -316,12 +316,15 @@ def answer_with_provider(
     *,
     model_id: str | None = None,
     desc: str = "",
+    repeat_offset: int = 0,
 ) -> list[dict]:
     """K sampled answers per test prompt from `provider`, in 03's responses.jsonl shape.
 
     `test_rows` are coverage rows (`id`, `instruction`, `response`, `category`); `sampling` gives
     temperature, top_p and max_new_tokens (an InferenceConfig). The instruction is put to the service
-    exactly as to the student (one user turn). A failed call keeps its `error` (candidate "").
+    exactly as to the student (one user turn). A failed call keeps its `error` (candidate ""). Sample j is
+    sent with `repeat = repeat_offset + j`: a caller whose answers must be fresh calls rather than replays of
+    another stage's identical requests (06's parity against 03) gives its own offset.
     """
     from ..finetune import student_messages
 
@@ -338,7 +341,7 @@ def answer_with_provider(
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=sampling.max_new_tokens,
-            repeat=sample,
+            repeat=repeat_offset + sample,
             allow_truncated=True,  # judged like the student's answers, which are kept when cut at the budget
         )
         for row in test_rows

@@ -209,6 +209,24 @@ def _service_answers(
     return answer_with_provider(pool, provider, test_rows, cfg.inference.k, cfg.inference)
 
 
+def forget_failed_reference_rows(layout: RunLayout) -> list[str]:
+    """Mark Table 1's reference rows that hold failed answers or judgments as not computed (their meta.json
+    goes), so the next 04 computes them again: answered calls replay from the cache, failed ones are re-sent
+    (`llamaduo run --retry-failed`). Returns the models marked."""
+    marked = []
+    if not layout.baselines_dir.is_dir():
+        return marked
+    for meta in sorted(layout.baselines_dir.glob("*/meta.json")):
+        model = meta.parent.name
+        answers, judgments = layout.baseline_responses_file(model), layout.baseline_judgments_file(model)
+        failed = any(r.get("error") for r in read_jsonl(answers)) if answers.is_file() else False
+        failed = failed or (judgments.is_file() and any(not j["ok"] for j in load_judgments(judgments)))
+        if failed:
+            meta.unlink()
+            marked.append(model)
+    return marked
+
+
 def table1_models(layout: RunLayout, cycle: int, references: dict[str, dict]) -> dict[str, tuple[str, list]]:
     """Table-1 rows in order: base student, cycles 0..`cycle` that have judgments, service baselines."""
     models: dict[str, tuple[str, list]] = {}
