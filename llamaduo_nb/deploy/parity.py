@@ -148,7 +148,7 @@ def served_provider(cfg: RunConfig, gguf_path: Path, base_url: str, qtype: str) 
         base_url=base_url,
         rpm=100_000,
         tpm=100_000_000,
-        max_concurrency=2,
+        max_concurrency=cfg.inference.llamacpp_parallel,  # one request per server slot
         timeout_s=600.0,
         max_retries=2,
         json_mode="none",
@@ -207,7 +207,10 @@ def greedy_parity(
     records = []
     for export in exports:
         with LlamaServer(
-            export.path, n_ctx=cfg.deploy.n_ctx, log_file=layout.server_log(export.qtype)
+            export.path,
+            n_ctx=cfg.deploy.n_ctx,
+            log_file=layout.server_log(export.qtype),
+            parallel=cfg.inference.llamacpp_parallel,
         ) as server:
             run_cfg, name = served_provider(cfg, export.path, server.base_url, export.qtype)
             with (
@@ -443,7 +446,12 @@ def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export
         [r for r in read_jsonl(responses_file) if not r.get("error")] if responses_file.is_file() else []
     )
     t0 = time.monotonic()
-    with LlamaServer(export.path, n_ctx=cfg.deploy.n_ctx, log_file=layout.server_log(export.qtype)) as server:
+    with LlamaServer(
+        export.path,
+        n_ctx=cfg.deploy.n_ctx,
+        log_file=layout.server_log(export.qtype),
+        parallel=cfg.inference.llamacpp_parallel,
+    ) as server:
         run_cfg, name = served_provider(cfg, export.path, server.base_url, export.qtype)
         providers = [name, *dict.fromkeys(cfg.evaluate.judges)]
         with _local_prices_are_zero(), ServicePool(run_cfg, layout, "06_deploy", providers=providers) as pool:
