@@ -15,6 +15,8 @@ table (params/prices.yaml):
   uses all of max_tokens (what the budgets reserve before each call).
 * Synthesis requests per cycle: the target (2^t k with `growth: double`) over pairs per request and the share
   of pairs that survive the filters (`Assumptions.accept_share`), capped by `max_requests_per_cycle`.
+* A provider with `batch: true` is priced at its batch discount in `usd` and `worst_usd` (that is what it
+  pays); `batch_usd` is always the batch price, to show what switching a provider to batch would save.
 * Every cycle is counted (the loop may stop earlier when epsilon is met; 05 never runs on the last cycle).
 * Reasoning models think on top of this; their thinking is not forecast (the worst case includes the
   allowance). Cache hits are free and not subtracted: this is the cost of a run from an empty cache.
@@ -117,7 +119,7 @@ def _line(
 ) -> dict:
     p = cfg.provider(provider)
 
-    def usd(out: int, batch: bool = False) -> float:
+    def usd(out: int, batch: bool = p.batch) -> float:
         return prices.cost(p.kind, p.model, input_tokens, out, free=p.is_free, batch=batch)
 
     return {
@@ -128,7 +130,7 @@ def _line(
         "calls": calls,
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
-        "usd": usd(output_tokens),
+        "usd": usd(output_tokens),  # at the batch price for a `batch: true` provider (what it will pay)
         "batch_usd": usd(output_tokens, batch=True),
         "worst_usd": usd(worst_output_tokens),
     }
