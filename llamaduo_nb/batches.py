@@ -408,8 +408,17 @@ class _BatchRun:
         return ChatResult("", None, None, f"not sent: {why}", 0, 0, 0.0, 0.0, False, 0, key)
 
     async def _resume(self) -> None:
-        """Collect the batches an earlier run of this stage submitted and never collected."""
-        open_entries = [e for e in self.book.entries() if self._mine(e) and e.get("status") == "submitted"]
+        """Collect the batches an earlier run of this stage submitted and never collected.
+
+        Only those holding a request of this call: 05 asks in rounds, and a batch of round 3 waits for the
+        resumed round 3 (whose requests are the same), so its answers are cached, not merely ledgered."""
+        open_entries = [
+            e
+            for e in self.book.entries()
+            if self._mine(e)
+            and e.get("status") == "submitted"
+            and not self.items.keys().isdisjoint(e["keys"])
+        ]
         for entry in open_entries:
             booked = self._booking(entry["keys"])
             self.pool._budget.reserve(booked[0], booked[1] + booked[2], force=True)  # committed spending

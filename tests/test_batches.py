@@ -130,14 +130,13 @@ with ServicePool(cfg, RunLayout.for_run(cfg.outputs_dir, cfg.run_name), "04_eval
 """
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_a_killed_run_collects_its_batch_instead_of_submitting_again(tmp_path, server, kind):
+def submit_then_kill(tmp_path: Path, server: TestLLMServer, kind: str) -> Path:
+    """A child process submits judge_requests(3) as a batch and is SIGKILLed while it polls; the params file."""
     server.behaviour = Behaviour(batch_delay_s=3600)  # the batch runs for as long as the child lives
     cfg = batch_config(tmp_path, server, kind)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(_plain(cfg)))
-    layout = RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
-    book = layout.batches_file("04_evaluate", 0)
+    book = RunLayout.for_run(cfg.outputs_dir, cfg.run_name).batches_file("04_evaluate", 0)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     code = CHILD.format(tests=str(Path(__file__).parent), params=str(params))
     child = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT)
@@ -151,15 +150,42 @@ def test_a_killed_run_collects_its_batch_instead_of_submitting_again(tmp_path, s
     finally:
         if child.poll() is None:
             child.kill()
+    server.behaviour = Behaviour(batch_delay_s=0.0)  # the provider finishes the batch meanwhile
+    return params
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_killed_run_collects_its_batch_instead_of_submitting_again(tmp_path, server, kind):
+    params = submit_then_kill(tmp_path, server, kind)
+    cfg = load_config(params)
+    layout = RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
     assert server.batch_submits == {kind: 1} and read_ledger(layout.calls_db) == []
 
-    server.behaviour = Behaviour(batch_delay_s=0.0)  # the provider finished the batch meanwhile
-    results, _ = run_pool(load_config(params), judge_requests(3))
+    results, _ = run_pool(cfg, judge_requests(3))
     assert server.batch_submits == {kind: 1}  # picked up, never paid twice
     assert all(r.ok for r in results)
     assert len(read_ledger(layout.calls_db)) == 3
-    (entry,) = BatchBook(book, "04_evaluate", 0).entries()
+    (entry,) = BatchBook(layout.batches_file("04_evaluate", 0), "04_evaluate", 0).entries()
     assert entry["status"] == "collected"
+
+
+def test_a_left_batch_waits_for_the_call_that_asks_for_its_requests(tmp_path, server):
+    """05 asks in rounds: a batch of a killed later round is collected by that round, so its answers are cached."""
+    params = submit_then_kill(tmp_path, server, "openai")
+    cfg = load_config(params)
+    layout = RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
+    book = BatchBook(layout.batches_file("04_evaluate", 0), "04_evaluate", 0)
+    other = [ChatRequest(messages=[{"role": "user", "content": "Another round."}], max_tokens=32)]
+
+    run_pool(cfg, other)  # an earlier round with its own requests: submits its own batch, leaves the other
+    assert server.batch_submits == {"openai": 2}
+    assert [e["status"] for e in book.entries()] == ["submitted", "collected"]
+
+    results, _ = run_pool(cfg, judge_requests(3))  # the killed round again: collects its batch
+    assert server.batch_submits == {"openai": 2} and all(r.ok for r in results)
+    assert [e["status"] for e in book.entries()] == ["collected", "collected"]
+    with CallCache(layout.calls_db) as cache:
+        assert cache.n_cached() == 4
 
 
 def _plain(cfg: RunConfig) -> dict:
