@@ -537,7 +537,7 @@ class TestLLMServer:
         batch = self._batch_or_404(request.match_info["batch_id"])
         if batch is None:
             return web.json_response(self._error_body(404, "no such batch"), status=404)
-        if batch["api"] == "google":  # google-genai asks for /v1/batches/<id> when its base_url is set
+        if batch["api"] == "google":  # google-genai (api_version v1 with a base_url) reads /v1/batches/<id>
             return web.json_response(self._google_batch(batch))
         return web.json_response(self._openai_batch(batch))
 
