@@ -201,11 +201,7 @@ class _OpenAIBatches:
                 detail = error or (body.get("error") if isinstance(body, dict) else None) or body
                 message = detail.get("message", "") if isinstance(detail, dict) else str(detail)
                 code = detail.get("code", "") if isinstance(detail, dict) else ""
-                found[row["custom_id"]] = ItemError(
-                    f"{'HTTP ' + str(status) + ' ' if status else ''}{code}: {message}".strip(),
-                    status,
-                    detail,
-                )
+                found[row["custom_id"]] = ItemError(f"{code}: {message}" if code else message, status, detail)
         return found
 
 
@@ -300,8 +296,10 @@ class _GoogleBatches:
             if key is None:
                 continue
             if response.error is not None:
+                # JobError.code is a google.rpc code (13: INTERNAL), not an HTTP status
+                error = response.error
                 found[key] = ItemError(
-                    f"{response.error.code}: {response.error.message}", response.error.code, response.error
+                    f"code {error.code}: {error.message}", None, error.model_dump(mode="json")
                 )
             elif response.response is not None:
                 found[key] = self.backend.reply_from(response.response)
