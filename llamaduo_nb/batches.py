@@ -31,6 +31,9 @@ params/prices.yaml: half the list price today). `ServicePool.complete_many` hand
    cancelled stops the stage with its id and state; what it answered is kept, the rest is re-submitted
    by `llamaduo run --resume`.
 
+A provider switched from `batch: true` back to live calls still collects the batches a killed run left for
+its requests (`collect_left_batches`) before calling live: a paid answer is never asked for twice.
+
 Limit: a kill in the instant between the provider accepting a batch and its id reaching the disk loses the id;
 that batch then runs (and is billed) unseen, and the resumed stage submits its requests again.
 """
@@ -596,6 +599,23 @@ def _shared_copy(result: ChatResult) -> ChatResult:
     return replace(result, cached=result.error is None, cost_usd=0.0, attempts=0)
 
 
+async def collect_left_batches(
+    pool: ServicePool, provider: str, requests: list[ChatRequest], progress: dict
+) -> None:
+    """For a provider that is no longer `batch: true`: collect the batches a killed run left with any of
+    `requests` in them, so the live calls that follow replay those answers from the cache instead of paying
+    for them again."""
+    run = _BatchRun(pool, provider, progress)
+    for i, request in enumerate(requests):
+        payload = pool._request_payload(run.lane, request)
+        key = request_key(payload)
+        if key not in run.items and pool._lookup(run.lane, key, payload) is None:
+            run.items[key] = _Item(key, request, payload, [i])
+    if run.items:
+        await run._resume()
+    progress.pop("batch", None)
+
+
 async def run_batched(
     pool: ServicePool, provider: str, requests: list[ChatRequest], progress: dict
 ) -> list[ChatResult]:
@@ -603,4 +623,4 @@ async def run_batched(
     return await _BatchRun(pool, provider, progress).run(requests)
 
 
-__all__ = ["BATCH_LIMITS", "BatchBook", "BatchStatus", "ItemError", "run_batched"]
+__all__ = ["BATCH_LIMITS", "BatchBook", "BatchStatus", "ItemError", "collect_left_batches", "run_batched"]

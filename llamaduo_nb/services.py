@@ -1223,11 +1223,20 @@ class ServicePool:
             **({"allow_truncated": True} if request.allow_truncated else {}),
         }
 
+    def _left_batches_possible(self) -> bool:
+        """Whether this stage ever submitted a provider batch (then a killed run may have left one open)."""
+        return self.layout.batches_file(self.stage, self.cycle).is_file()
+
     async def _run_many(self, provider: str, requests: list[ChatRequest], progress: dict) -> list[ChatResult]:
-        if self._lane(provider).provider.batch:
+        lane = self._lane(provider)
+        if lane.provider.batch:
             from .batches import run_batched
 
             return await run_batched(self, provider, requests, progress)
+        if lane.provider.kind in ("openai", "anthropic", "google") and self._left_batches_possible():
+            from .batches import collect_left_batches
+
+            await collect_left_batches(self, provider, requests, progress)
 
         async def one(request: ChatRequest) -> ChatResult:
             result = await self._complete(provider, request)

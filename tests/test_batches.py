@@ -169,6 +169,21 @@ def test_a_killed_run_collects_its_batch_instead_of_submitting_again(tmp_path, s
     assert entry["status"] == "collected"
 
 
+def test_a_provider_switched_back_to_live_calls_still_collects_the_left_batch(tmp_path, server):
+    params = submit_then_kill(tmp_path, server, "anthropic")
+    data = yaml.safe_load(params.read_text())
+    data["providers"][0]["batch"] = False
+    params.write_text(yaml.safe_dump(data))
+    cfg = load_config(params)
+
+    results, layout = run_pool(cfg, judge_requests(3))
+    assert all(r.ok and r.cached for r in results)  # answered by the left batch: no live call paid again
+    assert server.batch_submits == {"anthropic": 1}
+    assert {e.path for e in server.entries()} == {"batch:anthropic"}
+    ledger = read_ledger(layout.calls_db)
+    assert len(ledger) == 3 and all(row["ok"] and row["cost_usd"] > 0 for row in ledger)
+
+
 def test_a_left_batch_waits_for_the_call_that_asks_for_its_requests(tmp_path, server):
     """05 asks in rounds: a batch of a killed later round is collected by that round, so its answers are cached."""
     params = submit_then_kill(tmp_path, server, "openai")
