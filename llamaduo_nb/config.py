@@ -52,6 +52,11 @@ class ProviderConfig:
     # `thinking_budget` (tokens). The answer keeps its own max_tokens: the thinking budget is added on top.
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     thinking_budget: int | None = None
+    # provider batch API (OpenAI Batch, Anthropic Message Batches, Gemini batch mode): a stage's uncached calls
+    # to this provider go out as one batch at the batch price (params/prices.yaml batch_discount, half price
+    # today) and come back within the provider's window (up to 24 h); the stage polls every batch_poll_s seconds
+    batch: bool = False
+    batch_poll_s: float = 30.0
 
     EXAMPLE = "name: gpt4o\nkind: openai\nmodel: gpt-4o-2024-08-06\napi_key_env: OPENAI_API_KEY\nrpm: 500"
 
@@ -89,6 +94,12 @@ class ProviderConfig:
             "free",
             f"{self.kind} is a paid API; only openai_compatible endpoints you host can be free",
         )
+        _check(
+            not self.batch or self.kind in ("openai", "anthropic", "google"),
+            "batch",
+            f"only the openai, anthropic and google APIs have batch modes, not {self.kind}",
+        )
+        _check(self.batch_poll_s > 0, "batch_poll_s", "seconds between status checks, > 0, e.g. 30")
         if self.api_key_env is not None:
             _check(
                 re.fullmatch(r"[A-Z_][A-Z0-9_]*", self.api_key_env) is not None,

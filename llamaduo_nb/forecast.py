@@ -30,6 +30,8 @@ table (params/prices.yaml):
   more (re-sent failures and unusable replies aside).
 * Synthesis requests per cycle (`calls`): the target (2^t k with `growth: double`) over pairs per request and
   the share of pairs that survive the filters (`Assumptions.accept_share`), capped by `max_requests_per_cycle`.
+* A provider with `batch: true` is priced at its batch discount in `usd` and `worst_usd` (that is what it
+  pays); `batch_usd` is always the batch price, to show what switching a provider to batch would save.
 * Every cycle is counted (the loop may stop earlier when epsilon is met; 05 never runs on the last cycle).
 * Reasoning models think on top of this; their thinking is not forecast (the worst case includes the
   allowance). Cache hits are free and not subtracted: this is the cost of a run from an empty cache.
@@ -164,7 +166,7 @@ def _line(
     max_calls = calls if max_calls is None else max_calls
     scale = max_calls / calls if calls else 0.0
 
-    def usd(inp: float, out: float, batch: bool = False) -> float:
+    def usd(inp: float, out: float, batch: bool = p.batch) -> float:
         return prices.cost(p.kind, p.model, round(inp), round(out), free=p.is_free, batch=batch)
 
     return {
@@ -176,7 +178,7 @@ def _line(
         "max_calls": max_calls,
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
-        "usd": usd(input_tokens, output_tokens),
+        "usd": usd(input_tokens, output_tokens),  # at the batch price for a `batch: true` provider (what it pays)
         "batch_usd": usd(input_tokens, output_tokens, batch=True),
         "worst_usd": usd(input_tokens * scale, worst_output_tokens * scale),
         "worst_tokens": round((input_tokens + worst_output_tokens) * scale),

@@ -4,6 +4,7 @@
       params.yaml            resolved params of the run (what every notebook reads)
       state.json             runner state: finished notebooks, decisions, timings
       calls.sqlite           service-LLM call cache + cost ledger (see callcache.py)
+      batches/               provider batches each stage submitted (<stage>-cycle_NN.json, see batches.py)
       coverage/              01: train.jsonl, test.jsonl, report.json, curation.json, 01_coverage.ipynb
       cycle_00/ cycle_01/ …  02-05 of each cycle: adapter/, train_log.jsonl, responses.jsonl,
                              judgments.jsonl, metrics.json, synthetic.jsonl, synth_report.json, notebooks
@@ -88,6 +89,11 @@ class RunLayout:
     @property
     def ledger_csv(self) -> Path:
         return self.root / "ledger.csv"
+
+    def batches_file(self, stage: str, cycle: int | None) -> Path:
+        """Provider batches a stage submitted (ids, request keys, status): a resumed stage collects them."""
+        name = stage if cycle is None else f"{stage}-cycle_{cycle:02d}"
+        return self.root / "batches" / f"{name}.json"
 
     @property
     def summary_file(self) -> Path:

@@ -39,6 +39,9 @@ What the pool does for each request, in order:
    over the last `failure_window` real calls, or a budget. Calls still queued are not sent, and
    `complete_many` raises `StageStopped` naming the provider and the reason; the runner records the stage
    as "stopped" and `llamaduo run --resume` continues it (answered calls replay for free).
+7. Provider batches: for a provider with `batch: true`, steps 2-3 are replaced by the provider's batch API
+   (batches.py): the uncached requests go out as batches, their ids persisted before polling, and each result
+   goes through steps 4-6 like a live reply, priced at the batch discount.
 
 Structured output: `json_mode: schema` asks the provider to enforce the schema (OpenAI-shaped
 servers: `response_format` json_schema, which the embedded server turns into a llama.cpp grammar, see
@@ -515,7 +518,8 @@ class _OpenAIBackend:
             },
         }
 
-    async def call(self, request: ChatRequest) -> _Reply:
+    def request_body(self, request: ChatRequest) -> dict[str, Any]:
+        """The chat.completions body of `request` (JSON: the live call's kwargs and a batch line's body)."""
         messages = request.messages
         if request.json_schema is not None and self.provider.json_mode != "schema":
             messages = _with_schema_in_prompt(messages, request.json_schema)
@@ -537,7 +541,13 @@ class _OpenAIBackend:
             kwargs["reasoning_effort"] = self.provider.reasoning_effort
             # reasoning tokens come out of max_completion_tokens: keep the answer's budget on top of them
             kwargs["max_completion_tokens"] = request.max_tokens + _reasoning_allowance(self.provider)
-        completion = await self.client.chat.completions.create(**kwargs)
+        return kwargs
+
+    async def call(self, request: ChatRequest) -> _Reply:
+        return self.reply_from(await self.client.chat.completions.create(**self.request_body(request)))
+
+    @staticmethod
+    def reply_from(completion: Any) -> _Reply:
         if not completion.choices:
             raise RuntimeError("the server returned no choices")
         message = completion.choices[0].message
@@ -567,7 +577,8 @@ class _AnthropicBackend:
             api_key=api_key, base_url=provider.base_url, max_retries=0, timeout=provider.timeout_s
         )
 
-    async def call(self, request: ChatRequest) -> _Reply:
+    def request_body(self, request: ChatRequest) -> tuple[dict[str, Any], bool]:
+        """(messages.create params of `request`, whether the answer is wrapped in {"value": ...})."""
         messages = request.messages
         schema = request.json_schema
         forced_tool = schema is not None and self.provider.json_mode == "schema"
@@ -610,7 +621,14 @@ class _AnthropicBackend:
                 }
             ]
             kwargs["tool_choice"] = {"type": "tool", "name": name}
-        message = await self.client.messages.create(**kwargs)
+        return kwargs, wrapped
+
+    async def call(self, request: ChatRequest) -> _Reply:
+        kwargs, wrapped = self.request_body(request)
+        return self.reply_from(await self.client.messages.create(**kwargs), wrapped)
+
+    @staticmethod
+    def reply_from(message: Any, wrapped: bool) -> _Reply:
         text = ""
         for block in message.content:
             if getattr(block, "type", "") == "tool_use":
@@ -652,7 +670,8 @@ class _GoogleBackend:
         )
         self.client = genai.Client(api_key=api_key, http_options=http_options)
 
-    async def call(self, request: ChatRequest) -> _Reply:
+    def request_body(self, request: ChatRequest) -> tuple[list[Any], Any]:
+        """(contents, GenerateContentConfig) of `request`, for a live call and a batch's inlined request."""
         types = self.types
         messages = request.messages
         schema = request.json_schema
@@ -678,9 +697,17 @@ class _GoogleBackend:
             config["response_mime_type"] = "application/json"
             if self.provider.json_mode == "schema":
                 config["response_json_schema"] = schema
+        return contents, types.GenerateContentConfig(**config)
+
+    async def call(self, request: ChatRequest) -> _Reply:
+        contents, config = self.request_body(request)
         response = await self.client.aio.models.generate_content(
-            model=self.provider.model, contents=contents, config=types.GenerateContentConfig(**config)
+            model=self.provider.model, contents=contents, config=config
         )
+        return self.reply_from(response)
+
+    @staticmethod
+    def reply_from(response: Any) -> _Reply:
         parts = []
         finish: str | None = None
         feedback = getattr(response, "prompt_feedback", None)
@@ -841,9 +868,13 @@ class _Budget:
             for k in self.caps
         }
 
-    def reserve(self, usd: float, tokens: int) -> str | None:
-        """Book a call's worst case; a reason (and nothing booked) when it could cross a cap."""
-        for scope, (cap_usd, cap_tokens) in self.caps.items():
+    def reserve(self, usd: float, tokens: int, force: bool = False) -> str | None:
+        """Book a call's worst case; a reason (and nothing booked) when it could cross a cap.
+
+        `force` books without checking: spending already committed (a provider batch submitted by an earlier,
+        killed run of the stage) must be counted, never refused.
+        """
+        for scope, (cap_usd, cap_tokens) in self.caps.items() if not force else ():
             used_usd, used_tokens = self.used[scope]
             if cap_usd is not None and used_usd + usd > cap_usd + 1e-12:
                 return (
@@ -1104,7 +1135,7 @@ class ServicePool:
             )
 
         future = asyncio.run_coroutine_threadsafe(run_all(), self._loop)
-        shown = 0
+        shown, shown_batch = 0, None
         with tqdm(total=total, desc=desc or f"{'+'.join(groups)} calls", unit="call") as bar:
             try:
                 while True:
@@ -1114,14 +1145,16 @@ class ServicePool:
                     except concurrent.futures.TimeoutError:
                         pass
                     finally:
-                        done = progress["done"]
-                        if done > shown:
+                        done, batch = progress["done"], progress.get("batch")
+                        if done > shown or batch != shown_batch:
                             bar.update(done - shown)
-                            shown = done
+                            shown, shown_batch = done, batch
                             bar.set_postfix(
                                 cached=progress["cached"],
                                 failed=progress["failed"],
                                 usd=f"{progress['cost']:.4f}",
+                                # a provider batch's status while it runs (batch: true providers)
+                                **({"batch": batch} if batch else {}),
                             )
             except BaseException:
                 future.cancel()
@@ -1201,7 +1234,21 @@ class ServicePool:
             **({"allow_truncated": True} if request.allow_truncated else {}),
         }
 
+    def _left_batches_possible(self) -> bool:
+        """Whether this stage ever submitted a provider batch (then a killed run may have left one open)."""
+        return self.layout.batches_file(self.stage, self.cycle).is_file()
+
     async def _run_many(self, provider: str, requests: list[ChatRequest], progress: dict) -> list[ChatResult]:
+        lane = self._lane(provider)
+        if lane.provider.batch:
+            from .batches import run_batched
+
+            return await run_batched(self, provider, requests, progress)
+        if lane.provider.kind in ("openai", "anthropic", "google") and self._left_batches_possible():
+            from .batches import collect_left_batches
+
+            await collect_left_batches(self, provider, requests, progress)
+
         async def one(request: ChatRequest) -> ChatResult:
             result = await self._complete(provider, request)
             progress["done"] += 1
@@ -1212,10 +1259,8 @@ class ServicePool:
 
         return list(await asyncio.gather(*(one(r) for r in requests)))
 
-    async def _complete(self, provider: str, request: ChatRequest) -> ChatResult:
-        lane = self._lane(provider)
-        payload = self._request_payload(lane, request)
-        key = request_key(payload)
+    def _lookup(self, lane: _Lane, key: str, payload: dict) -> CachedCall | None:
+        """The cached answer of `key`: this run's cache, else the project's shared cache (noted as reused)."""
         hit = self._cache.get(key)
         if hit is None and self._shared is not None:
             hit = self._shared.get(key)
@@ -1230,6 +1275,13 @@ class ServicePool:
                 )
                 with self._stats_lock:
                     self.stats.reused += 1
+        return hit
+
+    async def _complete(self, provider: str, request: ChatRequest) -> ChatResult:
+        lane = self._lane(provider)
+        payload = self._request_payload(lane, request)
+        key = request_key(payload)
+        hit = self._lookup(lane, key, payload)
         if hit is not None:
             return self._count(provider, self._from_cache(hit, request))
         pending = self._inflight.get(key)
@@ -1263,12 +1315,14 @@ class ServicePool:
         finally:
             lane.scheduler.release(slot, latency)
 
-    def _worst_case(self, lane: _Lane, request: ChatRequest) -> tuple[float, int, int]:
-        """(USD, input tokens, output tokens) one attempt can cost at most: input estimate + all of max_tokens."""
+    def _worst_case(self, lane: _Lane, request: ChatRequest, batch: bool = False) -> tuple[float, int, int]:
+        """(USD, input tokens, output tokens) one attempt can cost at most: input estimate + all of max_tokens
+        (at the batch price when it goes in a provider batch)."""
         p = lane.provider
         prompt = _estimate_tokens(request) - int(request.max_tokens) - 1
         output = int(request.max_tokens) + _reasoning_allowance(p)
-        return self._prices.cost(p.kind, p.model, prompt, output, free=p.is_free), prompt, output
+        usd = self._prices.cost(p.kind, p.model, prompt, output, free=p.is_free, batch=batch)
+        return usd, prompt, output
 
     def _admit(self, lane: _Lane, request: ChatRequest) -> tuple[float, int, int]:
         """Clear one attempt to go out: not when the stage stopped, not across a budget. Returns the booking."""
@@ -1332,51 +1386,48 @@ class ServicePool:
                     self._stop(f"provider '{p.name}' ({p.kind}, model {p.model}): {why}")
                 return outcome
             reply, latency, attempts = outcome
-            cost = self._prices.cost(
-                p.kind,
-                p.model,
-                reply.input_tokens,
-                reply.output_tokens,
-                free=p.is_free,
-                cached_input_tokens=reply.cached_input_tokens,
-            )
-            unusable = unusable_reason(reply, request.max_tokens, request.allow_truncated)
-            if unusable is None:
-                guard.record(True)
-                self._cache.put(
+            result, worth_resending = self._take_reply(lane, request, key, payload, reply, latency, attempts)
+            if result.error is None:
+                return result
+            if worth_resending and resends < p.unusable_retries and self._stopped is None:
+                resends += 1
+                continue
+            return result
+
+    def _take_reply(
+        self,
+        lane: _Lane,
+        request: ChatRequest,
+        key: str,
+        payload: dict,
+        reply: _Reply,
+        latency: float,
+        attempts: int,
+        batch: bool = False,
+    ) -> tuple[ChatResult, bool]:
+        """Price, ledger and (when usable) cache one paid reply, live or from a provider batch.
+
+        Returns the result and whether re-sending the request may help (an unusable but not truncated reply).
+        """
+        p = lane.provider
+        guard = self._guards[p.name]
+        cost = self._prices.cost(
+            p.kind,
+            p.model,
+            reply.input_tokens,
+            reply.output_tokens,
+            free=p.is_free,
+            cached_input_tokens=reply.cached_input_tokens,
+            batch=batch,
+        )
+        unusable = unusable_reason(reply, request.max_tokens, request.allow_truncated)
+        if unusable is None:
+            guard.record(True)
+            self._cache.put(key, payload, reply.text, reply.input_tokens, reply.output_tokens, latency, cost)
+            if self._shared is not None:
+                self._shared.put(
                     key, payload, reply.text, reply.input_tokens, reply.output_tokens, latency, cost
                 )
-                if self._shared is not None:
-                    self._shared.put(
-                        key, payload, reply.text, reply.input_tokens, reply.output_tokens, latency, cost
-                    )
-                self._cache.record(
-                    self._row(
-                        p,
-                        key,
-                        input_tokens=reply.input_tokens,
-                        output_tokens=reply.output_tokens,
-                        latency_s=latency,
-                        cost_usd=cost,
-                        ok=True,
-                        error=None,
-                        attempts=attempts,
-                    )
-                )
-                return _answered(
-                    request,
-                    reply.text,
-                    reply.input_tokens,
-                    reply.output_tokens,
-                    latency,
-                    cost,
-                    False,
-                    attempts,
-                    key,
-                    reply.finish_reason,
-                )
-            why, worth_resending = unusable
-            # paid but not an answer: ledger it, keep the raw reply, never cache it
             self._cache.record(
                 self._row(
                     p,
@@ -1385,24 +1436,14 @@ class ServicePool:
                     output_tokens=reply.output_tokens,
                     latency_s=latency,
                     cost_usd=cost,
-                    ok=False,
-                    error=why,
+                    ok=True,
+                    error=None,
                     attempts=attempts,
                 )
             )
-            self._cache.record_failed_reply(
-                self.stage, self.cycle, p.name, p.model, key, payload, reply.text, reply.finish_reason, why
-            )
-            if (stop := guard.record(False)) is not None:
-                self._stop(f"provider '{p.name}' ({p.kind}, model {p.model}): {stop}")
-            if worth_resending and resends < p.unusable_retries and self._stopped is None:
-                resends += 1
-                continue
-            return ChatResult(
+            answered = _answered(
+                request,
                 reply.text,
-                None,
-                None,
-                why,
                 reply.input_tokens,
                 reply.output_tokens,
                 latency,
@@ -1412,6 +1453,42 @@ class ServicePool:
                 key,
                 reply.finish_reason,
             )
+            return answered, False
+        why, worth_resending = unusable
+        # paid but not an answer: ledger it, keep the raw reply, never cache it
+        self._cache.record(
+            self._row(
+                p,
+                key,
+                input_tokens=reply.input_tokens,
+                output_tokens=reply.output_tokens,
+                latency_s=latency,
+                cost_usd=cost,
+                ok=False,
+                error=why,
+                attempts=attempts,
+            )
+        )
+        self._cache.record_failed_reply(
+            self.stage, self.cycle, p.name, p.model, key, payload, reply.text, reply.finish_reason, why
+        )
+        if (stop := guard.record(False)) is not None:
+            self._stop(f"provider '{p.name}' ({p.kind}, model {p.model}): {stop}")
+        failed = ChatResult(
+            reply.text,
+            None,
+            None,
+            why,
+            reply.input_tokens,
+            reply.output_tokens,
+            latency,
+            cost,
+            False,
+            attempts,
+            key,
+            reply.finish_reason,
+        )
+        return failed, worth_resending
 
     async def _send(
         self, lane: _Lane, request: ChatRequest, key: str

@@ -19,6 +19,14 @@ What it does, on 127.0.0.1 (aiohttp, real HTTP, its own event loop in a daemon t
   repeat: `error_rate` answers 500/502/503, `hang_rate` sleeps `hang_s` (the client times out),
   `drop_rate` closes the connection without a reply. `fail_next(outcome, n)` forces the next n.
 - A request log for counting: arrivals per window, answers per request (duplicates), 429s.
+- Batch APIs, in each provider's wire format: OpenAI (`POST /v1/files` purpose=batch, `POST /v1/batches`,
+  `GET /v1/batches/<id>`, `GET /v1/files/<id>/content`), Anthropic Message Batches (`POST /v1/messages/batches`,
+  `GET /v1/messages/batches/<id>[/results]`) and Gemini batch mode with inlined requests
+  (`POST /<version>/models/<model>:batchGenerateContent`, `GET /<version>/batches/<id>`). A batch ends
+  `batch_delay_s` after it was created; each of its requests is decided like a live one (forced faults,
+  `error_rate`) and logged, an "error" becoming an errored item. `batch_submits` counts the batches created
+  per API; `end_next_batch(state)` makes the next batch end expired, cancelled or failed.
+- `auth_error`: every request is answered 401 (the key was rejected).
 
 Run it by hand: `python -m llamaduo_nb.testserver --rpm 600 --latency 0.5` (Ctrl-C stops it).
 """
@@ -37,7 +45,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
-OUTCOMES = ("ok", "rate_limited", "error", "hang", "drop")
+OUTCOMES = ("ok", "rate_limited", "error", "hang", "drop", "empty")  # empty: a 200 with no text (forced only)
 _WORDS = (
     "apple river stone cloud garden lantern mirror harbor violin pepper candle meadow silver forest "
     "engine basket anchor pillow marble orbit thunder velvet copper desert island ladder rocket saddle "
@@ -61,6 +69,8 @@ class Behaviour:
     drop_rate: float = 0.0  # share whose connection is closed without a reply
     seed: int = 0
     usage_output_tokens: int | None = None  # completion tokens to report; None: about len(reply) / 4
+    batch_delay_s: float = 0.0  # a batch ends this long after it was created (batch APIs)
+    auth_error: bool = False  # answer every request 401, as a provider does to a revoked key
 
 
 @dataclass
@@ -138,6 +148,8 @@ def _sentence(rng: random.Random, min_chars: int = 1) -> str:
 
 
 def _requested_schema(body: dict) -> Any:
+    if body.get("tools"):  # Anthropic: the schema is the forced tool's input_schema
+        return body["tools"][0].get("input_schema") or {}
     fmt = body.get("response_format") or {}
     if fmt.get("type") == "json_schema":
         return (fmt.get("json_schema") or {}).get("schema") or {}
@@ -175,6 +187,10 @@ class TestLLMServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: Any = None
+        self.batch_submits: Counter[str] = Counter()  # batches created per API: openai, anthropic, google
+        self._batches: dict[str, dict] = {}
+        self._files: dict[str, bytes] = {}
+        self._batch_endings: deque[str] = deque()
 
     # ---- lifecycle
     @property
@@ -209,7 +225,15 @@ class TestLLMServer:
 
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._handle)
+        app.router.add_post("/v1/files", self._openai_upload)
+        app.router.add_get("/v1/files/{file_id}/content", self._openai_file_content)
+        app.router.add_post("/v1/batches", self._openai_create_batch)
+        app.router.add_get("/v1/batches/{batch_id}", self._openai_get_batch)
+        app.router.add_post("/v1/messages/batches", self._anthropic_create_batch)
+        app.router.add_get("/v1/messages/batches/{batch_id}", self._anthropic_get_batch)
+        app.router.add_get("/v1/messages/batches/{batch_id}/results", self._anthropic_results)
         app.router.add_post("/{version}/models/{model_action}", self._handle)
+        app.router.add_get("/{version}/batches/{batch_id}", self._google_get_batch)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -218,7 +242,7 @@ class TestLLMServer:
 
     # ---- controls and counts
     def fail_next(self, outcome: str, n: int = 1, retry_after_s: float | None = None) -> None:
-        """Force the next `n` requests to `outcome` ("rate_limited", "error", "hang", "drop").
+        """Force the next `n` requests to `outcome` ("rate_limited", "error", "hang", "drop", "empty").
 
         A forced 429 carries `retry_after_s` when given (else the window's own wait).
         """
@@ -226,6 +250,15 @@ class TestLLMServer:
             raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
         with self._lock:
             self._forced.extend([(outcome, retry_after_s)] * n)
+
+    def end_next_batch(self, state: str) -> None:
+        """Make the next batch created end `state` ("expired", "cancelled", "failed") instead of completing.
+
+        Expired and cancelled batches answer the first half of their requests; a failed one answers none."""
+        if state not in ("expired", "cancelled", "failed"):
+            raise ValueError(f"state must be expired, cancelled or failed, got {state!r}")
+        with self._lock:
+            self._batch_endings.append(state)
 
     def reset_log(self) -> None:
         with self._lock:
@@ -303,7 +336,10 @@ class TestLLMServer:
         return max(wait, 0.001)
 
     async def _handle(self, request: Any) -> Any:
-
+        if self.behaviour.auth_error:
+            return self._unauthorized()
+        if request.path.endswith(":batchGenerateContent"):
+            return await self._google_create_batch(request)
         now = time.monotonic()
         body = await request.json()
         key = request_key(body)
@@ -332,7 +368,7 @@ class TestLLMServer:
         if outcome == "error":
             status = (500, 502, 503)[self._seen[key] % 3]
             return self._finish(entry, status, self._error_body(status, "injected server error"), {})
-        text = reply_text(body)
+        text = "" if outcome == "empty" else reply_text(body)
         return self._finish(entry, 200, self._answer(request.path, body, text, tokens), {})
 
     def _finish(self, entry: LoggedRequest, status: int, payload: dict, headers: dict[str, str]) -> Any:
@@ -349,6 +385,17 @@ class TestLLMServer:
         prompt = _prompt_chars(body) // 4 + 1
         output = self.behaviour.usage_output_tokens
         output = max(1, len(text) // 4) if output is None else output
+        if path.endswith("/messages"):
+            if body.get("tools") and text:
+                content = [{"type": "tool_use", "id": f"toolu_{request_key(body)}", "name": body["tools"][0]["name"],
+                            "input": json.loads(text)}]  # fmt: skip
+            else:
+                content = [{"type": "text", "text": text}]
+            return {
+                "id": f"msg_{request_key(body)}", "type": "message", "role": "assistant",
+                "model": body.get("model", ""), "content": content, "stop_reason": "end_turn",
+                "stop_sequence": None, "usage": {"input_tokens": prompt, "output_tokens": output},
+            }  # fmt: skip
         if path.endswith("/chat/completions"):
             return {
                 "id": f"chatcmpl-{request_key(body)}", "object": "chat.completion", "created": 0,
@@ -362,6 +409,246 @@ class TestLLMServer:
             "usageMetadata": {"promptTokenCount": prompt, "candidatesTokenCount": output,
                               "totalTokenCount": prompt + output},
         }  # fmt: skip
+
+    # ---- batch APIs
+    def _unauthorized(self) -> Any:
+        from aiohttp import web
+
+        body = {"error": {"message": "Incorrect API key provided.", "type": "authentication_error",
+                          "code": "invalid_api_key"}}  # fmt: skip
+        return web.json_response(body, status=401)
+
+    def _new_batch(self, api: str, items: list[tuple[str, str, dict]]) -> dict:
+        """Decide every (custom id, answer path, body) now; the batch shows its results once it ended."""
+        now = time.monotonic()
+        results: dict[str, tuple[int, dict]] = {}
+        with self._lock:
+            ending = self._batch_endings.popleft() if self._batch_endings else "completed"
+        for n, (custom_id, path, body) in enumerate(items):
+            key = request_key(body)
+            tokens = counted_tokens(body)
+            entry = LoggedRequest(key=key, path=f"batch:{api}", arrived=now, tokens=tokens)
+            with self._lock:
+                self.log.append(entry)
+            if ending == "failed" or (ending != "completed" and n >= (len(items) + 1) // 2):
+                entry.outcome, entry.finished = "unanswered", now
+                continue
+            outcome, _ = self._decide(key, 0, now)
+            entry.outcome, entry.finished = (outcome if outcome in ("ok", "empty") else "error"), now
+            if entry.outcome != "error":
+                entry.status = 200
+                text = "" if outcome == "empty" else reply_text(body)
+                results[custom_id] = (200, self._answer(path, body, text, tokens))
+            else:
+                entry.status = 500
+                results[custom_id] = (500, self._error_body(500, "injected server error"))
+        with self._lock:
+            self.batch_submits[api] += 1
+            number = sum(self.batch_submits.values())
+        batch_id = f"{api}-batch-{number}"
+        batch = {"id": batch_id, "api": api, "created": now, "wall": int(time.time()), "n": len(items),
+                 "ending": ending, "results": results, "ids": [i for i, _, _ in items]}  # fmt: skip
+        with self._lock:
+            self._batches[batch_id] = batch
+        return batch
+
+    def _ended(self, batch: dict) -> bool:
+        return time.monotonic() - batch["created"] >= self.behaviour.batch_delay_s
+
+    def _batch_or_404(self, batch_id: str) -> dict | None:
+        with self._lock:
+            return self._batches.get(batch_id)
+
+    async def _openai_upload(self, request: Any) -> Any:
+        from aiohttp import web
+
+        if self.behaviour.auth_error:
+            return self._unauthorized()
+        form = await request.post()
+        upload = form["file"]
+        data = upload.file.read()
+        with self._lock:
+            file_id = f"file-{len(self._files) + 1}"
+            self._files[file_id] = data
+        return web.json_response({"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                                  "filename": upload.filename, "purpose": form.get("purpose", "batch"),
+                                  "status": "processed"})  # fmt: skip
+
+    async def _openai_create_batch(self, request: Any) -> Any:
+        from aiohttp import web
+
+        if self.behaviour.auth_error:
+            return self._unauthorized()
+        body = await request.json()
+        with self._lock:
+            data = self._files.get(body.get("input_file_id", ""))
+        if data is None:
+            return web.json_response(self._error_body(404, "no such file"), status=404)
+        lines = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+        batch = self._new_batch("openai", [(x["custom_id"], x["url"], x["body"]) for x in lines])
+        batch["input_file_id"] = body["input_file_id"]
+        return web.json_response(self._openai_batch(batch))
+
+    def _openai_batch(self, batch: dict) -> dict:
+        ended = self._ended(batch)
+        ok = [cid for cid, (status, _) in batch["results"].items() if status == 200]
+        failed = [cid for cid in batch["ids"] if cid not in ok]
+        status = (
+            ("completed" if batch["ending"] == "completed" else batch["ending"]) if ended else "in_progress"
+        )
+        out = {"id": batch["id"], "object": "batch", "endpoint": "/v1/chat/completions",
+               "input_file_id": batch.get("input_file_id", ""), "completion_window": "24h", "status": status,
+               "created_at": batch["wall"], "output_file_id": None, "error_file_id": None,
+               "request_counts": {"total": batch["n"], "completed": len(ok) if ended else 0,
+                                  "failed": len(failed) if ended and status == "completed" else 0}}  # fmt: skip
+        if ended and status == "failed":
+            out["errors"] = {
+                "object": "list",
+                "data": [{"code": "invalid_request", "message": "injected failure"}],
+            }
+        if ended and status != "failed":
+            with self._lock:
+                if ok:
+                    out["output_file_id"] = f"{batch['id']}-output"
+                    self._files[out["output_file_id"]] = self._jsonl(
+                        {"id": f"batch_req_{cid}", "custom_id": cid, "error": None,
+                         "response": {"status_code": 200, "request_id": cid, "body": batch["results"][cid][1]}}
+                        for cid in ok)  # fmt: skip
+                if failed:
+                    out["error_file_id"] = f"{batch['id']}-errors"
+                    self._files[out["error_file_id"]] = self._jsonl(
+                        {"id": f"batch_req_{cid}", "custom_id": cid, "response": None,
+                         "error": {"code": "batch_expired", "message": "not processed in time"}}
+                        if cid not in batch["results"] else
+                        {"id": f"batch_req_{cid}", "custom_id": cid, "error": None,
+                         "response": {"status_code": 500, "request_id": cid, "body": batch["results"][cid][1]}}
+                        for cid in failed)  # fmt: skip
+        return out
+
+    @staticmethod
+    def _jsonl(rows: Any) -> bytes:
+        return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+    async def _openai_get_batch(self, request: Any) -> Any:
+        from aiohttp import web
+
+        if self.behaviour.auth_error:
+            return self._unauthorized()
+        batch = self._batch_or_404(request.match_info["batch_id"])
+        if batch is None:
+            return web.json_response(self._error_body(404, "no such batch"), status=404)
+        if batch["api"] == "google":  # google-genai (api_version v1 with a base_url) reads /v1/batches/<id>
+            return web.json_response(self._google_batch(batch))
+        return web.json_response(self._openai_batch(batch))
+
+    async def _openai_file_content(self, request: Any) -> Any:
+        from aiohttp import web
+
+        with self._lock:
+            data = self._files.get(request.match_info["file_id"])
+        if data is None:
+            return web.json_response(self._error_body(404, "no such file"), status=404)
+        return web.Response(body=data, content_type="application/octet-stream")
+
+    async def _anthropic_create_batch(self, request: Any) -> Any:
+        from aiohttp import web
+
+        if self.behaviour.auth_error:
+            return self._unauthorized()
+        body = await request.json()
+        items = [(r["custom_id"], "/v1/messages", r["params"]) for r in body["requests"]]
+        return web.json_response(self._anthropic_batch(self._new_batch("anthropic", items), request))
+
+    def _anthropic_batch(self, batch: dict, request: Any) -> dict:
+        ended = self._ended(batch)
+        results = batch["results"]
+        ok = sum(1 for status, _ in results.values() if status == 200)
+        unanswered = batch["n"] - len(results)
+        stamp = "2026-01-01T00:00:00Z"
+        return {"id": batch["id"], "type": "message_batch", "processing_status": "ended" if ended else "in_progress",
+                "request_counts": {"processing": 0 if ended else batch["n"], "succeeded": ok if ended else 0,
+                                   "errored": len(results) - ok if ended else 0,
+                                   "canceled": unanswered if ended and batch["ending"] == "cancelled" else 0,
+                                   "expired": unanswered if ended and batch["ending"] != "cancelled" else 0},
+                "created_at": stamp, "expires_at": stamp, "ended_at": stamp if ended else None,
+                "archived_at": None, "cancel_initiated_at": stamp if batch["ending"] == "cancelled" else None,
+                "results_url": f"{self.root}/v1/messages/batches/{batch['id']}/results" if ended else None,
+                }  # fmt: skip
+
+    async def _anthropic_get_batch(self, request: Any) -> Any:
+        from aiohttp import web
+
+        if self.behaviour.auth_error:
+            return self._unauthorized()
+        batch = self._batch_or_404(request.match_info["batch_id"])
+        if batch is None:
+            return web.json_response(self._error_body(404, "no such batch"), status=404)
+        return web.json_response(self._anthropic_batch(batch, request))
+
+    async def _anthropic_results(self, request: Any) -> Any:
+        from aiohttp import web
+
+        batch = self._batch_or_404(request.match_info["batch_id"])
+        if batch is None or not self._ended(batch):
+            return web.json_response(self._error_body(404, "no results yet"), status=404)
+        gone = "canceled" if batch["ending"] == "cancelled" else "expired"
+        rows = []
+        for cid in batch["ids"]:
+            if cid not in batch["results"]:
+                rows.append({"custom_id": cid, "result": {"type": gone}})
+                continue
+            status, payload = batch["results"][cid]
+            if status == 200:
+                rows.append({"custom_id": cid, "result": {"type": "succeeded", "message": payload}})
+            else:
+                rows.append({"custom_id": cid, "result": {"type": "errored", "error": {"type": "error",
+                             "error": {"type": "api_error", "message": "injected server error"}}}})  # fmt: skip
+        return web.Response(body=self._jsonl(rows), content_type="application/binary")
+
+    async def _google_create_batch(self, request: Any) -> Any:
+        from aiohttp import web
+
+        body = await request.json()
+        version, model = request.match_info["version"], request.match_info["model_action"].split(":")[0]
+        inlined = body["batch"]["inputConfig"]["requests"]["requests"]
+        items = [(json.dumps(r.get("metadata") or {}, sort_keys=True), f"/{version}/models/{model}:generateContent",
+                  r["request"]) for r in inlined]  # fmt: skip
+        batch = self._new_batch("google", items)
+        batch["metadata"] = [r.get("metadata") for r in inlined]
+        return web.json_response(self._google_batch(batch))
+
+    def _google_batch(self, batch: dict) -> dict:
+        ended = self._ended(batch)
+        state = {"completed": "SUCCEEDED", "expired": "EXPIRED", "cancelled": "CANCELLED", "failed": "FAILED"}
+        out = {"name": f"batches/{batch['id']}",
+               "metadata": {"@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
+                            "name": f"batches/{batch['id']}",
+                            "state": f"BATCH_STATE_{state[batch['ending']] if ended else 'RUNNING'}"}}  # fmt: skip
+        if ended and batch["ending"] != "failed":
+            responses = []
+            for cid, metadata in zip(batch["ids"], batch["metadata"], strict=True):
+                if cid not in batch["results"]:
+                    continue
+                status, payload = batch["results"][cid]
+                if status == 200:
+                    responses.append({"response": payload, "metadata": metadata})
+                else:
+                    responses.append(
+                        {"error": {"code": 13, "message": "injected server error"}, "metadata": metadata}
+                    )
+            out["metadata"]["output"] = {"inlinedResponses": {"inlinedResponses": responses}}
+            out["done"] = True
+        return out
+
+    async def _google_get_batch(self, request: Any) -> Any:
+        from aiohttp import web
+
+        if self.behaviour.auth_error:
+            return self._unauthorized()
+        batch = self._batch_or_404(request.match_info["batch_id"])
+        if batch is None:
+            return web.json_response(self._error_body(404, "no such batch"), status=404)
+        return web.json_response(self._google_batch(batch))
 
 
 def main(argv: list[str] | None = None) -> None:
