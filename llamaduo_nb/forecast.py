@@ -178,7 +178,9 @@ def _line(
         "max_calls": max_calls,
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
-        "usd": usd(input_tokens, output_tokens),  # at the batch price for a `batch: true` provider (what it pays)
+        "usd": usd(
+            input_tokens, output_tokens
+        ),  # at the batch price for a `batch: true` provider (what it pays)
         "batch_usd": usd(input_tokens, output_tokens, batch=True),
         "worst_usd": usd(input_tokens * scale, worst_output_tokens * scale),
         "worst_tokens": round((input_tokens + worst_output_tokens) * scale),
