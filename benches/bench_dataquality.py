@@ -413,6 +413,7 @@ def library_pipeline(
     lsh_threshold: float = 0.5,
     num_perm: int = 128,
     backend: str = "rensa",
+    num_bands: int = 32,
 ) -> ReferenceResult:
     """Exact duplicates by hashing, near-duplicates and contamination by datasketch `MinHash.bulk`
     (numpy-vectorised) + `MinHashLSH` at `lsh_threshold`, confirmed by ROUGE-L F1 >= `threshold`
@@ -438,7 +439,7 @@ def library_pipeline(
             return out
 
         def new_lsh() -> Any:
-            return RMinHashLSH(threshold=lsh_threshold, num_perm=num_perm, num_bands=32)
+            return RMinHashLSH(threshold=lsh_threshold, num_perm=num_perm, num_bands=num_bands)
     else:  # datasketch: numpy-vectorised MinHash.bulk, MinHashLSH
         from datasketch import MinHash, MinHashLSH
 
