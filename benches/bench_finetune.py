@@ -24,10 +24,14 @@ from typing import Any
 
 from benches.common import BenchLine, demo_run, timed
 
-# Not the demo's 12 steps: on a CPU without native bf16, TRL's defaults (bf16 autocast, emulated, plus
-# gradient checkpointing) ran ~15x slower than ours (2 steps at load ~4.5: 2.1 vs 31.1 tok/s, ~150 s a
-# step), so 12 steps would take the TRL side alone ~10-30 min. 4 steps keep the bench near 5 min on a
-# quiet 2-core machine and still give two logged losses per side.
+# Not the demo's 12 steps: on this CPU (AVX2, no native bf16) TRL 1.16's defaults ran ~15x slower than
+# ours (2 steps, load ~4.5: 2.1 vs 31.1 tok/s, ~150 s a step), so 12 steps would take the TRL side alone
+# ~10-30 min. What costs the time (2 steps each, load 3-6): TRL defaults with bf16=False 2.4 tok/s (loss
+# 1.755, ours 1.756), with gradient_checkpointing=False 1.8 tok/s, with both off ~30 tok/s (11 s a step,
+# like ours): bf16 autocast (emulated) and activation checkpointing are each enough to make TRL's step
+# ~13x slower here, through TRL's fused (chunked) LM-head loss, which runs on every path. The fused
+# AdamW and linear schedule do not matter. 4 steps keep this bench near 5-7 min on a quiet 2-core
+# machine and still give two logged losses per side.
 BENCH_STEPS = 4
 
 
