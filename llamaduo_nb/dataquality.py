@@ -64,11 +64,13 @@ Candidate generation, with the numbers that chose it (benchmark pool of benches/
 
 Speed (``make bench``, 2-core VM shared with other jobs): `clean` of 20K rows against 1K test items in
 ~1.0 s where the reference pipeline takes ~50 s (50x; per-token datasketch MinHash, MinHashLSH,
-rouge-score, an O(N^2) membership filter); 300K rows in ~16 s. 1M rows against 5K test items
-(``python -m benches --only dataquality --million``): 64 CPU-s, 66-80 s wall at load 3, peak RSS 2.8 GiB
-of which 1.0 GiB is the pool itself (before the numpy encoder, the shared doc gather and the length bound:
-86 CPU-s, 92 s wall, 2.8 GiB; same rows kept and dropped). Where the time goes at 1M: encoding 20 CPU-s,
-the decontamination scan (second thread) ~30 s, dedup signatures 8 s (above ~8M shingles they are
+rouge-score, an O(N^2) membership filter); 300K rows in ~16 s (``--dq-large 300000``). 1M rows against
+5K test items (the child process of ``python -m benches --only dataquality``): 59.2 s wall, 58.6 CPU-s at
+load 3.5, peak RSS 2.93 GiB of which ~1.0 GiB is the pool itself; other runs 64 CPU-s and 66-80 s wall
+at load 3 (before the numpy encoder, the shared doc gather and the length bound: 86 CPU-s, 92 s wall,
+2.8 GiB; the same rows kept and dropped, and identical results on a 30K fixture). Where the time goes
+at 1M: encoding 20 CPU-s, the decontamination scan (second thread) ~30 s, which overlaps it on a second
+core, then in dedup signatures 8 s (above ~8M shingles they are
 recomputed rather than cached, to bound memory), 3.5M LSH candidate pairs confirmed by LCS ~12-18 s
 (rapidfuzz, 2 threads; candidates grow faster than rows because template shingles below the
 boilerplate cut form large buckets).
