@@ -49,4 +49,16 @@ def test_fast_paths_keep_and_drop_the_same_rows(monkeypatch: pytest.MonkeyPatch)
     assert fast.decontamination == slow.decontamination
     reasons = {drop.reason for drop in fast.dedup.dropped}
     assert reasons == {"exact_duplicate", "near_duplicate"} and fast.decontamination.dropped
-    assert fast.dedup.stats["candidate_pairs"] == slow.dedup.stats["candidate_pairs"]
+    for key in ("candidate_pairs", "confirmed_pairs"):
+        assert fast.dedup.stats[key] == slow.dedup.stats[key]
+
+
+def test_a_longer_copy_at_the_length_bound_is_still_a_near_duplicate() -> None:
+    # ROUGE-L F1 = 2 * 18 / (18 + 32) = 0.72: the LCS is the whole shorter text, so the score equals the
+    # length bound that lets dedup skip pairs; the bound must not skip this one
+    base = " ".join(f"word{i}" for i in range(18))
+    longer = base + " " + " ".join(f"extra{i}" for i in range(14))
+    result = dq.dedup([{"instruction": base, "response": ""}, {"instruction": longer, "response": ""}])
+    assert [(d.index, d.reason, d.duplicate_of) for d in result.dropped] == [(1, "near_duplicate", 0)]
+    assert result.dropped[0].score == 2 * 18 / 50
+    assert dq.dedup([{"instruction": base}, {"instruction": longer}], threshold=0.73).dropped == []
