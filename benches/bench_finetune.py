@@ -24,10 +24,20 @@ from typing import Any
 
 from benches.common import BenchLine, demo_run, timed
 
+# Not the demo's 12 steps: on this CPU (AVX2, no native bf16) TRL 1.16's defaults ran ~15x slower than
+# ours (2 steps, load ~4.5: 2.1 vs 31.1 tok/s, ~150 s a step), so 12 steps would take the TRL side alone
+# ~10-30 min. What costs the time (2 steps each, load 3-6): TRL defaults with bf16=False 2.4 tok/s (loss
+# 1.755, ours 1.756), with gradient_checkpointing=False 1.8 tok/s, with both off ~30 tok/s (11 s a step,
+# like ours): bf16 autocast (emulated) and activation checkpointing are each enough to make TRL's step
+# ~13x slower here, through TRL's fused (chunked) LM-head loss, which runs on every path. The fused
+# AdamW and linear schedule do not matter. 4 steps keep this bench near 5-7 min on a quiet 2-core
+# machine and still give two logged losses per side.
+BENCH_STEPS = 4
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("finetune")
-    group.add_argument("--ft-steps", type=int, help="training steps (default: the demo's max_steps)")
+    group.add_argument("--ft-steps", type=int, help=f"training steps (default {BENCH_STEPS}; 2 with --quick)")
 
 
 def run_ours(cfg: Any, layout: Any) -> dict[str, Any]:
@@ -47,8 +57,11 @@ def run_ours(cfg: Any, layout: Any) -> dict[str, Any]:
     }
 
 
-def run_trl_defaults(cfg: Any, layout: Any, lora: dict[str, Any]) -> dict[str, Any]:
-    """TRL's SFTTrainer with its defaults; only the settings that define the experiment are shared."""
+def run_trl_defaults(
+    cfg: Any, layout: Any, lora: dict[str, Any], overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """TRL's SFTTrainer with its defaults; only the settings that define the experiment are shared
+    (``overrides``: settings changed on top, to find out which default costs the time)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import set_seed
@@ -79,6 +92,7 @@ def run_trl_defaults(cfg: Any, layout: Any, lora: dict[str, Any]) -> dict[str, A
             seed=ft.seed,
             use_cpu=True,
             include_num_input_tokens_seen="non_padding",
+            **(overrides or {}),
         )
         peft_config = LoraConfig(
             r=lora["r"],
@@ -119,7 +133,7 @@ def run_trl_defaults(cfg: Any, layout: Any, lora: dict[str, Any]) -> dict[str, A
 def lines(args: argparse.Namespace) -> list[BenchLine]:
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
         cfg, layout = demo_run(Path(tmp) / "bench", adapter=False)
-        steps = args.ft_steps or (4 if args.quick else cfg.finetune.max_steps)
+        steps = args.ft_steps or (2 if args.quick else BENCH_STEPS)
         cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, max_steps=steps))
         print(f"fine-tuning, ours ({steps} steps) ...", flush=True)
         ours = run_ours(cfg, layout)

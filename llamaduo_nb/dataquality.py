@@ -64,11 +64,24 @@ Candidate generation, with the numbers that chose it (benchmark pool of benches/
 
 Speed (``make bench``, 2-core VM shared with other jobs): `clean` of 20K rows against 1K test items in
 ~1.0 s where the reference pipeline takes ~50 s (50x; per-token datasketch MinHash, MinHashLSH,
-rouge-score, an O(N^2) membership filter); 300K rows in ~16 s. About a third of the time is tokenising
-(pure Python, one dict lookup per token); the rest is numpy on chunks of 8192 texts (small temporaries
-are recycled by the allocator; fresh memory is slow to touch on this VM), per-band sorting in threads,
-and decontamination in a second thread that scans the pool chunk by chunk while this thread tokenises
-it (that overlap pays when the second core is free). Figures: outputs/bench/dataquality.md.
+rouge-score, an O(N^2) membership filter); 300K rows in ~16 s (``--dq-large 300000``). 1M rows against
+5K test items (the child process of ``python -m benches --only dataquality``): 59.2 s wall, 58.6 CPU-s at
+load 3.5, peak RSS 2.93 GiB of which ~1.0 GiB is the pool itself; other runs 64 CPU-s and 66-80 s wall
+at load 3 (before the numpy encoder, the shared doc gather and the length bound: 86 CPU-s, 92 s wall,
+2.8 GiB; the same rows kept and dropped, and identical results on a 30K fixture). Where the time goes
+at 1M: encoding 20 CPU-s, the decontamination scan (second thread) ~30 s, which overlaps it on a second
+core, then in dedup signatures 8 s (above ~8M shingles they are
+recomputed rather than cached, to bound memory), 3.5M LSH candidate pairs confirmed by LCS ~12-18 s
+(rapidfuzz, 2 threads; candidates grow faster than rows because template shingles below the
+boilerplate cut form large buckets).
+
+* Encoding (`_Encoder.encode_many`): one ``bytes.translate`` over a batch of 16K texts, token boundaries
+  in numpy, and each token of up to 16 bytes read as two integers (its bytes, exact) and looked up in an
+  open-addressing table; new tokens get ids in order of first appearance, so codes equal the per-token
+  path's (a test compares both). The per-token path made a Python bytes object and a dict lookup per
+  token: 35 CPU-s for the 82M tokens of 1M rows, against 20.
+* Dedup confirms only candidate pairs whose lengths allow ROUGE-L F1 >= threshold (F1 <= 2 min/(m+n)),
+  and builds each compared doc once, gathering pairs in numpy's object loop.
 """
 
 from __future__ import annotations
@@ -262,6 +275,9 @@ def _ids_of_codes(codes: np.ndarray) -> np.ndarray:
 
 
 Encoded = str | tuple[int, ...]
+_FAST_BATCH = 16384  # texts per numpy encoding batch (0: the per-token path only, as the tests compare)
+_LENGTH_BOUND = True  # dedup skips the LCS of pairs whose lengths alone rule out the threshold
+_KEY_BYTES = 16  # tokens up to this long are looked up by their bytes in numpy, longer ones in a dict
 
 
 class _Codes(dict):
@@ -288,6 +304,7 @@ class _Encoder:
         self._lookup = self._codes.__getitem__
         self._hashes = np.zeros(0, dtype=np.uint64)
         self._hashes_lock = threading.Lock()  # clean() reads hashes in a second thread while encoding
+        self._table = _TokenTable()  # for _encode_batch: short tokens by their bytes
 
     def _new_token(self, raw: bytes) -> str:
         token = raw.decode("ascii")
@@ -312,15 +329,89 @@ class _Encoder:
         return encoded
 
     def encode_many(self, texts: Iterable[str]) -> list[Encoded]:
-        """Encode texts, each distinct text once (labels and copied rows repeat)."""
+        """Encode texts: in numpy batches (`_encode_batch`) unless stemming or a vocabulary near the
+        code-point limit asks for the per-token path, which encodes each distinct text once."""
+        out: list[Encoded] = []
+        if not self.use_stemmer and _FAST_BATCH > 0:
+            batch: list[str] = []
+            for text in texts:
+                batch.append(text)
+                if len(batch) == _FAST_BATCH:
+                    out.extend(self._encode_batch(batch))
+                    batch = []
+            out.extend(self._encode_batch(batch))
+            return out
         done: dict[str, Encoded] = {}
-        encode, out = self.encode, []
+        encode = self.encode
         for text in texts:
             encoded = done.get(text)
             if encoded is None:
                 encoded = done[text] = encode(text)
             out.append(encoded)
         return out
+
+    def _encode_batch(self, texts: list[str]) -> list[Encoded]:
+        """`encode` of many texts at once, with the same tokens, ids and codes, without a Python object
+        per token: one translated byte buffer, token boundaries and exact 16-byte keys in numpy, looked up
+        in a sorted copy of the vocabulary; only new and longer tokens go through the dict."""
+        raws = [t.encode("ascii") if t.isascii() else t.lower().encode("ascii", "replace") for t in texts]
+        joined = b" ".join(raws).translate(_LOWER_SEPARATORS)  # lower case and separators as in `encode`
+        buf = np.frombuffer(joined, dtype=np.uint8)
+        edge = np.diff((buf != 32).view(np.int8), prepend=np.int8(0), append=np.int8(0))
+        starts, ends = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
+        if len(self.tokens) + starts.size >= _ID_CAPACITY:  # ids might overflow: the tuple path
+            return [self.encode(text) for text in texts]
+        lengths = ends - starts
+        text_starts = np.zeros(len(texts), dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, raws), np.int64, len(raws))[:-1] + 1, out=text_starts[1:])
+        per_text = np.bincount(np.searchsorted(text_starts, starts, side="right") - 1, minlength=len(texts))
+        ids = self._batch_ids(joined, starts, lengths)
+        if ids is None:  # two different tokens with the same 64-bit key in this batch: the exact path
+            return [self.encode(text) for text in texts]
+        codes = (ids + 1).astype(np.uint32)
+        codes[codes >= 0xD800] += 0x800
+        text = codes.tobytes().decode("utf-32-le")
+        bounds = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(per_text, out=bounds[1:])
+        cuts = bounds.tolist()
+        return [text[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+    def _batch_ids(self, joined: bytes, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
+        """The id of every token (bytes ``joined[starts[k]:starts[k] + lengths[k]]``), assigning new ids in
+        order of first appearance as `encode` does. A token of up to 16 bytes is read as two integers (its
+        bytes, exactly) and found in an open-addressing table that stores both integers, so a match is
+        exact; longer tokens go through the dict. None if two different new tokens of this batch share a
+        64-bit key (then the caller takes the per-token path)."""
+        n = len(joined)
+        padded = joined + bytes(_KEY_BYTES + 8)
+        # every byte offset of `padded` read as a little-endian uint64 (unaligned, stride 1)
+        words = np.ndarray(shape=(n + _KEY_BYTES,), dtype="<u8", buffer=padded, strides=(1,))
+        lo = words[starts] & _BYTE_MASKS[np.minimum(lengths, 8)]
+        hi = words[starts + 8] & _BYTE_MASKS[np.clip(lengths - 8, 0, 8)]
+        key = _fmix(_fmix(lo) ^ hi)
+        ids = self._table.find(key, lo, hi)
+        ids[lengths > _KEY_BYTES] = -1
+        new = np.flatnonzero(ids < 0)
+        if not new.size:
+            return ids
+        new_short = new[lengths[new] <= _KEY_BYTES]
+        keys, first, inverse = np.unique(key[new_short], return_index=True, return_inverse=True)
+        first = new_short[first]
+        inverse = inverse.ravel()
+        if (lo[first[inverse]] != lo[new_short]).any() or (hi[first[inverse]] != hi[new_short]).any():
+            return None
+        long_tokens = new[lengths[new] > _KEY_BYTES].tolist()
+        for k in sorted(first.tolist() + long_tokens):  # ids are given in order of first appearance
+            self._lookup(joined[starts[k] : starts[k] + lengths[k]])
+        token_ids = self._ids
+        first_ids = [
+            token_ids[joined[starts[k] : starts[k] + lengths[k]].decode("ascii")] for k in first.tolist()
+        ]
+        ids[new_short] = np.array(first_ids, dtype=np.int64)[inverse]
+        for k in long_tokens:
+            ids[k] = token_ids[joined[starts[k] : starts[k] + lengths[k]].decode("ascii")]
+        self._table.add(keys, lo[first], hi[first], first_ids)
+        return ids
 
     def _id_of(self, raw: bytes) -> int:
         token = raw.decode("ascii")
@@ -333,6 +424,66 @@ class _Encoder:
                 new = self.tokens[self._hashes.size :]
                 self._hashes = np.concatenate([self._hashes, _string_hashes(new)])
             return self._hashes
+
+
+_BYTE_MASKS = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [(1 << 64) - 1], dtype=np.uint64)
+
+
+class _TokenTable:
+    """Open addressing (linear probing, load <= 1/2) from a token's two byte integers to its id."""
+
+    def __init__(self) -> None:
+        self.bits = 12
+        self.size = 0
+        self._alloc()
+
+    def _alloc(self) -> None:
+        slots = 1 << self.bits
+        self.lo = np.zeros(slots, dtype=np.uint64)
+        self.hi = np.zeros(slots, dtype=np.uint64)
+        self.ids = np.full(slots, -1, dtype=np.int64)
+
+    def _slot(self, key: np.ndarray) -> np.ndarray:
+        return (key >> np.uint64(64 - self.bits)).astype(np.int64)
+
+    def find(self, key: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Id of each token, -1 where absent."""
+        slot = self._slot(key)
+        out = self.ids[slot]
+        hit = (out >= 0) & (self.lo[slot] == lo) & (self.hi[slot] == hi)
+        todo = np.flatnonzero((out >= 0) & ~hit)  # slot taken by another token: probe on
+        out[~hit] = -1
+        slot[todo] = (slot[todo] + 1) & ((1 << self.bits) - 1)
+        mask = (1 << self.bits) - 1
+        while todo.size:
+            at = slot[todo]
+            found = self.ids[at]
+            hit = (found >= 0) & (self.lo[at] == lo[todo]) & (self.hi[at] == hi[todo])
+            out[todo[hit]] = found[hit]
+            more = (found >= 0) & ~hit  # occupied by another token: probe the next slot
+            todo = todo[more]
+            slot[todo] = (at[more] + 1) & mask
+        return out
+
+    def add(self, keys: np.ndarray, lo: np.ndarray, hi: np.ndarray, ids: list[int]) -> None:
+        if 2 * (self.size + len(ids)) > (1 << self.bits):
+            old = np.flatnonzero(self.ids >= 0)
+            entries = (self.lo[old], self.hi[old], self.ids[old])
+            while 2 * (self.size + len(ids)) > (1 << self.bits):
+                self.bits += 1
+            self._alloc()
+            self.size = 0
+            if old.size:
+                self.add(_fmix(_fmix(entries[0]) ^ entries[1]), *entries[:2], entries[2].tolist())
+        mask = (1 << self.bits) - 1
+        table_ids, table_lo, table_hi = self.ids, self.lo, self.hi
+        for slot, a, b, token_id in zip(
+            self._slot(keys).tolist(), lo.tolist(), hi.tolist(), ids, strict=True
+        ):
+            while table_ids[slot] >= 0:
+                slot = (slot + 1) & mask
+            table_ids[slot], table_lo[slot], table_hi[slot] = token_id, a, b
+        self.size += len(ids)
 
 
 def _string_hashes(strings: list[str]) -> np.ndarray:
@@ -564,16 +715,27 @@ class _RowShingles:
         self.params, self.n_rows = params, n_rows
         self.buckets = _bucket_count(n_rows)
         self.counts = np.zeros(self.buckets, dtype=np.int64)
+        self._pending: list[np.ndarray] = []  # bucket numbers not yet counted
+        self._pending_size = 0
         self.chunks: list[tuple[np.ndarray, np.ndarray]] | None = []  # (hashes, global row)
         self.total = 0
 
     def add(self, hashes: np.ndarray, rows: np.ndarray) -> None:
-        self.counts += np.bincount(_bucket_of(hashes, self.buckets), minlength=self.buckets)
+        self._pending.append(_bucket_of(hashes, self.buckets))
+        self._pending_size += hashes.size
+        if self._pending_size >= 2 * self.buckets:  # one pass over the counts per several chunks
+            self._count()
         self.total += hashes.size
         if self.chunks is not None:
             self.chunks = self.chunks + [(hashes, rows)] if self.total <= _SHINGLE_CACHE_LIMIT else None
 
+    def _count(self) -> None:
+        if self._pending:
+            self.counts += np.bincount(np.concatenate(self._pending), minlength=self.buckets)
+        self._pending, self._pending_size = [], 0
+
     def merge(self, other: _RowShingles) -> None:
+        other._count()
         self.counts += other.counts
         self.total += other.total
         both = self.chunks is not None and other.chunks is not None and self.total <= _SHINGLE_CACHE_LIMIT
@@ -581,6 +743,7 @@ class _RowShingles:
 
     def common(self) -> np.ndarray | None:
         """Buckets of shingles more frequent than the boilerplate limit (None if there are none)."""
+        self._count()
         limit = max(self.params.common_min_count, self.params.common_fraction * self.n_rows)
         common = self.counts > limit
         return common if common.any() else None
@@ -919,7 +1082,6 @@ class _DedupIndex:
     unique: np.ndarray  # global indices of first occurrences; "docs" are numbered along it
     codes: list[Encoded]  # encoded fields, per_row per row
     per_row: int
-    docs: dict[int, Encoded]  # joined encoded texts of the docs compared so far
     keys: np.ndarray  # (bands, docs)
     has_shingles: np.ndarray  # (docs,)
     params: MinHashParams
@@ -967,7 +1129,7 @@ class _DedupIndex:
                 keys[:, first:last] = _band_keys(signatures, params)
                 has_shingles[first:last] = signatures[:, 0] != _EMPTY
         stages.done("minhash")
-        return cls(fields, n_against, exact_rep, unique, codes, per_row, {}, keys, has_shingles, params)
+        return cls(fields, n_against, exact_rep, unique, codes, per_row, keys, has_shingles, params)
 
     @staticmethod
     def _recomputed(
@@ -977,13 +1139,22 @@ class _DedupIndex:
             _, hashes, owner = _row_shingles(codes[per_row * start : per_row * end], encoder, params)
             yield hashes, owner // per_row + start
 
-    def doc(self, d: int) -> Encoded:
-        """The encoded text of doc ``d`` (its fields joined), built when first needed."""
-        doc = self.docs.get(d)
-        if doc is None:
-            g = int(self.unique[d])
-            doc = self.docs[d] = _join(self.codes[self.per_row * g : self.per_row * (g + 1)])
-        return doc
+    def docs_of(self, *columns: np.ndarray) -> list[np.ndarray]:
+        """The joined encoded texts of the docs in each column (object arrays): each distinct doc built once,
+        by numpy on object arrays (no Python call per pair)."""
+        needed = _sorted_unique(np.concatenate(columns)) if columns else np.zeros(0, dtype=np.int64)
+        codes = np.empty(len(self.codes), dtype=object)
+        codes[:] = self.codes
+        rows = self.unique[needed] * self.per_row
+        parts = [codes[rows + k] for k in range(self.per_row)]
+        if all(_all_str(part) for part in parts):
+            docs = functools.reduce(np.add, parts)  # str + str in numpy's object loop
+        else:
+            docs = np.empty(needed.size, dtype=object)
+            docs[:] = [_join(fields) for fields in zip(*parts, strict=True)]
+        position = np.zeros(self.unique.size, dtype=np.int64)
+        position[needed] = np.arange(needed.size)
+        return [docs[position[column]] for column in columns]
 
     def resolve(
         self, active_pool: np.ndarray | None, threshold: float, stages: _Progress
@@ -1011,7 +1182,15 @@ class _DedupIndex:
         stages.done("lsh_pairs")
 
         low, high = np.divmod(candidates, max(unique.size, 1))
-        scores = _f1_pairs([self.doc(i) for i in low.tolist()], [self.doc(j) for j in high.tolist()])
+        left, right = self.docs_of(low, high)
+        left_len = np.fromiter(map(len, left), np.float64, len(left))
+        right_len = np.fromiter(map(len, right), np.float64, len(right))
+        # F1 grows with the LCS, which is at most the shorter text: pairs of too different lengths cannot
+        # reach the threshold and need no LCS (the margin covers rounding; their score stays 0 here)
+        bound = _f1(np.minimum(left_len, right_len), left_len, right_len)
+        possible = np.flatnonzero(bound >= threshold - 1e-9 if _LENGTH_BOUND else bound >= -1)
+        scores = np.zeros(low.size, dtype=np.float64)
+        scores[possible] = _f1_pairs(left[possible].tolist(), right[possible].tolist())
         confirmed = scores >= threshold
         stages.done("rouge_l")
 
@@ -1022,8 +1201,7 @@ class _DedupIndex:
         dropped_g = pool_rows[roots[pool_rows] != pool_rows]
         near = dropped_g[self.exact_rep[dropped_g] != roots[dropped_g]]
         near_scores = _f1_pairs(
-            [self.doc(i) for i in doc_of[self.exact_rep[near]].tolist()],
-            [self.doc(i) for i in doc_of[roots[near]].tolist()],
+            *(docs.tolist() for docs in self.docs_of(doc_of[self.exact_rep[near]], doc_of[roots[near]]))
         )
         score_of = dict(zip(near.tolist(), near_scores.tolist(), strict=True))
         dropped = []
