@@ -439,10 +439,13 @@ def _parity(cfg: RunConfig, test: Sequence[dict], prices: PriceTable) -> list[di
     """06's judged parity: the served GGUF (local, free) answers the test prompts K times; the judges score
     those answers `deploy.parity_m` times and re-judge the evaluated cycle's answers as often (the repeats 04
     already made replay from the call cache)."""
-    d = cfg.deploy
+    from .deploy.parity import parity_evaluate_config
+
+    d, evaluated_m = cfg.deploy, cfg.evaluate.m
+    cfg = dataclasses.replace(cfg, evaluate=parity_evaluate_config(cfg))
     if not (d.enabled and d.serve and cfg.evaluate.judges):
         return []
-    m, evaluated_m = d.parity_m or cfg.evaluate.m, cfg.evaluate.m
+    m = cfg.evaluate.m
     served = _judge_lines(cfg, "06_deploy", None, test, prices, m, 1)
     # the evaluated answers' repeats below 04's M replay from the call cache; only the ones above are paid
     rejudged = (

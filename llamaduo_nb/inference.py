@@ -154,6 +154,21 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
+def load_base_model(cfg: RunConfig) -> tuple[Any, Any, str]:
+    """(model, tokenizer, path): the student before fine-tuning, set up for batched generation as
+    `load_model` sets up a cycle's model (Table 1's base-student row)."""
+    from .finetune import cuda_available, load_student, resolve_dtype
+
+    model, tokenizer, path = load_student(cfg.student, "none", resolve_dtype(cfg.student, cuda_available()))
+    if cuda_available():
+        model = model.to("cuda")
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, path
+
+
 def load_model(cfg: RunConfig, adapter_dir: Path, merge: bool = True) -> tuple[Any, Any, str]:
     """(model, tokenizer, base model path): base + the cycle's LoRA adapter, merged into it if `merge`."""
     from peft import PeftModel
@@ -351,23 +366,32 @@ def _vllm_max_lora_rank(adapter_dir: Path) -> int:
 
 
 def _generate_vllm(
-    cfg: RunConfig, rows: list[dict], model_path: str, adapter_dir: Path, cycle: int
+    cfg: RunConfig, rows: list[dict], model_path: str, adapter_dir: Path | None, label: str
 ) -> tuple[list[list[Sample]], dict[str, Any]]:
-    """All prompts in one vLLM call; n=K per request so each prompt is prefilled once."""
+    """All prompts in one vLLM call; n=K per request so each prompt is prefilled once. Without an adapter
+    (Table 1's base student) the base model answers with the tokenizer 02 would train it with."""
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
     inf = cfg.inference
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    if adapter_dir is not None:
+        tokenizer_path = str(adapter_dir)
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    else:
+        from .finetune import apply_chat_template_setting
+
+        tokenizer_path = model_path
+        tokenizer = AutoTokenizer.from_pretrained(model_path, revision=cfg.student.revision)
+        apply_chat_template_setting(tokenizer, cfg.student, model_path)
+    lora = {"enable_lora": True, "max_lora_rank": _vllm_max_lora_rank(adapter_dir)} if adapter_dir else {}
     llm = LLM(
         model=model_path,
-        tokenizer=str(adapter_dir),
+        tokenizer=tokenizer_path,
         revision=cfg.student.revision,
         trust_remote_code=cfg.student.trust_remote_code,
         seed=inf.seed,
-        enable_lora=True,
-        max_lora_rank=_vllm_max_lora_rank(adapter_dir),
+        **lora,
         tensor_parallel_size=inf.tensor_parallel_size,
         pipeline_parallel_size=inf.pipeline_parallel_size,
         gpu_memory_utilization=inf.gpu_memory_utilization,
@@ -387,9 +411,8 @@ def _generate_vllm(
         )
         for i in range(len(rows))
     ]
-    outputs = llm.generate(
-        prompts, params, lora_request=LoRARequest(f"cycle_{cycle:02d}", 1, str(adapter_dir))
-    )
+    lora_request = LoRARequest(label, 1, str(adapter_dir)) if adapter_dir is not None else None
+    outputs = llm.generate(prompts, params, lora_request=lora_request)
     samples = []
     for i, output in enumerate(outputs):
         group = [
@@ -434,7 +457,7 @@ def cycle_gguf(cfg: RunConfig, layout: RunLayout, cycle: int, progress: bool = T
     with the tokenizer check 06 runs. `layout.cycle_gguf_marker(cycle)` records the adapter's content hash,
     so a retrained adapter is re-exported and 06 can reuse the file for the cycle it ships.
     """
-    from .deploy import base_licence, check_gguf_tokenizer, export_gguf, merge_adapter, tokenizer_pre_for
+    from .deploy import merge_adapter
 
     adapter_dir = layout.adapter_dir(cycle)
     sources = sorted(p for p in adapter_dir.iterdir() if p.suffix in (".safetensors", ".json", ".jinja"))
@@ -443,16 +466,55 @@ def cycle_gguf(cfg: RunConfig, layout: RunLayout, cycle: int, progress: bool = T
     if path.is_file() and marker.is_file() and read_json(marker).get("adapter_sha256") == adapter_sha:
         return path, False
     merged = merge_adapter(cfg, adapter_dir, layout.cycle_merged_dir(cycle))
+    record = {
+        "adapter": str(adapter_dir),
+        "adapter_sha256": adapter_sha,
+        "merge_seconds": round(merged.seconds, 2),
+    }
+    _export_f16(cfg, merged.path, path, marker, f"cycle {cycle}", record)
+    return path, True
+
+
+def base_gguf(cfg: RunConfig, layout: RunLayout) -> tuple[Path, Path]:
+    """(GGUF, its marker): the student before fine-tuning as GGUF F16, for Table 1's base-student row when
+    03 answers through llama.cpp (the cycles' engine). The model is saved as 02 loads it
+    (`finetune.load_student`, with the params' chat template) under `<run>/baselines/base_student/`."""
+    from .finetune import cuda_available, load_student, resolve_dtype
+    from .jsonio import atomic_dir
+
+    folder = layout.baseline_dir("base_student")
+    path, marker = folder / "model-f16.gguf", folder / "model-f16.json"
+    student = cfg.student
+    source = {
+        "student": student.model_id,
+        "revision": student.revision,
+        "chat_template": student.chat_template,
+    }
+    if path.is_file() and marker.is_file() and read_json(marker).get("source") == source:
+        return path, marker
+    model, tokenizer, _ = load_student(student, "none", resolve_dtype(student, cuda_available()))
+    with atomic_dir(folder / "model") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    del model
+    _export_f16(cfg, folder / "model", path, marker, "base student", {"source": source})
+    return path, marker
+
+
+def _export_f16(cfg: RunConfig, model_dir: Path, path: Path, marker: Path, what: str, record: dict) -> None:
+    """06's GGUF F16 export of `model_dir` to `path` plus its tokenizer check; `marker` records `record`."""
+    from .deploy import base_licence, check_gguf_tokenizer, export_gguf, tokenizer_pre_for
+
     licence, upstream, _ = base_licence(cfg.student.model_id)
     export = export_gguf(
-        merged.path,
+        model_dir,
         path,
         "f16",
         tokenizer_pre=tokenizer_pre_for(cfg),
-        name=f"{cfg.run_name} cycle {cycle} ({upstream or cfg.student.model_id})",
+        name=f"{cfg.run_name} {what} ({upstream or cfg.student.model_id})",
         licence=licence,
     )
-    check = check_gguf_tokenizer(export.path, merged.path)
+    check = check_gguf_tokenizer(export.path, model_dir)
     if not check["ok"]:
         path.unlink()
         raise ConfigError(
@@ -463,17 +525,14 @@ def cycle_gguf(cfg: RunConfig, layout: RunLayout, cycle: int, progress: bool = T
     write_json(
         marker,
         {
-            "adapter": str(adapter_dir),
-            "adapter_sha256": adapter_sha,
+            **record,
             "gguf": path.name,
             "gguf_sha256": _digest([path]),
             "qtype": "f16",
-            "merged_dir": str(merged.path),
-            "merge_seconds": round(merged.seconds, 2),
+            "merged_dir": str(model_dir),
             "export_seconds": round(export.seconds, 2),
         },
     )
-    return path, True
 
 
 def llamacpp_requests(inf: InferenceConfig, rows: Sequence[dict]) -> list[Any]:
@@ -496,7 +555,14 @@ def llamacpp_requests(inf: InferenceConfig, rows: Sequence[dict]) -> list[Any]:
 
 
 def _generate_llamacpp(
-    cfg: RunConfig, layout: RunLayout, cycle: int, rows: list[dict], gguf: Path, progress: bool = True
+    cfg: RunConfig,
+    layout: RunLayout,
+    rows: list[dict],
+    gguf: Path,
+    marker: Path,
+    label: str,
+    cycle: int | None,
+    progress: bool = True,
 ) -> tuple[list[list[Sample]], dict[str, Any]]:
     """K answers per prompt from llama.cpp's server on 127.0.0.1, through the ServicePool (cache + ledger).
 
@@ -517,20 +583,21 @@ def _generate_llamacpp(
     n_per_prompt = 1 if greedy else inf.k
     threads = inf.llamacpp_threads or os.cpu_count() or 1
     slots = max(1, min(inf.llamacpp_parallel, len(rows) * n_per_prompt))
-    marker = read_json(layout.cycle_gguf_marker(cycle))
+    gguf_sha = read_json(marker)["gguf_sha256"]
     requests = llamacpp_requests(inf, rows)
+    stage = "03_batch_inference" if cycle is not None else "baselines"
     with LlamaServer(
         gguf,
         n_ctx=max(2048, inf.max_new_tokens + 1024),
         n_threads=threads,
         parallel=slots,
-        log_file=layout.logs_dir / f"llama_server_03_cycle_{cycle:02d}.log",
+        log_file=layout.logs_dir / f"llama_server_03_{label}.log",
         model_alias=gguf.stem,
     ) as server:
         provider = ProviderConfig(
             name="student_llamacpp",
             kind="openai_compatible",
-            model=f"{cfg.run_name}-cycle{cycle:02d}-f16-{marker['gguf_sha256'][:12]}",
+            model=f"{cfg.run_name}-{label}-f16-{gguf_sha[:12]}",
             base_url=server.base_url,
             rpm=100_000,
             tpm=100_000_000,
@@ -543,7 +610,7 @@ def _generate_llamacpp(
         run_cfg = dataclasses.replace(cfg, providers=[*cfg.providers, provider])
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="no price for model")  # the local student costs $0
-            with ServicePool(run_cfg, layout, "03_batch_inference", cycle, providers=[provider.name]) as pool:
+            with ServicePool(run_cfg, layout, stage, cycle, providers=[provider.name]) as pool:
                 results = pool.complete_many(
                     provider.name, requests, desc=f"generate, llama.cpp ({len(rows)} prompts x K={inf.k})"
                 )
@@ -612,15 +679,29 @@ def generate_responses(
     cfg: RunConfig, layout: RunLayout, cycle: int, progress: bool = True
 ) -> dict[str, Any]:
     """03's work: K answers per test prompt -> responses.jsonl + inference.json; returns the summary."""
-    import torch
-
-    inf = cfg.inference
     rows = load_test_rows(layout.test_file)
     adapter_dir = layout.adapter_dir(cycle)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(
             f"{adapter_dir} holds no adapter_config.json: run 02_finetune for cycle {cycle} first"
         )
+    responses, summary = answer_prompts(cfg, layout, rows, cycle, progress)
+    write_jsonl(layout.responses_file(cycle), responses)
+    write_json(layout.inference_summary(cycle), summary)
+    return summary
+
+
+def answer_prompts(
+    cfg: RunConfig, layout: RunLayout, rows: list[dict], cycle: int | None, progress: bool = True
+) -> tuple[list[dict], dict[str, Any]]:
+    """K answers per prompt from the student of `cycle` (its adapter), or before fine-tuning when `cycle`
+    is None (Table 1's base-student row), through 03's engine: (response rows, summary). The one answer
+    path of the student, so the base row and the cycles' rows come from the same engine and sampler."""
+    import torch
+
+    inf = cfg.inference
+    adapter_dir = layout.adapter_dir(cycle) if cycle is not None else None
+    label = f"cycle_{cycle:02d}" if cycle is not None else "base_student"
     engine = resolve_engine(inf.engine)
     started = time.monotonic()
     if engine == "vllm":
@@ -629,28 +710,36 @@ def generate_responses(
         model_path = resolve_model_path(cfg.student.model_id)
         load_s = 0.0
         gen_started, cpu_started = time.monotonic(), time.process_time()
-        samples, info = _generate_vllm(cfg, rows, model_path, adapter_dir, cycle)
+        samples, info = _generate_vllm(cfg, rows, model_path, adapter_dir, label)
         merged = False
     elif engine == "llamacpp":
         from .embedded import resolve_model_path
 
         model_path = resolve_model_path(cfg.student.model_id)
-        gguf, built = cycle_gguf(cfg, layout, cycle, progress)
+        if cycle is not None:
+            gguf, built = cycle_gguf(cfg, layout, cycle, progress)
+            marker = layout.cycle_gguf_marker(cycle)
+        else:
+            gguf, marker = base_gguf(cfg, layout)
+            built = None
         load_s = time.monotonic() - started
         gen_started, cpu_started = time.monotonic(), time.process_time()
-        samples, info = _generate_llamacpp(cfg, layout, cycle, rows, gguf, progress)
+        samples, info = _generate_llamacpp(cfg, layout, rows, gguf, marker, label, cycle, progress)
         info["gguf_built_now"] = built
-        merged = True
+        merged = cycle is not None
     else:
-        model, tokenizer, model_path = load_model(cfg, adapter_dir, merge=inf.merge_adapter)
+        if adapter_dir is not None:
+            model, tokenizer, model_path = load_model(cfg, adapter_dir, merge=inf.merge_adapter)
+        else:
+            model, tokenizer, model_path = load_base_model(cfg)
         load_s = time.monotonic() - started
         gen_started, cpu_started = time.monotonic(), time.process_time()
         samples, info = _generate_transformers(inf, model, tokenizer, rows, progress)
-        merged = inf.merge_adapter
+        merged = inf.merge_adapter and adapter_dir is not None
     gen_s = time.monotonic() - gen_started
     cpu_s = time.process_time() - cpu_started
     revision = model_revision(cfg.student, model_path)
-    adapter = _relative(adapter_dir, layout.root)
+    adapter = _relative(adapter_dir, layout.root) if adapter_dir is not None else None
     base_params = generation_params(inf, engine)
     responses = []
     for row, group in zip(rows, samples, strict=True):
@@ -674,7 +763,6 @@ def generate_responses(
                     },
                 }
             )
-    write_jsonl(layout.responses_file(cycle), responses)
     tokens = sum(r["output_tokens"] for r in responses)
     summary = {
         "cycle": cycle,
@@ -698,8 +786,7 @@ def generate_responses(
         "torch_threads": torch.get_num_threads(),
         "generation": base_params,
     }
-    write_json(layout.inference_summary(cycle), summary)
-    return summary
+    return responses, summary
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -46,6 +46,12 @@ def test_unknown_top_level_key(make_params):
         ),
         ({"coverage": {"strictness": "loose"}}, "coverage.strictness", "not one of"),
         ({"loop": {"max_cycles": 0}}, "loop.max_cycles", ">= 1"),
+        ({"deploy": {"parity_judges": ["nope"]}}, "deploy.parity_judges", "not one of evaluate.judges"),
+        (
+            {"evaluate": {"decision_judges": ["local"]}, "deploy": {"parity_judges": []}},
+            "deploy.parity_judges",
+            "must judge the parity check too",
+        ),
         (
             {"providers": [{"name": "x", "kind": "openai", "model": "m", "api_key_env": "sk-abc"}]},
             "providers[0].api_key_env",

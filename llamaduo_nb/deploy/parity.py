@@ -425,6 +425,14 @@ def served_answers(
     )
 
 
+def parity_evaluate_config(cfg: RunConfig):
+    """04's evaluate settings as the judged parity check uses them: `deploy.parity_m` repeats, the LLM
+    judges of `deploy.parity_judges` (default: all of 04's)."""
+    d = cfg.deploy
+    judges = list(d.parity_judges) if d.parity_judges is not None else list(cfg.evaluate.judges)
+    return dataclasses.replace(cfg.evaluate, m=d.parity_m or cfg.evaluate.m, judges=judges)
+
+
 def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export: GGUFExport) -> dict:
     """Re-answer the test prompts with the served GGUF, judge them like 04 did, compare with the cycle.
 
@@ -439,7 +447,7 @@ def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export
         report = {"skipped": "deploy.serve is false: no endpoint was started, no parity check ran"}
         write_json(layout.parity_report, report)
         return report
-    eval_cfg = dataclasses.replace(cfg.evaluate, m=cfg.deploy.parity_m or cfg.evaluate.m)
+    eval_cfg = parity_evaluate_config(cfg)
     rows = test_rows(layout)
     responses_file = layout.responses_file(choice.cycle)
     evaluated = (
@@ -453,7 +461,7 @@ def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export
         parallel=cfg.inference.llamacpp_parallel,
     ) as server:
         run_cfg, name = served_provider(cfg, export.path, server.base_url, export.qtype)
-        providers = [name, *dict.fromkeys(cfg.evaluate.judges)]
+        providers = [name, *dict.fromkeys(eval_cfg.judges)]
         with _local_prices_are_zero(), ServicePool(run_cfg, layout, "06_deploy", providers=providers) as pool:
             # 04's answer-and-judge path: the served GGUF answers like a service LLM, judged like the cycle.
             responses = served_answers(pool, name, rows, cfg, export.path.name)

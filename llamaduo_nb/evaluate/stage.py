@@ -3,8 +3,8 @@
 Reference rows of Table 1 are computed once per run and reused by later cycles, under
 `<run>/baselines/<model>/` (responses.jsonl, judgments.jsonl, meta.json):
 
-* `base_student`: the student before fine-tuning, answering through 03's transformers generate path with
-  no adapter (same K, sampling and seeds as the cycles);
+* `base_student`: the student before fine-tuning, answering through 03's engine and sampler with no adapter
+  (`inference.answer_prompts`; on CPU llama.cpp with the base model as GGUF F16, as the cycles' rows);
 * each provider of `evaluate.baselines`: a service LLM answering the same test prompts K times through
   the ServicePool (ledger stage "baselines").
 
@@ -77,6 +77,8 @@ def _test_digest(test_rows: Sequence[dict]) -> str:
 
 
 def answers_meta(cfg: RunConfig, test_rows: Sequence[dict], model: str) -> dict:
+    from ..inference import resolve_engine
+
     inf = cfg.inference
     return {
         "model": model,
@@ -86,6 +88,8 @@ def answers_meta(cfg: RunConfig, test_rows: Sequence[dict], model: str) -> dict:
         "top_p": inf.top_p,
         "max_new_tokens": inf.max_new_tokens,
         "seed": inf.seed if model == BASE_DIR else None,
+        # the base student answers through 03's engine: another engine samples differently
+        **({"engine": resolve_engine(inf.engine)} if model == BASE_DIR else {}),
         "test": _test_digest(test_rows),
     }
 
@@ -103,41 +107,14 @@ def judges_meta(cfg: RunConfig) -> dict:
     }
 
 
-def base_student_responses(cfg: RunConfig, test_rows: Sequence[dict], progress: bool = True) -> list[dict]:
-    """K answers per test prompt from the student before fine-tuning (03's generate path, no adapter)."""
-    from ..finetune import cuda_available, load_student, resolve_dtype
-    from ..inference import _generate_transformers, generation_params, model_revision
+def base_student_responses(
+    cfg: RunConfig, layout: RunLayout, test_rows: Sequence[dict], progress: bool = True
+) -> list[dict]:
+    """K answers per test prompt from the student before fine-tuning, through 03's engine and sampler
+    (`inference.answer_prompts` with no adapter)."""
+    from ..inference import answer_prompts
 
-    dtype = resolve_dtype(cfg.student, cuda_available())
-    model, tokenizer, path = load_student(cfg.student, "none", dtype)
-    if cuda_available():
-        model = model.to("cuda")
-    model.eval()
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    samples, _ = _generate_transformers(cfg.inference, model, tokenizer, list(test_rows), progress)
-    revision = model_revision(cfg.student, path)
-    params = generation_params(cfg.inference, "transformers")
-    responses = []
-    for row, group in zip(test_rows, samples, strict=True):
-        for index, sample in enumerate(group):
-            responses.append(
-                {
-                    "prompt_id": row["id"],
-                    "instruction": row["instruction"],
-                    "reference": row["response"],
-                    "candidate": sample.text,
-                    "sample_index": index,
-                    "category": row.get("category") or "",
-                    "model_id": cfg.student.model_id,
-                    "model_revision": revision,
-                    "adapter": None,
-                    "output_tokens": sample.output_tokens,
-                    "finish_reason": sample.finish_reason,
-                    "generation": {**params, "sample_seed": sample.seed},
-                }
-            )
+    responses, _ = answer_prompts(cfg, layout, list(test_rows), None, progress)
     return responses
 
 
@@ -171,7 +148,7 @@ def reference_rows(cfg: RunConfig, layout: RunLayout, log: Any = print) -> dict[
             started = time.monotonic()
             if model in todo_answers:
                 if model == BASE_DIR:
-                    responses = base_student_responses(cfg, test_rows)
+                    responses = base_student_responses(cfg, layout, test_rows)
                 else:
                     responses = _service_answers(pool, model, test_rows, cfg)
                 write_jsonl(layout.baseline_responses_file(model), responses)
