@@ -267,7 +267,7 @@ class InferenceConfig:
     pipeline_parallel_size: int = 1  # vLLM: pipeline stages (x tensor_parallel_size GPUs; nodes via Ray)
     gpu_memory_utilization: float = 0.9  # vLLM: share of each GPU's memory it may take
     llamacpp_threads: int = 0  # llama.cpp engine: CPU threads of the server (0: all cores)
-    llamacpp_parallel: int = 8  # llama.cpp engine: server slots decoded together (continuous batching)
+    llamacpp_parallel: int = 8  # llama.cpp engine: server slots decoded together (sampled runs; greedy: 1)
 
     EXAMPLE = "engine: auto\nk: 4\ntemperature: 0.7\ntop_p: 0.9\nmax_new_tokens: 512"
 

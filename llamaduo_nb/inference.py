@@ -582,7 +582,9 @@ def _generate_llamacpp(
     greedy = inf.temperature == 0
     n_per_prompt = 1 if greedy else inf.k
     threads = inf.llamacpp_threads or os.cpu_count() or 1
-    slots = max(1, min(inf.llamacpp_parallel, len(rows) * n_per_prompt))
+    # greedy answers go one at a time: sequences decoded together take another matmul path, whose rounding
+    # can flip a near-tie, and greedy output is promised to equal transformers' token for token
+    slots = 1 if greedy else max(1, min(inf.llamacpp_parallel, len(rows) * n_per_prompt))
     gguf_sha = read_json(marker)["gguf_sha256"]
     requests = llamacpp_requests(inf, rows)
     stage = "03_batch_inference" if cycle is not None else "baselines"

@@ -206,11 +206,10 @@ def greedy_parity(
     ]
     records = []
     for export in exports:
+        # one slot: greedy parity checks weights, tokenizer and template token for token, and a batch of
+        # sequences decoded together takes another matmul path whose rounding can flip a near-tie
         with LlamaServer(
-            export.path,
-            n_ctx=cfg.deploy.n_ctx,
-            log_file=layout.server_log(export.qtype),
-            parallel=cfg.inference.llamacpp_parallel,
+            export.path, n_ctx=cfg.deploy.n_ctx, log_file=layout.server_log(export.qtype)
         ) as server:
             run_cfg, name = served_provider(cfg, export.path, server.base_url, export.qtype)
             with (
