@@ -588,8 +588,8 @@ class DeployConfig:
     n_ctx: int = 2048  # context length of the llama.cpp server
     parity_tolerance: float = 5.0  # max allowed drop of the decision statistic (points)
     parity_m: int | None = None  # judge repeats for the parity check (None: evaluate.m)
-    # LLM judges of the judged parity check (None: evaluate.judges); the reference metrics always judge it.
-    # Must hold every LLM judge among evaluate.decision_judges, so the served model is decided like the cycle.
+    # LLM judges of the judged parity check (None: evaluate.judges); the reference metrics and the deciding
+    # LLM judges (evaluate.decision_judges) always judge it, so the served model is decided like the cycle.
     parity_judges: list[str] | None = None
     greedy_prompts: int = 8  # test prompts for the greedy exact-match check, per GGUF type (0: skip)
     greedy_max_new_tokens: int = 64
@@ -685,12 +685,6 @@ class RunConfig:
                     judge in self.evaluate.judges,
                     "deploy.parity_judges",
                     f"'{judge}' is not one of evaluate.judges {self.evaluate.judges}",
-                )
-            for judge in self.evaluate.deciding_judges:
-                _check(
-                    judge in METRIC_JUDGE_NAMES or judge in self.deploy.parity_judges,
-                    "deploy.parity_judges",
-                    f"decision judge '{judge}' must judge the parity check too",
                 )
         for baseline in self.evaluate.baselines:
             _check(

@@ -48,11 +48,6 @@ def test_unknown_top_level_key(make_params):
         ({"loop": {"max_cycles": 0}}, "loop.max_cycles", ">= 1"),
         ({"deploy": {"parity_judges": ["nope"]}}, "deploy.parity_judges", "not one of evaluate.judges"),
         (
-            {"evaluate": {"decision_judges": ["local"]}, "deploy": {"parity_judges": []}},
-            "deploy.parity_judges",
-            "must judge the parity check too",
-        ),
-        (
             {"providers": [{"name": "x", "kind": "openai", "model": "m", "api_key_env": "sk-abc"}]},
             "providers[0].api_key_env",
             "NAME of an environment variable",
@@ -90,3 +85,17 @@ def test_table5_schedule():
     assert table5_lora(32_000) == (16, 32)
     assert table5_lora(64_000) == (32, 64)
     assert table5_lora(256_000) == (32, 64)
+
+
+def test_parity_is_judged_by_the_chosen_and_every_deciding_llm_judge(make_params):
+    from llamaduo_nb.deploy.parity import parity_evaluate_config
+
+    metrics_only = load_config(make_params({"deploy": {"parity_judges": []}}))
+    assert parity_evaluate_config(metrics_only).judges == []  # the demo decides on ROUGE-L
+    deciding = load_config(
+        make_params(
+            {"evaluate": {"decision_judges": ["local"]}, "deploy": {"parity_judges": [], "parity_m": 2}}
+        )
+    )
+    parity = parity_evaluate_config(deciding)
+    assert parity.judges == ["local"] and parity.m == 2

@@ -426,10 +426,11 @@ def served_answers(
 
 def parity_evaluate_config(cfg: RunConfig):
     """04's evaluate settings as the judged parity check uses them: `deploy.parity_m` repeats, the LLM
-    judges of `deploy.parity_judges` (default: all of 04's)."""
-    d = cfg.deploy
-    judges = list(d.parity_judges) if d.parity_judges is not None else list(cfg.evaluate.judges)
-    return dataclasses.replace(cfg.evaluate, m=d.parity_m or cfg.evaluate.m, judges=judges)
+    judges of `deploy.parity_judges` (default: all of 04's) plus every deciding LLM judge."""
+    d, ev = cfg.deploy, cfg.evaluate
+    wanted = set(d.parity_judges if d.parity_judges is not None else ev.judges) | set(ev.deciding_judges)
+    judges = [j for j in ev.judges if j in wanted]  # the deciding ones always: decided like the cycle
+    return dataclasses.replace(ev, m=d.parity_m or ev.m, judges=judges)
 
 
 def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export: GGUFExport) -> dict:
