@@ -206,10 +206,14 @@ def greedy_parity(
     ]
     records = []
     for export in exports:
-        # one slot: greedy parity checks weights, tokenizer and template token for token, and a batch of
-        # sequences decoded together takes another matmul path whose rounding can flip a near-tie
+        # one slot, no prompt cache: greedy parity checks weights, tokenizer and template token for token, and
+        # sequences decoded together, or a prompt prefilled after a cached prefix, take another matmul path
+        # whose rounding can flip a near-tie
         with LlamaServer(
-            export.path, n_ctx=cfg.deploy.n_ctx, log_file=layout.server_log(export.qtype)
+            export.path,
+            n_ctx=cfg.deploy.n_ctx,
+            log_file=layout.server_log(export.qtype),
+            extra_args=("--no-cache-prompt",),
         ) as server:
             run_cfg, name = served_provider(cfg, export.path, server.base_url, export.qtype)
             with (
