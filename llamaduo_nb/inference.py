@@ -154,41 +154,28 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-def load_base_model(cfg: RunConfig) -> tuple[Any, Any, str]:
-    """(model, tokenizer, path): the student before fine-tuning, set up for batched generation as
-    `load_model` sets up a cycle's model (Table 1's base-student row)."""
-    from .finetune import cuda_available, load_student, resolve_dtype
-
-    model, tokenizer, path = load_student(cfg.student, "none", resolve_dtype(cfg.student, cuda_available()))
-    if cuda_available():
-        model = model.to("cuda")
-    model.eval()
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, path
-
-
-def load_model(cfg: RunConfig, adapter_dir: Path, merge: bool = True) -> tuple[Any, Any, str]:
-    """(model, tokenizer, base model path): base + the cycle's LoRA adapter, merged into it if `merge`."""
-    from peft import PeftModel
-
+def load_model(cfg: RunConfig, adapter_dir: Path | None, merge: bool = True) -> tuple[Any, Any, str]:
+    """(model, tokenizer, base model path): base + the cycle's LoRA adapter, merged into it if `merge`;
+    with `adapter_dir` None the student before fine-tuning (Table 1's base-student row)."""
     from .finetune import cuda_available, load_student, quiet_peft_deprecations, resolve_dtype
 
-    if not (adapter_dir / "adapter_config.json").is_file():
+    if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(
             f"{adapter_dir} holds no adapter_config.json: run 02_finetune for this cycle first"
         )
     dtype = resolve_dtype(cfg.student, cuda_available())
     model, tokenizer, path = load_student(cfg.student, "none", dtype)
-    if (adapter_dir / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
+    if adapter_dir is not None:
+        from peft import PeftModel
 
-        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    with quiet_peft_deprecations():
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    if merge:
-        model = model.merge_and_unload()
+        if (adapter_dir / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        with quiet_peft_deprecations():
+            model = PeftModel.from_pretrained(model, adapter_dir)
+        if merge:
+            model = model.merge_and_unload()
     if cuda_available():
         model = model.to("cuda")
     model.eval()
@@ -732,10 +719,7 @@ def answer_prompts(
         info["gguf_built_now"] = built
         merged = cycle is not None
     else:
-        if adapter_dir is not None:
-            model, tokenizer, model_path = load_model(cfg, adapter_dir, merge=inf.merge_adapter)
-        else:
-            model, tokenizer, model_path = load_base_model(cfg)
+        model, tokenizer, model_path = load_model(cfg, adapter_dir, merge=inf.merge_adapter)
         load_s = time.monotonic() - started
         gen_started, cpu_started = time.monotonic(), time.process_time()
         samples, info = _generate_transformers(inf, model, tokenizer, rows, progress)
