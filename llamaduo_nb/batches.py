@@ -548,19 +548,8 @@ class _BatchRun:
             cost = pool._prices.cost(
                 p.kind, p.model, got.input_tokens, got.output_tokens, free=p.is_free, batch=True
             )
-            pool._cache.record(
-                pool._row(
-                    p,
-                    key,
-                    input_tokens=got.input_tokens,
-                    output_tokens=got.output_tokens,
-                    latency_s=latency,
-                    cost_usd=cost,
-                    ok=False,
-                    error=f"batch {batch_id}: answered a request this run no longer makes (not cached)",
-                    attempts=1,
-                )
-            )
+            why = f"batch {batch_id}: answered a request this run no longer makes (not cached)"
+            pool._cache.record(pool._paid_row(p, key, got, latency, cost, 1, error=why))
             return cost, got.input_tokens + got.output_tokens
         if isinstance(got, _Reply):
             result, worth_resending = pool._take_reply(

@@ -254,12 +254,12 @@ def sample_batch(
                 input_ids=ids[:, :-1],
                 attention_mask=mask[:, :-1],
                 position_ids=positions[:, :-1],
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             )
             if n_return > 1:
                 cache.batch_repeat_interleave(n_return)
-            kwargs["past_key_values"] = cache
+            kwargs["cache"] = cache
         sequences = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     if greedy and k > 1:
         sequences = sequences.repeat_interleave(k, dim=0)

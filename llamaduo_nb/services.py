@@ -1363,6 +1363,29 @@ class ServicePool:
             **values,
         )
 
+    def _paid_row(
+        self,
+        p: ProviderConfig,
+        key: str,
+        reply: _Reply,
+        latency: float,
+        cost: float,
+        attempts: int,
+        error: str | None,
+    ) -> LedgerRow:
+        """The ledger row of one paid reply (live or from a batch): ok when `error` is None."""
+        return self._row(
+            p,
+            key,
+            input_tokens=reply.input_tokens,
+            output_tokens=reply.output_tokens,
+            latency_s=latency,
+            cost_usd=cost,
+            ok=error is None,
+            error=error,
+            attempts=attempts,
+        )
+
     async def _call(self, lane: _Lane, request: ChatRequest, key: str, payload: dict) -> ChatResult:
         p = lane.provider
         guard = self._guards[p.name]
@@ -1428,19 +1451,7 @@ class ServicePool:
                 self._shared.put(
                     key, payload, reply.text, reply.input_tokens, reply.output_tokens, latency, cost
                 )
-            self._cache.record(
-                self._row(
-                    p,
-                    key,
-                    input_tokens=reply.input_tokens,
-                    output_tokens=reply.output_tokens,
-                    latency_s=latency,
-                    cost_usd=cost,
-                    ok=True,
-                    error=None,
-                    attempts=attempts,
-                )
-            )
+            self._cache.record(self._paid_row(p, key, reply, latency, cost, attempts, error=None))
             answered = _answered(
                 request,
                 reply.text,
@@ -1456,19 +1467,7 @@ class ServicePool:
             return answered, False
         why, worth_resending = unusable
         # paid but not an answer: ledger it, keep the raw reply, never cache it
-        self._cache.record(
-            self._row(
-                p,
-                key,
-                input_tokens=reply.input_tokens,
-                output_tokens=reply.output_tokens,
-                latency_s=latency,
-                cost_usd=cost,
-                ok=False,
-                error=why,
-                attempts=attempts,
-            )
-        )
+        self._cache.record(self._paid_row(p, key, reply, latency, cost, attempts, error=why))
         self._cache.record_failed_reply(
             self.stage, self.cycle, p.name, p.model, key, payload, reply.text, reply.finish_reason, why
         )

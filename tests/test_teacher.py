@@ -273,7 +273,7 @@ class TeacherServer:
     def text_of(body: dict) -> str:
         prompt = body["messages"][-1]["content"]
         if "### Answer" in prompt:  # the reward prompt
-            answer = prompt.split("### Answer", 1)[1].split("### How to rate", 1)[0]
+            answer = prompt.split("### Answer", 1)[1]  # the row's own text comes last
             return json.dumps({"quality": min(100, len(answer.split()))})
         if '"pairs"' in prompt:
             return json.dumps({"pairs": [{"instruction": "Name a primary colour.", "response": "Red."}]})
