@@ -553,9 +553,12 @@ def _generate_llamacpp(
 ) -> tuple[list[list[Sample]], dict[str, Any]]:
     """K answers per prompt from llama.cpp's server on 127.0.0.1, through the ServicePool (cache + ledger).
 
-    Requests for one prompt are sent one after the other, so the server's prompt cache (the longest
-    common prefix with the previous request stays in its KV cache) prefills each prompt once for its K
-    samples. The served model's name carries the GGUF's hash, so the ledger tells exports apart.
+    Sampled requests go to the server's parallel slots; each slot keeps its last prompt in its KV cache, so a
+    new request prefills only what differs from it (the chat template's system text is shared). The K
+    samples of one prompt usually run at the same time on different slots and so each prefill the prompt
+    (server logs of the demo: ~2 of 48 requests reuse a whole prompt); sharing one prefill across K
+    completions needs llama-server's `n_cmpl` and K cached answers per request, which this path does not
+    do yet. The served model's name carries the GGUF's hash, so the ledger tells exports apart.
     """
     import dataclasses
     import os
