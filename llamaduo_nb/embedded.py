@@ -255,6 +255,10 @@ class LlamaServer:
     own chat template is used (Jinja) unless `chat_format` names one of llama.cpp's built-in templates.
     `lora_path` must be a GGUF LoRA adapter. The server's output goes to `log_file` (or a temp file that
     is removed after a clean stop); when the server dies during start-up the error shows its last lines.
+
+    `exact=True` is for greedy answers that must equal transformers' token for token (03 at temperature 0,
+    06's greedy parity): one slot and no prompt cache, because sequences decoded together, or a prompt
+    prefilled after a cached prefix, take another matmul path whose rounding can flip a near-tie.
     """
 
     def __init__(
@@ -270,6 +274,7 @@ class LlamaServer:
         model_alias: str | None = None,
         host: str = "127.0.0.1",
         parallel: int = 1,
+        exact: bool = False,
     ):
         if parallel < 1:
             raise EmbeddedModelError(f"LlamaServer: parallel must be >= 1, got {parallel}")
@@ -282,7 +287,8 @@ class LlamaServer:
         self.startup_timeout_s = startup_timeout_s
         self.model_alias = model_alias or self.model_path.stem
         self.host = host
-        self.parallel = parallel
+        self.parallel = 1 if exact else parallel
+        self.exact = exact
         self._log_file = Path(log_file) if log_file is not None else None
         self._temp_log = log_file is None
         self.log_path: Path | None = None
@@ -365,6 +371,8 @@ class LlamaServer:
             "--reasoning-format", "none",  # the answer's text as the model wrote it
             *NEUTRAL_SAMPLING_ARGS,
         ]  # fmt: skip
+        if self.exact:
+            cmd.append("--no-cache-prompt")  # a full prefill per prompt, as transformers does
         if self.lora_path is not None:
             cmd += ["--lora", str(self.lora_path)]
         if self.chat_format is not None:

@@ -572,9 +572,7 @@ def _generate_llamacpp(
     greedy = inf.temperature == 0
     n_per_prompt = 1 if greedy else inf.k
     threads = inf.llamacpp_threads or os.cpu_count() or 1
-    # greedy answers go one at a time, each prompt prefilled in full: sequences decoded together (or a prompt
-    # after a cached prefix) take another matmul path, whose rounding can flip a near-tie, and greedy output
-    # is promised to equal transformers' token for token
+    # greedy output is promised to equal transformers' token for token: the server runs `exact` (one slot)
     slots = 1 if greedy else max(1, min(inf.llamacpp_parallel, len(rows) * n_per_prompt))
     gguf_sha = read_json(marker)["gguf_sha256"]
     requests = llamacpp_requests(inf, rows)
@@ -584,7 +582,7 @@ def _generate_llamacpp(
         n_ctx=max(2048, inf.max_new_tokens + 1024),
         n_threads=threads,
         parallel=slots,
-        extra_args=("--no-cache-prompt",) if greedy else (),  # a full prefill per prompt, as transformers
+        exact=greedy,
         log_file=layout.logs_dir / f"llama_server_03_{label}.log",
         model_alias=gguf.stem,
     ) as server:

@@ -91,9 +91,8 @@ def test_06_forecasts_judged_parity_and_a_budget_below_the_upper_bound_is_said_b
     cfg = paid_config(layout)
     k, m, n_test = cfg.inference.k, cfg.evaluate.m, len(TEST)
     metrics_only = dataclasses.replace(cfg, deploy=dataclasses.replace(cfg.deploy, parity_judges=[]))
-    assert forecast.forecast_stage(
-        metrics_only, "06_deploy", None, layout
-    ).empty  # reference metrics are free
+    # reference metrics are free
+    assert forecast.forecast_stage(metrics_only, "06_deploy", None, layout).empty
     cfg = dataclasses.replace(cfg, deploy=dataclasses.replace(cfg.deploy, parity_m=m + 1, parity_judges=None))
     table = forecast.forecast_stage(cfg, "06_deploy", None, layout)
     # served answers judged M'=m+1 times; the evaluated answers re-judged as often, their first m repeats replayed

@@ -206,14 +206,9 @@ def greedy_parity(
     ]
     records = []
     for export in exports:
-        # one slot, no prompt cache: greedy parity checks weights, tokenizer and template token for token, and
-        # sequences decoded together, or a prompt prefilled after a cached prefix, take another matmul path
-        # whose rounding can flip a near-tie
+        # exact: greedy parity checks weights, tokenizer and template token for token
         with LlamaServer(
-            export.path,
-            n_ctx=cfg.deploy.n_ctx,
-            log_file=layout.server_log(export.qtype),
-            extra_args=("--no-cache-prompt",),
+            export.path, n_ctx=cfg.deploy.n_ctx, log_file=layout.server_log(export.qtype), exact=True
         ) as server:
             run_cfg, name = served_provider(cfg, export.path, server.base_url, export.qtype)
             with (
