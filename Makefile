@@ -46,5 +46,6 @@ docs: $(STAMP)
 validate-teachers: $(STAMP)
 	$(BIN)/llamaduo validate-teachers params/demo.yaml
 
+# style (ruff) and the architecture contract (import-linter: the ladder of layers, no import circles)
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports --no-logo
