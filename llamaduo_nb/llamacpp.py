@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -49,6 +50,14 @@ CMAKE_FLAGS = (
     "-DLLAMA_OPENSSL=OFF",
     "-DLLAMA_CURL=OFF",
 )
+if platform.machine().lower() in ("x86_64", "amd64"):
+    # -march=native turns on llama.cpp's AMX kernels where the CPU reports AMX; on a 2-core Sapphire Rapids VM
+    # (Intel Xeon, amx_tile/amx_int8/amx_bf16 in /proc/cpuinfo) the server then died with SIGSEGV in
+    # ggml_backend_amx_mul_mat on its first batch (SmolLM2 Q4_1). Every other native flag stays (AVX-512,
+    # VNNI, BF16); GCC keeps explicit -mno-* flags whatever -march enables.
+    CMAKE_FLAGS += tuple(
+        f"-DCMAKE_{lang}_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" for lang in ("C", "CXX")
+    )
 
 
 class LlamaCppBuildError(RuntimeError):
@@ -92,14 +101,15 @@ def extract_vendored(archive: Path, target: Path, wanted: tuple[str, ...] = ()) 
 
 
 def _cpu_tag() -> str:
-    """A short digest of this CPU's instruction-set flags: a native build must not move to another CPU."""
+    """A short digest of this CPU's instruction-set flags and the build's flags: a native build must not move
+    to another CPU, and a change of CMAKE_FLAGS builds anew."""
     flags = ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
                 flags = line.split(":", 1)[1].strip()
                 break
-    return hashlib.sha256(f"{os.uname().machine} {flags}".encode()).hexdigest()[:10]
+    return hashlib.sha256(f"{os.uname().machine} {flags} {' '.join(CMAKE_FLAGS)}".encode()).hexdigest()[:10]
 
 
 def llama_server_home() -> Path:
