@@ -90,6 +90,11 @@ from pathlib import Path
 
 from .jsonio import DataFileError
 
+# The keys a flat input row may name its instruction and response by, in order of preference (01_coverage reads
+# them; dataquality reads rows of any schema 01 accepts)
+INSTRUCTION_KEYS = ("instruction", "prompt", "question", "input")
+RESPONSE_KEYS = ("response", "completion", "output", "answer")
+
 COVERAGE_ROW = {"id": str, "instruction": str, "response": str, "category": str}
 RESPONSE_ROW = {
     "prompt_id": str,
@@ -107,7 +112,9 @@ METRICS = {"cycle": int, "per_judge": dict, "decision": dict}
 # What a ledger row's `stage` says (calls.sqlite, ledger.csv): the paying notebook's name, or the part of a
 # notebook paid and cached apart. One home: stages open their ServicePool with these, the forecast prices them,
 # the summary, economics and `--retry-failed` read them.
-LEDGER_INFERENCE = "03_batch_inference"  # 03 through a service provider (an OpenAI-compatible student endpoint)
+LEDGER_INFERENCE = (
+    "03_batch_inference"  # 03 through a service provider (an OpenAI-compatible student endpoint)
+)
 LEDGER_JUDGING = "04_evaluate"  # 04: the cycle's answers judged M times
 LEDGER_BASELINES = "baselines"  # 04, once per run: Table 1's reference rows (service answers, base student)
 LEDGER_TEACHER_STUDY = "teacher_study"  # 05: candidate teachers answer and are rewarded (CAR)
