@@ -19,7 +19,7 @@ from llamaduo_nb.config import RunConfig, build, dump_config
 from llamaduo_nb.evaluate import judge_requests, judge_template
 from llamaduo_nb.jsonio import write_jsonl
 from llamaduo_nb.runlayout import RunLayout
-from llamaduo_nb.testserver import Behaviour, TestLLMServer
+from llamaduo_nb.testing import Behaviour, TestLLMServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
