@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import RunConfig
-from ..jsonio import atomic_dir, atomic_write, read_json
+from ..jsonio import atomic_dir, atomic_write, read_json, sha256_file
 from ..runlayout import RunLayout
 from .select import CycleChoice, DeployError, cycle_table
 
@@ -139,16 +138,6 @@ def _vc_table(layout: RunLayout) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-def _digest(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def dataset_lineage(cfg: RunConfig, layout: RunLayout, cycle: int) -> pd.DataFrame:
     """What the shipped cycle was trained and tested on: the coverage source, its splits, and the synthetic
     data of every cycle up to `cycle` (rows, producer, sha256 prefix), so a reader can trace each file."""
@@ -181,7 +170,7 @@ def dataset_lineage(cfg: RunConfig, layout: RunLayout, cycle: int) -> pd.DataFra
             )
     for record in records:
         path = Path(record["file"]) if record["data"] == "coverage source" else layout.root / record["file"]
-        record["sha256"] = _digest(path)
+        record["sha256"] = sha256_file(path)[:16] if path.is_file() else None
     return pd.DataFrame(records)
 
 
