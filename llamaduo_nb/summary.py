@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import RunConfig
-from .jsonio import atomic_write, read_json, write_json
+from .jsonio import atomic_write, markdown_table, read_json, write_json
 from .runlayout import RunLayout
 
 
@@ -69,9 +69,7 @@ def table1_markdown(layout: RunLayout, cycle: int | None = None) -> str:
 
 def _md(rows: list[dict[str, Any]]) -> list[str]:
     headers = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(r.get(h, "")).replace("|", "\\|") for h in headers) + " |" for r in rows]
-    return lines
+    return markdown_table(headers, [[r.get(h, "") for h in headers] for r in rows]).split("\n")
 
 
 def _fmt(value: Any, ci_low: Any = None, ci_high: Any = None) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import RunConfig
-from ..jsonio import atomic_dir, atomic_write, read_json, sha256_file
+from ..jsonio import atomic_dir, atomic_write, markdown_table, read_json, sha256_file
 from ..runlayout import RunLayout
 from .select import CycleChoice, DeployError, cycle_table
 
@@ -104,13 +104,7 @@ def _md_table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "_(none)_"
     cells = frame.astype(object).where(frame.notna(), "")
-    header = "| " + " | ".join(str(c) for c in cells.columns) + " |"
-    rule = "|" + "|".join("---" for _ in cells.columns) + "|"
-    rows = [
-        "| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |"
-        for row in cells.itertuples(index=False)
-    ]
-    return "\n".join([header, rule, *rows])
+    return markdown_table(cells.columns, cells.itertuples(index=False))
 
 
 def _vc_table(layout: RunLayout) -> pd.DataFrame:
