@@ -9,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import RunConfig
-from ..jsonio import atomic_dir, atomic_write, markdown_table, read_json, sha256_file
+from ..jsonio import atomic_dir, atomic_write, markdown_table, sha256_file
 from ..runlayout import RunLayout
+from ..schemas import read_metrics
 from .select import CycleChoice, DeployError, cycle_table
 
 
@@ -111,10 +112,9 @@ def _vc_table(layout: RunLayout) -> pd.DataFrame:
     """Per cycle and judge: `mean / C@zeta…` of precision and similarity, from each cycle's metrics.json."""
     records = []
     for cycle in layout.cycles():
-        path = layout.metrics_file(cycle)
-        if not path.is_file():
+        metrics = read_metrics(layout, cycle)
+        if metrics is None:
             continue
-        metrics = read_json(path)
         zetas = metrics.get("zetas", [])
         for judge, entry in metrics.get("per_judge", {}).items():
             record = {"cycle": cycle, "judge": judge}
@@ -180,10 +180,9 @@ def eval_results(cfg: RunConfig, layout: RunLayout, cycle: int) -> list:
     C@zeta of precision and similarity on the run's test split, as 04 computed them."""
     from huggingface_hub import EvalResult
 
-    path = layout.metrics_file(cycle)
-    if not path.is_file():
+    metrics = read_metrics(layout, cycle)
+    if metrics is None:
         return []
-    metrics = read_json(path)
     results = []
     for judge, entry in metrics.get("per_judge", {}).items():
         model = cfg.provider(judge).model if judge in {p.name for p in cfg.providers} else judge

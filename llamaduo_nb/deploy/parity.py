@@ -19,8 +19,9 @@ import pandas as pd
 from ..config import RunConfig
 from ..embedded import LlamaServer
 from ..finetune import student_messages
-from ..jsonio import read_json, read_jsonl, save_figure, sha256_file, write_json, write_jsonl
+from ..jsonio import read_jsonl, save_figure, sha256_file, write_json, write_jsonl
 from ..runlayout import RunLayout
+from ..schemas import read_metrics
 from .gguf import GGUFExport
 from .select import CycleChoice, DeployError
 
@@ -466,7 +467,7 @@ def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export
     write_jsonl(layout.parity_rejudged_file, rejudged)
 
     served_metrics = evaluate.compute_metrics(judgments, eval_cfg, choice.cycle)
-    cycle_metrics = read_json(layout.metrics_file(choice.cycle))
+    cycle_metrics = read_metrics(layout, choice.cycle, required=True)
     cycle_judgments = (
         evaluate.load_judgments(layout.judgments_file(choice.cycle))
         if layout.judgments_file(choice.cycle).is_file()
