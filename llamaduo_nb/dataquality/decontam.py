@@ -3,9 +3,8 @@
 * `decontaminate` drops a row when its instruction OR response is near a test item's instruction or
   response, by the first rule that matches, in this order: ``exact_match`` (same tokens as a test
   instruction), ``rouge_l`` (MinHash-LSH candidate with ROUGE-L F1 >= ``DecontamParams.rouge_threshold``:
-  0.7 by default and in ``llamaduo dedup --test-threshold``, 0.6 in 05_synthesize, whose
-  `synthesize.decontam_threshold` defaults to 0.6; both texts need >= 8 tokens, so labels such as
-  "Positive" never match), ``ngram_13`` (a shared 13-token span, as GPT-3's filter) and
+  0.7 here and in ``llamaduo dedup --test-threshold``; 05_synthesize passes `synthesize.decontam_threshold`,
+  0.6 by default; both texts need >= 8 tokens, so labels such as "Positive" never match), ``ngram_13`` (a shared 13-token span, as GPT-3's filter) and
   ``ngram_containment`` (>= 50% of the test text's distinctive 8-grams occur in the row: catches short test
   prompts inside longer rows). Template text is not evidence: an 8-gram found in >= 3 test items is
   boilerplate, and so is every span touching it; the LSH ignores shingles found in >= 3 test items. Each
