@@ -1,7 +1,7 @@
 """Benchmark of the call scheduler against the fixed-concurrency + aiolimiter approach (`make bench`).
 
 Both run through the same `ServicePool` (cache, ledger, retries, the OpenAI SDK over real HTTP)
-against the local test server (`llamaduo_nb.testserver`), which enforces the limit the way a provider
+against the local test server (`llamaduo_nb.testing`), which enforces the limit the way a provider
 does (a sliding window, 429 + retry-after) and logs every request. Only the lane's limiter differs:
 
 - ours: `scheduler.RateScheduler` (sliding window + pacing, concurrency sized from rate x latency,
@@ -57,7 +57,7 @@ from llamaduo_nb.jsonio import atomic_write, write_json  # noqa: E402
 from llamaduo_nb.runlayout import RunLayout  # noqa: E402
 from llamaduo_nb.scheduler import Slot  # noqa: E402
 from llamaduo_nb.services import ChatRequest, ServicePool  # noqa: E402
-from llamaduo_nb.testserver import Behaviour, TestLLMServer  # noqa: E402
+from llamaduo_nb.testing import Behaviour, TestLLMServer  # noqa: E402
 
 COLUMNS = ("path", "ours", "alternative", "ratio", "goal", "machine")
 SHARE_GOAL = 0.95

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .prices import PriceError, load_prices
+
 
 class ConfigError(ValueError):
     """A params file or a notebook parameter is wrong; the message says where and shows a right example."""
@@ -697,8 +699,6 @@ class RunConfig:
         )
         paid = [(i, p) for i, p in enumerate(self.providers) if not p.is_free]
         if paid:
-            from .callcache import PriceError, load_prices
-
             try:
                 prices = load_prices(self.prices_file, required=True)
             except PriceError as exc:

@@ -35,9 +35,8 @@ from typing import Any
 from .config import CoverageConfig
 from .jsonio import DataFileError, read_json, save_figure, write_json, write_jsonl
 from .runlayout import RunLayout
+from .schemas import INSTRUCTION_KEYS, RESPONSE_KEYS
 
-INSTRUCTION_KEYS = ("instruction", "prompt", "question", "input")
-RESPONSE_KEYS = ("response", "completion", "output", "answer")
 ID_KEYS = ("id", "prompt_id")
 # ShareGPT speaker names -> chat roles
 SHAREGPT_ROLES = {

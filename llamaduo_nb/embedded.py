@@ -25,7 +25,6 @@ import atexit
 import contextlib
 import copy
 import fcntl
-import hashlib
 import importlib.util
 import json
 import os
@@ -39,7 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .jsonio import atomic_dir
+from .jsonio import atomic_dir, sha256_file
 from .runlayout import cache_home
 
 EMBEDDED_PREFIX = "embedded:"
@@ -97,14 +96,6 @@ def embedded_gguf_path() -> Path:
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------- student weights
 
 
@@ -147,7 +138,7 @@ def _folder_matches(folder: Path, gguf: Path) -> bool:
     if not all((folder / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json")):
         return False
     # Same size and mtime: same file (the cheap check). Otherwise fall back to the content hash.
-    return info.get("gguf_mtime_ns") == stat.st_mtime_ns or info.get("gguf_sha256") == _sha256(gguf)
+    return info.get("gguf_mtime_ns") == stat.st_mtime_ns or info.get("gguf_sha256") == sha256_file(gguf)
 
 
 def _build_student_folder(gguf: Path, target: Path) -> None:
@@ -193,7 +184,7 @@ def _build_student_folder(gguf: Path, target: Path) -> None:
             "gguf_path": str(gguf),
             "gguf_size": stat.st_size,
             "gguf_mtime_ns": stat.st_mtime_ns,
-            "gguf_sha256": _sha256(gguf),
+            "gguf_sha256": sha256_file(gguf),
             "recipe": RECIPE_VERSION,
             "transformers": transformers.__version__,
             "dtype": "float32",

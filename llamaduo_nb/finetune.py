@@ -73,7 +73,16 @@ from typing import Any
 import pandas as pd
 
 from .config import ConfigError, FinetuneConfig, RunConfig, StudentConfig, table5_lora
-from .jsonio import DataFileError, atomic_dir, iter_jsonl, read_json, save_figure, write_json, write_jsonl
+from .jsonio import (
+    DataFileError,
+    atomic_dir,
+    iter_jsonl,
+    read_json,
+    save_figure,
+    sha256_file,
+    write_json,
+    write_jsonl,
+)
 from .runlayout import RunLayout
 
 COVERAGE_ORIGIN = "coverage"
@@ -722,7 +731,8 @@ def checkpoint_fingerprint(cfg: RunConfig, train_data: Path) -> str:
     settings = dataclasses.asdict(cfg.finetune)
     for key in ("save_steps", "save_total_limit", "logging_steps"):  # changing these does not change training
         settings.pop(key, None)
-    digest = hashlib.sha256(Path(train_data).read_bytes())
+    digest = hashlib.sha256()
+    sha256_file(train_data, digest)
     digest.update(
         json.dumps([settings, dataclasses.asdict(cfg.student)], sort_keys=True, default=str).encode()
     )

@@ -53,8 +53,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .callcache import CallCache, PriceTable, ledger_frame, load_prices, read_ledger
+from .callcache import CallCache, ledger_frame, read_ledger
 from .config import RunConfig
+from .prices import PriceTable, load_prices
 from .runlayout import RunLayout
 
 if TYPE_CHECKING:

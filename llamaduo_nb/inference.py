@@ -42,6 +42,7 @@ seed and batch size give the same answers); vLLM uses `inference.seed + prompt i
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -59,6 +60,7 @@ from .jsonio import (
     read_json,
     read_jsonl,
     save_figure,
+    sha256_file,
     write_json,
     write_jsonl,
 )
@@ -425,14 +427,10 @@ LLAMACPP_SAMPLER = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
 
 
 def _digest(paths: list[Path]) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     for path in paths:
         digest.update(path.name.encode())
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
+        sha256_file(path, digest)
     return digest.hexdigest()
 
 

@@ -2,16 +2,19 @@
 
 Every file a stage declares is written through `atomic_write` (temp file in the same folder, fsync,
 `os.replace`), so a reader never sees half a file: either the old content, the new one, or nothing.
+Also the two helpers every writer of derived files shares: `sha256_file` (a file's content hash) and
+`markdown_table` (the GitHub Markdown tables of model cards, Table 1 and the run summary).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -141,3 +144,22 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sha256_file(path: str | Path, digest: Any = None) -> str:
+    """The hex SHA-256 of a file's bytes, read in blocks. Given `digest` (a `hashlib` object, for a hash of
+    several files or of a file plus settings), the bytes are fed into it and its hexdigest so far returned."""
+    digest = hashlib.sha256() if digest is None else digest
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub Markdown table (lines joined by newlines, no final newline). Cells are written with `str`,
+    a "|" inside a cell escaped; callers blank their missing values (None, NaN) themselves."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |")
+    return "\n".join(lines)

@@ -30,6 +30,7 @@ import papermill as pm
 from .config import ConfigError, RunConfig, dump_config, load_config
 from .jsonio import read_json, read_jsonl, write_json, write_jsonl
 from .runlayout import RunLayout
+from .schemas import read_metrics
 from .summary import write_summary
 
 KERNEL_NAME = "llamaduo-nb"
@@ -365,14 +366,13 @@ class Step:
 
 def read_decision(layout: RunLayout, cycle: int) -> bool:
     """Whether cycle `cycle` met epsilon, as 04_evaluate wrote it in metrics.json."""
-    path = layout.metrics_file(cycle)
-    if not path.is_file():
-        raise RuntimeError(f"04_evaluate finished but {path} is missing")
-    metrics = read_json(path)
+    metrics = read_metrics(layout, cycle)
+    if metrics is None:
+        raise RuntimeError(f"04_evaluate finished but {layout.metrics_file(cycle)} is missing")
     try:
         return bool(metrics["decision"]["passed"])
     except (KeyError, TypeError) as exc:
-        raise RuntimeError(f"{path}: no decision.passed field") from exc
+        raise RuntimeError(f"{layout.metrics_file(cycle)}: no decision.passed field") from exc
 
 
 def plan_next(cfg: RunConfig, state: RunState, layout: RunLayout) -> Step | None:

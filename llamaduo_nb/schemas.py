@@ -2,7 +2,8 @@
 
 All tabular files are JSON Lines (UTF-8, one object per line), written atomically by `jsonio`. Paths come
 from `runlayout.RunLayout`. `validate_rows(path, rows, schema)` checks rows against these field lists, so a
-stage fails with file, row and field when an upstream file is not what it declares.
+stage fails with file, row and field when an upstream file is not what it declares. `read_metrics(layout,
+cycle)` is the one reader of a cycle's metrics.json (the runner, 06, the summary and the plots use it).
 
 01_coverage
   coverage/train.jsonl, coverage/test.jsonl          COVERAGE_ROW + optional system (the row's system prompt,
@@ -87,8 +88,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-from .jsonio import DataFileError
+from .jsonio import DataFileError, read_json
+from .runlayout import RunLayout
+
+# The keys a flat input row may name its instruction and response by, in order of preference (01_coverage reads
+# them; dataquality reads rows of any schema 01 accepts)
+INSTRUCTION_KEYS = ("instruction", "prompt", "question", "input")
+RESPONSE_KEYS = ("response", "completion", "output", "answer")
 
 COVERAGE_ROW = {"id": str, "instruction": str, "response": str, "category": str}
 RESPONSE_ROW = {
@@ -107,7 +115,9 @@ METRICS = {"cycle": int, "per_judge": dict, "decision": dict}
 # What a ledger row's `stage` says (calls.sqlite, ledger.csv): the paying notebook's name, or the part of a
 # notebook paid and cached apart. One home: stages open their ServicePool with these, the forecast prices them,
 # the summary, economics and `--retry-failed` read them.
-LEDGER_INFERENCE = "03_batch_inference"  # 03 through a service provider (an OpenAI-compatible student endpoint)
+LEDGER_INFERENCE = (
+    "03_batch_inference"  # 03 through a service provider (an OpenAI-compatible student endpoint)
+)
 LEDGER_JUDGING = "04_evaluate"  # 04: the cycle's answers judged M times
 LEDGER_BASELINES = "baselines"  # 04, once per run: Table 1's reference rows (service answers, base student)
 LEDGER_TEACHER_STUDY = "teacher_study"  # 05: candidate teachers answer and are rewarded (CAR)
@@ -133,3 +143,22 @@ def validate_rows(path: str | Path, rows: Iterable[dict], schema: dict[str, type
                 raise DataFileError(path, i, field, f"expected {tp.__name__}, got {type(value).__name__}")
         out.append(row)
     return out
+
+
+def read_metrics(layout: RunLayout, cycle: int, *, required: bool = False) -> dict[str, Any] | None:
+    """Cycle `cycle`'s metrics.json as 04_evaluate wrote it, or None while the cycle has none (with `required`,
+    a DataFileError instead). The file must hold a JSON object whose METRICS fields have their types; a field
+    may be absent (a hand-written or partial file carrying only `decision` still reads)."""
+    path = layout.metrics_file(cycle)
+    if not path.is_file():
+        if required:
+            raise DataFileError(path, None, None, "missing: run 04_evaluate for this cycle first")
+        return None
+    metrics = read_json(path)
+    if not isinstance(metrics, dict):
+        raise DataFileError(path, None, None, f"expected a JSON object, got {type(metrics).__name__}")
+    for field, tp in METRICS.items():
+        value = metrics.get(field)
+        if field in metrics and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+            raise DataFileError(path, None, field, f"expected {tp.__name__}, got {type(value).__name__}")
+    return metrics

@@ -84,12 +84,11 @@ from .callcache import (
     CachedCall,
     CallCache,
     LedgerRow,
-    PriceTable,
     export_ledger_csv,
-    load_prices,
     request_key,
 )
 from .config import BudgetConfig, ConfigError, ProviderConfig, RunConfig
+from .prices import PriceTable, load_prices
 from .runlayout import RunLayout
 from .scheduler import RETRY_AFTER_CAP_S, RateScheduler, Slot
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from .config import RunConfig
-from .jsonio import atomic_write, read_json, write_json
+from .jsonio import atomic_write, markdown_table, read_json, write_json
 from .runlayout import RunLayout
+from .schemas import read_metrics
 
 
 def _cell(stats: dict) -> str:
@@ -31,10 +32,9 @@ def cycle_rows(layout: RunLayout) -> list[dict[str, Any]]:
     """One row per evaluated cycle: training volume, V and C@zeta per judge and metric, the decision."""
     rows = []
     for cycle in layout.cycles():
-        path = layout.metrics_file(cycle)
-        if not path.is_file():
+        metrics = read_metrics(layout, cycle)
+        if metrics is None:
             continue
-        metrics = read_json(path)
         row: dict[str, Any] = {"cycle": cycle}
         train = layout.train_summary(cycle)
         if train.is_file():
@@ -69,9 +69,7 @@ def table1_markdown(layout: RunLayout, cycle: int | None = None) -> str:
 
 def _md(rows: list[dict[str, Any]]) -> list[str]:
     headers = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(r.get(h, "")).replace("|", "\\|") for h in headers) + " |" for r in rows]
-    return lines
+    return markdown_table(headers, [[r.get(h, "") for h in headers] for r in rows]).split("\n")
 
 
 def _fmt(value: Any, ci_low: Any = None, ci_high: Any = None) -> str:
@@ -133,8 +131,9 @@ def story_lines(layout: RunLayout) -> list[str]:
                 f"- 02 trained on {ft.get('rows')} rows ({origins}); {ft.get('steps')} steps, "
                 f"final loss {ft.get('final_loss') or float('nan'):.3f}."
             )
-        if layout.metrics_file(cycle).is_file():
-            decision = read_json(layout.metrics_file(cycle)).get("decision", {})
+        metrics = read_metrics(layout, cycle)
+        if metrics is not None:
+            decision = metrics.get("decision", {})
             verdict = "passed" if decision.get("passed") else "not passed"
             parts.append(f"- 04 decision: {verdict} — {decision.get('reason', '')}.")
         if layout.teacher_study_file(cycle).is_file():

@@ -1,6 +1,6 @@
 """Provider batch APIs: `batch: true` sends a stage's calls as one OpenAI / Anthropic / Gemini batch.
 
-The real SDKs talk over HTTP to the local test server (llamaduo_nb.testserver), which speaks each provider's batch
+The real SDKs talk over HTTP to the local test server (llamaduo_nb.testing), which speaks each provider's batch
 wire format and ends a batch after a delay, so submitting, persisting the id, polling and reading the results
 are all exercised. A killed run is a real SIGKILL of a child process that submitted the batch.
 """
@@ -18,11 +18,12 @@ import pytest
 import yaml
 
 from llamaduo_nb.batches import BatchBook
-from llamaduo_nb.callcache import CallCache, load_prices, read_ledger
+from llamaduo_nb.callcache import CallCache, read_ledger
 from llamaduo_nb.config import RunConfig, build, load_config
+from llamaduo_nb.prices import load_prices
 from llamaduo_nb.runlayout import RunLayout
 from llamaduo_nb.services import ChatRequest, ServicePool, StageStopped
-from llamaduo_nb.testserver import Behaviour, TestLLMServer
+from llamaduo_nb.testing import Behaviour, TestLLMServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SCORE_SCHEMA = {

@@ -14,14 +14,12 @@ from llamaduo_nb.callcache import (
     LEDGER_COLUMNS,
     CallCache,
     LedgerRow,
-    PriceError,
-    PriceTable,
     export_ledger_csv,
     ledger_frame,
-    load_prices,
     read_ledger,
     request_key,
 )
+from llamaduo_nb.prices import PriceError, PriceTable, load_prices
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,6 +11,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from llamaduo_nb import dataquality as dq
+from llamaduo_nb.dataquality import tokens as tok
 from llamaduo_nb.jsonio import DataFileError, read_json, read_jsonl, write_jsonl
 
 WORDS = (
@@ -70,7 +71,7 @@ def test_rouge_l_is_identical_to_rouge_score(use_stemmer: bool) -> None:
 
 
 def test_rouge_l_stays_exact_when_the_vocabulary_outgrows_unicode(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dq, "_ID_CAPACITY", 5)  # as if the corpus had more than 1.1M distinct tokens
+    monkeypatch.setattr(tok, "_ID_CAPACITY", 5)  # as if the corpus had more than 1.1M distinct tokens
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     pairs = _pairs(60, seed=7)
     expected = [scorer.score(a, b)["rougeL"].fmeasure for a, b in pairs]
@@ -82,7 +83,7 @@ def test_dedup_and_decontamination_agree_when_the_vocabulary_outgrows_unicode(
 ) -> None:
     rows = _pool() + [{"id": "leak", "instruction": _edit(LONG_A, {"twelve": "ten"}), "response": "x"}]
     expected = dq.clean(rows, test=TEST)
-    monkeypatch.setattr(dq, "_ID_CAPACITY", 7)  # most tokens now take the tuple-of-ids path
+    monkeypatch.setattr(tok, "_ID_CAPACITY", 7)  # most tokens now take the tuple-of-ids path
     result = dq.clean(rows, test=TEST)
     assert result.kept_indices == expected.kept_indices
     assert result.dedup.dropped == expected.dedup.dropped

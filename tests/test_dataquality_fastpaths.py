@@ -11,6 +11,8 @@ from test_dataquality import _pairs
 
 from benches.bench_dataquality import generate
 from llamaduo_nb import dataquality as dq
+from llamaduo_nb.dataquality import duplicates as dup
+from llamaduo_nb.dataquality import tokens as tok
 
 
 def _texts() -> list[str]:
@@ -24,25 +26,25 @@ def _texts() -> list[str]:
 
 def test_batch_encoding_gives_the_per_token_codes_and_vocabulary(monkeypatch: pytest.MonkeyPatch) -> None:
     texts = _texts()
-    monkeypatch.setattr(dq, "_FAST_BATCH", 37)  # many small batches: the token table grows and rehashes
-    fast = dq._Encoder()
+    monkeypatch.setattr(tok, "_FAST_BATCH", 37)  # many small batches: the token table grows and rehashes
+    fast = tok._Encoder()
     fast_codes = fast.encode_many(texts)
-    monkeypatch.setattr(dq, "_FAST_BATCH", 0)
-    slow = dq._Encoder()
+    monkeypatch.setattr(tok, "_FAST_BATCH", 0)
+    slow = tok._Encoder()
     slow_codes = slow.encode_many(texts)
     assert fast_codes == slow_codes
     assert fast.tokens == slow.tokens  # ids given in the same order: the same code points
-    assert fast._table.size == sum(1 for token in fast.tokens if len(token) <= dq._KEY_BYTES)
+    assert fast._table.size == sum(1 for token in fast.tokens if len(token) <= tok._KEY_BYTES)
 
 
 def test_fast_paths_keep_and_drop_the_same_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     syn = generate(1500, 150, seed=3)  # planted exact/near duplicates and contamination
     against = syn.pool[:100]
     pool, test = syn.pool[100:], syn.test
-    monkeypatch.setattr(dq, "_FAST_BATCH", 256)
+    monkeypatch.setattr(tok, "_FAST_BATCH", 256)
     fast = dq.clean(pool, against, test)
-    monkeypatch.setattr(dq, "_FAST_BATCH", 0)
-    monkeypatch.setattr(dq, "_LENGTH_BOUND", False)
+    monkeypatch.setattr(tok, "_FAST_BATCH", 0)
+    monkeypatch.setattr(dup, "_LENGTH_BOUND", False)
     slow = dq.clean(pool, against, test)
     assert fast.kept_indices == slow.kept_indices
     assert fast.dedup.dropped == slow.dedup.dropped  # same rows, reasons, representatives and scores

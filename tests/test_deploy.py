@@ -496,7 +496,7 @@ def test_parity_answers_are_fresh_calls_not_replays_of_03s_samples(tmp_path):
     from llamaduo_nb.inference import llamacpp_requests
     from llamaduo_nb.jsonio import read_jsonl
     from llamaduo_nb.services import ServicePool
-    from llamaduo_nb.testserver import Behaviour, TestLLMServer
+    from llamaduo_nb.testing import Behaviour, TestLLMServer
 
     layout = make_tiny_run(tmp_path / "run")
     cfg = load_config(layout.params_file)

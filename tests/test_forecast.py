@@ -13,13 +13,14 @@ import yaml
 from tinyrun import TEST, make_tiny_run
 
 from llamaduo_nb import forecast
-from llamaduo_nb.callcache import CallCache, LedgerRow, load_prices, read_ledger
+from llamaduo_nb.callcache import CallCache, LedgerRow, read_ledger
 from llamaduo_nb.cli import main
 from llamaduo_nb.config import RunConfig, build, dump_config
 from llamaduo_nb.evaluate import judge_requests, judge_template
 from llamaduo_nb.jsonio import write_jsonl
+from llamaduo_nb.prices import load_prices
 from llamaduo_nb.runlayout import RunLayout
-from llamaduo_nb.testserver import Behaviour, TestLLMServer
+from llamaduo_nb.testing import Behaviour, TestLLMServer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -36,7 +36,7 @@ from tinyrun import TEST, TRAIN, coverage_rows
 from llamaduo_nb.callcache import read_ledger
 from llamaduo_nb.jsonio import read_json, read_jsonl, write_jsonl
 from llamaduo_nb.runlayout import RunLayout
-from llamaduo_nb.testserver import Behaviour, TestLLMServer
+from llamaduo_nb.testing import Behaviour, TestLLMServer
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).resolve().parent / "killchild.py"

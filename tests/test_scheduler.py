@@ -24,7 +24,7 @@ from llamaduo_nb.runlayout import RunLayout
 from llamaduo_nb.scheduler import RateScheduler
 from llamaduo_nb.services import ChatRequest, ServicePool
 from llamaduo_nb.synthesize import PAIRS_SCHEMA
-from llamaduo_nb.testserver import Behaviour, TestLLMServer, reply_text
+from llamaduo_nb.testing import Behaviour, TestLLMServer, reply_text
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.filterwarnings("ignore:no price for model")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import RunConfig
-from ..jsonio import atomic_dir, atomic_write, read_json
+from ..jsonio import atomic_dir, atomic_write, markdown_table, sha256_file
 from ..runlayout import RunLayout
+from ..schemas import read_metrics
 from .select import CycleChoice, DeployError, cycle_table
 
 
@@ -105,23 +105,16 @@ def _md_table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "_(none)_"
     cells = frame.astype(object).where(frame.notna(), "")
-    header = "| " + " | ".join(str(c) for c in cells.columns) + " |"
-    rule = "|" + "|".join("---" for _ in cells.columns) + "|"
-    rows = [
-        "| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |"
-        for row in cells.itertuples(index=False)
-    ]
-    return "\n".join([header, rule, *rows])
+    return markdown_table(cells.columns, cells.itertuples(index=False))
 
 
 def _vc_table(layout: RunLayout) -> pd.DataFrame:
     """Per cycle and judge: `mean / C@zeta…` of precision and similarity, from each cycle's metrics.json."""
     records = []
     for cycle in layout.cycles():
-        path = layout.metrics_file(cycle)
-        if not path.is_file():
+        metrics = read_metrics(layout, cycle)
+        if metrics is None:
             continue
-        metrics = read_json(path)
         zetas = metrics.get("zetas", [])
         for judge, entry in metrics.get("per_judge", {}).items():
             record = {"cycle": cycle, "judge": judge}
@@ -137,16 +130,6 @@ def _vc_table(layout: RunLayout) -> pd.DataFrame:
             record["passed"] = metrics.get("decision", {}).get("passed")
             records.append(record)
     return pd.DataFrame(records)
-
-
-def _digest(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def dataset_lineage(cfg: RunConfig, layout: RunLayout, cycle: int) -> pd.DataFrame:
@@ -181,7 +164,7 @@ def dataset_lineage(cfg: RunConfig, layout: RunLayout, cycle: int) -> pd.DataFra
             )
     for record in records:
         path = Path(record["file"]) if record["data"] == "coverage source" else layout.root / record["file"]
-        record["sha256"] = _digest(path)
+        record["sha256"] = sha256_file(path)[:16] if path.is_file() else None
     return pd.DataFrame(records)
 
 
@@ -197,10 +180,9 @@ def eval_results(cfg: RunConfig, layout: RunLayout, cycle: int) -> list:
     C@zeta of precision and similarity on the run's test split, as 04 computed them."""
     from huggingface_hub import EvalResult
 
-    path = layout.metrics_file(cycle)
-    if not path.is_file():
+    metrics = read_metrics(layout, cycle)
+    if metrics is None:
         return []
-    metrics = read_json(path)
     results = []
     for judge, entry in metrics.get("per_judge", {}).items():
         model = cfg.provider(judge).model if judge in {p.name for p in cfg.providers} else judge

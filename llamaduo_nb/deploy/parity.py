@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -20,8 +19,9 @@ import pandas as pd
 from ..config import RunConfig
 from ..embedded import LlamaServer
 from ..finetune import student_messages
-from ..jsonio import read_json, read_jsonl, save_figure, write_json, write_jsonl
+from ..jsonio import read_jsonl, save_figure, sha256_file, write_json, write_jsonl
 from ..runlayout import RunLayout
+from ..schemas import read_metrics
 from .gguf import GGUFExport
 from .select import CycleChoice, DeployError
 
@@ -122,14 +122,6 @@ def token_agreement(
     return shares
 
 
-def _file_digest(path: Path, n: int = 12) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:n]
-
-
 def served_provider(cfg: RunConfig, gguf_path: Path, base_url: str, qtype: str) -> tuple[RunConfig, str]:
     """`cfg` plus an OpenAI-compatible provider for the served GGUF; the model name carries the file's hash
     so the call cache never replays answers of an older export."""
@@ -144,7 +136,7 @@ def served_provider(cfg: RunConfig, gguf_path: Path, base_url: str, qtype: str) 
     provider = ProviderConfig(
         name=name,
         kind="openai_compatible",
-        model=f"{cfg.run_name}-{qtype}-{_file_digest(gguf_path)}",
+        model=f"{cfg.run_name}-{qtype}-{sha256_file(gguf_path)[:12]}",
         base_url=base_url,
         rpm=100_000,
         tpm=100_000_000,
@@ -475,7 +467,7 @@ def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export
     write_jsonl(layout.parity_rejudged_file, rejudged)
 
     served_metrics = evaluate.compute_metrics(judgments, eval_cfg, choice.cycle)
-    cycle_metrics = read_json(layout.metrics_file(choice.cycle))
+    cycle_metrics = read_metrics(layout, choice.cycle, required=True)
     cycle_judgments = (
         evaluate.load_judgments(layout.judgments_file(choice.cycle))
         if layout.judgments_file(choice.cycle).is_file()

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..jsonio import read_json, save_figure
+from ..jsonio import save_figure
 from ..runlayout import RunLayout
+from ..schemas import read_metrics
 
 
 class DeployError(RuntimeError):
@@ -37,8 +38,8 @@ def cycle_table(layout: RunLayout) -> pd.DataFrame:
     """One line per cycle folder: training rows, synthetic rows, decision value and verdict, adapter present."""
     records = []
     for cycle in layout.cycles():
-        metrics_path = layout.metrics_file(cycle)
-        decision = read_json(metrics_path).get("decision", {}) if metrics_path.is_file() else {}
+        metrics = read_metrics(layout, cycle)
+        decision = metrics.get("decision", {}) if metrics is not None else {}
         records.append(
             {
                 "cycle": cycle,
@@ -50,7 +51,7 @@ def cycle_table(layout: RunLayout) -> pd.DataFrame:
                 "value": decision.get("value"),
                 "epsilon": decision.get("epsilon"),
                 "passed": bool(decision.get("passed", False)),
-                "has_metrics": metrics_path.is_file(),
+                "has_metrics": metrics is not None,
                 "has_adapter": (layout.adapter_dir(cycle) / "adapter_config.json").is_file(),
             }
         )

@@ -3,7 +3,7 @@
 They sit beside the LLM judges (declared under `evaluate.metric_judges`, never as providers) and write
 the same judgment records, with M = 1 by nature (`repeat` 0). Every score is on the judges' 1..100 scale:
 
-    rougeL       1 + 99 * ROUGE-L F1 (the exact rouge-score value, computed by dataquality's engine)
+    rougeL       1 + 99 * ROUGE-L F1 (the exact rouge-score value: `dataquality.rouge`)
     chrF         1 + 0.99 * chrF (sacrebleu's sentence chrF, 0..100)
     exact_match  label accuracy for classification-style rows (category in `evaluate.label_categories`):
                  100 when the answer starts with the reference's label, else 1. The label is the
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+
+from ..dataquality import rouge_l_f1_batch
 
 METRIC_JUDGES = ("rougeL", "chrF", "exact_match")
 LABEL_MAX_WORDS = 4
@@ -43,8 +45,6 @@ def _record(row: dict, judge: str, score: float) -> dict:
 
 
 def rouge_l_scores(rows: Sequence[dict]) -> list[float]:
-    from ..dataquality import rouge_l_f1_batch
-
     f1 = rouge_l_f1_batch([r["reference"] for r in rows], [r["candidate"] for r in rows])
     return [1.0 + 99.0 * float(v) for v in f1]
 

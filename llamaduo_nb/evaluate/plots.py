@@ -13,6 +13,7 @@ import pandas as pd
 
 from ..jsonio import read_json, save_figure
 from ..runlayout import RunLayout
+from ..schemas import read_metrics
 from .judging import METRICS
 from .stats import score_table, zeta_key
 
@@ -115,10 +116,9 @@ def cycles_frame(layout: RunLayout) -> pd.DataFrame:
     and the cycle's training-set size (finetune.json `rows`)."""
     records = []
     for cycle in layout.cycles():
-        path = layout.metrics_file(cycle)
-        if not path.is_file():
+        metrics = read_metrics(layout, cycle)
+        if metrics is None:
             continue
-        metrics = read_json(path)
         train = layout.train_summary(cycle)
         train_rows = read_json(train).get("rows") if train.is_file() else None
         keys = ["mean", *(zeta_key(z) for z in metrics.get("zetas", []))]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .. import jsonio
 from ..config import EvaluateConfig
 from ..jsonio import atomic_write
 from .judging import METRICS
@@ -165,14 +166,9 @@ def table1(long: pd.DataFrame, zetas: Sequence[float], *, intervals: bool = True
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
-    """A GitHub Markdown table of `frame` with its index as the first column."""
-    index_name = frame.index.name or ""
-    header = [index_name, *map(str, frame.columns)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, row in frame.iterrows():
-        cells = ["" if pd.isna(v) else str(v).replace("|", "\\|") for v in row.tolist()]
-        lines.append("| " + " | ".join([str(label), *cells]) + " |")
-    return "\n".join(lines) + "\n"
+    """A GitHub Markdown table of `frame` with its index as the first column (`jsonio.markdown_table`)."""
+    rows = [[label, *("" if pd.isna(v) else v for v in row.tolist())] for label, row in frame.iterrows()]
+    return jsonio.markdown_table([frame.index.name or "", *frame.columns], rows) + "\n"
 
 
 def write_table1(long: pd.DataFrame, zetas: Sequence[float], csv_path: Path, md_path: Path) -> pd.DataFrame:

@@ -28,7 +28,7 @@ What it does, on 127.0.0.1 (aiohttp, real HTTP, its own event loop in a daemon t
   per API; `end_next_batch(state)` makes the next batch end expired, cancelled or failed.
 - `auth_error`: every request is answered 401 (the key was rejected).
 
-Run it by hand: `python -m llamaduo_nb.testserver --rpm 600 --latency 0.5` (Ctrl-C stops it).
+Run it by hand: `python -m llamaduo_nb.testing --rpm 600 --latency 0.5` (Ctrl-C stops it).
 """
 
 from __future__ import annotations
@@ -652,7 +652,9 @@ class TestLLMServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m llamaduo_nb.testing", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per answer")
     parser.add_argument("--rpm", type=int, default=None)
