@@ -7,7 +7,7 @@ stage fails with file, row and field when an upstream file is not what it declar
 01_coverage
   coverage/train.jsonl, coverage/test.jsonl          COVERAGE_ROW + optional system (the row's system prompt,
       from a chat system turn or a `system` field; put before the user turn in training, inference and
-      serving by finetune.student_messages)
+      serving by student.student_messages)
   coverage/skipped.jsonl                             {row, field, problem, id}
   coverage/report.json                               counts: rows_read, rows_valid, skipped, train, test, per_category
   coverage/curation.json                             {"version": 1, "decisions": {id: {action, instruction?, response?, split?}}}
@@ -88,7 +88,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from .jsonio import DataFileError
+from .jsonio import DataFileError, iter_jsonl
 
 COVERAGE_ROW = {"id": str, "instruction": str, "response": str, "category": str}
 RESPONSE_ROW = {
@@ -107,7 +107,9 @@ METRICS = {"cycle": int, "per_judge": dict, "decision": dict}
 # What a ledger row's `stage` says (calls.sqlite, ledger.csv): the paying notebook's name, or the part of a
 # notebook paid and cached apart. One home: stages open their ServicePool with these, the forecast prices them,
 # the summary, economics and `--retry-failed` read them.
-LEDGER_INFERENCE = "03_batch_inference"  # 03 through a service provider (an OpenAI-compatible student endpoint)
+LEDGER_INFERENCE = (
+    "03_batch_inference"  # 03 through a service provider (an OpenAI-compatible student endpoint)
+)
 LEDGER_JUDGING = "04_evaluate"  # 04: the cycle's answers judged M times
 LEDGER_BASELINES = "baselines"  # 04, once per run: Table 1's reference rows (service answers, base student)
 LEDGER_TEACHER_STUDY = "teacher_study"  # 05: candidate teachers answer and are rewarded (CAR)
@@ -133,3 +135,24 @@ def validate_rows(path: str | Path, rows: Iterable[dict], schema: dict[str, type
                 raise DataFileError(path, i, field, f"expected {tp.__name__}, got {type(value).__name__}")
         out.append(row)
     return out
+
+
+def load_test_rows(path: str | Path) -> list[dict]:
+    """The test split (03 answers it, 04 answers it for Table 1's reference rows): every row needs a string
+    id, a non-empty instruction and a reference response."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run 01_coverage first")
+    rows, seen = [], {}
+    for i, row in enumerate(iter_jsonl(path), start=1):
+        for key in ("id", "instruction", "response"):
+            value = row.get(key)
+            if not isinstance(value, str) or (key != "response" and not value.strip()):
+                raise DataFileError(path, i, key, f"expected a non-empty string, got {value!r}")
+        if row["id"] in seen:
+            raise DataFileError(path, i, "id", f"duplicate of row {seen[row['id']]}")
+        seen[row["id"]] = i
+        rows.append(row)
+    if not rows:
+        raise DataFileError(path, None, None, "the test split is empty")
+    return rows
