@@ -30,7 +30,6 @@ from __future__ import annotations
 from .card import card_data, dataset_lineage, eval_results, model_card, write_model_card
 from .gguf import (
     convert_with_llama_cpp,
-    converter_home,
     ensure_llama_cpp_converter,
     export_all,
     exports_table,
@@ -78,7 +77,6 @@ __all__ = [
     "card_data",
     "dataset_lineage",
     "eval_results",
-    "converter_home",
     "ensure_llama_cpp_converter",
     "quantize_gguf",
     "convert_with_llama_cpp",
