@@ -93,6 +93,8 @@ def prompt_token_ids(tokenizer: Any, instruction: str, system: str | None = None
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The ids generation stops at: the model's generation-config EOS ids plus the tokenizer's EOS (a chat
+    template preset made its end-of-turn token the EOS)."""
     ids = model.generation_config.eos_token_id
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
