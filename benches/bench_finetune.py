@@ -67,13 +67,8 @@ def run_trl_defaults(
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from llamaduo_nb.finetune import (
-        build_train_data,
-        load_student,
-        quiet_peft_deprecations,
-        to_prompt_completion,
-        training_log,
-    )
+    from llamaduo_nb.finetune import build_train_data, to_prompt_completion, training_log
+    from llamaduo_nb.student import load_student, quiet_peft_deprecations
 
     ft = cfg.finetune
     set_seed(ft.seed)

@@ -57,7 +57,7 @@ def naive_k_loop(model: Any, tokenizer: Any, instructions: list[str], k: int, ma
     """What a user would otherwise write: one `generate` per prompt and sample. Returns tokens generated."""
     import torch
 
-    from llamaduo_nb.inference import prompt_token_ids, stop_token_ids
+    from llamaduo_nb.student import prompt_token_ids, stop_token_ids
 
     stops = stop_token_ids(model, tokenizer)
     tokens = 0
@@ -85,7 +85,8 @@ def naive_k_loop(model: Any, tokenizer: Any, instructions: list[str], k: int, ma
 
 def lines(args: argparse.Namespace) -> list[BenchLine]:
     from llamaduo_nb.config import load_config
-    from llamaduo_nb.inference import load_model, sample_batch
+    from llamaduo_nb.schemas import load_test_rows
+    from llamaduo_nb.student import load_model, sample_batch
 
     prompts = args.inf_prompts or (4 if args.quick else None)
     rows: list[BenchLine] = []
@@ -152,8 +153,6 @@ def lines(args: argparse.Namespace) -> list[BenchLine]:
             f"K-sampling: {K_LOOP_PROMPTS} prompts x K={K_LOOP_K}, shared batch vs naive loop ...", flush=True
         )
         model, tokenizer, _ = load_model(load_config(layout.params_file), layout.adapter_dir(0))
-        from llamaduo_nb.inference import load_test_rows
-
         instructions = [r["instruction"] for r in load_test_rows(layout.test_file)][:K_LOOP_PROMPTS]
 
         def ours() -> int:

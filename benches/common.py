@@ -90,9 +90,9 @@ def demo_run(
     from llamaduo_nb.config import dump_config, load_config
     from llamaduo_nb.coverage import run_coverage
     from llamaduo_nb.embedded import resolve_model_path
-    from llamaduo_nb.finetune import quiet_peft_deprecations
     from llamaduo_nb.jsonio import read_jsonl, write_jsonl
     from llamaduo_nb.runlayout import RunLayout, project_file
+    from llamaduo_nb.student import quiet_peft_deprecations
 
     cfg = load_config(project_file("params/demo.yaml"))
     cfg = dataclasses.replace(

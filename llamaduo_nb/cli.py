@@ -163,7 +163,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     # the server of the offline service LLM, 03's llama.cpp engine and 06 (compiled once per machine)
     print(f"llama-server (cached): {ensure_llama_server()}")
-    from .deploy.gguf import GGUFExportError, ensure_llama_cpp_converter
+    from .deploy.gguf import ensure_llama_cpp_converter
+    from .student import GGUFExportError
 
     try:  # 06 converts non-Llama students (Gemma, Qwen2, Phi-3, ...) with llama.cpp's own converter
         print(f"llama.cpp converter (cached): {ensure_llama_cpp_converter(quiet=True)}")

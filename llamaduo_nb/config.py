@@ -189,7 +189,7 @@ class StudentConfig:
         )
 
 
-# Presets for `student.chat_template`; the templates themselves live in finetune.CHAT_TEMPLATES.
+# Presets for `student.chat_template`; the templates themselves live in student.chat.CHAT_TEMPLATES.
 CHAT_TEMPLATE_PRESETS = ("chatml", "gemma")
 REPORT_TO = ("none", "tensorboard", "trackio", "mlflow", "wandb")
 

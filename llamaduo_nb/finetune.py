@@ -6,8 +6,8 @@ Cycle t trains on the coverage train split plus every synthetic row accepted in 
 Where cycle t starts (`finetune.start_from`). The paper's eq. 1 fine-tunes pi(t) from pi(t-1) and raises
 the LoRA rank with the data volume (Table 5). `previous_merged` does both: cycle t-1's adapter is merged
 into the base, a fresh LoRA of the Table-5 rank for this cycle's volume is trained on top, and the saved
-adapter stacks the two (`stack_adapters`: one LoRA of rank r1 + r2 that loads on the plain base, so 03,
-06 and vLLM need nothing else). `previous_adapter` keeps training cycle t-1's adapter at its rank.
+adapter stacks the two (`student.stack_adapters`: one LoRA of rank r1 + r2 that loads on the plain base,
+so 03, 06 and vLLM need nothing else). `previous_adapter` keeps training cycle t-1's adapter at its rank.
 `base` (the default) trains a fresh LoRA on the base each cycle on all data so far: every cycle then
 sees the same number of steps from the same start, so the difference between cycles is the data alone,
 which is what the small demo can show; the paper configuration uses `previous_merged`.
@@ -54,25 +54,21 @@ Only the single-process plumbing was exercised here (`accelerate launch --num_pr
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from .config import ConfigError, FinetuneConfig, RunConfig, StudentConfig, table5_lora
+from .config import ConfigError, FinetuneConfig, RunConfig, StudentConfig, load_config, table5_lora
 from .jsonio import (
     DataFileError,
     atomic_dir,
@@ -84,16 +80,20 @@ from .jsonio import (
     write_jsonl,
 )
 from .runlayout import RunLayout
+from .student import (
+    chat_template_source,
+    cpu_has_native_bf16,
+    cuda_available,
+    load_student,
+    quiet_peft_deprecations,
+    resolve_dtype,
+    resolve_quantization,
+    stack_adapters,
+    student_messages,
+)
 
 COVERAGE_ORIGIN = "coverage"
 LOSS_MASK_METHOD = "prompt-completion, completion_only_loss (prompt tokens labelled -100)"
-
-
-def student_messages(instruction: str, system: str | None = None) -> list[dict[str, str]]:
-    """How an instruction is put to the student, in training, inference and serving: one user turn, after
-    the row's system prompt when it has one."""
-    turns = [{"role": "system", "content": system}] if system else []
-    return [*turns, {"role": "user", "content": instruction}]
 
 
 # --------------------------------------------------------------------------- the data of a cycle
@@ -171,59 +171,6 @@ def to_prompt_completion(rows: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------- decisions made before training
 
 
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def resolve_quantization(setting: str) -> str:
-    """'4bit' (QLoRA) or 'none' (plain LoRA). `auto` means 4-bit exactly when CUDA and bitsandbytes exist."""
-    has_cuda = cuda_available()
-    if setting == "auto":
-        if not has_cuda:
-            return "none"
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            return "none"
-        return "4bit"
-    if setting == "4bit":
-        if not has_cuda:
-            raise ConfigError(
-                "finetune.quantization: '4bit' (QLoRA) needs a CUDA GPU and bitsandbytes; this machine has no "
-                "CUDA device. Use quantization: auto (plain LoRA on CPU) or none."
-            )
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError as exc:
-            raise ConfigError(
-                "finetune.quantization: '4bit' needs bitsandbytes: pip install 'llamaduo-nb[gpu]'"
-            ) from exc
-    return setting
-
-
-def resolve_dtype(student: StudentConfig, on_cuda: bool) -> str:
-    """The torch dtype name to load the student in: `auto` is bfloat16 on a GPU that has it, else float32."""
-    if student.torch_dtype != "auto":
-        return student.torch_dtype
-    if on_cuda:
-        import torch
-
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
-
-
-def cpu_has_native_bf16() -> bool:
-    import torch
-
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(probe()) if probe is not None else False
-    except RuntimeError:
-        return False
-
-
 def training_precision(student: StudentConfig, on_cuda: bool) -> tuple[str, str]:
     """(dtype the weights are loaded in, mixed precision of the training steps: "bf16" | "fp16" | "no").
 
@@ -259,113 +206,6 @@ def planned_steps(ft: FinetuneConfig, n_rows: int, world_size: int = 1) -> int:
     return max(1, math.ceil(math.ceil(n_rows / per_step) * ft.num_epochs))
 
 
-# --------------------------------------------------------------------------- model loading
-
-
-@contextlib.contextmanager
-def quiet_peft_deprecations() -> Iterator[None]:
-    """peft 0.21 reads `model.is_gradient_checkpointing`, which transformers 5.2x deprecates: a warning the
-    user can do nothing about in every notebook; silenced here and nowhere else."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
-
-
-# `student.chat_template` presets: (Jinja template, the token that ends an assistant turn). Both render the
-# prompt as a prefix of the whole conversation, which the prompt-completion loss mask relies on.
-CHAT_TEMPLATES: dict[str, tuple[str, str]] = {
-    "chatml": (
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
-        "<|im_end|>",
-    ),
-    # Gemma's turn format: the assistant's role is called "model"; no system role.
-    "gemma": (
-        "{{ bos_token }}"
-        "{% for message in messages %}"
-        "{% if message['role'] == 'system' %}{{ raise_exception('gemma: no system role') }}{% endif %}"
-        "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-        "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}",
-        "<end_of_turn>",
-    ),
-}
-
-
-def apply_chat_template_setting(tokenizer: Any, student: StudentConfig, path: str) -> str:
-    """Give the tokenizer the chat template the params ask for; returns where its template came from.
-
-    A preset also makes its end-of-turn token the tokenizer's EOS, so training learns to stop there and
-    generation stops there; the token must already be in the vocabulary (a new token would need new,
-    untrained embeddings). A checkpoint with no template and none in the params is refused.
-    """
-    setting = student.chat_template
-    if setting is None:
-        if not tokenizer.chat_template:
-            raise ConfigError(
-                f"student.model_id: {student.model_id} ({path}) has no chat template. LlamaDuo fine-tunes a "
-                "chat format: use an -Instruct / -it checkpoint, or give one in params, e.g. "
-                "student.chat_template: gemma (presets: " + ", ".join(CHAT_TEMPLATES) + ") or a Jinja string"
-            )
-        return "checkpoint"
-    if setting in CHAT_TEMPLATES:
-        template, end_of_turn = CHAT_TEMPLATES[setting]
-        token_id = tokenizer.convert_tokens_to_ids(end_of_turn)
-        if token_id is None or token_id == tokenizer.unk_token_id:
-            raise ConfigError(
-                f"student.chat_template: preset {setting!r} ends turns with {end_of_turn}, which is not a token "
-                f"of {student.model_id}'s vocabulary; pick the preset of its family or give a Jinja template "
-                f"that ends turns with its EOS token {tokenizer.eos_token!r}"
-            )
-        tokenizer.chat_template = template
-        tokenizer.eos_token = end_of_turn
-        return f"params preset {setting}"
-    tokenizer.chat_template = setting
-    return "params (Jinja string)"
-
-
-def load_student(student: StudentConfig, quantization: str = "none", dtype: str | None = None):
-    """(model, tokenizer, model_path) for the student base; 4-bit NF4 when `quantization == '4bit'`.
-
-    The tokenizer carries the chat template of `student.chat_template` when the params give one.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .embedded import resolve_model_path
-
-    path = resolve_model_path(student.model_id)
-    if student.cpu_threads is not None:
-        torch.set_num_threads(student.cpu_threads)
-    on_cuda = cuda_available()
-    dtype = dtype or resolve_dtype(student, on_cuda)
-    kwargs: dict[str, Any] = {
-        "revision": student.revision,
-        "trust_remote_code": student.trust_remote_code,
-        "dtype": getattr(torch, dtype),
-    }
-    if quantization == "4bit":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=getattr(torch, dtype),
-        )
-        # One full copy per process: under `accelerate launch` each rank holds the model on its own GPU.
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, revision=student.revision, trust_remote_code=student.trust_remote_code
-    )
-    apply_chat_template_setting(tokenizer, student, str(path))
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return model, tokenizer, path
-
-
 # --------------------------------------------------------------------------- continual fine-tuning
 
 
@@ -378,57 +218,6 @@ def previous_adapter(layout: RunLayout, cycle: int) -> Path:
             f"run 02_finetune for cycle {cycle - 1} first, or set finetune.start_from: base"
         )
     return previous
-
-
-def stack_adapters(lower: Path, upper: Path, target: Path) -> dict[str, Any]:
-    """Write at `target` one LoRA adapter equal to `lower` followed by `upper` (trained on lower merged).
-
-    Two LoRA updates add up: s1 B1 A1 + s2 B2 A2 = [s1 B1 | s2 B2] [A1 ; A2], a single LoRA of rank
-    r1 + r2 with scaling 1 (alpha = rank). So the model of a `previous_merged` cycle, which is the base
-    with the previous adapter merged plus a fresh adapter, is saved as one adapter on the plain base:
-    inference, deploy and vLLM load it like any other. Modules adapted by only one side get zeros from
-    the other. `upper`'s tokenizer and the rest of its folder are kept. Returns {r, alpha, ranks}.
-    """
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    configs = [read_json(folder / "adapter_config.json") for folder in (lower, upper)]
-    for folder, config in zip((lower, upper), configs, strict=True):
-        if config.get("rank_pattern") or config.get("alpha_pattern"):
-            raise ValueError(f"{folder}: adapters with rank_pattern / alpha_pattern cannot be stacked")
-    weights = [load_file(folder / "adapter_model.safetensors") for folder in (lower, upper)]
-    ranks = [int(config["r"]) for config in configs]
-    scales = [
-        float(config["lora_alpha"]) / (math.sqrt(r) if config.get("use_rslora") else r)
-        for config, r in zip(configs, ranks, strict=True)
-    ]
-    modules = sorted({key.rsplit(".lora_", 1)[0] for w in weights for key in w if ".lora_" in key})
-    stacked: dict[str, Any] = {}
-    for module in modules:
-        a_parts, b_parts = [], []
-        for w, r, scale in zip(weights, ranks, scales, strict=True):
-            a, b = w.get(f"{module}.lora_A.weight"), w.get(f"{module}.lora_B.weight")
-            if a is None or b is None:
-                other = next(x for x in weights if f"{module}.lora_A.weight" in x)
-                a_like, b_like = other[f"{module}.lora_A.weight"], other[f"{module}.lora_B.weight"]
-                a = a_like.new_zeros((r, a_like.shape[1]))
-                b = b_like.new_zeros((b_like.shape[0], r))
-            a_parts.append(a.float())
-            b_parts.append(b.float() * scale)
-        dtype = next(iter(weights[1].values())).dtype
-        stacked[f"{module}.lora_A.weight"] = torch.cat(a_parts, dim=0).to(dtype).contiguous()
-        stacked[f"{module}.lora_B.weight"] = torch.cat(b_parts, dim=1).to(dtype).contiguous()
-    total = sum(ranks)
-    config = dict(configs[1])
-    config.update(r=total, lora_alpha=total, use_rslora=False)
-    targets = [set(c["target_modules"]) if isinstance(c["target_modules"], list) else None for c in configs]
-    if all(t is not None for t in targets):
-        config["target_modules"] = sorted(targets[0] | targets[1])
-    with atomic_dir(target) as tmp:
-        shutil.copytree(upper, tmp, dirs_exist_ok=True)
-        save_file(stacked, str(Path(tmp) / "adapter_model.safetensors"), metadata={"format": "pt"})
-        write_json(Path(tmp) / "adapter_config.json", config)
-    return {"r": total, "alpha": total, "ranks": ranks}
 
 
 # --------------------------------------------------------------------------- the training run
@@ -719,13 +508,6 @@ def tracking_callbacks(report_to: list[str], folder: Path) -> tuple[list[str], l
     return others, [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))]
 
 
-def chat_template_source(student: StudentConfig) -> str:
-    setting = student.chat_template
-    if setting is None:
-        return "the checkpoint's own"
-    return f"params preset {setting}" if setting in CHAT_TEMPLATES else "params (Jinja string)"
-
-
 def checkpoint_fingerprint(cfg: RunConfig, train_data: Path) -> str:
     """What a checkpoint is only valid for: the cycle's data, the student and the training settings."""
     settings = dataclasses.asdict(cfg.finetune)
@@ -978,8 +760,6 @@ def read_summary(layout: RunLayout, cycle: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-
-    from .config import load_config
 
     parser = argparse.ArgumentParser(
         prog="python -m llamaduo_nb.finetune",

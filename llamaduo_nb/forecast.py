@@ -256,7 +256,7 @@ def _answer_line(
     cfg: RunConfig, stage: str, cycle: int | None, provider: str, test: Sequence[dict], prices: PriceTable
 ) -> dict:
     """A service LLM answers every test prompt K times (a Table-1 baseline)."""
-    from .finetune import student_messages
+    from .student import student_messages
 
     inf = cfg.inference
     calls = len(test) * inf.k

@@ -8,7 +8,7 @@ cycle)` is the one reader of a cycle's metrics.json (the runner, 06, the summary
 01_coverage
   coverage/train.jsonl, coverage/test.jsonl          COVERAGE_ROW + optional system (the row's system prompt,
       from a chat system turn or a `system` field; put before the user turn in training, inference and
-      serving by finetune.student_messages)
+      serving by student.student_messages)
   coverage/skipped.jsonl                             {row, field, problem, id}
   coverage/report.json                               counts: rows_read, rows_valid, skipped, train, test, per_category
   coverage/curation.json                             {"version": 1, "decisions": {id: {action, instruction?, response?, split?}}}
@@ -90,7 +90,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .jsonio import DataFileError, read_json
+from .jsonio import DataFileError, iter_jsonl, read_json
 from .runlayout import RunLayout
 
 # The keys a flat input row may name its instruction and response by, in order of preference (01_coverage reads
@@ -162,3 +162,24 @@ def read_metrics(layout: RunLayout, cycle: int, *, required: bool = False) -> di
         if field in metrics and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
             raise DataFileError(path, None, field, f"expected {tp.__name__}, got {type(value).__name__}")
     return metrics
+
+
+def load_test_rows(path: str | Path) -> list[dict]:
+    """The test split (03 answers it, 04 answers it for Table 1's reference rows): every row needs a string
+    id, a non-empty instruction and a reference response."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run 01_coverage first")
+    rows, seen = [], {}
+    for i, row in enumerate(iter_jsonl(path), start=1):
+        for key in ("id", "instruction", "response"):
+            value = row.get(key)
+            if not isinstance(value, str) or (key != "response" and not value.strip()):
+                raise DataFileError(path, i, key, f"expected a non-empty string, got {value!r}")
+        if row["id"] in seen:
+            raise DataFileError(path, i, "id", f"duplicate of row {seen[row['id']]}")
+        seen[row["id"]] = i
+        rows.append(row)
+    if not rows:
+        raise DataFileError(path, None, None, "the test split is empty")
+    return rows

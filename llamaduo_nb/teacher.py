@@ -300,7 +300,7 @@ def encode_for_loss(tokenizer: Any, instruction: str, response: str, max_length:
     rendered once more and the prompt must be its prefix (02 checks the same); prompt tokens get -100.
     The sequence is cut at `max_length`, keeping its start, as TRL's truncation does.
     """
-    from .finetune import student_messages
+    from .student import student_messages
 
     prompt = student_messages(instruction)
     conversation = prompt + [{"role": "assistant", "content": response}]
@@ -365,7 +365,7 @@ class StudentScorer:
 
     @classmethod
     def load(cls, cfg: RunConfig) -> StudentScorer:
-        from .finetune import load_student
+        from .student import load_student
 
         model, tokenizer, _ = load_student(cfg.student, "none", "float32")
         model.eval()

@@ -77,7 +77,8 @@ def test_sharegpt_and_openai_chat_keep_the_system_prompt(tmp_path):
     assert [r["system"] for r in chat] == ["You are a terse assistant.", "You are a pirate."]
     assert chat[0]["id"] != chat[1]["id"]
     # ... and the system prompt is what training and inference put before the user turn
-    from llamaduo_nb.finetune import student_messages, to_prompt_completion
+    from llamaduo_nb.finetune import to_prompt_completion
+    from llamaduo_nb.student import student_messages
 
     prompt = to_prompt_completion(chat[:1])[0]["prompt"]
     assert prompt == [
@@ -91,7 +92,7 @@ def test_system_prompt_reaches_the_real_chat_template(tmp_path):
     from transformers import AutoTokenizer
 
     from llamaduo_nb.embedded import student_base_dir
-    from llamaduo_nb.inference import prompt_token_ids
+    from llamaduo_nb.student import prompt_token_ids
 
     tok = AutoTokenizer.from_pretrained(student_base_dir())
     chat = load(jsonl(tmp_path / "chat.jsonl", OPENAI_CHAT))

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-from llamaduo_nb import deploy
+from llamaduo_nb import deploy, student
 from llamaduo_nb.config import load_config
 from llamaduo_nb.evaluate import compute_metrics
 from llamaduo_nb.jsonio import write_json, write_jsonl
@@ -135,7 +135,7 @@ def shipped(tmp_path_factory):
     layout = build_run(tmp_path_factory.mktemp("deploy") / "shipped", n_test=4)
     cfg = load_config(layout.params_file)
     choice = deploy.select_cycle(layout, cfg.deploy.select)
-    merge = deploy.merge_adapter(cfg, layout.adapter_dir(choice.cycle), layout.merged_dir)
+    merge = student.merge_adapter(cfg, layout.adapter_dir(choice.cycle), layout.merged_dir)
     deploy.write_model_card(cfg, layout, choice, merge)
     exports = deploy.export_all(cfg, layout)
     return cfg, layout, choice, merge, exports
@@ -303,21 +303,21 @@ def test_quantized_files_are_smaller_and_all_tokenize_like_transformers(shipped)
     assert sizes["q8_0"] < 0.6 * sizes["f16"]
     assert sizes["q4_k_m"] < sizes["q8_0"]
     for export in exports:
-        assert deploy.check_gguf_tokenizer(export.path, merge.path)["ok"], export.qtype
+        assert student.check_gguf_tokenizer(export.path, merge.path)["ok"], export.qtype
 
 
 @pytest.mark.slow
 def test_k_quants_come_from_llama_cpps_quantizer_with_its_fallbacks(shipped, tmp_path):
     _, layout, _, _, exports = shipped
-    q4 = deploy.tensor_types(layout.gguf_file("q4_k_m"))
+    q4 = student.tensor_types(layout.gguf_file("q4_k_m"))
     # SmolLM2's 576-wide rows do not split into 256-value K blocks, so llama.cpp falls back for those
     # (Q4_K -> Q5_0, Q6_K -> Q8_0); the 1536-wide ffn_down rows do, and carry K-quants.
     assert q4.get("Q4_K", 0) + q4.get("Q6_K", 0) > 0, q4
     assert q4["F32"] == 61  # norms stay F32 as in the F16 file
     q5 = deploy.quantize_gguf(layout.gguf_file("f16"), tmp_path / "model-q5_k_m.gguf", "q5_k_m")
     assert q5.path.is_file() and "llama_model_quantize" in q5.exporter
-    assert deploy.tensor_types(q5.path).get("Q5_K", 0) + deploy.tensor_types(q5.path).get("Q6_K", 0) > 0
-    with pytest.raises(deploy.GGUFExportError, match="quantization type"):
+    assert student.tensor_types(q5.path).get("Q5_K", 0) + student.tensor_types(q5.path).get("Q6_K", 0) > 0
+    with pytest.raises(student.GGUFExportError, match="quantization type"):
         deploy.quantize_gguf(layout.gguf_file("f16"), tmp_path / "x.gguf", "f16")
 
 
@@ -352,8 +352,8 @@ def test_served_gguf_answers_greedily_like_the_merged_transformers_model(shipped
 def test_builtin_exporter_refuses_architectures_it_does_not_know(tmp_path):
     """(export_all sends those to llama.cpp's converter instead: tests/test_deploy_architectures.py)"""
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GemmaForCausalLM"]}))
-    with pytest.raises(deploy.GGUFExportError, match="convert_script"):
-        deploy.export_gguf(tmp_path, tmp_path / "out.gguf", "f16")
+    with pytest.raises(student.GGUFExportError, match="convert_script"):
+        student.export_gguf(tmp_path, tmp_path / "out.gguf", "f16")
     assert not (tmp_path / "out.gguf").exists()
 
 
@@ -493,9 +493,9 @@ def test_parity_answers_are_fresh_calls_not_replays_of_03s_samples(tmp_path):
 
     from llamaduo_nb.config import ProviderConfig
     from llamaduo_nb.deploy.parity import served_answers
-    from llamaduo_nb.inference import llamacpp_requests
     from llamaduo_nb.jsonio import read_jsonl
     from llamaduo_nb.services import ServicePool
+    from llamaduo_nb.student import llamacpp_requests
     from llamaduo_nb.testing import Behaviour, TestLLMServer
 
     layout = make_tiny_run(tmp_path / "run")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llamaduo_nb import deploy
+from llamaduo_nb import deploy, student
 
 ROOT = Path(__file__).resolve().parent.parent
 PHI3_SPECIALS = ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>"]
@@ -139,14 +139,14 @@ def test_llama_cpp_converter_exports_loads_and_agrees_with_transformers(kind, tm
     )
     assert (
         export.path.is_file()
-        and deploy.gguf_string(export.path, "general.architecture")
+        and student.gguf_string(export.path, "general.architecture")
         == {
             "gemma": "gemma",
             "qwen2": "qwen2",
             "phi3": "phi3",
         }[kind]
     )
-    check = deploy.check_gguf_tokenizer(export.path, folder)
+    check = student.check_gguf_tokenizer(export.path, folder)
     if kind == "phi3":
         # Measured: on leading spaces the HF fast tokenizer transformers converts from this SentencePiece
         # model splits differently from the model itself; llama.cpp agrees with sentencepiece there.
@@ -181,4 +181,4 @@ def test_f16_then_k_quant_of_a_non_llama_student(tmp_path):
     script = deploy.ensure_llama_cpp_converter(quiet=True)
     f16 = deploy.convert_with_llama_cpp(script, folder, tmp_path / "f16.gguf", "f16", tokenizer_pre="gpt-2")
     q4 = deploy.quantize_gguf(f16.path, tmp_path / "q4_k_m.gguf", "q4_k_m")
-    assert q4.bytes < f16.bytes and deploy.check_gguf_tokenizer(q4.path, folder)["ok"]
+    assert q4.bytes < f16.bytes and student.check_gguf_tokenizer(q4.path, folder)["ok"]

@@ -414,7 +414,7 @@ def test_notebook_judges_each_row_m_times_and_metrics_match(tmp_path):
     base = read_jsonl(layout.baseline_responses_file("base_student"))
     assert len(base) == len(RESPONSES) and all(r["adapter"] is None for r in base)
     # the base student answers through 03's engine (its sampler), not another one
-    from llamaduo_nb.inference import resolve_engine
+    from llamaduo_nb.student import resolve_engine
 
     assert {r["generation"]["engine"] for r in base} == {resolve_engine(cfg.inference.engine)}
     service = read_jsonl(layout.baseline_responses_file("local"))

@@ -13,7 +13,7 @@ import shutil
 import pytest
 from tinyrun import TEST, TRAIN, coverage_rows, make_tiny_run
 
-from llamaduo_nb import finetune
+from llamaduo_nb import finetune, student
 from llamaduo_nb.jsonio import DataFileError, read_json, read_jsonl, write_jsonl
 from llamaduo_nb.runlayout import RunLayout
 from llamaduo_nb.runner import PROJECT_ROOT, execute_notebook
@@ -78,9 +78,9 @@ def test_quantization_auto_is_plain_lora_without_cuda():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert finetune.resolve_quantization("auto") == "none"
+    assert student.resolve_quantization("auto") == "none"
     with pytest.raises(ValueError, match="CUDA"):
-        finetune.resolve_quantization("4bit")
+        student.resolve_quantization("4bit")
 
 
 # --------------------------------------------------------------------------- the notebook run
@@ -100,7 +100,7 @@ def test_notebook_saves_an_adapter_that_loads_on_the_base(trained):
 
     summary = read_json(trained.train_summary(0))
     base = AutoModelForCausalLM.from_pretrained(summary["base_model"]["path"], dtype=torch.float32)
-    with finetune.quiet_peft_deprecations():
+    with student.quiet_peft_deprecations():
         model = PeftModel.from_pretrained(base, adapter)
     lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
     assert lora_b, "no LoRA weights were loaded"
@@ -269,7 +269,7 @@ def test_stacking_two_adapters_adds_their_updates(tmp_path):
         )
         folders.append(folder)
     out = tmp_path / "stacked"
-    assert finetune.stack_adapters(folders[0], folders[1], out) == {"r": 5, "alpha": 5, "ranks": [2, 3]}
+    assert student.stack_adapters(folders[0], folders[1], out) == {"r": 5, "alpha": 5, "ranks": [2, 3]}
 
     def delta(folder):
         from safetensors.torch import load_file
@@ -313,12 +313,12 @@ def test_a_checkpoint_without_chat_template_is_refused_unless_params_give_one(te
     from llamaduo_nb.config import ConfigError, StudentConfig
 
     with pytest.raises(ConfigError, match="student.chat_template: gemma"):
-        finetune.load_student(StudentConfig(model_id=str(templateless_student)))
+        student.load_student(StudentConfig(model_id=str(templateless_student)))
     # Gemma's end-of-turn token is not in this vocabulary: the preset is refused rather than half-applied.
     with pytest.raises(ConfigError, match="<end_of_turn>"):
-        finetune.load_student(StudentConfig(model_id=str(templateless_student), chat_template="gemma"))
+        student.load_student(StudentConfig(model_id=str(templateless_student), chat_template="gemma"))
 
-    _, tokenizer, _ = finetune.load_student(
+    _, tokenizer, _ = student.load_student(
         StudentConfig(model_id=str(templateless_student), chat_template="chatml")
     )
     messages = [{"role": "user", "content": "Hi"}]
@@ -327,7 +327,7 @@ def test_a_checkpoint_without_chat_template_is_refused_unless_params_give_one(te
     assert tokenizer.eos_token == "<|im_end|>"
 
     jinja = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-    _, tokenizer, _ = finetune.load_student(
+    _, tokenizer, _ = student.load_student(
         StudentConfig(model_id=str(templateless_student), chat_template=jinja)
     )
     assert tokenizer.apply_chat_template(messages, tokenize=False) == "[user] Hi\n"
@@ -352,7 +352,7 @@ def test_params_template_trains_and_ships_with_the_adapter_and_tensorboard_logs_
     summary = finetune.train(cfg, layout, plan)
     assert summary["chat_template"] == "params preset chatml" and summary["report_to"] == ["tensorboard"]
     shipped = AutoTokenizer.from_pretrained(layout.adapter_dir(0))
-    assert shipped.chat_template == finetune.CHAT_TEMPLATES["chatml"][0]
+    assert shipped.chat_template == student.CHAT_TEMPLATES["chatml"][0]
     assert shipped.eos_token == "<|im_end|>"
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

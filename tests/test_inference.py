@@ -12,11 +12,12 @@ from collections import defaultdict
 import pytest
 from tinyrun import TEST, make_tiny_run
 
-from llamaduo_nb import inference
+from llamaduo_nb import inference, student
 from llamaduo_nb.config import load_config
 from llamaduo_nb.jsonio import DataFileError, read_json, read_jsonl, write_jsonl
 from llamaduo_nb.runlayout import RunLayout
 from llamaduo_nb.runner import PROJECT_ROOT, execute_notebook
+from llamaduo_nb.schemas import load_test_rows
 
 K = 2
 
@@ -27,7 +28,7 @@ def save_untrained_adapter(layout: RunLayout, cycle: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llamaduo_nb.embedded import resolve_model_path
-    from llamaduo_nb.finetune import quiet_peft_deprecations
+    from llamaduo_nb.student import quiet_peft_deprecations
 
     path = resolve_model_path(load_config(layout.params_file).student.model_id)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -56,7 +57,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_and_tokenizer(run):
     layout, _ = run
-    model, tokenizer, _ = inference.load_model(load_config(layout.params_file), layout.adapter_dir(0))
+    model, tokenizer, _ = student.load_model(load_config(layout.params_file), layout.adapter_dir(0))
     return model, tokenizer
 
 
@@ -94,16 +95,16 @@ def test_same_seed_gives_the_same_answers(run):
 def test_candidates_are_the_decoded_token_ids_after_the_prompt(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     instructions = ["Say hi.", "Name three colours of the rainbow, separated by commas."]
-    out = inference.sample_batch(
+    out = student.sample_batch(
         model, tokenizer, instructions, k=K, temperature=0.7, top_p=0.9, max_new_tokens=12, seed=7
     )
     length = out.prompt_length
-    short = inference.prompt_token_ids(tokenizer, instructions[0])
-    assert length == len(inference.prompt_token_ids(tokenizer, instructions[1])) > len(short)
+    short = student.prompt_token_ids(tokenizer, instructions[0])
+    assert length == len(student.prompt_token_ids(tokenizer, instructions[1])) > len(short)
     # left padding: the shorter prompt ends where the longer one does, right before the answers
     assert out.prompt_ids[0, length - len(short) :].tolist() == short
     assert out.attention_mask[0, : length - len(short)].sum() == 0
-    stops = set(inference.stop_token_ids(model, tokenizer))
+    stops = set(student.stop_token_ids(model, tokenizer))
     for b in range(len(instructions)):
         for j in range(K):
             seq = out.sequences[b * K + j]
@@ -125,8 +126,8 @@ def test_shared_prompt_cache_gives_the_same_tokens_as_repeating_the_prompt(model
     # A near-zero temperature samples the argmax whatever the random draw: any difference would come from
     # the copied KV cache, not from the sampler.
     common = {"k": K, "temperature": 1e-3, "top_p": 1.0, "max_new_tokens": 10, "seed": 3}
-    shared = inference.sample_batch(model, tokenizer, instructions, share_prompt_cache=True, **common)
-    repeated = inference.sample_batch(model, tokenizer, instructions, share_prompt_cache=False, **common)
+    shared = student.sample_batch(model, tokenizer, instructions, share_prompt_cache=True, **common)
+    repeated = student.sample_batch(model, tokenizer, instructions, share_prompt_cache=False, **common)
     assert shared.sequences.tolist() == repeated.sequences.tolist()
     assert shared.candidates == repeated.candidates
 
@@ -134,7 +135,7 @@ def test_shared_prompt_cache_gives_the_same_tokens_as_repeating_the_prompt(model
 @pytest.mark.slow
 def test_temperature_zero_gives_k_identical_greedy_answers(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    out = inference.sample_batch(
+    out = student.sample_batch(
         model, tokenizer, ["Say hello."], k=3, temperature=0.0, top_p=1.0, max_new_tokens=8, seed=0
     )
     assert len(out.candidates[0]) == 3 and len(set(out.candidates[0])) == 1
@@ -144,7 +145,7 @@ def test_a_test_row_without_instruction_is_reported_with_file_row_and_field(tmp_
     path = tmp_path / "test.jsonl"
     write_jsonl(path, [{"id": "a", "instruction": "Hi", "response": "Hello"}, {"id": "b", "response": "x"}])
     with pytest.raises(DataFileError) as err:
-        inference.load_test_rows(path)
+        load_test_rows(path)
     assert (err.value.row, err.value.field) == (2, "instruction")
 
 
@@ -153,10 +154,10 @@ def test_engine_auto_is_llamacpp_without_cuda():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert inference.resolve_engine("auto") == "llamacpp"
-    assert inference.resolve_engine("transformers") == "transformers"
+    assert student.resolve_engine("auto") == "llamacpp"
+    assert student.resolve_engine("transformers") == "transformers"
     with pytest.raises(ValueError, match="vllm|CUDA"):
-        inference.resolve_engine("vllm")
+        student.resolve_engine("vllm")
 
 
 # --------------------------------------------------------------------------- the llama.cpp engine

@@ -3,17 +3,16 @@
 Steps, each a function the notebook calls:
 
 1. `select_cycle` — the first cycle whose decision met epsilon, or the best one by the decision value.
-2. `merge_adapter` — the cycle's LoRA adapter merged into the base weights (peft `merge_and_unload`),
-   saved as a plain Hugging Face folder (safetensors, tokenizer, chat template, generation config), with a
-   model card written from the run (`write_model_card`).
-3. `export_gguf` — GGUF files for llama.cpp / Ollama. The built-in exporter covers llama-architecture
-   students with a byte-level BPE tokenizer (the embedded SmolLM2; Llama-3-style models with
-   `deploy.gguf_tokenizer_pre: llama-bpe`): it writes the tensors with the `gguf` package (`GGUFWriter`,
-   `TensorNameMap`, `SpecialVocab`, `quants`) after undoing the Hugging Face rotary permutation of the q/k
-   projections. For the embedded student its F16 and Q8_0 tensors were checked byte for byte against
-   llama.cpp's own `convert_hf_to_gguf.py` (llama-cpp-python 0.3.36 sdist): identical. Other students
-   (e.g. Gemma) are converted by that script when `deploy.convert_script` names it. Every export is
-   checked: llama.cpp must tokenize probe texts exactly like the Hugging Face tokenizer.
+2. `student.merge_adapter` — the cycle's LoRA adapter merged into the base weights (peft
+   `merge_and_unload`), saved as a plain Hugging Face folder (safetensors, tokenizer, chat template,
+   generation config), with a model card written from the run (`write_model_card`).
+3. `export_all` — GGUF files for llama.cpp / Ollama. The built-in exporter (`student.export_gguf`) covers
+   llama-architecture students with a byte-level BPE tokenizer (the embedded SmolLM2; Llama-3-style models
+   with `deploy.gguf_tokenizer_pre: llama-bpe`); for the embedded student its F16 and Q8_0 tensors were
+   checked byte for byte against llama.cpp's own `convert_hf_to_gguf.py` (llama-cpp-python 0.3.36 sdist):
+   identical. Other students (e.g. Gemma) are converted by that script when `deploy.convert_script` names
+   it; K-quants come from llama.cpp's quantizer. Every export is checked: llama.cpp must tokenize probe
+   texts exactly like the Hugging Face tokenizer (`student.check_gguf_tokenizer`).
 4. `write_modelfile` (Ollama) and `write_vllm_script` (GPU users; generated, not run here).
 5. Parity: `greedy_parity` compares greedy answers of the in-process merged model with the served GGUF
    (exact-match rate per GGUF type, plus teacher-forced token agreement, which tells a single quantisation
@@ -28,34 +27,16 @@ run's cache and ledger (at $0).
 
 from __future__ import annotations
 
+from .card import card_data, dataset_lineage, eval_results, model_card, write_model_card
 from .gguf import (
-    LLAMA_ARCHITECTURES,
-    PROBE_TEXTS,
-    GGUFExport,
-    GGUFExportError,
-    check_gguf_tokenizer,
     convert_with_llama_cpp,
     ensure_llama_cpp_converter,
     export_all,
-    export_gguf,
     exports_table,
-    gguf_string,
     quantize_gguf,
-    tensor_types,
-    tokenizer_pre_for,
 )
 from .hub import PushResult, hub_token, push_datasets, push_if_configured, push_to_hub
 from .launchers import llamacpp_script_text, vllm_script_text, write_llamacpp_script, write_vllm_script
-from .merge import (
-    MergeResult,
-    base_licence,
-    card_data,
-    dataset_lineage,
-    eval_results,
-    merge_adapter,
-    model_card,
-    write_model_card,
-)
 from .ollama import (
     OLLAMA_CHATML,
     chat_template_parts,
@@ -91,26 +72,14 @@ __all__ = [
     "cycle_table",
     "select_cycle",
     "plot_cycles",
-    "MergeResult",
-    "merge_adapter",
-    "base_licence",
     "model_card",
     "write_model_card",
     "card_data",
     "dataset_lineage",
     "eval_results",
-    "GGUFExportError",
-    "LLAMA_ARCHITECTURES",
-    "PROBE_TEXTS",
-    "GGUFExport",
-    "gguf_string",
     "ensure_llama_cpp_converter",
     "quantize_gguf",
-    "tensor_types",
-    "tokenizer_pre_for",
-    "export_gguf",
     "convert_with_llama_cpp",
-    "check_gguf_tokenizer",
     "export_all",
     "exports_table",
     "chat_template_parts",

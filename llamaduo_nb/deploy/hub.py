@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..runlayout import RunLayout
-from .gguf import GGUFExport
+from ..student import GGUFExport
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..config import RunConfig
+from .. import evaluate
+from ..config import ProviderConfig, RunConfig
 from ..embedded import LlamaServer
-from ..finetune import student_messages
+from ..evaluate import bootstrap_ci
 from ..jsonio import read_jsonl, save_figure, sha256_file, write_json, write_jsonl
 from ..runlayout import RunLayout
 from ..schemas import read_metrics
-from .gguf import GGUFExport
+from ..services import ChatRequest, ServicePool
+from ..student import GGUFExport, prompt_token_ids, stop_token_ids, student_messages, tensor_types
 from .select import CycleChoice, DeployError
 
 # 06's served answers are sent with repeat = PARITY_REPEAT_OFFSET + j: never one of 03's keys (repeat j < K)
@@ -52,13 +54,12 @@ def greedy_transformers(
 ) -> list[GreedyAnswer]:
     """Greedy answers of the merged model in-process, one prompt at a time (no padding to perturb them).
 
-    Prompts and stop tokens are built by 03's functions, so this is the evaluated model's behaviour.
+    Prompts and stop tokens are built by the student's functions, as 03's engines build them, so this is
+    the evaluated model's behaviour.
     """
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..inference import prompt_token_ids, stop_token_ids
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -125,8 +126,6 @@ def token_agreement(
 def served_provider(cfg: RunConfig, gguf_path: Path, base_url: str, qtype: str) -> tuple[RunConfig, str]:
     """`cfg` plus an OpenAI-compatible provider for the served GGUF; the model name carries the file's hash
     so the call cache never replays answers of an older export."""
-    from ..config import ProviderConfig
-
     taken = {p.name for p in cfg.providers}
     name = next(
         n
@@ -175,8 +174,6 @@ def greedy_parity(
     (whitespace stripped), how many leading characters agree, and the teacher-forced token agreement
     (`token_agreement`). Written to deploy/greedy_parity.jsonl.
     """
-    from ..services import ChatRequest, ServicePool
-
     n = cfg.deploy.greedy_prompts
     if n == 0 or not exports or not cfg.deploy.serve:
         return pd.DataFrame()
@@ -260,8 +257,6 @@ def greedy_summary(greedy: pd.DataFrame) -> pd.DataFrame:
 def quant_table(exports: Sequence[GGUFExport], greedy: pd.DataFrame) -> pd.DataFrame:
     """One row per exported GGUF: size, what its tensors hold, decode tokens/s on this CPU, and greedy
     agreement with the merged model (exact answers and teacher-forced token agreement)."""
-    from .gguf import tensor_types
-
     summary = greedy_summary(greedy).set_index("qtype") if not greedy.empty else pd.DataFrame()
     records = []
     for export in exports:
@@ -315,8 +310,6 @@ def answer_profile(rows: Sequence[dict], max_new_tokens: int) -> pd.DataFrame:
 
 def _paired(a: pd.Series, b: pd.Series, seed: int = 0) -> dict:
     """b - a over the prompts both have: mean difference, 95% bootstrap CI (prompts resampled), n."""
-    from ..evaluate import bootstrap_ci
-
     both = pd.concat([a.rename("a"), b.rename("b")], axis=1).dropna()
     diff = (both["b"] - both["a"]).astype(float).to_numpy()
     if diff.size == 0:
@@ -402,8 +395,6 @@ def served_answers(
     """K answers per test prompt from the served GGUF, each a fresh call: sent with repeats from
     PARITY_REPEAT_OFFSET, so no request is the same as one of 03's (repeats 0..K-1) and the call cache cannot
     answer parity with 03's samples; served-vs-evaluated stays an independent check."""
-    from .. import evaluate
-
     return evaluate.answer_with_provider(
         pool,
         provider,
@@ -431,9 +422,6 @@ def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export
     `deploy.parity_tolerance` points against the evaluated cycle is flagged. Writes
     deploy/parity_responses.jsonl, parity_judgments.jsonl and parity.json.
     """
-    from .. import evaluate
-    from ..services import ServicePool
-
     if not cfg.deploy.serve:
         report = {"skipped": "deploy.serve is false: no endpoint was started, no parity check ran"}
         write_json(layout.parity_report, report)

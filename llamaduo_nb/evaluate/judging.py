@@ -37,6 +37,7 @@ from ..config import EvaluateConfig, InferenceConfig
 from ..jsonio import DataFileError, read_jsonl
 from ..prompts import PromptTemplate, load_template
 from ..services import ChatRequest, ChatResult, ServicePool, extract_json, find_json
+from ..student import student_messages
 from .metric_judges import applicable, metric_judgments
 
 METRICS = ("precision", "similarity")
@@ -326,8 +327,6 @@ def answer_with_provider(
     sent with `repeat = repeat_offset + j`: a caller whose answers must be fresh calls rather than replays of
     another stage's identical requests (06's parity against 03) gives its own offset.
     """
-    from ..finetune import student_messages
-
     generation = {
         "engine": f"service:{provider}",
         "k": k,

@@ -4,7 +4,7 @@ Reference rows of Table 1 are computed once per run and reused by later cycles, 
 `<run>/baselines/<model>/` (responses.jsonl, judgments.jsonl, meta.json):
 
 * `base_student`: the student before fine-tuning, answering through 03's engine and sampler with no adapter
-  (`inference.answer_prompts`; on CPU llama.cpp with the base model as GGUF F16, as the cycles' rows);
+  (`student.answer_prompts`; on CPU llama.cpp with the base model as GGUF F16, as the cycles' rows);
 * each provider of `evaluate.baselines`: a service LLM answering the same test prompts K times through
   the ServicePool (ledger stage "baselines").
 
@@ -25,14 +25,18 @@ import pandas as pd
 from ..config import RunConfig
 from ..jsonio import read_json, read_jsonl, write_json, write_jsonl
 from ..notebook import Stage
+from ..review import ambiguous_prompt_ids
 from ..runlayout import RunLayout
+from ..schemas import LEDGER_BASELINES, load_test_rows
 from ..services import ServicePool
-from .judging import judge_rows, load_judgments
+from ..student import answer_prompts, resolve_engine
+from .agreement import agreement_report
+from .judging import answer_with_provider, judge_rows, load_judgments
 from .stats import compute_metrics
 from .tables import BASE_MODEL, cycle_label, table1_long, write_table1
 
 BASE_DIR = "base_student"
-BASELINES_STAGE = "baselines"
+BASELINES_STAGE = LEDGER_BASELINES
 
 
 def run_judges(stage: Stage, rows: Sequence[dict]) -> list[dict]:
@@ -52,8 +56,6 @@ def write_metrics(stage: Stage, judgments: Sequence[dict]) -> dict:
 
     Test prompts marked ambiguous in the review view (`review.json`) are left out of every statistic and
     the decision; how many, and which, is recorded next to them."""
-    from ..review import ambiguous_prompt_ids
-
     ambiguous = ambiguous_prompt_ids(stage.layout)
     kept = [j for j in judgments if j["prompt_id"] not in ambiguous]
     metrics = compute_metrics(kept, stage.cfg.evaluate, stage.cycle)
@@ -77,8 +79,6 @@ def _test_digest(test_rows: Sequence[dict]) -> str:
 
 
 def answers_meta(cfg: RunConfig, test_rows: Sequence[dict], model: str) -> dict:
-    from ..inference import resolve_engine
-
     inf = cfg.inference
     return {
         "model": model,
@@ -111,9 +111,7 @@ def base_student_responses(
     cfg: RunConfig, layout: RunLayout, test_rows: Sequence[dict], progress: bool = True
 ) -> list[dict]:
     """K answers per test prompt from the student before fine-tuning, through 03's engine and sampler
-    (`inference.answer_prompts` with no adapter)."""
-    from ..inference import answer_prompts
-
+    (`student.answer_prompts` with no adapter)."""
     responses, _ = answer_prompts(cfg, layout, list(test_rows), None, progress)
     return responses
 
@@ -129,8 +127,6 @@ def reference_rows(cfg: RunConfig, layout: RunLayout, log: Any = print) -> dict[
     Returns {model: {"judgments": [...], "responses": [...], "seconds": float, "reused": bool}}, the base
     student first (when `evaluate.base_student`), then the baselines in params order.
     """
-    from ..inference import load_test_rows
-
     ev = cfg.evaluate
     test_rows = load_test_rows(layout.test_file)
     models = ([BASE_DIR] if ev.base_student else []) + list(ev.baselines)
@@ -181,8 +177,6 @@ def reference_rows(cfg: RunConfig, layout: RunLayout, log: Any = print) -> dict[
 def _service_answers(
     pool: ServicePool, provider: str, test_rows: Sequence[dict], cfg: RunConfig
 ) -> list[dict]:
-    from .judging import answer_with_provider
-
     return answer_with_provider(pool, provider, test_rows, cfg.inference.k, cfg.inference)
 
 
@@ -251,8 +245,6 @@ def reference_status(references: dict[str, dict]) -> pd.DataFrame:
 
 def write_agreement(stage: Stage, judgments: Sequence[dict]) -> dict:
     """Repeat spread and between-judge agreement of this cycle's judgments -> agreement.json."""
-    from .agreement import agreement_report
-
     report = agreement_report(judgments)
     write_json(stage.layout.agreement_file(stage.cycle), report)
     return report

@@ -1,104 +1,17 @@
-"""06 step 2: the cycle's LoRA adapter merged into the base weights, and the model card."""
+"""06 step 2: the model card of the merged folder (the merge itself is `student.merge_adapter`)."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from ..config import RunConfig
-from ..jsonio import atomic_dir, atomic_write, markdown_table, sha256_file
+from ..jsonio import atomic_write, markdown_table, sha256_file
 from ..runlayout import RunLayout
 from ..schemas import read_metrics
+from ..student import MergeResult, base_licence
 from .select import CycleChoice, DeployError, cycle_table
-
-
-@dataclass(frozen=True)
-class MergeResult:
-    path: Path
-    base_model: str
-    base_path: str
-    adapter_dir: Path
-    n_parameters: int
-    dtype: str
-    seconds: float
-
-
-def merge_adapter(cfg: RunConfig, adapter_dir: str | Path, out_dir: str | Path) -> MergeResult:
-    """Merge a cycle's LoRA adapter into the student base and save a standard HF folder at `out_dir`.
-
-    The model is built exactly as 03 built it for the evaluated answers (`inference.load_model`: base in
-    full precision, never 4-bit even after QLoRA training, adapter merged with peft's `merge_and_unload`,
-    the adapter folder's tokenizer and chat template when 02 saved them), so what ships is what was judged.
-    """
-    from ..inference import load_model
-
-    t0 = time.monotonic()
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise DeployError(f"{adapter_dir} holds no adapter_config.json: not a PEFT adapter folder")
-    merged, tokenizer, base_path = load_model(cfg, adapter_dir, merge=True)
-    if not tokenizer.chat_template:
-        raise DeployError(
-            f"the student tokenizer ({adapter_dir} or {base_path}) has no chat template; the served model "
-            "would not see prompts the way it was trained"
-        )
-    tokenizer.padding_side = "right"  # load_model pads left for batched generation; ship the library default
-    with atomic_dir(out_dir) as tmp:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return MergeResult(
-        path=out_dir,
-        base_model=cfg.student.model_id,
-        base_path=str(base_path),
-        adapter_dir=adapter_dir,
-        n_parameters=int(sum(p.numel() for p in merged.parameters())),
-        dtype=str(next(merged.parameters()).dtype).replace("torch.", ""),
-        seconds=time.monotonic() - t0,
-    )
-
-
-# What the card says about licences we know; anything else tells the reader to check.
-BASE_LICENCES: dict[str, tuple[str, str, str]] = {
-    # model id prefix: (licence id, upstream model, note)
-    "embedded:smollm2": (
-        "apache-2.0",
-        "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "SmolLM2 is released by Hugging Face under the Apache License 2.0.",
-    ),
-    "HuggingFaceTB/SmolLM2": ("apache-2.0", "", "SmolLM2 is released under the Apache License 2.0."),
-    "google/gemma": (
-        "gemma",
-        "",
-        "Gemma weights are under Google's Gemma Terms of Use, which carry over to "
-        "derivatives (including this merged model).",
-    ),
-    "meta-llama/": (
-        "llama3",
-        "",
-        "Llama weights are under Meta's Llama Community License, which carries over "
-        "to derivatives; check its naming and acceptable-use terms.",
-    ),
-    "mistralai/": (
-        "apache-2.0",
-        "",
-        "Check the Mistral model's own card; most open Mistral weights are Apache-2.0.",
-    ),
-}
-
-
-def base_licence(model_id: str) -> tuple[str, str, str]:
-    """(licence id, upstream model id, note) for the card; unknown bases say so instead of guessing."""
-    for prefix, (licence, upstream, note) in BASE_LICENCES.items():
-        if model_id.startswith(prefix):
-            return licence, upstream or model_id, note
-    return (
-        "other",
-        model_id,
-        f"The licence of the base model {model_id} was not recognised: check its model card.",
-    )
 
 
 def _md_table(frame: pd.DataFrame) -> str:
