@@ -107,12 +107,15 @@ METRICS = {"cycle": int, "per_judge": dict, "decision": dict}
 # What a ledger row's `stage` says (calls.sqlite, ledger.csv): the paying notebook's name, or the part of a
 # notebook paid and cached apart. One home: stages open their ServicePool with these, the forecast prices them,
 # the summary, economics and `--retry-failed` read them.
-LEDGER_INFERENCE = "03_batch_inference"  # 03 through a service provider (an OpenAI-compatible student endpoint)
+LEDGER_INFERENCE = (
+    "03_batch_inference"  # 03 through a service provider (an OpenAI-compatible student endpoint)
+)
 LEDGER_JUDGING = "04_evaluate"  # 04: the cycle's answers judged M times
 LEDGER_BASELINES = "baselines"  # 04, once per run: Table 1's reference rows (service answers, base student)
 LEDGER_TEACHER_STUDY = "teacher_study"  # 05: candidate teachers answer and are rewarded (CAR)
 LEDGER_SYNTHESIS = "05_synthesize"  # 05: the chosen teacher writes the cycle's pairs
 LEDGER_PARITY = "06_deploy"  # 06: the served model's answers judged against the evaluated ones
+LEDGER_TEACHER_VALIDATION = "teacher_validation"  # `llamaduo validate-teachers`: each trial student judged
 # the ledger stages each paid notebook pays under (the runner forecasts a notebook before it runs)
 NOTEBOOK_LEDGER_STAGES = {
     "04_evaluate": (LEDGER_JUDGING, LEDGER_BASELINES),

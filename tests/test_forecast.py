@@ -173,7 +173,8 @@ def test_the_forecast_bounds_every_paid_call_of_a_small_run(tmp_path, monkeypatc
     """04 (judging + Table 1's baseline answers and the judging of base student and baseline) and 05 (teacher
     study: candidate answers and reward judging; synthesis) against a paid-priced local server: the forecast's
     calls equal the ledger's where the count is fixed by the params, and its max_calls bound synthesis."""
-    from llamaduo_nb import evaluate, synthesize, teacher
+    from llamaduo_nb import evaluate, synthesize
+    from llamaduo_nb.synthesize import teacher
     from llamaduo_nb.notebook import Stage
     from llamaduo_nb.services import StageStopped
 

@@ -1,4 +1,8 @@
-"""06 step 5: does the served GGUF answer like the evaluated model (greedy, and judged)?"""
+"""06 step 5: does the served GGUF answer like the evaluated model (greedy, and judged)?
+
+The judged check's paid calls (the judges; the served GGUF is local and free) as the forecast prices them:
+`planned_parity_calls`, built with 04's request builders like the check itself.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +21,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..config import RunConfig
+from .. import evaluate
+from ..config import ProviderConfig, RunConfig
 from ..embedded import LlamaServer
 from ..finetune import student_messages
 from ..jsonio import read_json, read_jsonl, save_figure, write_json, write_jsonl
+from ..plan import PlannedCalls
 from ..runlayout import RunLayout
-from .gguf import GGUFExport
+from ..schemas import LEDGER_PARITY
+from ..services import ChatRequest, ServicePool
+from .gguf import GGUFExport, tensor_types
 from .select import CycleChoice, DeployError
 
 # 06's served answers are sent with repeat = PARITY_REPEAT_OFFSET + j: never one of 03's keys (repeat j < K)
@@ -133,8 +141,6 @@ def _file_digest(path: Path, n: int = 12) -> str:
 def served_provider(cfg: RunConfig, gguf_path: Path, base_url: str, qtype: str) -> tuple[RunConfig, str]:
     """`cfg` plus an OpenAI-compatible provider for the served GGUF; the model name carries the file's hash
     so the call cache never replays answers of an older export."""
-    from ..config import ProviderConfig
-
     taken = {p.name for p in cfg.providers}
     name = next(
         n
@@ -183,8 +189,6 @@ def greedy_parity(
     (whitespace stripped), how many leading characters agree, and the teacher-forced token agreement
     (`token_agreement`). Written to deploy/greedy_parity.jsonl.
     """
-    from ..services import ChatRequest, ServicePool
-
     n = cfg.deploy.greedy_prompts
     if n == 0 or not exports or not cfg.deploy.serve:
         return pd.DataFrame()
@@ -213,7 +217,7 @@ def greedy_parity(
             run_cfg, name = served_provider(cfg, export.path, server.base_url, export.qtype)
             with (
                 _local_prices_are_zero(),
-                ServicePool(run_cfg, layout, "06_deploy", providers=[name]) as pool,
+                ServicePool(run_cfg, layout, LEDGER_PARITY, providers=[name]) as pool,
             ):
                 results = pool.complete_many(name, requests, desc=f"greedy ({export.qtype} GGUF)")
         timing: dict = {}
@@ -268,8 +272,6 @@ def greedy_summary(greedy: pd.DataFrame) -> pd.DataFrame:
 def quant_table(exports: Sequence[GGUFExport], greedy: pd.DataFrame) -> pd.DataFrame:
     """One row per exported GGUF: size, what its tensors hold, decode tokens/s on this CPU, and greedy
     agreement with the merged model (exact answers and teacher-forced token agreement)."""
-    from .gguf import tensor_types
-
     summary = greedy_summary(greedy).set_index("qtype") if not greedy.empty else pd.DataFrame()
     records = []
     for export in exports:
@@ -323,13 +325,11 @@ def answer_profile(rows: Sequence[dict], max_new_tokens: int) -> pd.DataFrame:
 
 def _paired(a: pd.Series, b: pd.Series, seed: int = 0) -> dict:
     """b - a over the prompts both have: mean difference, 95% bootstrap CI (prompts resampled), n."""
-    from ..evaluate import bootstrap_ci
-
     both = pd.concat([a.rename("a"), b.rename("b")], axis=1).dropna()
     diff = (both["b"] - both["a"]).astype(float).to_numpy()
     if diff.size == 0:
         return {"mean_diff": None, "ci95": None, "n": 0}
-    ci = bootstrap_ci(diff, seed=seed)
+    ci = evaluate.bootstrap_ci(diff, seed=seed)
     return {"mean_diff": float(diff.mean()), "ci95": list(ci) if ci else None, "n": int(diff.size)}
 
 
@@ -410,8 +410,6 @@ def served_answers(
     """K answers per test prompt from the served GGUF, each a fresh call: sent with repeats from
     PARITY_REPEAT_OFFSET, so no request is the same as one of 03's (repeats 0..K-1) and the call cache cannot
     answer parity with 03's samples; served-vs-evaluated stays an independent check."""
-    from .. import evaluate
-
     return evaluate.answer_with_provider(
         pool,
         provider,
@@ -432,6 +430,20 @@ def parity_evaluate_config(cfg: RunConfig):
     return dataclasses.replace(ev, m=d.parity_m or ev.m, judges=judges)
 
 
+def planned_parity_calls(cfg: RunConfig, test_rows: Sequence[dict]) -> PlannedCalls:
+    """The judged parity check's paid calls (`judged_parity`, ledger stage "06_deploy"): the judges of
+    `parity_evaluate_config` score the served GGUF's K answers per test prompt (assumed as long as the
+    reference) `deploy.parity_m` times, and re-judge the evaluated cycle's answers as often, where only the
+    repeats above 04's M are paid (04's replay from the call cache). The served GGUF answers locally, free."""
+    eval_cfg = parity_evaluate_config(cfg)
+    if not (cfg.deploy.enabled and cfg.deploy.serve and eval_cfg.judges):
+        return PlannedCalls()
+    answers = evaluate.assumed_answers(test_rows, cfg.inference.k, cfg.inference.max_new_tokens)
+    served = evaluate.planned_judge_calls(LEDGER_PARITY, None, answers, eval_cfg)
+    rejudged = evaluate.planned_judge_calls(LEDGER_PARITY, None, answers, eval_cfg, min_repeat=cfg.evaluate.m)
+    return PlannedCalls(served + rejudged)
+
+
 def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export: GGUFExport) -> dict:
     """Re-answer the test prompts with the served GGUF, judge them like 04 did, compare with the cycle.
 
@@ -439,9 +451,6 @@ def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export
     `deploy.parity_tolerance` points against the evaluated cycle is flagged. Writes
     deploy/parity_responses.jsonl, parity_judgments.jsonl and parity.json.
     """
-    from .. import evaluate
-    from ..services import ServicePool
-
     if not cfg.deploy.serve:
         report = {"skipped": "deploy.serve is false: no endpoint was started, no parity check ran"}
         write_json(layout.parity_report, report)
@@ -461,7 +470,10 @@ def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export
     ) as server:
         run_cfg, name = served_provider(cfg, export.path, server.base_url, export.qtype)
         providers = [name, *dict.fromkeys(eval_cfg.judges)]
-        with _local_prices_are_zero(), ServicePool(run_cfg, layout, "06_deploy", providers=providers) as pool:
+        with (
+            _local_prices_are_zero(),
+            ServicePool(run_cfg, layout, LEDGER_PARITY, providers=providers) as pool,
+        ):
             # 04's answer-and-judge path: the served GGUF answers like a service LLM, judged like the cycle.
             responses = served_answers(pool, name, rows, cfg, export.path.name)
             answered = [r for r in responses if not r["error"]]
