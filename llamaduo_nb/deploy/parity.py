@@ -444,6 +444,21 @@ def planned_parity_calls(cfg: RunConfig, test_rows: Sequence[dict]) -> PlannedCa
     return PlannedCalls(served + rejudged)
 
 
+def parity_judgments(
+    pool: Any, served: str, rows: Sequence[dict], evaluated: Sequence[dict], cfg: RunConfig, gguf_name: str
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """The judged check's calls through `pool` (the served model `served` + the judges): 04's answer-and-judge
+    path. The served GGUF answers every test prompt K times like a service LLM, judged like the cycle
+    (`parity_evaluate_config`); the evaluated answers are judged exactly the same way (same judges, M, prompt):
+    the paired baseline, whose repeats 04 already made come from the call cache at no cost. `planned_parity_calls`
+    plans the paid part. Returns (responses, judgments, rejudged)."""
+    eval_cfg = parity_evaluate_config(cfg)
+    responses = served_answers(pool, served, rows, cfg, gguf_name)
+    judgments = evaluate.judge_rows(pool, responses, eval_cfg)
+    rejudged = evaluate.judge_rows(pool, evaluated, eval_cfg) if evaluated else []
+    return responses, judgments, rejudged
+
+
 def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export: GGUFExport) -> dict:
     """Re-answer the test prompts with the served GGUF, judge them like 04 did, compare with the cycle.
 
@@ -474,13 +489,10 @@ def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export
             _local_prices_are_zero(),
             ServicePool(run_cfg, layout, LEDGER_PARITY, providers=providers) as pool,
         ):
-            # 04's answer-and-judge path: the served GGUF answers like a service LLM, judged like the cycle.
-            responses = served_answers(pool, name, rows, cfg, export.path.name)
-            answered = [r for r in responses if not r["error"]]
-            judgments = evaluate.judge_rows(pool, responses, eval_cfg)
-            # The evaluated answers, judged exactly like the served ones (same judges, M, prompt): the paired
-            # baseline. Repeats 04 already made come from the call cache at no cost.
-            rejudged = evaluate.judge_rows(pool, evaluated, eval_cfg) if evaluated else []
+            responses, judgments, rejudged = parity_judgments(
+                pool, name, rows, evaluated, cfg, export.path.name
+            )
+    answered = [r for r in responses if not r["error"]]
     seconds = time.monotonic() - t0
     write_jsonl(layout.parity_responses_file, responses)
     write_jsonl(layout.parity_judgments_file, judgments)
