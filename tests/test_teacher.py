@@ -16,11 +16,11 @@ import scipy.stats
 import yaml
 
 from llamaduo_nb import synthesize, validation
-from llamaduo_nb.synthesize import teacher
 from llamaduo_nb.config import ConfigError, RewardConfig, RunConfig, TeacherCandidate, build, load_config
 from llamaduo_nb.jsonio import read_json, read_jsonl, write_jsonl
 from llamaduo_nb.runlayout import RunLayout
 from llamaduo_nb.services import ServicePool
+from llamaduo_nb.synthesize import teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,10 +8,13 @@ Used by 04 (the cycle's student, the base student, the service baselines) and by
 * `judge_rows(pool, rows, cfg)` judges every row M times with every LLM judge (`cfg.judges`, through the
   pool) and once with every reference-metric judge (`cfg.metric_judges`, computed here, free); rows whose
   answer failed get one failed judgment per judge ("answer: ...") so they are counted, not dropped.
+* `planned_answer_calls` / `planned_judge_calls`: the calls those two will make, built with the same request
+  builders (`answer_requests`, `judge_requests`), for the forecast (`plan.PlannedCall`); `assumed_answers`
+  stands in for answers not written yet (as long as the reference).
 
-How 06 should call it (one pool holding the served model and the judges):
+How 06 calls it (`deploy.parity.parity_judgments`; one pool holding the served model and the judges):
 
-    with ServicePool(cfg, layout, "06_deploy", providers=[served, *cfg.evaluate.judges]) as pool:
+    with ServicePool(cfg, layout, LEDGER_PARITY, providers=[served, *cfg.evaluate.judges]) as pool:
         rows = evaluate.answer_with_provider(pool, served, test_rows, cfg.inference.k, cfg.inference,
                                              model_id=f"gguf:{gguf.name}")
         judgments = evaluate.judge_rows(pool, rows, dataclasses.replace(cfg.evaluate, m=parity_m))
