@@ -360,3 +360,44 @@ def test_best_of_n_stays_within_the_forecast_bound_when_the_generator_writes_mor
         len(pool.requests) == 3 + 3 * 2 * (2 - 1) == sum(c.most for c in answered)
     )  # requests + extra answers
     assert reward.items * cfg.teacher_study.reward.m == 3 * 2 * 2 * 2 == sum(c.most for c in rewarded)
+
+
+def test_table1_rows_already_computed_are_not_planned_and_written_answers_are_judged_as_they_are(tmp_path):
+    """One decision (`reference_todo`) says which of Table 1's reference rows still need computing, for 04 and
+    for the forecast: a stored row costs nothing; stored answers whose judging is missing are judged as written."""
+    from llamaduo_nb import evaluate
+    from llamaduo_nb.evaluate.stage import judges_meta
+
+    layout = make_tiny_run(tmp_path / "run")
+    cfg = paid_config(layout)
+    cfg = dataclasses.replace(
+        cfg,
+        evaluate=dataclasses.replace(cfg.evaluate, judges=["gpt4o"], baselines=["claude"], base_student=True),
+    )
+    test_rows = load_test_rows(layout.test_file)
+    k, m = cfg.inference.k, cfg.evaluate.m
+    fresh = evaluate.planned_baseline_calls(cfg, test_rows, layout).calls
+    assert [(c.provider, c.stage) for c in fresh].count(("claude", "baselines")) == len(TEST) * k
+    assert [c.provider for c in fresh].count("gpt4o") == 2 * len(TEST) * k * m  # base student + claude judged
+
+    base = [
+        {"prompt_id": r["id"], "instruction": r["instruction"], "reference": r["response"], "candidate": f"base {j}",
+         "sample_index": j, "category": r["category"]}
+        for r in test_rows
+        for j in range(k)
+    ]  # fmt: skip
+    write_jsonl(layout.baseline_responses_file(BASE_DIR), base)
+    write_json(layout.baseline_meta_file(BASE_DIR), {"answers": answers_meta(cfg, test_rows, BASE_DIR)})
+    write_jsonl(layout.baseline_responses_file("claude"), base)
+    write_json(
+        layout.baseline_meta_file("claude"),
+        {"answers": answers_meta(cfg, test_rows, "claude"), "judges": judges_meta(cfg)},
+    )
+    models, answers, judging = evaluate.reference_todo(cfg, layout, test_rows)
+    assert (models, answers, judging) == ([BASE_DIR, "claude"], [], [BASE_DIR])
+    planned = evaluate.planned_baseline_calls(cfg, test_rows, layout).calls
+    assert {c.provider for c in planned} == {"gpt4o"} and len(planned) == len(TEST) * k * m
+    expected = judge_requests(base, cfg.evaluate, judge_template())
+    assert [c.request.messages for c in planned] == [r.messages for r in expected]
+    lines = forecast.forecast_stage(cfg, "04_evaluate", 0, layout)
+    assert list(lines[lines.stage == "baselines"].calls) == [len(TEST) * k * m]
