@@ -23,7 +23,6 @@ Foundation: imports nothing of the package.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +61,3 @@ class PlannedCalls:
 
     def __bool__(self) -> bool:
         return bool(self.calls) or any(any(alt) for alt in self.choices)
-
-    @classmethod
-    def of(cls, calls: Iterable[PlannedCall]) -> PlannedCalls:
-        return cls(list(calls))
