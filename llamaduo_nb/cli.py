@@ -10,6 +10,8 @@ from pathlib import Path
 import yaml
 
 from .config import ConfigError
+from .schemas import LEDGER_BASELINES, NOTEBOOK_LEDGER_STAGES
+from .validation import validate_teachers, validation_markdown
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -41,19 +43,18 @@ def retry_failed(
     from .callcache import unanswered_failures
     from .config import load_config
     from .evaluate.stage import forget_failed_reference_rows
-    from .forecast import LEDGER_STAGES
     from .runlayout import RunLayout
 
     cfg = load_config(params, overrides)
     layout = RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
     state = runner.RunState.load(layout.state_file)
-    paid = [name for name in state.done if name.rpartition("/")[2] in LEDGER_STAGES]
+    paid = [name for name in state.done if name.rpartition("/")[2] in NOTEBOOK_LEDGER_STAGES]
     if step is not None:
         paid = [name for name in paid if step in (name, name.rpartition("/")[2])]
         if not paid:
             raise ConfigError(
                 f"--retry-failed {step}: no such finished paid step in {layout.root}; finished paid steps: "
-                f"{[n for n in state.done if n.rpartition('/')[2] in LEDGER_STAGES] or 'none'} (name one like "
+                f"{[n for n in state.done if n.rpartition('/')[2] in NOTEBOOK_LEDGER_STAGES] or 'none'} (name one like "
                 "cycle_00/04_evaluate, or a stage like 04_evaluate for all its cycles)"
             )
 
@@ -61,9 +62,9 @@ def retry_failed(
         cycle_part, _, stage = name.rpartition("/")
         cycle = int(cycle_part.removeprefix("cycle_")) if cycle_part else None
         found = []
-        for ledger_stage in LEDGER_STAGES[stage]:
+        for ledger_stage in NOTEBOOK_LEDGER_STAGES[stage]:
             found += unanswered_failures(
-                layout.calls_db, ledger_stage, None if ledger_stage == "baselines" else cycle
+                layout.calls_db, ledger_stage, None if ledger_stage == LEDGER_BASELINES else cycle
             )
         return found
 
@@ -174,8 +175,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_validate_teachers(args: argparse.Namespace) -> int:
-    from .teacher import validate_teachers, validation_markdown
-
     report = validate_teachers(args.params, cycle=args.cycle, overrides=_parse_set(args.set))
     print(validation_markdown(report))
     return 0

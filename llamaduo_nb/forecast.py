@@ -3,7 +3,9 @@
     table = forecast_run(cfg)                       # every cycle's 04 and 05, and 06
     table = forecast_stage(cfg, "04_evaluate", 0)   # one notebook stage, as the runner and notebooks record it
 
-Every paid call site is counted, each line under the ledger stage its pool writes:
+Each paid stage says the calls it will make, built with the very request builders it sends with (its
+`planned_*_calls`: `plan.PlannedCalls`); the forecast only prices and sums them, one line per ledger stage its
+pool writes, cycle and provider:
 
 * 04 (`04_evaluate`): every LLM judge scores the K answers per test prompt M times; Table 1's reference rows
   (`baselines`, once per run): each service baseline answers the test prompts K times, and the judges score
@@ -18,18 +20,22 @@ Every paid call site is counted, each line under the ledger stage its pool write
 The numbers come from the params (K, M, judges, targets, growth, caps, max_tokens), the data and the price
 table (params/prices.yaml):
 
-* Prompts are the real ones: the requests are built by the stage modules from the run's test and train
-  splits (or, before 01 ran, from `coverage.source` when it is a local file, else from `Assumptions`), and
-  their input tokens are estimated like the ServicePool's rate limiter does (characters / 4; schemas count).
-* Output tokens: a judgment is a two-number JSON object (`JUDGE_REPLY_TOKENS`), a reward one number; an
-  answer is as long as the reference, capped by max_tokens; a synthesis reply holds `pairs_per_request` pairs
-  as long as the seed rows, capped by `max_tokens`.
+* Prompts are the real ones: the stages build their requests from the run's test and train splits (or, before
+  01 ran, from `coverage.source` when it is a local file, else from `Assumptions`) and from the files earlier
+  stages wrote (04 judges 03's answers as written; answers not written yet are assumed as long as the
+  reference); their input tokens are estimated like the ServicePool's rate limiter does (characters / 4;
+  schemas count).
+* Output tokens are what each stage expects of a reply (`PlannedCall.reply_tokens`): a judgment is a
+  two-number JSON object (`evaluate.JUDGE_REPLY_TOKENS`), a reward one number; an answer is as long as the
+  reference, capped by max_tokens; a synthesis reply holds `pairs_per_request` pairs as long as the seed rows,
+  capped by `max_tokens`.
 * Upper bounds: `max_calls` (synthesis: `max_requests_per_cycle`; elsewhere the calls themselves, fixed by the
   params) and `worst_usd` / `worst_tokens` (`max_calls` calls, every reply at max_tokens: what the budgets
   reserve before each call). Equal requests are paid once, so a run can pay fewer calls than forecast, never
   more (re-sent failures and unusable replies aside).
 * Synthesis requests per cycle (`calls`): the target (2^t k with `growth: double`) over pairs per request and
-  the share of pairs that survive the filters (`Assumptions.accept_share`), capped by `max_requests_per_cycle`.
+  the share of pairs that survive the filters (`Assumptions.accept_share`), capped by `max_requests_per_cycle`
+  (`synthesize.expected_requests`); with best-of-N each pair adds N - 1 answers and N x M rewards.
 * A provider with `batch: true` is priced at its batch discount in `usd` and `worst_usd` (that is what it
   pays); `batch_usd` is always the batch price, to show what switching a provider to batch would save.
 * Every cycle is counted (the loop may stop earlier when epsilon is met; 05 never runs on the last cycle).
@@ -44,9 +50,7 @@ bound is said before the stage starts (`BudgetWarning`, `budget_notes`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,22 +59,21 @@ from typing import TYPE_CHECKING, Any
 
 from .callcache import CallCache, ledger_frame, read_ledger
 from .config import RunConfig
+from .coverage import import_coverage
+from .deploy.parity import planned_parity_calls
+from .evaluate import planned_baseline_calls, planned_judging_calls
+from .jsonio import read_jsonl
+from .plan import PlannedCall, PlannedCalls
 from .prices import PriceTable, load_prices
 from .runlayout import RunLayout
+from .schemas import NOTEBOOK_LEDGER_STAGES
+from .synthesize import planned_study_calls, planned_synthesis_calls
 
 if TYPE_CHECKING:
     import pandas as pd
 
-JUDGE_REPLY_TOKENS = 25  # {"similarity": 80, "precision": 75} plus the provider's framing
-REWARD_REPLY_TOKENS = 12  # {"quality": 80}
 # the notebooks whose forecast is recorded before they run (the runner does it; so do their forecast cells)
-PAID_STAGES = ("04_evaluate", "05_synthesize", "06_deploy")
-# the ledger stages each notebook's pools write (their forecast lines carry these names)
-LEDGER_STAGES = {
-    "04_evaluate": ("04_evaluate", "baselines"),
-    "05_synthesize": ("teacher_study", "05_synthesize"),
-    "06_deploy": ("06_deploy",),
-}
+PAID_STAGES = tuple(NOTEBOOK_LEDGER_STAGES)
 COLUMNS = [
     "stage",
     "cycle",
@@ -113,29 +116,14 @@ class Assumptions:
     pair_tokens: int | None = None  # tokens per synthesized pair (None: as long as the seed rows; paper: ~95)
 
 
-def _tokens(chars: int) -> int:
-    return chars // 4
-
-
-def _request_tokens(request: Any) -> int:
-    chars = sum(len(m["content"]) for m in request.messages)
-    if request.json_schema is not None:
-        chars += len(json.dumps(request.json_schema))
-    return _tokens(chars)
-
-
 def _rows(
     cfg: RunConfig, layout: RunLayout | None, assume: Assumptions
 ) -> tuple[list[dict], list[dict], str]:
     """(train rows, test rows, where they came from)."""
     if layout is not None and layout.train_file.is_file() and layout.test_file.is_file():
-        from .jsonio import read_jsonl
-
         return list(read_jsonl(layout.train_file)), list(read_jsonl(layout.test_file)), "the run's splits"
     source = Path(cfg.coverage.source)
     if source.is_file() or (Path(__file__).resolve().parents[1] / source).is_file():
-        from .coverage import import_coverage
-
         rows = import_coverage(cfg.coverage).rows
         n_train = max(1, round(len(rows) * cfg.coverage.train_ratio))
         return rows[:n_train], rows[n_train:] or rows[:1], f"{cfg.coverage.source} (split by train_ratio)"
@@ -149,310 +137,110 @@ def _rows(
     return train, test, "assumptions (no splits and no local coverage source)"
 
 
-def _line(
-    stage: str,
-    cycle: int | None,
-    cfg: RunConfig,
-    provider: str,
-    prices: PriceTable,
-    calls: int,
-    input_tokens: int,
-    output_tokens: int,
-    worst_output_tokens: int,
-    max_calls: int | None = None,
-) -> dict:
-    """One forecast line. `worst_output_tokens`: the `calls` replies all at max_tokens. `worst_usd` and
-    `worst_tokens` scale that to `max_calls` calls (default: `calls`): the upper bound budgets reserve against."""
-    p = cfg.provider(provider)
-    max_calls = calls if max_calls is None else max_calls
-    scale = max_calls / calls if calls else 0.0
-
-    def usd(inp: float, out: float, batch: bool = p.batch) -> float:
-        return prices.cost(p.kind, p.model, round(inp), round(out), free=p.is_free, batch=batch)
-
-    return {
-        "stage": stage,
-        "cycle": cycle,
-        "provider": provider,
-        "model": p.model,
-        "calls": calls,
-        "max_calls": max_calls,
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-        "usd": usd(
-            input_tokens, output_tokens
-        ),  # at the batch price for a `batch: true` provider (what it pays)
-        "batch_usd": usd(input_tokens, output_tokens, batch=True),
-        "worst_usd": usd(input_tokens * scale, worst_output_tokens * scale),
-        "worst_tokens": round((input_tokens + worst_output_tokens) * scale),
-    }
+# --------------------------------------------------------------------------- pricing what the stages plan
 
 
-def _merge(lines: list[dict]) -> list[dict]:
-    """One line per (stage, cycle, provider), as the ledger groups its rows (forecast vs actual)."""
-    merged: dict[tuple, dict] = {}
-    for line in lines:
-        key = (line["stage"], line["cycle"], line["provider"])
-        if key in merged:
-            for c in NUMERIC:
-                merged[key][c] += line[c]
-        else:
-            merged[key] = dict(line)
-    return list(merged.values())
+class _Tokens:
+    """Input tokens of a request as the ServicePool's rate limiter estimates them: characters / 4, the JSON
+    schema included (a schema's size is measured once)."""
+
+    def __init__(self) -> None:
+        self._schemas: dict[int, tuple[Any, int]] = {}
+
+    def __call__(self, request: Any) -> int:
+        chars = sum(len(m["content"]) for m in request.messages)
+        schema = getattr(request, "json_schema", None)
+        if schema is not None:
+            known = self._schemas.get(id(schema))
+            if known is None or known[0] is not schema:
+                known = self._schemas[id(schema)] = (schema, len(json.dumps(schema)))
+            chars += known[1]
+        return chars // 4
 
 
-def _answer_rows(cfg: RunConfig, test: Sequence[dict]) -> list[dict]:
-    # an answer: as long as the reference, at most max_new_tokens
-    return [
-        {
-            "instruction": r["instruction"],
-            "reference": r["response"],
-            "candidate": r["response"][: cfg.inference.max_new_tokens * 4],
-        }
-        for r in test
-    ]
-
-
-def _judge_lines(
-    cfg: RunConfig,
-    stage: str,
-    cycle: int | None,
-    test: Sequence[dict],
-    prices: PriceTable,
-    m: int,
-    models: int,
-) -> list[dict]:
-    """Every LLM judge scores `models` models' K answers per test prompt M times (04, Table 1, 06 parity)."""
-    from .evaluate import judge_requests, judge_template
-
-    ev, k = cfg.evaluate, cfg.inference.k
-    if not models or not test:
-        return []
-    one_each = judge_requests(_answer_rows(cfg, test), dataclasses.replace(ev, m=1), judge_template())
-    per_sample = sum(_request_tokens(r) for r in one_each)  # one judgment of each test prompt's sample
-    calls = len(test) * k * m * models
-    reply = min(JUDGE_REPLY_TOKENS, ev.max_tokens)
-    return [
-        _line(
-            stage,
-            cycle,
-            cfg,
-            judge,
-            prices,
-            calls,
-            per_sample * k * m * models,
-            calls * reply,
-            calls * ev.max_tokens,
-        )
-        for judge in ev.judges
-    ]
-
-
-def _judging(cfg: RunConfig, cycle: int, test: Sequence[dict], prices: PriceTable) -> list[dict]:
-    return _judge_lines(cfg, "04_evaluate", cycle, test, prices, cfg.evaluate.m, 1)
-
-
-def _answer_line(
-    cfg: RunConfig, stage: str, cycle: int | None, provider: str, test: Sequence[dict], prices: PriceTable
-) -> dict:
-    """A service LLM answers every test prompt K times (a Table-1 baseline)."""
-    from .student import student_messages
-
-    inf = cfg.inference
-    calls = len(test) * inf.k
-    prompt = sum(
-        _tokens(sum(len(m["content"]) for m in student_messages(r["instruction"], r.get("system"))))
-        for r in test
-    )
-    answer = sum(min(inf.max_new_tokens, _tokens(len(r["response"]))) for r in test)
-    return _line(
-        stage, cycle, cfg, provider, prices, calls, prompt * inf.k, answer * inf.k, calls * inf.max_new_tokens
-    )
-
-
-def _baselines(
-    cfg: RunConfig, test: Sequence[dict], prices: PriceTable, layout: RunLayout | None
-) -> list[dict]:
-    """Table 1's reference rows (ledger stage "baselines"): each service baseline answers the test prompts K
-    times, and the judges score those answers and the base student's. Rows already computed in this run
-    (`<run>/baselines/<model>/meta.json` matching today's settings) are not counted again."""
-    from .evaluate.stage import BASE_DIR, answers_meta, judges_meta
-
-    ev = cfg.evaluate
-    models = ([BASE_DIR] if ev.base_student else []) + list(ev.baselines)
-
-    def stored(model: str, part: str, meta: dict) -> bool:
-        if layout is None or not layout.baseline_meta_file(model).is_file():
-            return False
-        from .jsonio import read_json
-
-        return read_json(layout.baseline_meta_file(model)).get(part) == meta
-
-    answer = [m for m in models if not stored(m, "answers", answers_meta(cfg, test, m))]
-    judge = [m for m in models if m in answer or not stored(m, "judges", judges_meta(cfg))]
-    lines = [_answer_line(cfg, "baselines", None, m, test, prices) for m in answer if m != BASE_DIR]
-    return lines + _judge_lines(cfg, "baselines", None, test, prices, ev.m, len(judge))
-
-
-def _reward_line(
-    cfg: RunConfig, stage: str, cycle: int, items: Sequence[tuple[str, str]], prices: PriceTable
-) -> list[dict]:
-    """The reward judge scores each (instruction, answer) M times (teacher study, best-of-N)."""
-    from .teacher import JudgeReward
-
-    reward = cfg.teacher_study.reward
-    if reward.kind != "judge" or not items:
-        return []
-    requests = JudgeReward(None, reward).requests(items)  # type: ignore[arg-type]
-    calls = len(requests)
-    reply = min(REWARD_REPLY_TOKENS, reward.max_tokens)
-    return [
-        _line(
-            stage,
-            cycle,
-            cfg,
-            reward.judge,
-            prices,
-            calls,
-            sum(_request_tokens(r) for r in requests),
-            calls * reply,
-            calls * reward.max_tokens,
-        )
-    ]
-
-
-def _teacher_study(cfg: RunConfig, cycle: int, train: Sequence[dict], prices: PriceTable) -> list[dict]:
-    """05's teacher study (ledger stage "teacher_study"): every candidate answers `sample_size` train
-    instructions N times, and the reward judge scores every answer M times."""
-    from .teacher import answer_requests, sample_instructions
-
-    study = cfg.teacher_study
-    if not study.enabled or not train:
-        return []
-    sample = sample_instructions(train, study.sample_size, study.seed)
+def _price(cfg: RunConfig, prices: PriceTable, calls: Sequence[PlannedCall]) -> list[dict]:
+    """One forecast line per (stage, cycle, provider), in the order the calls come: the expected calls with
+    their expected replies (`calls`, tokens, `usd`, `batch_usd`), and the upper bound budgets reserve against:
+    `max_calls` calls, every reply at max_tokens (`worst_usd`, `worst_tokens`)."""
+    tokens = _Tokens()
+    sums: dict[tuple, list[int]] = {}
+    for call in calls:
+        s = sums.setdefault((call.stage, call.cycle, call.provider), [0] * 6)
+        prompt = tokens(call.request)
+        s[0] += call.count
+        s[1] += call.most
+        s[2] += prompt * call.count
+        s[3] += call.reply_tokens * call.count
+        s[4] += prompt * call.most
+        s[5] += call.max_tokens * call.most
     lines = []
-    for candidate in study.candidates:
-        requests = answer_requests(candidate, [r["instruction"] for r in sample])
-        answer = sum(min(candidate.max_tokens, _tokens(len(r["response"]))) for r in sample) * candidate.n
+    for (stage, cycle, provider), (n, most, inp, out, worst_in, worst_out) in sums.items():
+        p = cfg.provider(provider)
+
+        def usd(i: int, o: int, batch: bool = p.batch, p=p) -> float:
+            return prices.cost(p.kind, p.model, i, o, free=p.is_free, batch=batch)
+
         lines.append(
-            _line(
-                "teacher_study",
-                cycle,
-                cfg,
-                candidate.provider,
-                prices,
-                len(requests),
-                sum(_request_tokens(r) for r in requests),
-                answer,
-                len(requests) * candidate.max_tokens,
-            )
+            {
+                "stage": stage,
+                "cycle": cycle,
+                "provider": provider,
+                "model": p.model,
+                "calls": n,
+                "max_calls": most,
+                "input_tokens": inp,
+                "output_tokens": out,
+                "usd": usd(inp, out),  # at the batch price for a `batch: true` provider (what it pays)
+                "batch_usd": usd(inp, out, batch=True),
+                "worst_usd": usd(worst_in, worst_out),
+                "worst_tokens": worst_in + worst_out,
+            }
         )
-        items = [(r["instruction"], r["response"]) for r in sample for _ in range(candidate.n)]
-        lines += _reward_line(cfg, "teacher_study", cycle, items, prices)
     return lines
 
 
-def synthesis_requests(cfg: RunConfig, cycle: int, assume: Assumptions) -> int:
-    """Requests 05 sends in `cycle` when a share `accept_share` of the pairs is kept."""
-    from .synthesize import target_rows
+def _chosen(cfg: RunConfig, prices: PriceTable, plan: PlannedCalls) -> list[PlannedCall]:
+    """The plan's calls, and of each choice made at run time the alternative whose upper bound costs most."""
+    calls = list(plan.calls)
+    for alternatives in plan.choices:
+        calls += max(
+            alternatives, key=lambda alt: sum(line["worst_usd"] for line in _price(cfg, prices, alt))
+        )
+    return calls
 
-    sy = cfg.synthesize
-    wanted = math.ceil(target_rows(sy, cycle) / (sy.pairs_per_request * assume.accept_share))
-    return min(wanted, sy.max_requests_per_cycle)
+
+def _plan(
+    cfg: RunConfig,
+    stage: str,
+    cycle: int | None,
+    train: Sequence[dict],
+    test: Sequence[dict],
+    layout: RunLayout | None,
+    assume: Assumptions,
+    baselines: bool = True,
+) -> PlannedCalls:
+    """What a paid notebook says it will send: 04 = the cycle's judging + Table 1's reference rows still to
+    compute (`baselines`); 05 = teacher study + synthesis; 06 = judged parity."""
+    if stage == "04_evaluate":
+        plan = planned_judging_calls(cfg, cycle, test, layout)
+        return plan + planned_baseline_calls(cfg, test, layout) if baselines else plan
+    if stage == "05_synthesize":
+        synthesis = planned_synthesis_calls(cfg, cycle, train, assume.accept_share, assume.pair_tokens)
+        return planned_study_calls(cfg, cycle, train) + synthesis
+    if stage == "06_deploy":
+        return planned_parity_calls(cfg, test)
+    raise ValueError(f"no forecast for {stage}: the paid stages are {list(PAID_STAGES)}")
 
 
-def _synthesis(
-    cfg: RunConfig, cycle: int, train: Sequence[dict], prices: PriceTable, assume: Assumptions
-) -> list[dict]:
-    """05's synthesis requests (`calls` at the assumed accept share; `max_calls` = max_requests_per_cycle),
-    and with best-of-N the N - 1 extra answers per pair and their rewards. With a teacher study the generator
-    is chosen at run time: the candidate (or `synthesize.generator`, used when the study ranks none) whose
-    synthesis would cost most is forecast (an upper bound)."""
-    from .synthesize import load_templates, request_batch
-    from .teacher import TeacherCandidate
-
-    sy = cfg.synthesize
-    calls = synthesis_requests(cfg, cycle, assume)
-    sample = list(train[: min(len(train), 50)])
-    requests = request_batch(sample, sy, load_templates(), 0)
-    per_call_in = sum(_request_tokens(r) for r in requests) / len(requests)
-    pair_chars = sum(len(r["instruction"]) + len(r["response"]) for r in sample) / len(sample)
-    pair = assume.pair_tokens if assume.pair_tokens is not None else _tokens(int(pair_chars))
-    answer = _tokens(int(sum(len(r["response"]) for r in sample) / len(sample)))
-    instruction = "x" * int(sum(len(r["instruction"]) for r in sample) / len(sample))
-    # without a study, or when it ranks no candidate, synthesize.generator writes the pairs
-    generators = [
-        *cfg.teacher_study.candidates,
-        TeacherCandidate(name=sy.generator, provider=sy.generator, n=sy.best_of_n, max_tokens=sy.max_tokens),
-    ]
-    options = []
-    for gen in generators:
-        per_call_out = min(sy.max_tokens, (pair + 20) * sy.pairs_per_request)  # 20: the JSON around each pair
-        lines = [
-            _line(
-                "05_synthesize",
-                cycle,
-                cfg,
-                gen.provider,
-                prices,
-                calls,
-                round(per_call_in * calls),
-                round(per_call_out * calls),
-                calls * sy.max_tokens,
-                max_calls=sy.max_requests_per_cycle,
+def _check(stage: str, calls: Sequence[PlannedCall]) -> list[PlannedCall]:
+    """A notebook's plan names only the ledger stages its pools write (what the ServicePool looks up)."""
+    for call in calls:
+        if call.stage not in NOTEBOOK_LEDGER_STAGES[stage]:
+            raise ValueError(
+                f"{stage} planned a call under ledger stage {call.stage!r}; it pays under "
+                f"{list(NOTEBOOK_LEDGER_STAGES[stage])}"
             )
-        ]
-        if gen.n > 1:  # best-of-N: N - 1 more answers per pair, every answer rewarded
-            pairs, most = calls * sy.pairs_per_request, sy.max_requests_per_cycle * sy.pairs_per_request
-            extra = (gen.n - 1) * pairs
-            lines.append(
-                _line(
-                    "05_synthesize",
-                    cycle,
-                    cfg,
-                    gen.provider,
-                    prices,
-                    extra,
-                    extra * _tokens(len(instruction)),
-                    extra * min(answer, gen.max_tokens),
-                    extra * gen.max_tokens,
-                    max_calls=(gen.n - 1) * most,
-                )
-            )
-            rewarded = _reward_line(
-                cfg, "05_synthesize", cycle, [(instruction, "y" * answer * 4)] * gen.n, prices
-            )
-            for r in rewarded:  # scale one pair's N rewards to all pairs
-                lines.append(
-                    {
-                        **r,
-                        **{c: r[c] * pairs for c in NUMERIC if c != "max_calls"},
-                        "max_calls": r["max_calls"] * most,
-                        "worst_usd": r["worst_usd"] * most,
-                        "worst_tokens": r["worst_tokens"] * most,
-                    }
-                )
-        options.append(_merge(lines))
-    return max(options, key=lambda ls: sum(line["worst_usd"] for line in ls))
-
-
-def _parity(cfg: RunConfig, test: Sequence[dict], prices: PriceTable) -> list[dict]:
-    """06's judged parity: the served GGUF (local, free) answers the test prompts K times; the judges score
-    those answers `deploy.parity_m` times and re-judge the evaluated cycle's answers as often (the repeats 04
-    already made replay from the call cache)."""
-    from .deploy.parity import parity_evaluate_config
-
-    d, evaluated_m = cfg.deploy, cfg.evaluate.m
-    cfg = dataclasses.replace(cfg, evaluate=parity_evaluate_config(cfg))
-    if not (d.enabled and d.serve and cfg.evaluate.judges):
-        return []
-    m = cfg.evaluate.m
-    served = _judge_lines(cfg, "06_deploy", None, test, prices, m, 1)
-    # the evaluated answers' repeats below 04's M replay from the call cache; only the ones above are paid
-    rejudged = (
-        _judge_lines(cfg, "06_deploy", None, test, prices, m - evaluated_m, 1) if m > evaluated_m else []
-    )
-    return _merge(served + rejudged)
+    return list(calls)
 
 
 def forecast_run(
@@ -463,16 +251,18 @@ def forecast_run(
 
     prices = load_prices(cfg.prices_file)
     train, test, origin = _rows(cfg, layout, assume)
-    lines: list[dict] = []
+    calls: list[PlannedCall] = []
     for cycle in range(cfg.loop.max_cycles):
-        lines += _judging(cfg, cycle, test, prices)
-        if cycle == 0:
-            lines += _baselines(cfg, test, prices, layout)
-        if cycle + 1 < cfg.loop.max_cycles:
-            lines += _teacher_study(cfg, cycle, train, prices)
-            lines += _synthesis(cfg, cycle, train, prices, assume)
-    lines += _parity(cfg, test, prices)
-    table = _frame(_merge(lines))
+        # Table 1's reference rows are computed once per run: by cycle 0's 04
+        plan = _plan(cfg, "04_evaluate", cycle, train, test, layout, assume, baselines=cycle == 0)
+        calls += _check("04_evaluate", _chosen(cfg, prices, plan))
+        if cycle + 1 < cfg.loop.max_cycles:  # 05 never runs on the last cycle
+            plan = _plan(cfg, "05_synthesize", cycle, train, test, layout, assume)
+            calls += _check("05_synthesize", _chosen(cfg, prices, plan))
+    calls += _check(
+        "06_deploy", _chosen(cfg, prices, _plan(cfg, "06_deploy", None, train, test, layout, assume))
+    )
+    table = _frame(_price(cfg, prices, calls))
     table.attrs["data"] = origin
     return table
 
@@ -498,13 +288,8 @@ def stage_lines(
         raise ValueError(f"no forecast for {stage}: the paid stages are {list(PAID_STAGES)}")
     prices = load_prices(cfg.prices_file)
     train, test, origin = _rows(cfg, layout, assume)
-    if stage == "04_evaluate":
-        lines = _judging(cfg, cycle, test, prices) + _baselines(cfg, test, prices, layout)
-    elif stage == "05_synthesize":
-        lines = _teacher_study(cfg, cycle, train, prices) + _synthesis(cfg, cycle, train, prices, assume)
-    else:
-        lines = _parity(cfg, test, prices)
-    return _merge(lines), origin
+    calls = _chosen(cfg, prices, _plan(cfg, stage, cycle, train, test, layout, assume))
+    return _price(cfg, prices, _check(stage, calls)), origin
 
 
 def forecast_stage(
@@ -534,9 +319,10 @@ def record_judging(
     cfg: RunConfig, layout: RunLayout, stage: str, cycle: int, test: Sequence[dict]
 ) -> pd.DataFrame:
     """Forecast and record a judging step outside the notebooks (`llamaduo validate-teachers` judges each
-    candidate's trial student under ledger stage "teacher_validation"): the judges score K answers per test
-    prompt M times."""
-    lines = _judge_lines(cfg, stage, cycle, test, load_prices(cfg.prices_file), cfg.evaluate.m, 1)
+    candidate's trial student under ledger stage "teacher_validation"): 04's judging plan
+    (`evaluate.planned_judging_calls`, the answers in `layout` as written) under ledger stage `stage`."""
+    calls = planned_judging_calls(cfg, cycle, test, layout, stage=stage).calls
+    lines = _price(cfg, load_prices(cfg.prices_file), calls)
     with CallCache(layout.calls_db) as cache:
         cache.record_forecast(stage, cycle, lines)
     return _frame(lines)

@@ -123,6 +123,7 @@ LEDGER_BASELINES = "baselines"  # 04, once per run: Table 1's reference rows (se
 LEDGER_TEACHER_STUDY = "teacher_study"  # 05: candidate teachers answer and are rewarded (CAR)
 LEDGER_SYNTHESIS = "05_synthesize"  # 05: the chosen teacher writes the cycle's pairs
 LEDGER_PARITY = "06_deploy"  # 06: the served model's answers judged against the evaluated ones
+LEDGER_TEACHER_VALIDATION = "teacher_validation"  # `llamaduo validate-teachers`: each trial student judged
 # the ledger stages each paid notebook pays under (the runner forecasts a notebook before it runs)
 NOTEBOOK_LEDGER_STAGES = {
     "04_evaluate": (LEDGER_JUDGING, LEDGER_BASELINES),

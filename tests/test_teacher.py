@@ -15,11 +15,12 @@ import pytest
 import scipy.stats
 import yaml
 
-from llamaduo_nb import synthesize, teacher
+from llamaduo_nb import synthesize, validation
 from llamaduo_nb.config import ConfigError, RewardConfig, RunConfig, TeacherCandidate, build, load_config
 from llamaduo_nb.jsonio import read_json, read_jsonl, write_jsonl
 from llamaduo_nb.runlayout import RunLayout
 from llamaduo_nb.services import ServicePool
+from llamaduo_nb.synthesize import teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,7 +113,7 @@ def test_correlation_table_has_one_rho_per_metric():
         "b": {"car": 2.0, "reward": 60.0, "length": 30.0, "ppl": 2.0, "ifd": 0.8},
         "c": {"car": 1.0, "reward": 40.0, "length": 20.0, "ppl": 1.0, "ifd": 0.7},
     }
-    table = teacher.correlation_table(candidates, {"a": 30.0, "b": 20.0, "c": 10.0})
+    table = validation.correlation_table(candidates, {"a": 30.0, "b": 20.0, "c": 10.0})
     rho = dict(zip(table["metric"], table["spearman_rho"], strict=True))
     assert rho["CAR"] == pytest.approx(1.0)
     assert rho["reward r"] == pytest.approx(scipy.stats.spearmanr([50, 60, 40], [30, 20, 10]).statistic)

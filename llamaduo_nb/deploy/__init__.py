@@ -18,7 +18,8 @@ Steps, each a function the notebook calls:
    (exact-match rate per GGUF type, plus teacher-forced token agreement, which tells a single quantisation
    near-tie flip from a broken export); `judged_parity` re-answers the test prompts through the served
    endpoint, judges them with 04's judge functions and compares V and C@zeta (bootstrap CIs) with the
-   evaluated cycle, flagging a drop of the decision statistic beyond `deploy.parity_tolerance`.
+   evaluated cycle, flagging a drop of the decision statistic beyond `deploy.parity_tolerance`
+   (`planned_parity_calls`: its paid judge calls, as the forecast prices them).
 6. `push_to_hub` — optional upload when HF_TOKEN is set.
 
 The served endpoint is reached through `ServicePool` like every other model, so its calls land in the
@@ -53,8 +54,10 @@ from .parity import (
     greedy_transformers,
     judge_attribution,
     judged_parity,
+    parity_judgments,
     parity_table,
     parity_verdict,
+    planned_parity_calls,
     plot_parity,
     quant_table,
     sampler_comparison,
@@ -100,6 +103,8 @@ __all__ = [
     "greedy_parity",
     "greedy_summary",
     "judged_parity",
+    "parity_judgments",
+    "planned_parity_calls",
     "served_export",
     "parity_verdict",
     "parity_table",

@@ -1,4 +1,8 @@
-"""06 step 5: does the served GGUF answer like the evaluated model (greedy, and judged)?"""
+"""06 step 5: does the served GGUF answer like the evaluated model (greedy, and judged)?
+
+The judged check's paid calls (the judges; the served GGUF is local and free) as the forecast prices them:
+`planned_parity_calls`, built with 04's request builders like the check itself.
+"""
 
 from __future__ import annotations
 
@@ -19,10 +23,10 @@ import pandas as pd
 from .. import evaluate
 from ..config import ProviderConfig, RunConfig
 from ..embedded import LlamaServer
-from ..evaluate import bootstrap_ci
 from ..jsonio import read_jsonl, save_figure, sha256_file, write_json, write_jsonl
+from ..plan import PlannedCalls
 from ..runlayout import RunLayout
-from ..schemas import read_metrics
+from ..schemas import LEDGER_PARITY, read_metrics
 from ..services import ChatRequest, ServicePool
 from ..student import GGUFExport, prompt_token_ids, stop_token_ids, student_messages, tensor_types
 from .select import CycleChoice, DeployError
@@ -202,7 +206,7 @@ def greedy_parity(
             run_cfg, name = served_provider(cfg, export.path, server.base_url, export.qtype)
             with (
                 _local_prices_are_zero(),
-                ServicePool(run_cfg, layout, "06_deploy", providers=[name]) as pool,
+                ServicePool(run_cfg, layout, LEDGER_PARITY, providers=[name]) as pool,
             ):
                 results = pool.complete_many(name, requests, desc=f"greedy ({export.qtype} GGUF)")
         timing: dict = {}
@@ -314,7 +318,7 @@ def _paired(a: pd.Series, b: pd.Series, seed: int = 0) -> dict:
     diff = (both["b"] - both["a"]).astype(float).to_numpy()
     if diff.size == 0:
         return {"mean_diff": None, "ci95": None, "n": 0}
-    ci = bootstrap_ci(diff, seed=seed)
+    ci = evaluate.bootstrap_ci(diff, seed=seed)
     return {"mean_diff": float(diff.mean()), "ci95": list(ci) if ci else None, "n": int(diff.size)}
 
 
@@ -415,6 +419,35 @@ def parity_evaluate_config(cfg: RunConfig):
     return dataclasses.replace(ev, m=d.parity_m or ev.m, judges=judges)
 
 
+def planned_parity_calls(cfg: RunConfig, test_rows: Sequence[dict]) -> PlannedCalls:
+    """The judged parity check's paid calls (`judged_parity`, ledger stage "06_deploy"): the judges of
+    `parity_evaluate_config` score the served GGUF's K answers per test prompt (assumed as long as the
+    reference) `deploy.parity_m` times, and re-judge the evaluated cycle's answers as often, where only the
+    repeats above 04's M are paid (04's replay from the call cache). The served GGUF answers locally, free."""
+    eval_cfg = parity_evaluate_config(cfg)
+    if not (cfg.deploy.enabled and cfg.deploy.serve and eval_cfg.judges):
+        return PlannedCalls()
+    answers = evaluate.assumed_answers(test_rows, cfg.inference.k, cfg.inference.max_new_tokens)
+    served = evaluate.planned_judge_calls(LEDGER_PARITY, None, answers, eval_cfg)
+    rejudged = evaluate.planned_judge_calls(LEDGER_PARITY, None, answers, eval_cfg, min_repeat=cfg.evaluate.m)
+    return PlannedCalls(served + rejudged)
+
+
+def parity_judgments(
+    pool: Any, served: str, rows: Sequence[dict], evaluated: Sequence[dict], cfg: RunConfig, gguf_name: str
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """The judged check's calls through `pool` (the served model `served` + the judges): 04's answer-and-judge
+    path. The served GGUF answers every test prompt K times like a service LLM, judged like the cycle
+    (`parity_evaluate_config`); the evaluated answers are judged exactly the same way (same judges, M, prompt):
+    the paired baseline, whose repeats 04 already made come from the call cache at no cost. `planned_parity_calls`
+    plans the paid part. Returns (responses, judgments, rejudged)."""
+    eval_cfg = parity_evaluate_config(cfg)
+    responses = served_answers(pool, served, rows, cfg, gguf_name)
+    judgments = evaluate.judge_rows(pool, responses, eval_cfg)
+    rejudged = evaluate.judge_rows(pool, evaluated, eval_cfg) if evaluated else []
+    return responses, judgments, rejudged
+
+
 def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export: GGUFExport) -> dict:
     """Re-answer the test prompts with the served GGUF, judge them like 04 did, compare with the cycle.
 
@@ -441,14 +474,14 @@ def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export
     ) as server:
         run_cfg, name = served_provider(cfg, export.path, server.base_url, export.qtype)
         providers = [name, *dict.fromkeys(eval_cfg.judges)]
-        with _local_prices_are_zero(), ServicePool(run_cfg, layout, "06_deploy", providers=providers) as pool:
-            # 04's answer-and-judge path: the served GGUF answers like a service LLM, judged like the cycle.
-            responses = served_answers(pool, name, rows, cfg, export.path.name)
-            answered = [r for r in responses if not r["error"]]
-            judgments = evaluate.judge_rows(pool, responses, eval_cfg)
-            # The evaluated answers, judged exactly like the served ones (same judges, M, prompt): the paired
-            # baseline. Repeats 04 already made come from the call cache at no cost.
-            rejudged = evaluate.judge_rows(pool, evaluated, eval_cfg) if evaluated else []
+        with (
+            _local_prices_are_zero(),
+            ServicePool(run_cfg, layout, LEDGER_PARITY, providers=providers) as pool,
+        ):
+            responses, judgments, rejudged = parity_judgments(
+                pool, name, rows, evaluated, cfg, export.path.name
+            )
+    answered = [r for r in responses if not r["error"]]
     seconds = time.monotonic() - t0
     write_jsonl(layout.parity_responses_file, responses)
     write_jsonl(layout.parity_judgments_file, judgments)

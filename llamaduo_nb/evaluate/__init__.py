@@ -9,7 +9,8 @@ The notebook imports this one name (`from llamaduo_nb import evaluate`); the wor
 * `agreement`     how much the M repeats and the judges agree (Spearman, Kendall, Krippendorff's alpha)
 * `tables`        paper Table 1 with P-Match, decision / failure / category tables
 * `plots`         paper Fig. 2 (over cycles) and Fig. 3 (precision vs similarity per model), histograms
-* `stage`         04's file work: judge the cycle, reference rows once per run, metrics.json, Table 1
+* `stage`         04's file work: judge the cycle, reference rows once per run, metrics.json, Table 1; the
+                  calls 04 will make (`planned_judging_calls`, `planned_baseline_calls`: the forecast prices them)
 
 See `judging`'s docstring for how 06 calls the shared path.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 from .agreement import agreement_report, judge_pairs, krippendorff_alpha, repeat_spread
 from .judging import (
     JUDGE_PLACEHOLDERS,
+    JUDGE_REPLY_TOKENS,
     JUDGE_TEMPLATE,
     JUDGMENT_SCHEMA,
     JUDGMENT_SCHEMA_RATIONALE,
@@ -27,7 +29,9 @@ from .judging import (
     SCORE_MAX,
     SCORE_MIN,
     answer_failed_record,
+    answer_requests,
     answer_with_provider,
+    assumed_answers,
     judge_messages,
     judge_names,
     judge_requests,
@@ -38,6 +42,8 @@ from .judging import (
     load_judgments,
     load_responses,
     parse_judgment,
+    planned_answer_calls,
+    planned_judge_calls,
     rationale_of,
     scores_from_object,
 )
@@ -52,8 +58,11 @@ from .plots import (
 )
 from .stage import (
     base_student_responses,
+    planned_baseline_calls,
+    planned_judging_calls,
     reference_rows,
     reference_status,
+    reference_todo,
     run_judges,
     table1_models,
     write_agreement,
@@ -91,6 +100,7 @@ from .tables import (
 __all__ = [
     "BASE_MODEL",
     "JUDGE_PLACEHOLDERS",
+    "JUDGE_REPLY_TOKENS",
     "JUDGE_TEMPLATE",
     "JUDGMENT_SCHEMA",
     "JUDGMENT_SCHEMA_RATIONALE",
@@ -101,7 +111,9 @@ __all__ = [
     "SCORE_MIN",
     "agreement_report",
     "answer_failed_record",
+    "answer_requests",
     "answer_with_provider",
+    "assumed_answers",
     "base_student_responses",
     "bootstrap_ci",
     "category_table",
@@ -131,6 +143,10 @@ __all__ = [
     "metric_summary",
     "p_match",
     "parse_judgment",
+    "planned_answer_calls",
+    "planned_baseline_calls",
+    "planned_judge_calls",
+    "planned_judging_calls",
     "plot_category_histograms",
     "plot_cycles",
     "plot_models_scores",
@@ -140,6 +156,7 @@ __all__ = [
     "reference_lines",
     "reference_rows",
     "reference_status",
+    "reference_todo",
     "repeat_spread",
     "responses_preview",
     "results_table",

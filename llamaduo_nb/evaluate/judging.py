@@ -8,10 +8,13 @@ Used by 04 (the cycle's student, the base student, the service baselines) and by
 * `judge_rows(pool, rows, cfg)` judges every row M times with every LLM judge (`cfg.judges`, through the
   pool) and once with every reference-metric judge (`cfg.metric_judges`, computed here, free); rows whose
   answer failed get one failed judgment per judge ("answer: ...") so they are counted, not dropped.
+* `planned_answer_calls` / `planned_judge_calls`: the calls those two will make, built with the same request
+  builders (`answer_requests`, `judge_requests`), for the forecast (`plan.PlannedCall`); `assumed_answers`
+  stands in for answers not written yet (as long as the reference).
 
-How 06 should call it (one pool holding the served model and the judges):
+How 06 calls it (`deploy.parity.parity_judgments`; one pool holding the served model and the judges):
 
-    with ServicePool(cfg, layout, "06_deploy", providers=[served, *cfg.evaluate.judges]) as pool:
+    with ServicePool(cfg, layout, LEDGER_PARITY, providers=[served, *cfg.evaluate.judges]) as pool:
         rows = evaluate.answer_with_provider(pool, served, test_rows, cfg.inference.k, cfg.inference,
                                              model_id=f"gguf:{gguf.name}")
         judgments = evaluate.judge_rows(pool, rows, dataclasses.replace(cfg.evaluate, m=parity_m))
@@ -35,6 +38,7 @@ from typing import Any
 
 from ..config import EvaluateConfig, InferenceConfig
 from ..jsonio import DataFileError, read_jsonl
+from ..plan import PlannedCall
 from ..prompts import PromptTemplate, load_template
 from ..services import ChatRequest, ChatResult, ServicePool, extract_json, find_json
 from ..student import student_messages
@@ -46,6 +50,9 @@ JUDGE_TEMPLATE = "judge"
 JUDGE_PLACEHOLDERS = {"instruction", "reference_response", "candidate_response", "reply_format"}
 RAW_KEEP_CHARS = 2000  # how much of a failed judgment's text is kept for inspection
 RATIONALE_MAX_CHARS = 400  # a rationale is a short reason; longer text is cut
+JUDGE_REPLY_TOKENS = (
+    25  # what a judgment's reply is expected to cost: {"similarity": 80, "precision": 75} + framing
+)
 
 REPLY_FORMAT = '{"similarity": <integer 1-100>, "precision": <integer 1-100>}'
 REPLY_FORMAT_RATIONALE = (
@@ -308,6 +315,25 @@ def answer_failed_record(row: dict, judge: str) -> dict:
 # --------------------------------------------------------------------------- answering
 
 
+def answer_requests(
+    test_rows: Sequence[dict], k: int, sampling: InferenceConfig, repeat_offset: int = 0
+) -> list[ChatRequest]:
+    """K requests per test prompt (prompt-major), as `answer_with_provider` sends them: the instruction put to
+    the service exactly as to the student (one user turn), sample j with `repeat = repeat_offset + j`."""
+    return [
+        ChatRequest(
+            messages=student_messages(row["instruction"], row.get("system")),
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            repeat=repeat_offset + sample,
+            allow_truncated=True,  # judged like the student's answers, which are kept when cut at the budget
+        )
+        for row in test_rows
+        for sample in range(k)
+    ]
+
+
 def answer_with_provider(
     pool: ServicePool,
     provider: str,
@@ -322,10 +348,9 @@ def answer_with_provider(
     """K sampled answers per test prompt from `provider`, in 03's responses.jsonl shape.
 
     `test_rows` are coverage rows (`id`, `instruction`, `response`, `category`); `sampling` gives
-    temperature, top_p and max_new_tokens (an InferenceConfig). The instruction is put to the service
-    exactly as to the student (one user turn). A failed call keeps its `error` (candidate ""). Sample j is
-    sent with `repeat = repeat_offset + j`: a caller whose answers must be fresh calls rather than replays of
-    another stage's identical requests (06's parity against 03) gives its own offset.
+    temperature, top_p and max_new_tokens (an InferenceConfig). The requests are `answer_requests`'. A failed
+    call keeps its `error` (candidate ""). A caller whose answers must be fresh calls rather than replays of
+    another stage's identical requests (06's parity against 03) gives its own `repeat_offset`.
     """
     generation = {
         "engine": f"service:{provider}",
@@ -334,18 +359,7 @@ def answer_with_provider(
         "top_p": sampling.top_p,
         "max_new_tokens": sampling.max_new_tokens,
     }
-    requests = [
-        ChatRequest(
-            messages=student_messages(row["instruction"], row.get("system")),
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_new_tokens,
-            repeat=repeat_offset + sample,
-            allow_truncated=True,  # judged like the student's answers, which are kept when cut at the budget
-        )
-        for row in test_rows
-        for sample in range(k)
-    ]
+    requests = answer_requests(test_rows, k, sampling, repeat_offset)
     results = pool.complete_many(
         provider, requests, desc=desc or f"answers of {provider} ({len(test_rows)} prompts x K={k})"
     )
@@ -451,3 +465,60 @@ def load_judgments(path: str | Path) -> list[dict]:
                         path, lineno, metric, f"ok judgment needs a score 1-100, got {value!r}"
                     )
     return rows
+
+
+# --------------------------------------------------------------------------- planned calls (the forecast prices them)
+
+
+def assumed_answers(test_rows: Sequence[dict], k: int, max_new_tokens: int) -> list[dict]:
+    """Answers not written yet, as a plan assumes them: K per test prompt, each as long as the reference
+    (at most `max_new_tokens`, ~4 characters a token), in 03's responses.jsonl shape."""
+    return [
+        {
+            "prompt_id": row["id"],
+            "instruction": row["instruction"],
+            "reference": row["response"],
+            "candidate": row["response"][: max_new_tokens * 4],
+            "sample_index": sample,
+            "category": row.get("category") or "",
+        }
+        for row in test_rows
+        for sample in range(k)
+    ]
+
+
+def planned_answer_calls(
+    stage: str,
+    cycle: int | None,
+    provider: str,
+    test_rows: Sequence[dict],
+    k: int,
+    sampling: InferenceConfig,
+    repeat_offset: int = 0,
+) -> list[PlannedCall]:
+    """The calls `answer_with_provider` makes: its requests, each reply as long as the reference (capped)."""
+    requests = answer_requests(test_rows, k, sampling, repeat_offset)
+    return [
+        PlannedCall(
+            stage,
+            cycle,
+            provider,
+            request,
+            min(sampling.max_new_tokens, len(test_rows[i // k]["response"]) // 4),
+        )
+        for i, request in enumerate(requests)
+    ]
+
+
+def planned_judge_calls(
+    stage: str, cycle: int | None, rows: Sequence[dict], cfg: EvaluateConfig, min_repeat: int = 0
+) -> list[PlannedCall]:
+    """The calls `judge_rows` makes for `rows`: every LLM judge, the requests of every answered row, M repeats
+    (reference-metric judges are offline and free). Repeats below `min_repeat` are left out: a caller whose
+    first repeats replay from the call cache (06 re-judging 04's answers) says so."""
+    answered = [row for row in rows if not row.get("error")]
+    if not cfg.judges or not answered:
+        return []
+    requests = [r for r in judge_requests(answered, cfg, judge_template()) if r.repeat >= min_repeat]
+    reply = min(JUDGE_REPLY_TOKENS, cfg.max_tokens)
+    return [PlannedCall(stage, cycle, judge, request, reply) for judge in cfg.judges for request in requests]

@@ -6,11 +6,15 @@ Reference rows of Table 1 are computed once per run and reused by later cycles, 
 * `base_student`: the student before fine-tuning, answering through 03's engine and sampler with no adapter
   (`student.answer_prompts`; on CPU llama.cpp with the base model as GGUF F16, as the cycles' rows);
 * each provider of `evaluate.baselines`: a service LLM answering the same test prompts K times through
-  the ServicePool (ledger stage "baselines").
+  the ServicePool (ledger stage `schemas.LEDGER_BASELINES`).
 
 They are judged exactly like the student (same judges, M, prompt). meta.json records what produced the
 files; when K, sampling, the test split or the judges change, the rows are recomputed (service answers
-and judgments then come from the call cache where they are unchanged).
+and judgments then come from the call cache where they are unchanged). `reference_todo` decides which rows
+still need computing, for `reference_rows` and for the forecast (`planned_baseline_calls`).
+
+Planned calls (what the forecast prices, built with the requests 04 sends): `planned_judging_calls` (the
+cycle's judging) and `planned_baseline_calls` (Table 1's rows still to compute).
 """
 
 from __future__ import annotations
@@ -25,25 +29,33 @@ import pandas as pd
 from ..config import RunConfig
 from ..jsonio import read_json, read_jsonl, write_json, write_jsonl
 from ..notebook import Stage
+from ..plan import PlannedCalls
 from ..review import ambiguous_prompt_ids
 from ..runlayout import RunLayout
-from ..schemas import LEDGER_BASELINES, load_test_rows
+from ..schemas import LEDGER_BASELINES, LEDGER_JUDGING, load_test_rows
 from ..services import ServicePool
 from ..student import answer_prompts, resolve_engine
 from .agreement import agreement_report
-from .judging import answer_with_provider, judge_rows, load_judgments
+from .judging import (
+    answer_with_provider,
+    assumed_answers,
+    judge_rows,
+    load_judgments,
+    load_responses,
+    planned_answer_calls,
+    planned_judge_calls,
+)
 from .stats import compute_metrics
 from .tables import BASE_MODEL, cycle_label, table1_long, write_table1
 
 BASE_DIR = "base_student"
-BASELINES_STAGE = LEDGER_BASELINES
 
 
 def run_judges(stage: Stage, rows: Sequence[dict]) -> list[dict]:
     """04's judging step: LLM judges via the ServicePool, metric judges offline; writes judgments.jsonl."""
     cfg = stage.cfg.evaluate
     if cfg.judges:
-        with ServicePool(stage.cfg, stage.layout, stage.name, stage.cycle, providers=cfg.judges) as pool:
+        with ServicePool(stage.cfg, stage.layout, LEDGER_JUDGING, stage.cycle, providers=cfg.judges) as pool:
             judgments = judge_rows(pool, rows, cfg)
     else:
         judgments = judge_rows(None, rows, cfg)
@@ -116,9 +128,25 @@ def base_student_responses(
     return responses
 
 
-def _stored(layout: RunLayout, model: str, meta: dict, part: str) -> bool:
+def _stored(layout: RunLayout | None, model: str, meta: dict, part: str) -> bool:
+    if layout is None:
+        return False
     path = layout.baseline_meta_file(model)
     return path.is_file() and read_json(path).get(part) == meta
+
+
+def reference_todo(
+    cfg: RunConfig, layout: RunLayout | None, test_rows: Sequence[dict]
+) -> tuple[list[str], list[str], list[str]]:
+    """(Table 1's reference models in order, those still to answer, those still to judge): a row is computed
+    once per run and reused while `<run>/baselines/<model>/meta.json` matches today's settings (no `layout`:
+    nothing is computed yet). The one decision `reference_rows` acts on and `planned_baseline_calls` plans."""
+    ev = cfg.evaluate
+    models = ([BASE_DIR] if ev.base_student else []) + list(ev.baselines)
+    jmeta = judges_meta(cfg)
+    todo_answers = [m for m in models if not _stored(layout, m, answers_meta(cfg, test_rows, m), "answers")]
+    todo_judging = [m for m in models if m in todo_answers or not _stored(layout, m, jmeta, "judges")]
+    return models, todo_answers, todo_judging
 
 
 def reference_rows(cfg: RunConfig, layout: RunLayout, log: Any = print) -> dict[str, dict]:
@@ -129,14 +157,12 @@ def reference_rows(cfg: RunConfig, layout: RunLayout, log: Any = print) -> dict[
     """
     ev = cfg.evaluate
     test_rows = load_test_rows(layout.test_file)
-    models = ([BASE_DIR] if ev.base_student else []) + list(ev.baselines)
+    models, todo_answers, todo_judging = reference_todo(cfg, layout, test_rows)
     jmeta = judges_meta(cfg)
-    todo_answers = [m for m in models if not _stored(layout, m, answers_meta(cfg, test_rows, m), "answers")]
-    todo_judging = [m for m in models if m in todo_answers or not _stored(layout, m, jmeta, "judges")]
     out: dict[str, dict] = {}
     providers = list(dict.fromkeys([*(m for m in todo_answers if m != BASE_DIR), *ev.judges]))
     need_pool = bool(todo_judging and ev.judges) or any(m != BASE_DIR for m in todo_answers)
-    pool = ServicePool(cfg, layout, BASELINES_STAGE, providers=providers) if need_pool else None
+    pool = ServicePool(cfg, layout, LEDGER_BASELINES, providers=providers) if need_pool else None
     try:
         if pool is not None:
             pool.__enter__()
@@ -178,6 +204,51 @@ def _service_answers(
     pool: ServicePool, provider: str, test_rows: Sequence[dict], cfg: RunConfig
 ) -> list[dict]:
     return answer_with_provider(pool, provider, test_rows, cfg.inference.k, cfg.inference)
+
+
+# --------------------------------------------------------------------------- planned calls (the forecast prices them)
+
+
+def planned_judging_calls(
+    cfg: RunConfig,
+    cycle: int,
+    test_rows: Sequence[dict],
+    layout: RunLayout | None = None,
+    stage: str = LEDGER_JUDGING,
+) -> PlannedCalls:
+    """04's judging of cycle `cycle` (`run_judges`): every LLM judge scores the cycle's answers M times. The
+    answers are 03's `responses.jsonl` when it is written (the very requests `judge_rows` sends), else K per
+    test prompt as long as the reference (`assumed_answers`). `stage`: the ledger stage of a judging step run
+    elsewhere (validate-teachers)."""
+    path = layout.responses_file(cycle) if layout is not None else None
+    if path is not None and path.is_file():
+        rows = load_responses(path)
+    else:
+        rows = assumed_answers(test_rows, cfg.inference.k, cfg.inference.max_new_tokens)
+    return PlannedCalls(planned_judge_calls(stage, cycle, rows, cfg.evaluate))
+
+
+def planned_baseline_calls(
+    cfg: RunConfig, test_rows: Sequence[dict], layout: RunLayout | None = None
+) -> PlannedCalls:
+    """Table 1's reference rows still to compute (`reference_todo`, ledger stage "baselines", once per run):
+    each service baseline answers the test prompts K times (`answer_with_provider`'s requests), and the judges
+    score the answers of every row still to judge like the student's: answers already written are judged as
+    they are, the others assumed as long as the reference (the base student answers locally, for free)."""
+    inf = cfg.inference
+    _, todo_answers, todo_judging = reference_todo(cfg, layout, test_rows)
+    calls = []
+    for model in todo_answers:
+        if model != BASE_DIR:
+            calls += planned_answer_calls(LEDGER_BASELINES, None, model, test_rows, inf.k, inf)
+    for model in todo_judging:
+        written = layout.baseline_responses_file(model) if layout is not None else None
+        if model not in todo_answers and written is not None and written.is_file():
+            rows = read_jsonl(written)
+        else:
+            rows = assumed_answers(test_rows, inf.k, inf.max_new_tokens)
+        calls += planned_judge_calls(LEDGER_BASELINES, None, rows, cfg.evaluate)
+    return PlannedCalls(calls)
 
 
 def forget_failed_reference_rows(layout: RunLayout) -> list[str]:

@@ -18,6 +18,10 @@ Volume: `target_per_cycle * 2**cycle` accepted rows when growth is "double"; wit
 cumulative synthetic volume doubles (1K, 2K, 4K, ... as in the paper's Table 3/5, see `target_rows`); asked for
 in rounds (sized by the yield of the rounds before) until the target is met or `max_requests_per_cycle`
 requests have been sent.
+
+Best-of-N (a generator with N > 1, `teacher.answer_best_of_n`): each pair's response is sample 0, N - 1 more
+answers are asked for and the reward keeps the best; at most `pairs_per_request` pairs of a reply go on (the
+surplus is logged), so the calls stay within what `planned_synthesis_calls` (the forecast's plan) bounds.
 """
 
 from __future__ import annotations
@@ -28,22 +32,30 @@ import random
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
-from .config import MAX_BEST_OF_N, RunConfig, SynthesizeConfig, TeacherCandidate
-from .dataquality import DecontamParams, clean
-from .jsonio import DataFileError, read_json, read_jsonl, save_figure, write_json, write_jsonl
-from .notebook import Stage
-from .prompts import PromptTemplate, load_template
-from .runlayout import RunLayout
-from .services import ChatRequest, ChatResult, ServicePool, extract_json, find_json
-
-if TYPE_CHECKING:
-    from .teacher import Reward
+from ..config import MAX_BEST_OF_N, RunConfig, SynthesizeConfig, TeacherCandidate
+from ..dataquality import DecontamParams, clean
+from ..jsonio import read_json, read_jsonl, save_figure, write_json, write_jsonl
+from ..notebook import Stage
+from ..plan import PlannedCall, PlannedCalls
+from ..prompts import PromptTemplate, load_template
+from ..runlayout import RunLayout
+from ..schemas import LEDGER_SYNTHESIS
+from ..services import ChatRequest, ChatResult, ServicePool, extract_json, find_json
+from .splits import load_split
+from .teacher import (
+    Reward,
+    answer_best_of_n,
+    answer_requests,
+    chosen_candidate,
+    make_reward,
+    planned_reward_calls,
+)
 
 SYNTH_PLACEHOLDERS = {"instruction", "response", "category", "n_pairs"}
 TEMPLATES = {"summarization": "synthesize_summarization", "general": "synthesize_general"}
@@ -273,11 +285,13 @@ class SynthesisResult:
 def generator_of(run_cfg: RunConfig, layout: RunLayout, cycle: int) -> TeacherCandidate:
     """Who writes this cycle's pairs and how it samples: the teacher study's choice when the cycle has one,
     else `synthesize.generator` with `synthesize.temperature / top_p / best_of_n`."""
-    from .teacher import chosen_candidate
-
     chosen = chosen_candidate(run_cfg, layout, cycle)
-    if chosen is not None:
-        return chosen
+    return chosen if chosen is not None else default_generator(run_cfg)
+
+
+def default_generator(run_cfg: RunConfig) -> TeacherCandidate:
+    """`synthesize.generator` with `synthesize.temperature / top_p / best_of_n`: the generator without a
+    study, or when the study ranks no candidate."""
     cfg = run_cfg.synthesize
     return TeacherCandidate(
         name=cfg.generator,
@@ -341,9 +355,18 @@ def request_batch(
 
 
 def candidates_from_results(
-    seeds: Sequence[dict], results: Sequence[ChatResult], cycle: int, generator: dict, first_repeat: int
+    seeds: Sequence[dict],
+    results: Sequence[ChatResult],
+    cycle: int,
+    generator: dict,
+    first_repeat: int,
+    max_pairs: int | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """Candidate rows (coverage schema + lineage) and one log record per request."""
+    """Candidate rows (coverage schema + lineage) and one log record per request.
+
+    `max_pairs`: keep at most this many pairs of a reply (the rest is logged as `surplus`). Best-of-N sets
+    it to `pairs_per_request`: every kept pair costs N - 1 answers and N x M rewards, and a generator writing
+    more pairs than asked must not make 05 pay more than its forecast's upper bound."""
     candidates, log = [], []
     for i, (seed, result) in enumerate(zip(seeds, results, strict=True)):
         entry = {"repeat": first_repeat + i, "seed_id": seed["id"], "kind": task_kind(seed.get("category"))}
@@ -359,6 +382,9 @@ def candidates_from_results(
             entry["raw"] = (result.text or "")[:1000]
             log.append(entry)
             continue
+        if max_pairs is not None and len(pairs) > max_pairs:
+            entry["surplus"] = len(pairs) - max_pairs
+            pairs = pairs[:max_pairs]
         entry.update(pairs=len(pairs), malformed=malformed)
         log.append(entry)
         params = {**generator["params"], "repeat": first_repeat + i}
@@ -459,24 +485,11 @@ def earlier_data(layout: RunLayout, cycle: int) -> list[dict]:
     return rows
 
 
-def load_split(path: Path, name: str) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run 01_coverage first (the {name} split is needed)")
-    rows = read_jsonl(path)
-    for lineno, row in enumerate(rows, start=1):
-        for key in ("id", "instruction", "response"):
-            if not isinstance(row.get(key), str):
-                raise DataFileError(path, lineno, key, "required text field is missing or not a string")
-    return rows
-
-
 def best_of_n_responses(
     candidates: list[dict], teacher: TeacherCandidate, pool: ServicePool, reward: Reward, cycle: int
 ) -> list[dict]:
     """Best-of-N: the pair's own response is sample 0; N - 1 more answers are asked for, every answer is
     scored by the reward, the highest one is kept and all N rewards go into the row's lineage."""
-    from .teacher import answer_best_of_n
-
     out = []
     for row in candidates:
         # one cache salt per candidate row, so the extra answers of two rows never share a cache key
@@ -528,7 +541,8 @@ def synthesize_cycle(
         results = pool.complete_many(
             teacher.provider, requests, desc=f"synthesize round {rounds + 1} ({n} requests)"
         )
-        candidates, log = candidates_from_results(seeds, results, cycle, generator, first_repeat)
+        max_pairs = cfg.pairs_per_request if teacher.n > 1 else None
+        candidates, log = candidates_from_results(seeds, results, cycle, generator, first_repeat, max_pairs)
         if teacher.n > 1 and candidates:
             candidates = best_of_n_responses(candidates, teacher, pool, reward, cycle)
         accepted, rejected = postprocess(candidates, earlier + result.accepted, test, cfg)
@@ -558,6 +572,9 @@ def build_report(
         "request_failures": request_errors,
         "parse_failures": parse_errors,
         "malformed_pairs": sum(r["malformed"] for r in result.requests),
+        "surplus_pairs": sum(
+            r.get("surplus", 0) for r in result.requests
+        ),  # best-of-N: beyond pairs_per_request
         "candidates": candidates,
         "rejected": {name: by_filter.get(name, 0) for name in FILTERS},
         "accepted": len(result.accepted),
@@ -572,14 +589,12 @@ def run_synthesis(stage: Stage) -> SynthesisResult:
     """05's work: open the ServicePool, synthesize, and write synthetic / rejected / report files.
 
     The generator is the teacher study's choice when this cycle ran one (`teacher.run_teacher_study`)."""
-    from .teacher import make_reward
-
     teacher = generator_of(stage.cfg, stage.layout, stage.cycle)
     reward_cfg = stage.cfg.teacher_study.reward
     providers = [teacher.provider]
     if teacher.n > 1 and reward_cfg.kind == "judge" and reward_cfg.judge not in providers:
         providers.append(reward_cfg.judge)
-    with ServicePool(stage.cfg, stage.layout, stage.name, stage.cycle, providers=providers) as pool:
+    with ServicePool(stage.cfg, stage.layout, LEDGER_SYNTHESIS, stage.cycle, providers=providers) as pool:
         reward = make_reward(reward_cfg, pool) if teacher.n > 1 else None
         result = synthesize_cycle(stage.cfg, stage.layout, stage.cycle, pool, teacher, reward)
     study_file = stage.layout.teacher_study_file(stage.cycle)
@@ -594,6 +609,96 @@ def write_results(result: SynthesisResult, layout: RunLayout, cycle: int) -> Non
     write_jsonl(layout.synthetic_rejected_file(cycle), result.rejected)
     write_json(layout.synth_report(cycle), {**result.report, "request_log": result.requests})
     write_jsonl(layout.synthetic_file(cycle), result.accepted)
+
+
+# --------------------------------------------------------------------------- planned calls (the forecast prices them)
+
+
+def expected_requests(cfg: SynthesizeConfig, cycle: int, accept_share: float) -> int:
+    """Requests `synthesize_cycle` sends in `cycle` when a share `accept_share` of the pairs is kept (at most
+    `max_requests_per_cycle`, what it can send)."""
+    wanted = math.ceil(target_rows(cfg, cycle) / (cfg.pairs_per_request * accept_share))
+    return min(wanted, cfg.max_requests_per_cycle)
+
+
+def _generator_calls(
+    run_cfg: RunConfig,
+    cycle: int,
+    gen: TeacherCandidate,
+    seeds: Sequence[dict],
+    expected: int,
+    templates: dict[str, PromptTemplate],
+    pair_tokens: int | None,
+) -> list[PlannedCall]:
+    sy = run_cfg.synthesize
+    first_repeat = cycle * sy.max_requests_per_cycle  # as synthesize_cycle numbers its requests
+    # request i goes to seeds[i] with repeat first_repeat + i, whatever the rounds; a seed drawn again is the
+    # same prompt with another repeat: one representative request per distinct seed, with its count
+    lines: dict[int, list] = {}
+    for i, seed in enumerate(seeds):
+        line = lines.setdefault(id(seed), [i, 0, 0])
+        line[1] += i < expected
+        line[2] += 1
+    calls = []
+    for first, count, most in lines.values():
+        seed = seeds[first]
+        (request,) = request_batch([seed], sy, templates, first_repeat + first, gen)
+        pair = (
+            pair_tokens
+            if pair_tokens is not None
+            else (len(seed["instruction"]) + len(seed["response"])) // 4
+        )
+        reply = min(sy.max_tokens, (pair + 20) * sy.pairs_per_request)  # 20: the JSON around each pair
+        calls.append(PlannedCall(LEDGER_SYNTHESIS, cycle, gen.provider, request, reply, count, most))
+    if gen.n > 1:  # best-of-N: per pair N - 1 more answers, and every one of the N answers rewarded M times
+        used = seeds[: max(expected, 1)]
+        instruction = "x" * (sum(len(s["instruction"]) for s in used) // len(used))  # a synthetic instruction
+        answer = sum(len(s["response"]) for s in used) // len(used) // 4
+        pairs, most = expected * sy.pairs_per_request, len(seeds) * sy.pairs_per_request
+        (extra,) = answer_requests(replace(gen, n=1), [instruction])
+        calls.append(
+            PlannedCall(
+                LEDGER_SYNTHESIS,
+                cycle,
+                gen.provider,
+                extra,
+                min(answer, gen.max_tokens),
+                (gen.n - 1) * pairs,
+                (gen.n - 1) * most,
+            )
+        )
+        rewarded = planned_reward_calls(
+            LEDGER_SYNTHESIS, cycle, run_cfg.teacher_study.reward, [(instruction, "y" * answer * 4)]
+        )
+        calls += [replace(c, count=gen.n * pairs, max_count=gen.n * most) for c in rewarded]
+    return calls
+
+
+def planned_synthesis_calls(
+    run_cfg: RunConfig,
+    cycle: int,
+    train: Sequence[dict],
+    accept_share: float = 0.7,
+    pair_tokens: int | None = None,
+) -> PlannedCalls:
+    """05's synthesis (`synthesize_cycle`, ledger stage "05_synthesize"): the requests it sends, built by
+    `request_batch` from its seed stream, `expected_requests` of them expected (a share `accept_share` of the
+    pairs accepted) and at most `max_requests_per_cycle`; each reply holds `pairs_per_request` pairs as long as
+    the seed row (or `pair_tokens` each). With best-of-N, per pair N - 1 more answers and N x M rewards.
+
+    With a teacher study the generator is chosen at run time: one choice whose alternatives are every
+    candidate and `synthesize.generator` (used when the study ranks none); the forecast prices the costliest."""
+    sy = run_cfg.synthesize
+    if not train:
+        return PlannedCalls()
+    expected = expected_requests(sy, cycle, accept_share)
+    seeds = sample_seeds(train, sy.max_requests_per_cycle, cycle_seed(run_cfg.seed, cycle))
+    templates = load_templates()
+    generators = [*run_cfg.teacher_study.candidates, default_generator(run_cfg)]
+    options = [
+        _generator_calls(run_cfg, cycle, gen, seeds, expected, templates, pair_tokens) for gen in generators
+    ]
+    return PlannedCalls(choices=[options]) if len(options) > 1 else PlannedCalls(options[0])
 
 
 # --------------------------------------------------------------------------- tables and plots

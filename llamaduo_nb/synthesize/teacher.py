@@ -28,9 +28,11 @@ How one study runs (`run_study`):
    the direction data-selection work uses them in (longer, harder answers preferred).
 
 The candidate with the highest CAR becomes the cycle's teacher: its provider and sampling settings drive the
-cycle's synthesis, and every synthetic row's lineage names it. `validate` is the paper's ground truth
-(its Table 4): a short LoRA per candidate on that candidate's responses with the same 02 settings, judged by
-04's judges; Spearman's rho between that measured ranking and the ranking of every metric.
+cycle's synthesis, and every synthetic row's lineage names it. The paper's ground truth (its Table 4: a short
+LoRA per candidate, judged like 04, Spearman's rho against every metric's ranking) is the end-to-end workflow
+`llamaduo_nb.validation` (`llamaduo validate-teachers`), which uses this module's rankings.
+
+The study's calls as the forecast prices them: `planned_study_calls` (the requests `run_study` sends).
 """
 
 from __future__ import annotations
@@ -46,16 +48,22 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from .config import RewardConfig, RunConfig, TeacherCandidate
-from .jsonio import read_json, save_figure, write_json, write_jsonl
-from .prompts import PromptTemplate, load_template
-from .runlayout import RunLayout
-from .services import ChatRequest, ChatResult, ServicePool, extract_json
+from ..config import RewardConfig, RunConfig, TeacherCandidate
+from ..embedded import resolve_model_path
+from ..jsonio import atomic_write, read_json, save_figure, write_json, write_jsonl
+from ..plan import PlannedCall, PlannedCalls
+from ..prompts import PromptTemplate, load_template
+from ..runlayout import RunLayout
+from ..schemas import LEDGER_TEACHER_STUDY
+from ..services import ChatRequest, ChatResult, ServicePool, extract_json
+from ..student import load_student, student_messages
+from .splits import load_split
 
-STAGE = "teacher_study"
+STAGE = LEDGER_TEACHER_STUDY
 REWARD_TEMPLATE = "reward"
 REWARD_PLACEHOLDERS = {"instruction", "response"}
 REWARD_MIN, REWARD_MAX = 1, 100
+REWARD_REPLY_TOKENS = 12  # what a reward reply is expected to cost: {"quality": 80}
 RAW_KEEP_CHARS = 1000
 METRICS = ("car", "reward", "length", "ppl", "ifd")  # every ranking the study reports, CAR first
 METRIC_LABELS = {
@@ -177,6 +185,25 @@ def parse_reward(text: str, parsed: Any = None) -> float:
     return float(value)
 
 
+def reward_requests(
+    cfg: RewardConfig, items: Sequence[tuple[str, str]], template: PromptTemplate | None = None
+) -> list[ChatRequest]:
+    """M requests per (instruction, response), item-major: what the reward judge is sent."""
+    template = template or reward_template()
+    return [
+        ChatRequest(
+            messages=[{"role": "user", "content": template.render(instruction=inst, response=resp)}],
+            temperature=cfg.temperature,
+            max_tokens=cfg.max_tokens,
+            json_schema=REWARD_SCHEMA,
+            schema_name="reward",
+            repeat=repeat,
+        )
+        for inst, resp in items
+        for repeat in range(cfg.m)
+    ]
+
+
 class JudgeReward:
     """r from an LLM judge (prompts/reward.md): the mean of M repeats; failed repeats are left out."""
 
@@ -187,18 +214,7 @@ class JudgeReward:
         self.template = reward_template()
 
     def requests(self, items: Sequence[tuple[str, str]]) -> list[ChatRequest]:
-        return [
-            ChatRequest(
-                messages=[{"role": "user", "content": self.template.render(instruction=inst, response=resp)}],
-                temperature=self.cfg.temperature,
-                max_tokens=self.cfg.max_tokens,
-                json_schema=REWARD_SCHEMA,
-                schema_name="reward",
-                repeat=repeat,
-            )
-            for inst, resp in items
-            for repeat in range(self.cfg.m)
-        ]
+        return reward_requests(self.cfg, items, self.template)
 
     def score(self, items: Sequence[tuple[str, str]], tag: str = "") -> RewardScores:
         m = self.cfg.m
@@ -225,8 +241,6 @@ class RewardModelReward:
     """r from a sequence-classification reward model: the first logit of the chat-formatted exchange."""
 
     def __init__(self, cfg: RewardConfig, model: Any = None, tokenizer: Any = None):
-        from .embedded import resolve_model_path
-
         self.cfg, self.name = cfg, f"reward_model:{cfg.model_id}"
         if model is None or tokenizer is None:
             import torch
@@ -300,8 +314,6 @@ def encode_for_loss(tokenizer: Any, instruction: str, response: str, max_length:
     rendered once more and the prompt must be its prefix (02 checks the same); prompt tokens get -100.
     The sequence is cut at `max_length`, keeping its start, as TRL's truncation does.
     """
-    from .student import student_messages
-
     prompt = student_messages(instruction)
     conversation = prompt + [{"role": "assistant", "content": response}]
     prompt_ids = list(
@@ -365,8 +377,6 @@ class StudentScorer:
 
     @classmethod
     def load(cls, cfg: RunConfig) -> StudentScorer:
-        from .student import load_student
-
         model, tokenizer, _ = load_student(cfg.student, "none", "float32")
         model.eval()
         return cls(model, tokenizer, cfg.finetune.max_length, cfg.teacher_study.loss_batch_size)
@@ -593,8 +603,6 @@ def run_study(
     run_cfg: RunConfig, layout: RunLayout, pool: ServicePool, scorer: StudentScorer | None = None
 ) -> StudyResult:
     """Score every candidate on the sampled train instructions; choose the teacher (no files written)."""
-    from .synthesize import load_split
-
     study = run_cfg.teacher_study
     if not study.enabled:
         raise ValueError("teacher_study.candidates is empty: there is nothing to compare")
@@ -667,8 +675,6 @@ def run_teacher_study(stage: Any) -> StudyResult | None:
 
 def write_study(result: StudyResult, layout: RunLayout, cycle: int) -> None:
     write_jsonl(layout.teacher_responses_file(cycle), result.responses)
-    from .jsonio import atomic_write
-
     with atomic_write(layout.teacher_table_csv(cycle)) as fh:
         result.table.to_csv(fh, index=False)
     plot_study(result.table, layout.teacher_plot(cycle), chosen=result.chosen)
@@ -713,164 +719,34 @@ def plot_study(table: pd.DataFrame, path: str | Path, chosen: str | None = None)
     return fig
 
 
-# --------------------------------------------------------------------------- validation (paper Table 4)
+# --------------------------------------------------------------------------- planned calls (the forecast prices them)
 
 
-def validation_rows(responses: Sequence[dict], candidate: str, sample: Sequence[dict]) -> list[dict]:
-    """A candidate's training data for validation: the sampled train rows with the candidate's answers."""
-    by_id = {row["id"]: row for row in sample}
-    rows = []
-    for r in responses:
-        if r["candidate"] != candidate or r["response"] is None:
-            continue
-        base = by_id[r["instruction_id"]]
-        rows.append(
-            {**base, "id": f"{base['id']}@{candidate}", "response": r["response"], "source": candidate}
-        )
-    return rows
+def planned_reward_calls(
+    stage: str, cycle: int | None, cfg: RewardConfig, items: Sequence[tuple[str, str]], count: int = 1
+) -> list[PlannedCall]:
+    """The reward judge's calls for `items` (M each; none for a local reward model). `count`: how many items
+    each one stands for (a representative item)."""
+    if cfg.kind != "judge" or not items:
+        return []
+    reply = min(REWARD_REPLY_TOKENS, cfg.max_tokens)
+    return [PlannedCall(stage, cycle, cfg.judge, r, reply, count) for r in reward_requests(cfg, items)]
 
 
-def correlation_table(candidates: dict[str, dict], measured: dict[str, float | None]) -> pd.DataFrame:
-    """Paper Table 4 layout: Spearman's rho between the measured ranking and each metric's ranking."""
-    names = [n for n in candidates if measured.get(n) is not None]
-    truth = [measured[n] for n in names]
-    records = []
-    for metric in METRICS:
-        values = [candidates[n].get(metric) for n in names]
-        records.append({"metric": METRIC_LABELS[metric], "spearman_rho": spearman_rho(values, truth)})
-    return pd.DataFrame(records)
-
-
-def measured_score(metrics: dict, metric: str, judges: Sequence[str] | None = None) -> float | None:
-    """What validation ranks candidates by: the mean score V of `metric`, averaged over `judges` (the
-    judges 04 decides with; all judges when None)."""
-    values = []
-    for judge, entry in metrics.get("per_judge", {}).items():
-        if judges and judge not in judges:
-            continue
-        names = ("precision", "similarity") if metric == "both" else (metric,)
-        for name in names:
-            mean = (entry.get(name) or {}).get("mean")
-            if mean is not None:
-                values.append(mean)
-    return float(np.mean(values)) if values else None
-
-
-def validate(run_cfg: RunConfig, layout: RunLayout, cycle: int = 0) -> dict:
-    """Fine-tune a short LoRA on each candidate's study data, answer and judge the test split like 03/04,
-    and report Spearman's rho of every metric against that measured ranking (expensive by nature)."""
-    from .config import dump_config
-    from .evaluate import compute_metrics, judge_rows, load_responses
-    from .finetune import finetune
-    from .forecast import record_judging
-    from .inference import generate_responses
-    from .jsonio import read_jsonl
-    from .synthesize import load_split
-
-    study = read_json(layout.teacher_study_file(cycle))
-    responses = read_jsonl(layout.teacher_responses_file(cycle))
-    train = {row["id"]: row for row in load_split(layout.train_file, "train")}
-    sample = [train[i] for i in study["instruction_ids"]]
-    test = load_split(layout.test_file, "test")
-    steps = run_cfg.teacher_study.validation_steps or run_cfg.finetune.max_steps
-    ft = replace(run_cfg.finetune, max_steps=steps) if steps and steps > 0 else run_cfg.finetune
-    sub_cfg = replace(run_cfg, finetune=ft)
-    root = layout.teacher_validation_dir()
-    measured: dict[str, float | None] = {}
-    per_candidate: dict[str, dict] = {}
-    for name in study["candidates"]:
-        sub = RunLayout(root / name)
-        rows = validation_rows(responses, name, sample)
-        if len(rows) < 2:
-            measured[name] = None
-            per_candidate[name] = {"note": f"only {len(rows)} usable responses: not trained"}
-            continue
-        dump_config(replace(sub_cfg, run_name=name), sub.params_file)
-        write_jsonl(sub.train_file, rows)
-        write_jsonl(sub.test_file, test)
-        train_summary = finetune(sub_cfg, sub, 0)
-        generate_responses(sub_cfg, sub, 0, progress=True)
-        answers = load_responses(sub.responses_file(0))
-        if sub_cfg.evaluate.judges:
-            record_judging(sub_cfg, sub, "teacher_validation", 0, test)  # no paid call without a forecast
-            with ServicePool(
-                sub_cfg, sub, "teacher_validation", 0, providers=sub_cfg.evaluate.judges
-            ) as pool:
-                judgments = judge_rows(pool, answers, sub_cfg.evaluate)
-        else:  # reference-metric judges only: offline, no pool
-            judgments = judge_rows(None, answers, sub_cfg.evaluate)
-        write_jsonl(sub.judgments_file(0), judgments)
-        metrics = compute_metrics(judgments, sub_cfg.evaluate, 0)
-        write_json(sub.metrics_file(0), metrics)
-        measured[name] = measured_score(metrics, sub_cfg.evaluate.decision_metric, decision_judges(sub_cfg))
-        per_candidate[name] = {
-            "train_rows": len(rows),
-            "final_loss": train_summary.get("final_loss"),
-            "measured": measured[name],
-        }
-    table = correlation_table(study["candidates"], measured)
-    report = {
-        "cycle": cycle,
-        "steps": steps,
-        "measured_by": f"mean {run_cfg.evaluate.decision_metric} over judges {decision_judges(run_cfg)}",
-        "candidates": per_candidate,
-        "measured_rank": dict(zip(measured, rank_descending(list(measured.values())), strict=True)),
-        "spearman": table.to_dict(orient="records"),
-    }
-    write_json(root / "validation.json", report)
-    from .jsonio import atomic_write
-
-    with atomic_write(root / "validation.md") as fh:
-        fh.write(validation_markdown(report))
-    return report
-
-
-def decision_judges(cfg: RunConfig) -> list[str]:
-    """The judges 04's decision rests on (`evaluate.decision_judges`, else every judge)."""
-    return list(cfg.evaluate.deciding_judges)
-
-
-def validation_markdown(report: dict) -> str:
-    lines = [
-        "# Teacher validation (paper Table 4 layout)",
-        "",
-        f"Each candidate's study responses fine-tuned a LoRA for {report['steps']} steps; measured by "
-        f"{report['measured_by']} on the test split.",
-        "",
-        "| candidate | training rows | measured | measured rank |",
-        "|---|---|---|---|",
-    ]
-    for name, entry in report["candidates"].items():
-        measured = entry.get("measured")
-        lines.append(
-            f"| {name} | {entry.get('train_rows', '-')} | "
-            f"{'n/a' if measured is None else f'{measured:.2f}'} | {report['measured_rank'].get(name)} |"
-        )
-    lines += ["", "| metric | Spearman's rho vs measured ranking |", "|---|---|"]
-    for row in report["spearman"]:
-        rho = row["spearman_rho"]
-        lines.append(f"| {row['metric']} | {'undefined' if rho is None else f'{rho:+.2f}'} |")
-    return "\n".join(lines) + "\n"
-
-
-def validate_teachers(params_file: str | Path, cycle: int = 0, overrides: dict | None = None) -> dict:
-    """`llamaduo validate-teachers params/X.yaml`: a run folder `<run_name>-teachers` with 01's splits, the
-    teacher study (replayed from the cache when it exists) and `validate` — everything offline for the demo."""
-    from .config import dump_config, load_config
-    from .coverage import run_coverage
-    from .notebook import Stage
-
-    cfg = load_config(params_file, overrides)
-    if not cfg.teacher_study.enabled:
-        raise ValueError(f"{params_file}: teacher_study.candidates is empty, there is nothing to validate")
-    cfg = replace(cfg, run_name=f"{cfg.run_name}-teachers")
-    layout = RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
-    dump_config(cfg, layout.params_file)
-    if not layout.test_file.is_file():
-        run_coverage(cfg.coverage, cfg.seed, layout)
-    if not layout.teacher_study_file(cycle).is_file():
-        from .forecast import forecast_stage
-
-        forecast_stage(cfg, "05_synthesize", cycle, layout)  # the study's calls are forecast before it pays
-        run_teacher_study(Stage("05_synthesize", cfg, layout, cycle))
-    return validate(cfg, layout, cycle)
+def planned_study_calls(run_cfg: RunConfig, cycle: int, train: Sequence[dict]) -> PlannedCalls:
+    """05's teacher study (`run_study`, ledger stage "teacher_study"): every candidate answers the sampled
+    train instructions N times (`answer_requests`), each answer as long as the row's reference (at most the
+    candidate's max_tokens), and the reward judge scores every answer M times (`reward_requests`)."""
+    study = run_cfg.teacher_study
+    if not study.enabled or not train:
+        return PlannedCalls()
+    sample = sample_instructions(train, study.sample_size, study.seed)
+    calls: list[PlannedCall] = []
+    for candidate in study.candidates:
+        requests = answer_requests(candidate, [row["instruction"] for row in sample])
+        for i, request in enumerate(requests):
+            expected = min(candidate.max_tokens, len(sample[i // candidate.n]["response"]) // 4)
+            calls.append(PlannedCall(STAGE, cycle, candidate.provider, request, expected))
+        items = [(row["instruction"], row["response"]) for row in sample for _ in range(candidate.n)]
+        calls += planned_reward_calls(STAGE, cycle, study.reward, items)
+    return PlannedCalls(calls)
