@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llamaduo_nb.batches import BatchBook
 from llamaduo_nb.callcache import CallCache, load_prices, read_ledger
 from llamaduo_nb.config import RunConfig, build, load_config
 from llamaduo_nb.runlayout import RunLayout
 from llamaduo_nb.services import ChatRequest, ServicePool, StageStopped
+from llamaduo_nb.services.batches import BatchBook
 from llamaduo_nb.testserver import Behaviour, TestLLMServer
 
 ROOT = Path(__file__).resolve().parent.parent
