@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import RunConfig
-from ..embedded import LlamaServer
+from ..embedded import LlamaServer, local_server_provider
 from ..finetune import student_messages
 from ..jsonio import read_json, read_jsonl, save_figure, write_json, write_jsonl
 from ..runlayout import RunLayout
@@ -133,27 +133,14 @@ def _file_digest(path: Path, n: int = 12) -> str:
 def served_provider(cfg: RunConfig, gguf_path: Path, base_url: str, qtype: str) -> tuple[RunConfig, str]:
     """`cfg` plus an OpenAI-compatible provider for the served GGUF; the model name carries the file's hash
     so the call cache never replays answers of an older export."""
-    from ..config import ProviderConfig
-
     taken = {p.name for p in cfg.providers}
     name = next(
         n
         for n in (f"deployed_{qtype}", f"deployed_{qtype}_gguf", f"deployed_{qtype}_{os.getpid()}")
         if n not in taken
     )
-    provider = ProviderConfig(
-        name=name,
-        kind="openai_compatible",
-        model=f"{cfg.run_name}-{qtype}-{_file_digest(gguf_path)}",
-        base_url=base_url,
-        rpm=100_000,
-        tpm=100_000_000,
-        max_concurrency=cfg.inference.llamacpp_parallel,  # one request per server slot
-        timeout_s=600.0,
-        max_retries=2,
-        json_mode="none",
-        free=True,  # served on this machine: no price, no forecast needed
-    )
+    model = f"{cfg.run_name}-{qtype}-{_file_digest(gguf_path)}"
+    provider = local_server_provider(name, model, base_url, slots=cfg.inference.llamacpp_parallel)
     return dataclasses.replace(cfg, providers=[*cfg.providers, provider]), name
 
 
