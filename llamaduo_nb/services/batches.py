@@ -13,8 +13,9 @@ params/prices.yaml: half the list price today). `ServicePool.complete_many` hand
 2. Resume: batches that an earlier, killed run of the same stage submitted (listed in
    `RunLayout.batches_file`, `<run>/batches/<stage>-cycle_NN.json`) are collected, never submitted again.
 3. Budget: a batch's worst case (input estimate + all of max_tokens for every request, at the batch price)
-   is reserved before it is submitted; a batch that could cross a `budget:` cap is not submitted and the
-   stage stops, like a live call.
+   is booked with the pool's `Accounts` before it is submitted, exactly as a live attempt is; a batch that
+   could cross a `budget:` cap is not submitted and the stage stops, like a live call. The booking is settled
+   at what the results cost once they are read; a batch left running keeps its worst case booked.
 4. Submit, in chunks within the provider's per-batch limits (`BATCH_LIMITS`). Each batch id is written
    atomically to the batches file as soon as the provider accepted it, before any polling.
 5. Poll every `batch_poll_s` seconds (the stage's tqdm bar shows the batch's status and counts) until it ended.
