@@ -6,7 +6,7 @@ does (a sliding window, 429 + retry-after) and logs every request. Only the lane
 
 - ours: `scheduler.RateScheduler` (sliding window + pacing, concurrency sized from rate x latency,
   a shared cooldown on 429);
-- reference: what services.py did before (and what the original LlamaDuo client does in spirit): a
+- reference: what the service pool did before (and what the original LlamaDuo client does in spirit): a
   fixed `max_concurrency` semaphore, then `aiolimiter.AsyncLimiter` for RPM and TPM, and each call
   sleeping its own `retry-after` on a 429.
 

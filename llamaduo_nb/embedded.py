@@ -17,6 +17,9 @@ as it is. Its *sampling defaults* differ from OpenAI's API (top_k 40, min_p 0.05
 0.8, unless a request says otherwise), so "greedy" would still be greedy but sampled answers would not follow
 the distribution transformers or vLLM sample from; `LlamaServer` starts it with OpenAI's neutral values and
 transformers' order (temperature, then top-p: `NEUTRAL_SAMPLING_ARGS`); a request's temperature / top_p act.
+
+`local_server_provider` is the one `ProviderConfig` of a llama-server on this machine that stages hand to the
+service pool (03's student, 06's served GGUFs): free, OpenAI-compatible, one request per slot.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .config import ProviderConfig
 from .jsonio import atomic_dir, sha256_file
 from .runlayout import cache_home
 
@@ -431,3 +435,24 @@ NEUTRAL_SAMPLING_ARGS = (
     "--temp", "1.0", "--top-k", "0", "--top-p", "1.0", "--min-p", "0.0", "--repeat-penalty", "1.0",
     "--samplers", "top_k;temperature;top_p;min_p",
 )  # fmt: skip
+
+
+def local_server_provider(name: str, model: str, base_url: str, slots: int | None) -> ProviderConfig:
+    """The service-pool provider of a llama-server on this machine (03's student, 06's served GGUFs).
+
+    OpenAI-compatible and `free` (no price, no forecast needed); rate limits far out of the way, one request in
+    flight per server slot (the server decodes them in one batch). `model` names what is served: callers put
+    the GGUF's hash in it, so the call cache never replays answers of another export."""
+    return ProviderConfig(
+        name=name,
+        kind="openai_compatible",
+        model=model,
+        base_url=base_url,
+        rpm=100_000,
+        tpm=100_000_000,
+        max_concurrency=slots,
+        timeout_s=600.0,
+        max_retries=2,
+        json_mode="none",
+        free=True,
+    )

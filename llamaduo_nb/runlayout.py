@@ -4,7 +4,7 @@
       params.yaml            resolved params of the run (what every notebook reads)
       state.json             runner state: finished notebooks, decisions, timings
       calls.sqlite           service-LLM call cache + cost ledger (see callcache.py)
-      batches/               provider batches each stage submitted (<stage>-cycle_NN.json, see batches.py)
+      batches/               provider batches each stage submitted (<stage>-cycle_NN.json, see services/batches.py)
       coverage/              01: train.jsonl, test.jsonl, report.json, curation.json, 01_coverage.ipynb
       cycle_00/ cycle_01/ …  02-05 of each cycle: adapter/, train_log.jsonl, responses.jsonl,
                              judgments.jsonl, metrics.json, synthetic.jsonl, synth_report.json, notebooks

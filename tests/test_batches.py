@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llamaduo_nb.batches import BatchBook
 from llamaduo_nb.callcache import CallCache, read_ledger
 from llamaduo_nb.config import RunConfig, build, load_config
 from llamaduo_nb.prices import load_prices
 from llamaduo_nb.runlayout import RunLayout
 from llamaduo_nb.services import ChatRequest, ServicePool, StageStopped
+from llamaduo_nb.services.batches import BatchBook
 from llamaduo_nb.testing import Behaviour, TestLLMServer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 from .. import evaluate
-from ..config import ProviderConfig, RunConfig
-from ..embedded import LlamaServer
+from ..config import RunConfig
+from ..embedded import LlamaServer, local_server_provider
 from ..jsonio import read_jsonl, save_figure, sha256_file, write_json, write_jsonl
 from ..plan import PlannedCalls
 from ..runlayout import RunLayout
@@ -136,19 +136,8 @@ def served_provider(cfg: RunConfig, gguf_path: Path, base_url: str, qtype: str) 
         for n in (f"deployed_{qtype}", f"deployed_{qtype}_gguf", f"deployed_{qtype}_{os.getpid()}")
         if n not in taken
     )
-    provider = ProviderConfig(
-        name=name,
-        kind="openai_compatible",
-        model=f"{cfg.run_name}-{qtype}-{sha256_file(gguf_path)[:12]}",
-        base_url=base_url,
-        rpm=100_000,
-        tpm=100_000_000,
-        max_concurrency=cfg.inference.llamacpp_parallel,  # one request per server slot
-        timeout_s=600.0,
-        max_retries=2,
-        json_mode="none",
-        free=True,  # served on this machine: no price, no forecast needed
-    )
+    model = f"{cfg.run_name}-{qtype}-{sha256_file(gguf_path)[:12]}"
+    provider = local_server_provider(name, model, base_url, slots=cfg.inference.llamacpp_parallel)
     return dataclasses.replace(cfg, providers=[*cfg.providers, provider]), name
 
 

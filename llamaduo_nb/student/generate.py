@@ -51,8 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, InferenceConfig, ProviderConfig, RunConfig
-from ..embedded import LlamaServer, resolve_model_path
+from ..config import ConfigError, InferenceConfig, RunConfig
+from ..embedded import LlamaServer, local_server_provider, resolve_model_path
 from ..jsonio import read_json
 from ..runlayout import RunLayout
 from ..schemas import LEDGER_BASELINES, LEDGER_INFERENCE
@@ -389,19 +389,8 @@ def _generate_llamacpp(
         log_file=layout.logs_dir / f"llama_server_03_{label}.log",
         model_alias=gguf.stem,
     ) as server:
-        provider = ProviderConfig(
-            name="student_llamacpp",
-            kind="openai_compatible",
-            model=f"{cfg.run_name}-{label}-f16-{gguf_sha[:12]}",
-            base_url=server.base_url,
-            rpm=100_000,
-            tpm=100_000_000,
-            max_concurrency=slots,  # one request per slot: the server decodes them in one batch
-            timeout_s=600.0,
-            max_retries=2,
-            json_mode="none",
-            free=True,  # the student on this machine: no price, no forecast needed
-        )
+        model = f"{cfg.run_name}-{label}-f16-{gguf_sha[:12]}"
+        provider = local_server_provider("student_llamacpp", model, server.base_url, slots=slots)
         run_cfg = dataclasses.replace(cfg, providers=[*cfg.providers, provider])
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="no price for model")  # the local student costs $0

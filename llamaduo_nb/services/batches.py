@@ -13,12 +13,13 @@ params/prices.yaml: half the list price today). `ServicePool.complete_many` hand
 2. Resume: batches that an earlier, killed run of the same stage submitted (listed in
    `RunLayout.batches_file`, `<run>/batches/<stage>-cycle_NN.json`) are collected, never submitted again.
 3. Budget: a batch's worst case (input estimate + all of max_tokens for every request, at the batch price)
-   is reserved before it is submitted; a batch that could cross a `budget:` cap is not submitted and the
-   stage stops, like a live call.
+   is booked with the pool's `Accounts` before it is submitted, exactly as a live attempt is; a batch that
+   could cross a `budget:` cap is not submitted and the stage stops, like a live call. The booking is settled
+   at what the results cost once they are read; a batch left running keeps its worst case booked.
 4. Submit, in chunks within the provider's per-batch limits (`BATCH_LIMITS`). Each batch id is written
    atomically to the batches file as soon as the provider accepted it, before any polling.
 5. Poll every `batch_poll_s` seconds (the stage's tqdm bar shows the batch's status and counts) until it ended.
-6. Every result takes the path of a live reply (`ServicePool._take_reply`): priced with the batch discount,
+6. Every result takes the path of a live reply (`Accounts.take_reply`): priced with the batch discount,
    ledgered, cached (run and shared cache) only when usable, unusable replies kept in `failed_replies`.
    An errored item is ledgered as a failure at $0 (providers bill no errored item) and counts in the
    provider's failure window; a batch in which more than `max_failure_share` of the requests failed (errored
@@ -42,29 +43,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import tenacity
 
-from .callcache import canonical_json, request_key
-from .jsonio import read_json, write_json
-from .services import (
-    ChatRequest,
-    ChatResult,
-    _describe,
-    _Reply,
-    _WaitRetryAfter,
-    is_retryable,
-    stop_reason,
-)
-
-if TYPE_CHECKING:
-    from .services import ServicePool, _Lane
+from ..callcache import canonical_json, request_key
+from ..jsonio import read_json, write_json
+from .accounting import Accounts, Booking, who
+from .backends import Lane, WaitRetryAfter, describe_error, is_retryable, stop_reason
+from .parsing import replayed
+from .types import ChatRequest, ChatResult, NotSent, Reply
 
 # (requests, bytes) one batch may hold: OpenAI 50,000 requests / 200 MB input file, Anthropic 100,000 requests /
 # 256 MB, Gemini's inlined requests ride in one HTTP request of at most 20 MB. Kept a little under the limits.
@@ -139,7 +133,7 @@ class BatchBook:
 class _OpenAIBatches:
     """OpenAI Batch API: upload a JSONL file of chat.completions bodies, create the batch, read the output file."""
 
-    def __init__(self, lane: _Lane):
+    def __init__(self, lane: Lane):
         self.backend, self.client = lane.backend, lane.backend.client
 
     async def submit(self, items: list[_Item], label: str) -> str:
@@ -181,10 +175,10 @@ class _OpenAIBatches:
         ended = batch.status in ("completed", "failed", "expired", "cancelled")
         return BatchStatus(ended, batch.status, counts, problem, (batch.output_file_id, batch.error_file_id))
 
-    async def results(self, status: BatchStatus, items: dict[str, _Item]) -> dict[str, _Reply | ItemError]:
+    async def results(self, status: BatchStatus, items: dict[str, _Item]) -> dict[str, Reply | ItemError]:
         from openai.types.chat import ChatCompletion
 
-        found: dict[str, _Reply | ItemError] = {}
+        found: dict[str, Reply | ItemError] = {}
         for file_id in status.handle:
             if not file_id:
                 continue
@@ -211,7 +205,7 @@ class _OpenAIBatches:
 class _AnthropicBatches:
     """Anthropic Message Batches: one create call holding every request's params, results as JSONL."""
 
-    def __init__(self, lane: _Lane):
+    def __init__(self, lane: Lane):
         self.backend, self.client = lane.backend, lane.backend.client
 
     async def submit(self, items: list[_Item], label: str) -> str:
@@ -236,8 +230,8 @@ class _AnthropicBatches:
             batch.processing_status == "ended", batch.processing_status, counts, problem, batch_id
         )
 
-    async def results(self, status: BatchStatus, items: dict[str, _Item]) -> dict[str, _Reply | ItemError]:
-        found: dict[str, _Reply | ItemError] = {}
+    async def results(self, status: BatchStatus, items: dict[str, _Item]) -> dict[str, Reply | ItemError]:
+        found: dict[str, Reply | ItemError] = {}
         async for entry in await self.client.messages.batches.results(status.handle):
             result = entry.result
             if result.type == "succeeded":
@@ -260,7 +254,7 @@ class _AnthropicBatches:
 class _GoogleBatches:
     """Gemini batch mode with inlined requests (Gemini Developer API)."""
 
-    def __init__(self, lane: _Lane):
+    def __init__(self, lane: Lane):
         self.backend, self.client = lane.backend, lane.backend.client
         self.model = lane.provider.model
 
@@ -291,9 +285,9 @@ class _GoogleBatches:
             problem = state.removeprefix("JOB_STATE_").lower() + (f" ({reason})" if reason else "")
         return BatchStatus(ended, state, "", problem, job)
 
-    async def results(self, status: BatchStatus, items: dict[str, _Item]) -> dict[str, _Reply | ItemError]:
+    async def results(self, status: BatchStatus, items: dict[str, _Item]) -> dict[str, Reply | ItemError]:
         dest = getattr(status.handle, "dest", None)
-        found: dict[str, _Reply | ItemError] = {}
+        found: dict[str, Reply | ItemError] = {}
         for response in (getattr(dest, "inlined_responses", None) or []) if dest is not None else []:
             key = (response.metadata or {}).get("key")
             if key is None:
@@ -316,26 +310,26 @@ _ADAPTERS = {"openai": _OpenAIBatches, "anthropic": _AnthropicBatches, "google":
 
 
 class _BatchRun:
-    """The batched calls of one provider in one `complete_many` / `complete_groups`."""
+    """The batched calls of one provider in one `complete_many` / `complete_groups`.
 
-    def __init__(self, pool: ServicePool, provider: str, progress: dict):
-        self.pool, self.provider, self.progress = pool, provider, progress
-        self.lane = pool._lane(provider)
-        self.p = self.lane.provider
-        self.api = _ADAPTERS[self.p.kind](self.lane)
-        self.book = BatchBook(pool.layout.batches_file(pool.stage, pool.cycle), pool.stage, pool.cycle)
+    Its collaborators are the provider's `Lane` (backend, scheduler, endpoint, request payloads), the pool's
+    `Accounts` (cache lookup, bookings against the budgets, ledger, failure window, stop, counters) and the
+    stage's `BatchBook`.
+    """
+
+    def __init__(self, lane: Lane, accounts: Accounts, book: BatchBook, progress: dict):
+        self.lane, self.accounts, self.book, self.progress = lane, accounts, book, progress
+        self.p = lane.provider
+        self.api = _ADAPTERS[self.p.kind](lane)
         self.items: dict[str, _Item] = {}
         self.outcome: dict[str, ChatResult] = {}
         self.resend: set[str] = set()
-
-    def _who(self) -> str:
-        return f"provider '{self.p.name}' ({self.p.kind}, model {self.p.model})"
 
     async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """A submit / status / results call, retried like a live call (the SDKs' own retries are off)."""
         async for attempt in tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(self.p.max_retries + 1),
-            wait=_WaitRetryAfter(self.lane.scheduler),
+            wait=WaitRetryAfter(self.lane.scheduler),
             retry=tenacity.retry_if_exception(is_retryable),
             reraise=True,
         ):
@@ -351,34 +345,29 @@ class _BatchRun:
             and entry.get("endpoint") == self.lane.endpoint
         )
 
-    def _booking(self, keys: list[str]) -> tuple[float, int, int]:
-        usd = prompt = output = 0
-        for key in keys:
-            if key in self.items:
-                u, i, o = self.pool._worst_case(self.lane, self.items[key].request, batch=True)
-                usd, prompt, output = usd + u, prompt + i, output + o
-        return usd, prompt, output
+    def _requests(self, keys: list[str]) -> list[ChatRequest]:
+        """The requests of `keys` this call asks for (a left batch may hold others: those are not booked)."""
+        return [self.items[key].request for key in keys if key in self.items]
 
     # ---- the flow
     async def run(self, requests: list[ChatRequest]) -> list[ChatResult]:
-        pool = self.pool
         results: list[ChatResult | None] = [None] * len(requests)
         for i, request in enumerate(requests):
-            payload = pool._request_payload(self.lane, request)
+            payload = self.lane.payload(request)
             key = request_key(payload)
             if key in self.items:
                 self.items[key].indices.append(i)
                 continue
-            hit = pool._lookup(self.lane, key, payload)
+            hit = self.accounts.lookup(self.p, key, payload)
             if hit is not None:
-                results[i] = self._done(pool._from_cache(hit, request))
+                results[i] = self._done(replayed(hit, request))
             else:
                 self.items[key] = _Item(key, request, payload, [i])
         if self.items:
             await self._resume()
             sends: collections.Counter[str] = collections.Counter()
             todo = [key for key in self.items if key not in self.outcome]
-            while pool._stopped is None:
+            while self.accounts.stopped is None:
                 # unusable replies go out again in the next batch, up to unusable_retries times each
                 again = [key for key in self.resend if sends[key] < self.p.unusable_retries]
                 sends.update(again)
@@ -397,7 +386,7 @@ class _BatchRun:
         return [r for r in results if r is not None]
 
     def _done(self, result: ChatResult) -> ChatResult:
-        result = self.pool._count(self.provider, result)
+        result = self.accounts.count(self.p.name, result)
         self.progress["done"] += 1
         self.progress["cached"] += int(result.cached)
         self.progress["failed"] += int(result.error is not None)
@@ -405,14 +394,15 @@ class _BatchRun:
         return result
 
     def _not_sent(self, key: str) -> ChatResult:
-        why = self.pool._stopped or "the stage stopped"
+        why = self.accounts.stopped or "the stage stopped"
         return ChatResult("", None, None, f"not sent: {why}", 0, 0, 0.0, 0.0, False, 0, key)
 
     async def _resume(self) -> None:
         """Collect the batches an earlier run of this stage submitted and never collected.
 
         Only those holding a request of this call: 05 asks in rounds, and a batch of round 3 waits for the
-        resumed round 3 (whose requests are the same), so its answers are cached, not merely ledgered."""
+        resumed round 3 (whose requests are the same), so its answers are cached, not merely ledgered.
+        Their worst case is booked without asking (committed spending) until their results are read."""
         open_entries = [
             e
             for e in self.book.entries()
@@ -421,9 +411,9 @@ class _BatchRun:
             and not self.items.keys().isdisjoint(e["keys"])
         ]
         for entry in open_entries:
-            booked = self._booking(entry["keys"])
-            self.pool._budget.reserve(booked[0], booked[1] + booked[2], force=True)  # committed spending
-            await self._collect(entry, booked)
+            requests = self._requests(entry["keys"])
+            with self.accounts.booking(self.p, requests, batch=True, committed=True) as booking:
+                await self._collect(entry, booking)
 
     async def _submit_and_collect(self, keys: list[str]) -> None:
         limit_n, limit_bytes = BATCH_LIMITS[self.p.kind]
@@ -436,47 +426,46 @@ class _BatchRun:
                 size = 0
             chunks[-1].append(key)
             size += item_bytes
-        submitted = []
-        for chunk in chunks:
-            if self.pool._stopped is not None:
-                break
-            entry = await self._submit(chunk)
-            if entry is not None:
-                submitted.append(entry)
-        await asyncio.gather(*(self._collect(entry, booked) for entry, booked in submitted))
+        # every chunk is booked before it is submitted; the bookings settle when their batches are collected
+        with contextlib.ExitStack() as bookings:
+            submitted = []
+            for chunk in chunks:
+                if self.accounts.stopped is not None:
+                    break
+                what = f" (a batch of {len(chunk)} requests to provider '{self.p.name}')"
+                try:
+                    booking = bookings.enter_context(
+                        self.accounts.booking(self.p, self._requests(chunk), batch=True, what=what)
+                    )
+                except NotSent:  # it could cross a budget: the stage stopped
+                    break
+                entry = await self._submit(chunk, booking)
+                if entry is not None:
+                    submitted.append((entry, booking))
+            await asyncio.gather(*(self._collect(entry, booking) for entry, booking in submitted))
 
-    async def _submit(self, keys: list[str]) -> tuple[dict, tuple[float, int, int]] | None:
-        pool, p = self.pool, self.p
-        booked = self._booking(keys)
-        over = pool._budget.reserve(booked[0], booked[1] + booked[2])
-        if over is not None:
-            pool._stop(f"{over} (a batch of {len(keys)} requests to provider '{p.name}')")
-            return None
+    async def _submit(self, keys: list[str], booking: Booking) -> dict | None:
+        """Submit one batch; its entry in the batches file, or None when the submit failed (nothing billed)."""
+        accounts, p = self.accounts, self.p
         n = sum(1 for e in self.book.entries() if self._mine(e)) + 1
-        label = f"llamaduo-{pool.stage}-{pool.cycle}-{p.name}-{n}"
+        label = f"llamaduo-{accounts.stage}-{accounts.cycle}-{p.name}-{n}"
         self.progress["batch"] = f"submitting {len(keys)} requests"
         started = time.monotonic()
         try:
             batch_id = await self._retrying(lambda: self.api.submit([self.items[k] for k in keys], label))
         except Exception as exc:
-            pool._budget.settle(booked, 0.0, 0)
-            error = pool._redact(_describe(exc))
+            error = accounts.redact(describe_error(exc))
             reason = stop_reason(exc) or "the batch could not be submitted"
-            pool._stop(f"{self._who()}: {reason}: {error}")
-            pool._cache.record(
-                pool._row(
-                    p,
-                    keys[0],
-                    input_tokens=0,
-                    output_tokens=0,
-                    latency_s=time.monotonic() - started,
-                    cost_usd=0.0,
-                    ok=False,
-                    error=f"batch submit of {len(keys)} requests failed: {error}",
-                    attempts=1,
-                )
+            accounts.stop(f"{who(p)}: {reason}: {error}")
+            accounts.record_error(
+                p,
+                keys[0],
+                f"batch submit of {len(keys)} requests failed: {error}",
+                time.monotonic() - started,
+                attempts=1,
             )
             return None
+        booking.committed()  # the provider runs (and bills) it now, whatever happens to this process
         entry = {
             "id": batch_id,
             "provider": p.name,
@@ -488,10 +477,14 @@ class _BatchRun:
             "keys": keys,
         }
         self.book.add(entry)  # before polling: a killed run collects this batch instead of paying twice
-        return entry, booked
+        return entry
 
-    async def _collect(self, entry: dict, booked: tuple[float, int, int]) -> None:
-        pool, p = self.pool, self.p
+    async def _collect(self, entry: dict, booking: Booking) -> None:
+        """Poll one batch until it ended, then book every result; the booking is settled at what they cost.
+
+        A batch left running (its status unreadable, or the stage stopped for another reason) keeps its worst
+        case booked and stays on file as submitted: `--resume` collects it."""
+        accounts, p = self.accounts, self.p
         batch_id = entry["id"]
         started = time.monotonic()
         while True:
@@ -499,19 +492,21 @@ class _BatchRun:
                 status = await self._retrying(lambda: self.api.status(batch_id))
             except Exception as exc:
                 reason = stop_reason(exc) or "its status could not be read"
-                pool._stop(f"{self._who()}: batch {batch_id}: {reason}: {pool._redact(_describe(exc))}")
+                accounts.stop(f"{who(p)}: batch {batch_id}: {reason}: {accounts.redact(describe_error(exc))}")
                 return  # still listed as submitted: --resume collects it
             self.progress["batch"] = f"{batch_id} {status.state} {status.counts}".strip()
             if status.ended:
                 break
-            if pool._stopped is not None:  # stopped for another reason: leave the batch on file for --resume
+            if (
+                accounts.stopped is not None
+            ):  # stopped for another reason: leave the batch on file for --resume
                 return
             await asyncio.sleep(p.batch_poll_s)
         try:
             found = await self._retrying(lambda: self.api.results(status, self.items))
         except Exception as exc:
             reason = stop_reason(exc) or "its results could not be read"
-            pool._stop(f"{self._who()}: batch {batch_id}: {reason}: {pool._redact(_describe(exc))}")
+            accounts.stop(f"{who(p)}: batch {batch_id}: {reason}: {accounts.redact(describe_error(exc))}")
             return
         latency = time.monotonic() - started
         paid_usd, paid_tokens = 0.0, 0
@@ -520,85 +515,69 @@ class _BatchRun:
             got = found.get(key) or ItemError(
                 f"batch {status.state}: no result for this request (not billed)"
             )
-            unanswered += int(not isinstance(got, _Reply))
+            unanswered += int(not isinstance(got, Reply))
             usd, tokens = self._take(batch_id, key, got, latency)
             paid_usd, paid_tokens = paid_usd + usd, paid_tokens + tokens
-        pool._budget.settle(booked, paid_usd, paid_tokens)
+        booking.paid(paid_usd, paid_tokens)
         self.book.update(batch_id, status="collected", state=status.state, collected_at=_now())
         failed = sum(
             1 for key in entry["keys"] if key in self.outcome and self.outcome[key].error is not None
         )
         if failed / len(entry["keys"]) > p.max_failure_share:
-            pool._stop(
-                f"{self._who()}: {failed} of {len(entry['keys'])} requests in batch {batch_id} failed "
+            accounts.stop(
+                f"{who(p)}: {failed} of {len(entry['keys'])} requests in batch {batch_id} failed "
                 f"(more than max_failure_share={p.max_failure_share:g})"
             )
         if status.problem is not None:
-            pool._stop(
-                f"{self._who()}: batch {batch_id} {status.problem}: {unanswered} of {len(entry['keys'])} requests "
+            accounts.stop(
+                f"{who(p)}: batch {batch_id} {status.problem}: {unanswered} of {len(entry['keys'])} requests "
                 "unanswered (the answered ones are kept; --resume submits the rest in a new batch)"
             )
 
-    def _take(self, batch_id: str, key: str, got: _Reply | ItemError, latency: float) -> tuple[float, int]:
+    def _take(self, batch_id: str, key: str, got: Reply | ItemError, latency: float) -> tuple[float, int]:
         """Ledger (and cache) one item of a batch; returns its (USD, tokens)."""
-        pool, p = self.pool, self.p
+        accounts, p = self.accounts, self.p
         item = self.items.get(key)
-        if isinstance(got, _Reply) and item is None:
-            # paid in a batch of an earlier run that this call no longer asks for: ledgered, never lost
-            cost = pool._prices.cost(
-                p.kind, p.model, got.input_tokens, got.output_tokens, free=p.is_free, batch=True
-            )
+        if isinstance(got, Reply) and item is None:
+            # paid in a batch of an earlier run that this call no longer asks for: ledgered, never lost.
+            # Priced without its prompt-cached input tokens (as this path always was), unlike a reply asked for.
+            cost = accounts.price(p, replace(got, cached_input_tokens=0), batch=True)
             why = f"batch {batch_id}: answered a request this run no longer makes (not cached)"
-            pool._cache.record(pool._paid_row(p, key, got, latency, cost, 1, error=why))
+            accounts.record_paid(p, key, got, latency, cost, 1, error=why)
             return cost, got.input_tokens + got.output_tokens
-        if isinstance(got, _Reply):
-            result, worth_resending = pool._take_reply(
-                self.lane, item.request, key, item.payload, got, latency, 1, batch=True
+        if isinstance(got, Reply):
+            cost = accounts.price(p, got, batch=True)
+            result, worth_resending = accounts.take_reply(
+                p, item.request, key, item.payload, got, latency, 1, cost
             )
             self.outcome[key] = result
             if result.error is not None and worth_resending:
                 self.resend.add(key)
             return result.cost_usd, got.input_tokens + got.output_tokens
-        error = pool._redact(f"batch {batch_id}: {_describe(got)}")
-        if (fatal := stop_reason(got)) is not None:
-            pool._stop(f"{self._who()}: {fatal}: {error}")
-        pool._cache.record(
-            pool._row(
-                p,
-                key,
-                input_tokens=0,
-                output_tokens=0,
-                latency_s=latency,
-                cost_usd=0.0,
-                ok=False,
-                error=error,
-                attempts=1,
-            )
-        )
-        if (why := pool._guards[p.name].record(False)) is not None:
-            pool._stop(f"{self._who()}: batch {batch_id}: {why}")
+        error = accounts.redact(f"batch {batch_id}: {describe_error(got)}")
+        accounts.stop_if_fatal(p, got, error)
+        accounts.record_error(p, key, error, latency, attempts=1)
+        accounts.record_failure(p, where=f"batch {batch_id}: ")
         if item is not None:
             self.outcome[key] = ChatResult("", None, None, error, 0, 0, latency, 0.0, False, 1, key)
         return 0.0, 0
 
 
 def _shared_copy(result: ChatResult) -> ChatResult:
-    from dataclasses import replace
-
     return replace(result, cached=result.error is None, cost_usd=0.0, attempts=0)
 
 
 async def collect_left_batches(
-    pool: ServicePool, provider: str, requests: list[ChatRequest], progress: dict
+    lane: Lane, accounts: Accounts, book: BatchBook, requests: list[ChatRequest], progress: dict
 ) -> None:
     """For a provider that is no longer `batch: true`: collect the batches a killed run left with any of
     `requests` in them, so the live calls that follow replay those answers from the cache instead of paying
     for them again."""
-    run = _BatchRun(pool, provider, progress)
+    run = _BatchRun(lane, accounts, book, progress)
     for i, request in enumerate(requests):
-        payload = pool._request_payload(run.lane, request)
+        payload = lane.payload(request)
         key = request_key(payload)
-        if key not in run.items and pool._lookup(run.lane, key, payload) is None:
+        if key not in run.items and accounts.lookup(lane.provider, key, payload) is None:
             run.items[key] = _Item(key, request, payload, [i])
     if run.items:
         await run._resume()
@@ -606,10 +585,10 @@ async def collect_left_batches(
 
 
 async def run_batched(
-    pool: ServicePool, provider: str, requests: list[ChatRequest], progress: dict
+    lane: Lane, accounts: Accounts, book: BatchBook, requests: list[ChatRequest], progress: dict
 ) -> list[ChatResult]:
     """`requests` to a `batch: true` provider, through its batch API; results in request order."""
-    return await _BatchRun(pool, provider, progress).run(requests)
+    return await _BatchRun(lane, accounts, book, progress).run(requests)
 
 
 __all__ = ["BATCH_LIMITS", "BatchBook", "BatchStatus", "ItemError", "collect_left_batches", "run_batched"]
