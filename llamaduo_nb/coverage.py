@@ -3,14 +3,37 @@
 Row shapes (auto-detected per row):
   * instruction/response pairs: {"instruction"|"prompt"|"question", "response"|"completion"|"output"|"answer",
     optional id, category, system}
-  * Alpaca: {"instruction", "input", "output"}; a non-empty `input` is kept in the prompt
-    (instruction, blank line, input), so rows sharing an instruction stay distinct
+  * a passage that belongs to the prompt (`schemas.CONTEXT_KEYS`): Alpaca {"instruction", "input", "output"},
+    Dolly-15k {"instruction", "context", "response", "category"}, SQuAD-like {"context", "question", "answer"},
+    BoolQ-like `passage`. ONE template for all of them (`with_context`):
+
+        {instruction}
+
+        {context}
+
+    the instruction, a blank line, the passage — the order of Dolly's own training prompt (instruction, then
+    its input) and of Alpaca's (the project kept Alpaca this way before). Rows without a passage keep their
+    instruction as is, so their ids (a hash of the prompt, `content_id`) do not change; a row with a passage
+    gets its id from the whole prompt, so Dolly's generic "Summarize this paragraph" over different passages
+    is several rows, and the same instruction over the same passage is still a duplicate.
   * OpenAI chat: {"messages": [{role, content}, ...]} with an optional system turn (kept as the row's
     `system` prompt), and the No Robots schema {"prompt", "prompt_id", "messages", "category"}
   * ShareGPT: {"conversations": [{"from": "system"|"human"|"gpt", "value"}, ...]}
+No text is dropped in silence: a column the row's shape does not use (a SQuAD `title`, a second prompt key,
+a `split` column without `coverage.splits`) is listed in the report's `unused_columns` with its count of
+non-empty values, next to `context_columns` (the passages merged into prompts).
+
 Sources: JSON Lines (a UTF-8 BOM is fine), a JSON array (`.json`; also {"data": [...]}), CSV/TSV, Parquet,
 a Hugging Face dataset saved with `save_to_disk`, or a hub dataset name (loaded with
 `datasets.load_dataset`; needs network, so it is exercised here only on local files).
+
+A dataset with several splits (a `DatasetDict`: train and test, say) is never read one split in silence.
+With `coverage.splits` its splits are kept as given; with `coverage.hub_split` that one split is read and
+the report's `dataset_splits` names the ones left out; with neither, a dataset holding one split is read
+whole and one holding several is an error naming the splits found and the params line to add. We do not
+guess: "keep the dataset's own test split" and "split its train split by Phi" are both what a user means,
+the two give different test sets (what 04 judges every cycle), and the params cannot say which was meant
+(train_ratio has a default). One line, once, settles it for good and is written down in params.yaml.
 
 Validation is never silent: in `strict` mode the first bad row raises `DataFileError` (file, row, field),
 in `lenient` mode it is skipped and listed in `skipped.jsonl` and the report — including lines that are
@@ -35,7 +58,7 @@ from typing import Any
 from .config import CoverageConfig
 from .jsonio import DataFileError, read_json, save_figure, write_json, write_jsonl
 from .runlayout import RunLayout
-from .schemas import INSTRUCTION_KEYS, RESPONSE_KEYS
+from .schemas import CONTEXT_KEYS, INSTRUCTION_KEYS, RESPONSE_KEYS
 
 ID_KEYS = ("id", "prompt_id")
 # ShareGPT speaker names -> chat roles
@@ -50,6 +73,7 @@ SHAREGPT_ROLES = {
     "model": "assistant",
 }
 ARRAY_KEYS = ("data", "rows", "examples", "train")  # {"data": [...]}: the rows of a .json file
+PROMPT_TEMPLATE = "{instruction}\n\n{context}"  # what `with_context` builds (shown in 01)
 
 
 @dataclass
@@ -69,6 +93,23 @@ class Imported:
     rows: list[dict] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     n_read: int = 0
+    context_columns: Counter = field(default_factory=Counter)  # passage column -> rows it was merged into
+    unused_columns: Counter = field(default_factory=Counter)  # column -> non-empty values not imported
+    dataset_splits: dict | None = None  # {"found": [...], "used": [...]} of a hub / save_to_disk dataset
+    example: dict | None = None  # the first row with a passage: {"row", "fields", "instruction"}
+
+    def merge(self, other: Imported) -> None:
+        """Add `other`'s rows, skips and column counts (the splits of one dataset imported one by one)."""
+        self.rows += other.rows
+        self.skipped += other.skipped
+        self.n_read += other.n_read
+        self.context_columns.update(other.context_columns)
+        self.unused_columns.update(other.unused_columns)
+        self.example = self.example or other.example
+        if other.dataset_splits:
+            found = other.dataset_splits["found"]
+            used = set(other.dataset_splits["used"]) | set((self.dataset_splits or {}).get("used", []))
+            self.dataset_splits = {"found": found, "used": [s for s in found or sorted(used) if s in used]}
 
 
 # --------------------------------------------------------------------------- reading
@@ -217,17 +258,43 @@ def iter_raw_rows(source: str, fmt: str, cfg: CoverageConfig) -> Iterator[tuple[
     elif fmt == "parquet":
         yield from _parquet_rows(path)
     elif fmt in ("hf_disk", "hub"):
-        import datasets
-
-        if fmt == "hf_disk":
-            ds = datasets.load_from_disk(source)
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[cfg.hub_split]
-        else:
-            ds = datasets.load_dataset(source, cfg.hub_subset, split=cfg.hub_split)
-        yield from enumerate(ds, start=1)
+        yield from enumerate(open_dataset(source, fmt, cfg)[0], start=1)
     else:
         raise ValueError(f"unknown coverage format {fmt!r}")
+
+
+def open_dataset(source: str, fmt: str, cfg: CoverageConfig) -> tuple[Any, dict | None]:
+    """The split to read of a hub / save_to_disk dataset, and {"found": splits, "used": [split]} (None: no splits).
+
+    `cfg.hub_split` names it; without one a dataset of one split is read whole and one of several is a
+    `DataFileError` naming the splits found and the params lines that choose (see the module docstring).
+    """
+    import datasets
+
+    if fmt == "hf_disk":
+        ds = datasets.load_from_disk(source)
+    else:
+        ds = datasets.load_dataset(source, cfg.hub_subset, split=cfg.hub_split)
+    if not isinstance(ds, datasets.DatasetDict):
+        return ds, None if cfg.hub_split is None else {"found": None, "used": [cfg.hub_split]}
+    found = list(ds)
+    if cfg.hub_split is not None and cfg.hub_split not in ds:
+        raise DataFileError(
+            source, None, "hub_split", f"no split named {cfg.hub_split!r}; the dataset has {found}"
+        )
+    if cfg.hub_split is None and len(found) > 1:
+        train = "train" if "train" in found else found[0]
+        test = next((n for n in ("test", "validation") if n in found), next(n for n in found if n != train))
+        raise DataFileError(
+            source,
+            None,
+            "splits",
+            f"the dataset has {len(found)} splits {found}; reading one would drop the others' rows. Add under "
+            f'coverage: in the params "splits: {{train: {train}, test: {test}}}" (keeps them as given) or '
+            f'"hub_split: {train}" (reads that split alone and splits it by train_ratio)',
+        )
+    name = cfg.hub_split or found[0]
+    return ds[name], {"found": found, "used": [name]}
 
 
 # --------------------------------------------------------------------------- normalising one row
@@ -303,23 +370,48 @@ def _optional_text(record: dict, key: str) -> str | None:
     return _text(value, key)
 
 
-def normalize_row(record: Any) -> tuple[str | None, str, str, str, str | None]:
-    """Return (id or None, instruction, response, category, system prompt or None) or raise RowProblem."""
+def with_context(instruction: str, contexts: Iterable[str]) -> str:
+    """The prompt of a row whose passage belongs to it: instruction, blank line, passage (`PROMPT_TEMPLATE`).
+
+    The one combining rule of every shape (Alpaca `input`, Dolly / SQuAD `context`, `passage`); with no
+    non-empty passage the instruction comes back unchanged, so the row's id does not change either.
+    """
+    return "\n\n".join([instruction, *(c for c in contexts if c)])
+
+
+@dataclass
+class Normalized:
+    id: str | None
+    instruction: str
+    response: str
+    category: str
+    system: str | None
+    used: set[str]  # the record's keys whose text is in the row (or that only name its id/category/shape)
+    contexts: dict[str, str]  # passage key -> text merged into the instruction
+
+
+def normalize_row(record: Any) -> Normalized:
+    """The row of one record (see the module docstring for the shapes), or raise RowProblem."""
     if not isinstance(record, dict):
         raise RowProblem(None, f"expected an object, got {type(record).__name__}")
     system = _optional_text(record, "system")
+    used = {"system", "category"}
+    contexts: dict[str, str] = {}
     if record.get("messages") is not None or record.get("conversations") is not None:
         if record.get("messages") is not None:
             chat_system, instruction, response = _from_messages(record["messages"])
+            used.add("messages")
         else:
             messages = _sharegpt_messages(record["conversations"])
             chat_system, instruction, response = _from_messages(messages, "conversations")
+            used.add("conversations")
         if chat_system and system and chat_system != system:
             raise RowProblem("system", "differs from the system turn of the conversation")
         system = chat_system or system
         prompt = record.get("prompt")
         if isinstance(prompt, str) and prompt.strip() and prompt.strip() != instruction:
             raise RowProblem("prompt", "differs from the user turn in 'messages'")
+        used.add("prompt")
     else:
         ikey = next((k for k in INSTRUCTION_KEYS if k in record), None)
         rkey = next((k for k in RESPONSE_KEYS if k in record), None)
@@ -332,16 +424,28 @@ def normalize_row(record: Any) -> tuple[str | None, str, str, str, str | None]:
                 "response", f"missing (expected one of {RESPONSE_KEYS}, 'messages' or 'conversations')"
             )
         instruction, response = _text(record[ikey], ikey), _text(record[rkey], rkey)
-        if ikey != "input":  # Alpaca: the input is part of the prompt ("instruction\n\ninput")
-            extra = _optional_text(record, "input")
-            if extra:
-                instruction = f"{instruction}\n\n{extra}"
-    raw_id = next((record[k] for k in ID_KEYS if record.get(k) not in (None, "")), None)
-    row_id = None if raw_id is None else str(raw_id).strip()
+        used |= {ikey, rkey}
+        for key in CONTEXT_KEYS:  # Alpaca input, Dolly / SQuAD context: part of the prompt
+            if key != ikey and key in record:
+                used.add(key)
+                if text := _optional_text(record, key):
+                    contexts[key] = text
+        instruction = with_context(instruction, contexts.values())
+    id_key = next((k for k in ID_KEYS if record.get(k) not in (None, "")), None)
+    row_id = None if id_key is None else str(record[id_key]).strip()
+    used.add(id_key or ID_KEYS[0])
     category = record.get("category") or "uncategorized"
     if not isinstance(category, str):
         raise RowProblem("category", f"expected text, got {type(category).__name__}")
-    return row_id, instruction, response, category.strip(), system
+    return Normalized(row_id, instruction, response, category.strip(), system, used, contexts)
+
+
+def _non_empty(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip())
+    if isinstance(value, list | tuple | dict):
+        return bool(value)
+    return value is not None
 
 
 def normalize_prompt(text: str) -> str:
@@ -372,18 +476,32 @@ def import_coverage(cfg: CoverageConfig) -> Imported:
             raise DataFileError(cfg.source, row, fld, problem)
         result.skipped.append(Skipped(row, fld, problem, row_id))
 
-    for rownum, record in iter_raw_rows(cfg.source, fmt, cfg):
+    if fmt in ("hf_disk", "hub"):
+        dataset, result.dataset_splits = open_dataset(cfg.source, fmt, cfg)
+        raw_rows: Iterable[tuple[int, Any]] = enumerate(dataset, start=1)
+    else:
+        raw_rows = iter_raw_rows(cfg.source, fmt, cfg)
+    for rownum, record in raw_rows:
         result.n_read += 1
         if isinstance(record, DataFileError):
             reject(rownum, None, record.problem)
             continue
         try:
-            row_id, instruction, response, category, system = normalize_row(record)
+            norm = normalize_row(record)
         except RowProblem as p:
             reject(rownum, p.field, p.problem)
             continue
+        row_id, instruction, response, category, system = (
+            norm.id, norm.instruction, norm.response, norm.category, norm.system
+        )  # fmt: skip
         if wanted is not None and category not in wanted:
             continue
+        # count what the row's shape leaves out before any check can drop the row: the count is per column
+        result.unused_columns.update(
+            str(k)
+            for k, v in record.items()
+            if k not in norm.used and k != cfg.split_column and _non_empty(v)
+        )
         if len(instruction) + len(response) > cfg.max_chars:
             reject(
                 rownum,
@@ -392,11 +510,16 @@ def import_coverage(cfg: CoverageConfig) -> Imported:
                 row_id,
             )
             continue
+        derived_id = row_id is None
         row_id = row_id or content_id(instruction, system)
+        key = prompt_key(instruction, system)
+        if derived_id and key in seen_prompts:  # an id made from the prompt repeats when the prompt does
+            same = "same instruction and passage" if norm.contexts else "same"
+            reject(rownum, "instruction", f"duplicate prompt ({same} as row {seen_prompts[key]})", row_id)
+            continue
         if row_id in seen_ids:
             reject(rownum, "id", f"duplicate id {row_id!r} (first seen in row {seen_ids[row_id]})", row_id)
             continue
-        key = prompt_key(instruction, system)
         if key in seen_prompts:
             reject(rownum, "instruction", f"duplicate prompt (same as row {seen_prompts[key]})", row_id)
             continue
@@ -405,6 +528,12 @@ def import_coverage(cfg: CoverageConfig) -> Imported:
         if system:
             row["system"] = system
         result.rows.append(row | {"source": f"{cfg.source}#{rownum}"})
+        result.context_columns.update(norm.contexts.keys())
+        if norm.contexts and result.example is None:
+            fields = {
+                k: record[k] for k in (*INSTRUCTION_KEYS, *CONTEXT_KEYS) if k in norm.used and k in record
+            }
+            result.example = {"row": rownum, "fields": fields, "instruction": instruction}
     if not result.rows:
         raise DataFileError(cfg.source, None, None, "no usable rows after validation")
     if cfg.max_rows is not None and len(result.rows) > cfg.max_rows:
@@ -549,6 +678,7 @@ class CoverageResult:
     train: list[dict]
     test: list[dict]
     report: dict
+    example: dict | None = None  # the first imported row with a passage (`Imported.example`), for 01
 
 
 def check_disjoint(train: list[dict], test: list[dict]) -> None:
@@ -594,12 +724,9 @@ def import_given_splits(cfg: CoverageConfig) -> tuple[Imported, dict[str, str]]:
             for skipped in part.skipped:
                 skipped.problem = f"[{name}] {skipped.problem}"
             parts[role] = part
-        imported = Imported(
-            source=cfg.source,
-            rows=parts["test"].rows + parts["train"].rows,
-            skipped=parts["test"].skipped + parts["train"].skipped,
-            n_read=parts["test"].n_read + parts["train"].n_read,
-        )
+        imported = Imported(source=cfg.source)
+        imported.merge(parts["test"])
+        imported.merge(parts["train"])
         given = {r["id"]: "test" for r in parts["test"].rows}
         train_rows = parts["train"].rows
     else:
@@ -708,9 +835,14 @@ def build_coverage(
         "train": len(train),
         "test": len(test),
         "per_category": per_cat,
+        # what became of every column: passages merged into prompts, and columns no row used (never silent)
+        "prompt_template": PROMPT_TEMPLATE if imported.context_columns else None,
+        "context_columns": dict(sorted(imported.context_columns.items())),
+        "unused_columns": dict(sorted(imported.unused_columns.items())),
+        "dataset_splits": imported.dataset_splits,
         "skipped_rows": [s.as_dict() for s in imported.skipped],
     }
-    return CoverageResult(train, test, report)
+    return CoverageResult(train, test, report, imported.example)
 
 
 def _problem_kind(problem: str) -> str:
@@ -736,6 +868,11 @@ def write_coverage(result: CoverageResult, layout: RunLayout) -> dict[str, Path]
     write_jsonl(layout.test_file, result.test)
     write_jsonl(layout.train_file, result.train)
     return {"train": layout.train_file, "test": layout.test_file, "report": layout.coverage_report}
+
+
+def curation_rows(cfg: CoverageConfig) -> list[dict]:
+    """Every imported row before curation (those of both given splits when `splits` is set), for the view."""
+    return (import_given_splits(cfg)[0] if cfg.splits is not None else import_coverage(cfg)).rows
 
 
 def curation_path(cfg: CoverageConfig, layout: RunLayout) -> Path:
@@ -804,3 +941,33 @@ def skipped_table(result: CoverageResult):
     import pandas as pd
 
     return pd.DataFrame(result.report["skipped_rows"], columns=["row", "field", "problem", "id"])
+
+
+def _clip(text: str, n: int = 160) -> str:
+    return text if len(text) <= n else text[:n] + "…"
+
+
+def describe_import(result: CoverageResult) -> str:
+    """What 01 made of the source's columns: the prompt template with one example, and what it left out."""
+    report, example = result.report, result.example
+    if example is not None:
+        merged = ", ".join(f"{k} ({n} rows)" for k, n in report["context_columns"].items())
+        lines = [f"Passages merged into the prompt: {merged}. Template: instruction, blank line, passage:"]
+        lines += [f"  row {example['row']}, {k}: {_clip(v)!r}" for k, v in example["fields"].items()]
+        lines.append(f"  -> instruction: {_clip(example['instruction'], 320)!r}")
+    else:
+        lines = [
+            f"No passage column ({', '.join(c for c in CONTEXT_KEYS)}): each prompt is its instruction as is "
+            "(a row with one would read: instruction, blank line, passage)."
+        ]
+    unused = report["unused_columns"]
+    lines.append(
+        "Columns not imported (non-empty values): " + ", ".join(f"{k} ({n})" for k, n in unused.items())
+        if unused
+        else "Every non-empty column went into the rows."
+    )
+    if report["dataset_splits"]:
+        found, used = report["dataset_splits"]["found"], report["dataset_splits"]["used"]
+        left = [s for s in found or [] if s not in used]
+        lines.append(f"Dataset splits read: {used}" + (f"; not read: {left}" if left else ""))
+    return "\n".join(lines)
