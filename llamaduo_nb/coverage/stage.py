@@ -1,79 +1,28 @@
-"""01_coverage: import, validate, curate and split the coverage dataset.
-
-Row shapes (auto-detected per row):
-  * instruction/response pairs: {"instruction"|"prompt"|"question", "response"|"completion"|"output"|"answer",
-    optional id, category, system}
-  * a passage that belongs to the prompt (`schemas.CONTEXT_KEYS`): Alpaca {"instruction", "input", "output"},
-    Dolly-15k {"instruction", "context", "response", "category"}, SQuAD-like {"context", "question", "answer"},
-    BoolQ-like `passage`. ONE template for all of them (`with_context`):
-
-        {instruction}
-
-        {context}
-
-    the instruction, a blank line, the passage — the order of Dolly's own training prompt (instruction, then
-    its input) and of Alpaca's (the project kept Alpaca this way before). Rows without a passage keep their
-    instruction as is, so their ids (a hash of the prompt, `content_id`) do not change; a row with a passage
-    gets its id from the whole prompt, so Dolly's generic "Summarize this paragraph" over different passages
-    is several rows, and the same instruction over the same passage is still a duplicate.
-  * OpenAI chat: {"messages": [{role, content}, ...]} with an optional system turn (kept as the row's
-    `system` prompt), and the No Robots schema {"prompt", "prompt_id", "messages", "category"}
-  * ShareGPT: {"conversations": [{"from": "system"|"human"|"gpt", "value"}, ...]}
-No text is dropped in silence: a column the row's shape does not use (a SQuAD `title`, a second prompt key,
-a `split` column without `coverage.splits`) is listed in the report's `unused_columns` with its count of
-non-empty values, next to `context_columns` (the passages merged into prompts).
-
-Sources: JSON Lines (a UTF-8 BOM is fine), a JSON array (`.json`; also {"data": [...]}), CSV/TSV, Parquet,
-a Hugging Face dataset saved with `save_to_disk`, or a hub dataset name (loaded with
-`datasets.load_dataset`; needs network, so it is exercised here only on local files).
-
-A dataset with several splits (a `DatasetDict`: train and test, say) is never read one split in silence.
-With `coverage.splits` its splits are kept as given; with `coverage.hub_split` that one split is read and
-the report's `dataset_splits` names the ones left out; with neither, a dataset holding one split is read
-whole and one holding several is an error naming the splits found and the params line to add. We do not
-guess: "keep the dataset's own test split" and "split its train split by Phi" are both what a user means,
-the two give different test sets (what 04 judges every cycle), and the params cannot say which was meant
-(train_ratio has a default). One line, once, settles it for good and is written down in params.yaml.
+"""01_coverage's stage: import and validate the rows, curate, split, report, and the notebook's displays.
 
 Validation is never silent: in `strict` mode the first bad row raises `DataFileError` (file, row, field),
 in `lenient` mode it is skipped and listed in `skipped.jsonl` and the report — including lines that are
-not valid UTF-8. Rows are 1-based lines for JSONL/CSV, element numbers for JSON arrays and Parquet.
+not valid UTF-8. Nor is a column: the report names the passages merged into prompts (`context_columns`,
+`prompt_template`) and every column no row used (`unused_columns`); 01 prints it (`describe_import`).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
-import json
-import re
-import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import CoverageConfig
-from .jsonio import DataFileError, read_json, save_figure, write_json, write_jsonl
-from .runlayout import RunLayout
-from .schemas import CONTEXT_KEYS, INSTRUCTION_KEYS, RESPONSE_KEYS
-
-ID_KEYS = ("id", "prompt_id")
-# ShareGPT speaker names -> chat roles
-SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "chatgpt": "assistant",
-    "bard": "assistant",
-    "model": "assistant",
-}
-ARRAY_KEYS = ("data", "rows", "examples", "train")  # {"data": [...]}: the rows of a .json file
-PROMPT_TEMPLATE = "{instruction}\n\n{context}"  # what `with_context` builds (shown in 01)
+from ..config import CoverageConfig
+from ..jsonio import DataFileError, read_json, save_figure, write_json, write_jsonl
+from ..review import load_review
+from ..runlayout import RunLayout
+from ..schemas import CONTEXT_KEYS, INSTRUCTION_KEYS
+from .rows import PROMPT_TEMPLATE, RowProblem, content_id, normalize_prompt, normalize_row, prompt_key
+from .sources import detect_format, iter_raw_rows, open_dataset
 
 
 @dataclass
@@ -112,355 +61,12 @@ class Imported:
             self.dataset_splits = {"found": found, "used": [s for s in found or sorted(used) if s in used]}
 
 
-# --------------------------------------------------------------------------- reading
-
-
-def detect_format(source: str, fmt: str = "auto") -> str:
-    if fmt != "auto":
-        return fmt
-    path = Path(source)
-    if path.is_dir():
-        return "hf_disk"
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return "jsonl"
-    if suffix == ".json":
-        return "json"
-    if suffix in (".csv", ".tsv"):
-        return "csv"
-    if suffix in (".parquet", ".pq"):
-        return "parquet"
-    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-        return "hub"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"coverage source not found: {source} (a file, a folder, or a hub name owner/name)"
-        )
-    raise DataFileError(
-        source,
-        None,
-        None,
-        "unknown format; use .jsonl, .json, .csv, .parquet, a save_to_disk folder, or set coverage.format",
-    )
-
-
-def _decode_lines(path: Path) -> Iterator[tuple[int, str | DataFileError]]:
-    """(line number, text) per line; a line that is not UTF-8 comes as a DataFileError to skip or raise.
-
-    A UTF-8 byte-order mark at the start of the file is dropped (Windows editors write one).
-    """
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield (
-                    lineno,
-                    DataFileError(path, lineno, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"),
-                )
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    for lineno, line in _decode_lines(path):
-        if isinstance(line, DataFileError):
-            yield lineno, line
-            continue
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield lineno, DataFileError(path, lineno, None, f"invalid JSON: {exc.msg} (column {exc.colno})")
-
-
-def _json_array_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """The elements of a JSON array file (or of {"data": [...]}); a .json file holding JSON Lines is read so."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataFileError(path, line, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":  # several JSON values one after another: JSON Lines named .json
-            yield from _jsonl_rows(path)
-            return
-        raise DataFileError(
-            path,
-            None,
-            None,
-            f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg} (a .json file must hold one "
-            'JSON array of rows, e.g. [{"instruction": "...", "output": "..."}], or JSON Lines)',
-        ) from exc
-    if isinstance(data, dict):
-        lists = [k for k in ARRAY_KEYS if isinstance(data.get(k), list)]
-        if not lists:
-            raise DataFileError(
-                path,
-                None,
-                None,
-                f"a JSON object with keys {sorted(data)[:8]}; expected an array of rows, or an object holding "
-                f"one under {list(ARRAY_KEYS)}",
-            )
-        data = data[lists[0]]
-    if not isinstance(data, list):
-        raise DataFileError(path, None, None, f"expected a JSON array of rows, got {type(data).__name__}")
-    yield from enumerate(data, start=1)
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise DataFileError(path, None, None, f"not a readable Parquet file: {exc}") from exc
-    row = 0
-    for batch in parquet.iter_batches(batch_size=4096):
-        for record in batch.to_pylist():
-            row += 1
-            yield row, record
-
-
-def _csv_rows(path: Path, lenient: bool) -> Iterator[tuple[int, Any]]:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        if not lenient:
-            line = raw[: exc.start].count(b"\n") + 1
-            raise DataFileError(path, line, None, f"not valid UTF-8 ({exc.reason})") from exc
-        # lenient: undecodable bytes become U+FFFD, and the rows holding them are skipped (field named)
-        text = raw.decode("utf-8-sig", errors="replace")
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    for record in reader:
-        yield reader.line_num, record
-
-
-def iter_raw_rows(source: str, fmt: str, cfg: CoverageConfig) -> Iterator[tuple[int, Any]]:
-    """Yield (row number, raw record or the DataFileError of an unreadable row).
-
-    Row numbers are 1-based lines for JSONL/CSV, element numbers for JSON arrays, Parquet and datasets.
-    """
-    path = Path(source)
-    if fmt == "jsonl":
-        yield from _jsonl_rows(path)
-    elif fmt == "json":
-        yield from _json_array_rows(path)
-    elif fmt == "csv":
-        yield from _csv_rows(path, cfg.strictness == "lenient")
-    elif fmt == "parquet":
-        yield from _parquet_rows(path)
-    elif fmt in ("hf_disk", "hub"):
-        yield from enumerate(open_dataset(source, fmt, cfg)[0], start=1)
-    else:
-        raise ValueError(f"unknown coverage format {fmt!r}")
-
-
-def open_dataset(source: str, fmt: str, cfg: CoverageConfig) -> tuple[Any, dict | None]:
-    """The split to read of a hub / save_to_disk dataset, and {"found": splits, "used": [split]} (None: no splits).
-
-    `cfg.hub_split` names it; without one a dataset of one split is read whole and one of several is a
-    `DataFileError` naming the splits found and the params lines that choose (see the module docstring).
-    """
-    import datasets
-
-    if fmt == "hf_disk":
-        ds = datasets.load_from_disk(source)
-    else:
-        ds = datasets.load_dataset(source, cfg.hub_subset, split=cfg.hub_split)
-    if not isinstance(ds, datasets.DatasetDict):
-        return ds, None if cfg.hub_split is None else {"found": None, "used": [cfg.hub_split]}
-    found = list(ds)
-    if cfg.hub_split is not None and cfg.hub_split not in ds:
-        raise DataFileError(
-            source, None, "hub_split", f"no split named {cfg.hub_split!r}; the dataset has {found}"
-        )
-    if cfg.hub_split is None and len(found) > 1:
-        train = "train" if "train" in found else found[0]
-        test = next((n for n in ("test", "validation") if n in found), next(n for n in found if n != train))
-        raise DataFileError(
-            source,
-            None,
-            "splits",
-            f"the dataset has {len(found)} splits {found}; reading one would drop the others' rows. Add under "
-            f'coverage: in the params "splits: {{train: {train}, test: {test}}}" (keeps them as given) or '
-            f'"hub_split: {train}" (reads that split alone and splits it by train_ratio)',
-        )
-    name = cfg.hub_split or found[0]
-    return ds[name], {"found": found, "used": [name]}
-
-
-# --------------------------------------------------------------------------- normalising one row
-
-
-class RowProblem(Exception):
-    def __init__(self, field: str | None, problem: str):
-        self.field, self.problem = field, problem
-
-
-def _text(value: Any, name: str) -> str:
-    if value is None:
-        raise RowProblem(name, "missing")
-    if not isinstance(value, str):
-        raise RowProblem(name, f"expected text, got {type(value).__name__}")
-    if "\ufffd" in value:
-        raise RowProblem(name, "contains U+FFFD replacement characters (text was not valid UTF-8 upstream)")
-    if not value.strip():
-        raise RowProblem(name, "empty")
-    return value.strip()
-
-
-def _from_messages(messages: Any, name: str = "messages") -> tuple[str | None, str, str]:
-    """(system prompt or None, user turn, assistant turn) of a single-turn chat."""
-    if not isinstance(messages, list) or not messages:
-        raise RowProblem(name, "expected a non-empty list of {role, content} turns")
-    turns = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RowProblem(f"{name}[{i}]", "expected an object with 'role' and 'content'")
-        turns.append(m)
-    systems = [m for m in turns if m["role"] == "system"]
-    if len(systems) > 1 or (systems and turns[0] is not systems[0]):
-        raise RowProblem(name, "a system turn must come first, and only once")
-    system = _text(systems[0]["content"], f"{name}[system].content") if systems else None
-    dialogue = [m for m in turns if m["role"] != "system"]
-    roles = [m["role"] for m in dialogue]
-    if roles.count("user") > 1 or roles.count("assistant") > 1:
-        raise RowProblem(
-            name, f"multi-turn conversation ({len(dialogue)} turns); only single-turn pairs are used"
-        )
-    if roles != ["user", "assistant"]:
-        raise RowProblem(name, f"expected a user turn followed by an assistant turn, got roles {roles}")
-    return (
-        system,
-        _text(dialogue[0]["content"], f"{name}[user].content"),
-        _text(dialogue[1]["content"], f"{name}[assistant].content"),
-    )
-
-
-def _sharegpt_messages(conversations: Any) -> list[dict]:
-    """ShareGPT turns {"from", "value"} as chat messages {"role", "content"}."""
-    if not isinstance(conversations, list) or not conversations:
-        raise RowProblem("conversations", 'expected a non-empty list of {"from", "value"} turns')
-    messages = []
-    for i, turn in enumerate(conversations):
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise RowProblem(f"conversations[{i}]", "expected an object with 'from' and 'value'")
-        role = SHAREGPT_ROLES.get(str(turn["from"]).strip().lower())
-        if role is None:
-            raise RowProblem(
-                f"conversations[{i}].from",
-                f"unknown speaker {turn['from']!r}; expected one of {sorted(SHAREGPT_ROLES)}",
-            )
-        messages.append({"role": role, "content": turn["value"]})
-    return messages
-
-
-def _optional_text(record: dict, key: str) -> str | None:
-    value = record.get(key)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    return _text(value, key)
-
-
-def with_context(instruction: str, contexts: Iterable[str]) -> str:
-    """The prompt of a row whose passage belongs to it: instruction, blank line, passage (`PROMPT_TEMPLATE`).
-
-    The one combining rule of every shape (Alpaca `input`, Dolly / SQuAD `context`, `passage`); with no
-    non-empty passage the instruction comes back unchanged, so the row's id does not change either.
-    """
-    return "\n\n".join([instruction, *(c for c in contexts if c)])
-
-
-@dataclass
-class Normalized:
-    id: str | None
-    instruction: str
-    response: str
-    category: str
-    system: str | None
-    used: set[str]  # the record's keys whose text is in the row (or that only name its id/category/shape)
-    contexts: dict[str, str]  # passage key -> text merged into the instruction
-
-
-def normalize_row(record: Any) -> Normalized:
-    """The row of one record (see the module docstring for the shapes), or raise RowProblem."""
-    if not isinstance(record, dict):
-        raise RowProblem(None, f"expected an object, got {type(record).__name__}")
-    system = _optional_text(record, "system")
-    used = {"system", "category"}
-    contexts: dict[str, str] = {}
-    if record.get("messages") is not None or record.get("conversations") is not None:
-        if record.get("messages") is not None:
-            chat_system, instruction, response = _from_messages(record["messages"])
-            used.add("messages")
-        else:
-            messages = _sharegpt_messages(record["conversations"])
-            chat_system, instruction, response = _from_messages(messages, "conversations")
-            used.add("conversations")
-        if chat_system and system and chat_system != system:
-            raise RowProblem("system", "differs from the system turn of the conversation")
-        system = chat_system or system
-        prompt = record.get("prompt")
-        if isinstance(prompt, str) and prompt.strip() and prompt.strip() != instruction:
-            raise RowProblem("prompt", "differs from the user turn in 'messages'")
-        used.add("prompt")
-    else:
-        ikey = next((k for k in INSTRUCTION_KEYS if k in record), None)
-        rkey = next((k for k in RESPONSE_KEYS if k in record), None)
-        if ikey is None:
-            raise RowProblem(
-                "instruction", f"missing (expected one of {INSTRUCTION_KEYS}, 'messages' or 'conversations')"
-            )
-        if rkey is None:
-            raise RowProblem(
-                "response", f"missing (expected one of {RESPONSE_KEYS}, 'messages' or 'conversations')"
-            )
-        instruction, response = _text(record[ikey], ikey), _text(record[rkey], rkey)
-        used |= {ikey, rkey}
-        for key in CONTEXT_KEYS:  # Alpaca input, Dolly / SQuAD context: part of the prompt
-            if key != ikey and key in record:
-                used.add(key)
-                if text := _optional_text(record, key):
-                    contexts[key] = text
-        instruction = with_context(instruction, contexts.values())
-    id_key = next((k for k in ID_KEYS if record.get(k) not in (None, "")), None)
-    row_id = None if id_key is None else str(record[id_key]).strip()
-    used.add(id_key or ID_KEYS[0])
-    category = record.get("category") or "uncategorized"
-    if not isinstance(category, str):
-        raise RowProblem("category", f"expected text, got {type(category).__name__}")
-    return Normalized(row_id, instruction, response, category.strip(), system, used, contexts)
-
-
 def _non_empty(value: Any) -> bool:
     if isinstance(value, str):
         return bool(value.strip())
     if isinstance(value, list | tuple | dict):
         return bool(value)
     return value is not None
-
-
-def normalize_prompt(text: str) -> str:
-    """Key under which two prompts count as the same prompt (case, unicode form and whitespace ignored)."""
-    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().casefold()
-
-
-def content_id(instruction: str, system: str | None = None) -> str:
-    return "cov-" + hashlib.sha256(prompt_key(instruction, system).encode()).hexdigest()[:12]
-
-
-def prompt_key(instruction: str, system: str | None = None) -> str:
-    """Two rows are the same prompt when instruction and system prompt match (normalised)."""
-    key = normalize_prompt(instruction)
-    return key if not system else f"{normalize_prompt(system)}\n{key}"
 
 
 def import_coverage(cfg: CoverageConfig) -> Imported:
@@ -881,8 +487,6 @@ def curation_path(cfg: CoverageConfig, layout: RunLayout) -> Path:
 
 def run_coverage(cfg: CoverageConfig, seed: int, layout: RunLayout) -> CoverageResult:
     """Import, validate, apply saved curation and review decisions, split and write — the non-interactive path."""
-    from .review import load_review
-
     result = build_coverage(
         cfg, seed, load_decisions(curation_path(cfg, layout)), load_review(layout.review_file)
     )
