@@ -127,7 +127,9 @@ class GivenSplits:
 class CoverageConfig:
     source: str  # local path (JSONL, JSON array, CSV, Parquet, HF save_to_disk folder) or a hub name
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "hf_disk", "hub"] = "auto"
-    hub_split: str = "train"  # split to read when format is hub (ignored when `splits` is set)
+    # the one split to read of a hub / save_to_disk dataset (ignored when `splits` is set); null: a dataset
+    # of one split is read whole, one of several is an error naming them (never one split in silence)
+    hub_split: str | None = None
     hub_subset: str | None = None
     categories: list[str] | None = None  # keep only these categories (None: all)
     train_ratio: float = 0.8  # Phi: share of rows going to the train split (unused when `splits` is set)

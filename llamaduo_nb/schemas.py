@@ -97,6 +97,9 @@ from .runlayout import RunLayout
 # them; dataquality reads rows of any schema 01 accepts)
 INSTRUCTION_KEYS = ("instruction", "prompt", "question", "input")
 RESPONSE_KEYS = ("response", "completion", "output", "answer")
+# The keys of a passage that belongs to the prompt (Alpaca `input`, Dolly and SQuAD `context`, BoolQ `passage`):
+# 01_coverage appends each non-empty one to the instruction after a blank line (`coverage.with_context`)
+CONTEXT_KEYS = ("input", "context", "passage")
 
 COVERAGE_ROW = {"id": str, "instruction": str, "response": str, "category": str}
 RESPONSE_ROW = {

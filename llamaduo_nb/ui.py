@@ -1,5 +1,5 @@
 """ipywidgets views. Callbacks only record decisions or call one package function; computing happens in the
-stage modules (coverage.py, review.py).
+stage modules (coverage/, review.py).
 
 `CurationView` (01) browses the coverage pairs: accept / reject / edit a pair or move it between splits, with
 a category filter, search and a warning before an unsaved edit is lost. Every click is saved at once

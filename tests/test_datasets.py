@@ -1,5 +1,6 @@
-"""Datasets people actually have: Alpaca, ShareGPT, OpenAI chat with a system turn, JSON arrays, Parquet,
-JSONL with a BOM — and every bad input gets an error naming file, row and field (lenient imports skip it)."""
+"""Datasets people actually have: Alpaca, Dolly, SQuAD-like, ShareGPT, OpenAI chat with a system turn, JSON
+arrays, Parquet, JSONL with a BOM, save_to_disk datasets with several splits — every bad input gets an error
+naming file, row and field (lenient imports skip it), and no text is dropped without a word."""
 
 from __future__ import annotations
 
@@ -8,9 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from llamaduo_nb.config import CoverageConfig
-from llamaduo_nb.coverage import import_coverage
-from llamaduo_nb.jsonio import DataFileError
+from llamaduo_nb.config import CoverageConfig, GivenSplits
+from llamaduo_nb.coverage import (
+    build_coverage,
+    content_id,
+    curation_rows,
+    describe_import,
+    import_coverage,
+    run_coverage,
+)
+from llamaduo_nb.jsonio import DataFileError, read_json
+from llamaduo_nb.runlayout import RunLayout
 
 ALPACA = [
     {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
@@ -64,6 +73,8 @@ def test_alpaca_keeps_the_input_in_the_prompt(tmp_path):
         "Name a primary colour.",
     ]
     assert [r["response"] for r in rows] == ["Bonjour", "Merci", "Red"]
+    # ids are a hash of the prompt, as before passages of other shapes were merged (pinned from main)
+    assert (rows[0]["id"], rows[2]["id"]) == ("cov-4923ad5d753b", "cov-bdf8fbc49f5d")
 
 
 def test_sharegpt_and_openai_chat_keep_the_system_prompt(tmp_path):
@@ -226,3 +237,187 @@ def test_json_file_holding_something_else(tmp_path):
     path.write_text(json.dumps({"name": "x", "version": 1}), encoding="utf-8")
     with pytest.raises(DataFileError, match=r"obj.json: a JSON object with keys \['name', 'version'\]"):
         load(path)
+
+
+# ------------------------------------------------------------------ passages, unused columns, several splits
+
+DOLLY = [  # databricks-dolly-15k: a generic instruction repeated over different passages
+    {
+        "instruction": "Summarize this paragraph.",
+        "context": "Virgin Australia commenced services on 31 August 2000 as Virgin Blue.",
+        "response": "Virgin Blue started flying in August 2000.",
+        "category": "summarization",
+    },
+    {
+        "instruction": "Summarize this paragraph.",
+        "context": "The Loch Ness Monster is a creature said to inhabit Loch Ness in Scotland.",
+        "response": "Nessie is said to live in a Scottish loch.",
+        "category": "summarization",
+    },
+    {"instruction": "Name a primary colour.", "context": "", "response": "Red", "category": "open_qa"},
+    {
+        "instruction": "Which is a species of fish? Tope or Rope",
+        "context": "",
+        "response": "Tope",
+        "category": "classification",
+    },
+]
+SQUAD = [  # SQuAD-like: several questions over one passage, plus a title the shape does not use
+    {
+        "id": "sq1",
+        "title": "Normans",
+        "context": "The Normans gave their name to Normandy, a region in France.",
+        "question": "In what country is Normandy located?",
+        "answer": "France",
+    },
+    {
+        "id": "sq2",
+        "title": "Normans",
+        "context": "The Normans gave their name to Normandy, a region in France.",
+        "question": "Who gave their name to Normandy?",
+        "answer": "The Normans",
+    },
+    {
+        "id": "sq3",
+        "title": "",
+        "context": "Computational complexity theory classifies problems by their difficulty.",
+        "question": "What does complexity theory classify?",
+        "answer": "Problems, by their difficulty",
+    },
+]
+
+
+def assert_no_text_lost(records: list[dict], rows: list[dict], unused: dict[str, int]) -> None:
+    """Every non-empty source value is in an imported row, or its column is reported as unused."""
+    imported = [
+        " ".join(str(r.get(k, "")) for k in ("id", "instruction", "response", "category")) for r in rows
+    ]
+    for record in records:
+        for key, value in record.items():
+            if value in (None, "") or key in unused:
+                continue
+            assert isinstance(value, str), (key, value)
+            assert any(value in text for text in imported), f"{key}: {value!r} lost"
+
+
+def test_dolly_context_goes_into_the_prompt_after_the_instruction(tmp_path):
+    path = jsonl(tmp_path / "dolly.jsonl", DOLLY)
+    rows = load(path)  # strict: the repeated instruction over two passages is two prompts, not a duplicate
+    assert [r["instruction"] for r in rows] == [
+        "Summarize this paragraph.\n\nVirgin Australia commenced services on 31 August 2000 as Virgin Blue.",
+        "Summarize this paragraph.\n\nThe Loch Ness Monster is a creature said to inhabit Loch Ness in Scotland.",
+        "Name a primary colour.",
+        "Which is a species of fish? Tope or Rope",
+    ]
+    assert [r["category"] for r in rows] == ["summarization", "summarization", "open_qa", "classification"]
+    # the id covers the passage; a row without one keeps the id it always had (pinned from main)
+    assert rows[0]["id"] == content_id(rows[0]["instruction"]) != rows[1]["id"]
+    assert rows[2]["id"] == "cov-bdf8fbc49f5d"
+    result = run_coverage(CoverageConfig(source=str(path), stratify_by=None), 0, RunLayout(tmp_path / "run"))
+    report = read_json(RunLayout(tmp_path / "run").coverage_report)
+    assert report["context_columns"] == {"context": 2} and report["unused_columns"] == {}
+    assert report["prompt_template"] == "{instruction}\n\n{context}"
+    assert_no_text_lost(DOLLY, result.train + result.test, report["unused_columns"])
+    shown = describe_import(result)
+    assert "context (2 rows)" in shown and "row 1, context: 'Virgin Australia" in shown
+    assert "-> instruction: 'Summarize this paragraph.\\n\\nVirgin Australia" in shown
+
+
+def test_a_true_duplicate_with_its_passage_is_still_a_duplicate(tmp_path):
+    path = jsonl(tmp_path / "dolly.jsonl", [*DOLLY, {**DOLLY[1], "response": "Another answer."}])
+    with pytest.raises(DataFileError) as err:
+        load(path)
+    assert (err.value.row, err.value.field) == (5, "instruction")
+    assert "duplicate prompt (same instruction and passage as row 2)" in str(err.value)
+    result = import_coverage(CoverageConfig(source=str(path), strictness="lenient"))
+    assert len(result.rows) == 4 and [s.row for s in result.skipped] == [5]
+
+
+def test_squad_like_rows_keep_their_passage_and_report_the_title(tmp_path):
+    path = jsonl(tmp_path / "squad.jsonl", SQUAD)
+    layout = RunLayout(tmp_path / "run")
+    result = run_coverage(CoverageConfig(source=str(path)), 0, layout)
+    rows = sorted(result.train + result.test, key=lambda r: r["id"])
+    assert [r["id"] for r in rows] == ["sq1", "sq2", "sq3"]
+    assert rows[0]["instruction"] == (
+        "In what country is Normandy located?\n\nThe Normans gave their name to Normandy, a region in France."
+    )
+    assert rows[0]["response"] == "France"
+    report = read_json(layout.coverage_report)
+    assert report["unused_columns"] == {"title": 2}  # named, with its count of non-empty values
+    assert report["context_columns"] == {"context": 3}
+    assert_no_text_lost(SQUAD, rows, report["unused_columns"])
+    assert "Columns not imported (non-empty values): title (2)" in describe_import(result)
+
+
+def test_unknown_columns_and_second_prompt_keys_are_reported_not_dropped(tmp_path):
+    records = [
+        {"instruction": f"Task {i}?", "response": f"Done {i}.", "notes": "check" if i else "", "n": i}
+        for i in range(3)
+    ] + [{"instruction": "Task 9?", "prompt": "An older wording of task 9?", "response": "Done 9."}]
+    result = build_coverage(CoverageConfig(source=str(jsonl(tmp_path / "x.jsonl", records))), seed=0)
+    # a number is a value too: 0 counts as non-empty; the empty note does not
+    assert result.report["unused_columns"] == {"n": 3, "notes": 2, "prompt": 1}
+    assert result.report["context_columns"] == {} and result.report["prompt_template"] is None
+    assert_no_text_lost(records, result.train + result.test, result.report["unused_columns"])
+    assert "No passage column" in describe_import(result)
+
+
+def save_dataset_dict(folder: Path, splits: dict[str, list[dict]]) -> Path:
+    import datasets
+
+    datasets.DatasetDict(
+        {name: datasets.Dataset.from_list(rows) for name, rows in splits.items()}
+    ).save_to_disk(str(folder))
+    return folder
+
+
+def test_a_dataset_with_several_splits_is_never_read_one_split_in_silence(tmp_path):
+    folder = save_dataset_dict(
+        tmp_path / "dolly", {"train": DOLLY, "test": [{**DOLLY[0], "context": "Other."}]}
+    )
+    with pytest.raises(DataFileError) as err:
+        import_coverage(CoverageConfig(source=str(folder)))
+    assert err.value.field == "splits"
+    assert "the dataset has 2 splits ['train', 'test']" in str(err.value)
+    assert '"splits: {train: train, test: test}" (keeps them as given)' in str(err.value)
+    assert '"hub_split: train" (reads that split alone' in str(err.value)
+
+    # the dataset's own splits, as the error proposes: every row of both, nothing lost
+    result = build_coverage(CoverageConfig(source=str(folder), splits=GivenSplits()), seed=0)
+    assert (len(result.train), len(result.test)) == (4, 1)
+    assert result.test[0]["instruction"] == "Summarize this paragraph.\n\nOther."
+    assert result.report["dataset_splits"] == {"found": ["train", "test"], "used": ["train", "test"]}
+    assert result.report["context_columns"] == {"context": 3}
+    assert_no_text_lost(DOLLY, result.train, result.report["unused_columns"])
+    # ... and 01's curation view offers the rows of both
+    assert len(curation_rows(CoverageConfig(source=str(folder), splits=GivenSplits()))) == 5
+
+    # one split by choice: the report and 01 say which were left out
+    one = build_coverage(CoverageConfig(source=str(folder), hub_split="train", stratify_by=None), seed=0)
+    assert len(one.train) + len(one.test) == 4
+    assert one.report["dataset_splits"] == {"found": ["train", "test"], "used": ["train"]}
+    assert "Dataset splits read: ['train']; not read: ['test']" in describe_import(one)
+    with pytest.raises(DataFileError, match=r"no split named 'dev'; the dataset has \['train', 'test'\]"):
+        import_coverage(CoverageConfig(source=str(folder), hub_split="dev"))
+
+
+def test_a_dataset_of_one_split_is_read_whole(tmp_path):
+    folder = save_dataset_dict(tmp_path / "one", {"validation": DOLLY})
+    result = import_coverage(CoverageConfig(source=str(folder)))
+    assert len(result.rows) == 4 and result.dataset_splits == {
+        "found": ["validation"],
+        "used": ["validation"],
+    }
+
+
+def test_hub_loader_with_several_splits_asks_too(tmp_path):
+    (tmp_path / "hubish").mkdir()
+    jsonl(tmp_path / "hubish" / "train.jsonl", DOLLY)
+    jsonl(tmp_path / "hubish" / "test.jsonl", [{**DOLLY[0], "context": "Other."}])  # one schema per dataset
+    with pytest.raises(DataFileError, match=r"2 splits \['train', 'test'\]"):
+        import_coverage(CoverageConfig(source=str(tmp_path / "hubish"), format="hub"))
+    rows = import_coverage(
+        CoverageConfig(source=str(tmp_path / "hubish"), format="hub", hub_split="test")
+    ).rows
+    assert [r["instruction"] for r in rows] == ["Summarize this paragraph.\n\nOther."]

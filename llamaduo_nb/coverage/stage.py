@@ -1,55 +1,28 @@
-"""01_coverage: import, validate, curate and split the coverage dataset.
-
-Row shapes (auto-detected per row):
-  * instruction/response pairs: {"instruction"|"prompt"|"question", "response"|"completion"|"output"|"answer",
-    optional id, category, system}
-  * Alpaca: {"instruction", "input", "output"}; a non-empty `input` is kept in the prompt
-    (instruction, blank line, input), so rows sharing an instruction stay distinct
-  * OpenAI chat: {"messages": [{role, content}, ...]} with an optional system turn (kept as the row's
-    `system` prompt), and the No Robots schema {"prompt", "prompt_id", "messages", "category"}
-  * ShareGPT: {"conversations": [{"from": "system"|"human"|"gpt", "value"}, ...]}
-Sources: JSON Lines (a UTF-8 BOM is fine), a JSON array (`.json`; also {"data": [...]}), CSV/TSV, Parquet,
-a Hugging Face dataset saved with `save_to_disk`, or a hub dataset name (loaded with
-`datasets.load_dataset`; needs network, so it is exercised here only on local files).
+"""01_coverage's stage: import and validate the rows, curate, split, report, and the notebook's displays.
 
 Validation is never silent: in `strict` mode the first bad row raises `DataFileError` (file, row, field),
 in `lenient` mode it is skipped and listed in `skipped.jsonl` and the report — including lines that are
-not valid UTF-8. Rows are 1-based lines for JSONL/CSV, element numbers for JSON arrays and Parquet.
+not valid UTF-8. Nor is a column: the report names the passages merged into prompts (`context_columns`,
+`prompt_template`) and every column no row used (`unused_columns`); 01 prints it (`describe_import`).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
-import json
-import re
-import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import CoverageConfig
-from .jsonio import DataFileError, read_json, save_figure, write_json, write_jsonl
-from .runlayout import RunLayout
-from .schemas import INSTRUCTION_KEYS, RESPONSE_KEYS
-
-ID_KEYS = ("id", "prompt_id")
-# ShareGPT speaker names -> chat roles
-SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "chatgpt": "assistant",
-    "bard": "assistant",
-    "model": "assistant",
-}
-ARRAY_KEYS = ("data", "rows", "examples", "train")  # {"data": [...]}: the rows of a .json file
+from ..config import CoverageConfig
+from ..jsonio import DataFileError, read_json, save_figure, write_json, write_jsonl
+from ..review import load_review
+from ..runlayout import RunLayout
+from ..schemas import CONTEXT_KEYS, INSTRUCTION_KEYS
+from .rows import PROMPT_TEMPLATE, RowProblem, content_id, normalize_prompt, normalize_row, prompt_key
+from .sources import detect_format, iter_raw_rows, open_dataset
 
 
 @dataclass
@@ -69,294 +42,31 @@ class Imported:
     rows: list[dict] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     n_read: int = 0
+    context_columns: Counter = field(default_factory=Counter)  # passage column -> rows it was merged into
+    unused_columns: Counter = field(default_factory=Counter)  # column -> non-empty values not imported
+    dataset_splits: dict | None = None  # {"found": [...], "used": [...]} of a hub / save_to_disk dataset
+    example: dict | None = None  # the first row with a passage: {"row", "fields", "instruction"}
+
+    def merge(self, other: Imported) -> None:
+        """Add `other`'s rows, skips and column counts (the splits of one dataset imported one by one)."""
+        self.rows += other.rows
+        self.skipped += other.skipped
+        self.n_read += other.n_read
+        self.context_columns.update(other.context_columns)
+        self.unused_columns.update(other.unused_columns)
+        self.example = self.example or other.example
+        if other.dataset_splits:
+            found = other.dataset_splits["found"]
+            used = set(other.dataset_splits["used"]) | set((self.dataset_splits or {}).get("used", []))
+            self.dataset_splits = {"found": found, "used": [s for s in found or sorted(used) if s in used]}
 
 
-# --------------------------------------------------------------------------- reading
-
-
-def detect_format(source: str, fmt: str = "auto") -> str:
-    if fmt != "auto":
-        return fmt
-    path = Path(source)
-    if path.is_dir():
-        return "hf_disk"
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return "jsonl"
-    if suffix == ".json":
-        return "json"
-    if suffix in (".csv", ".tsv"):
-        return "csv"
-    if suffix in (".parquet", ".pq"):
-        return "parquet"
-    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-        return "hub"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"coverage source not found: {source} (a file, a folder, or a hub name owner/name)"
-        )
-    raise DataFileError(
-        source,
-        None,
-        None,
-        "unknown format; use .jsonl, .json, .csv, .parquet, a save_to_disk folder, or set coverage.format",
-    )
-
-
-def _decode_lines(path: Path) -> Iterator[tuple[int, str | DataFileError]]:
-    """(line number, text) per line; a line that is not UTF-8 comes as a DataFileError to skip or raise.
-
-    A UTF-8 byte-order mark at the start of the file is dropped (Windows editors write one).
-    """
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield (
-                    lineno,
-                    DataFileError(path, lineno, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"),
-                )
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    for lineno, line in _decode_lines(path):
-        if isinstance(line, DataFileError):
-            yield lineno, line
-            continue
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield lineno, DataFileError(path, lineno, None, f"invalid JSON: {exc.msg} (column {exc.colno})")
-
-
-def _json_array_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """The elements of a JSON array file (or of {"data": [...]}); a .json file holding JSON Lines is read so."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataFileError(path, line, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":  # several JSON values one after another: JSON Lines named .json
-            yield from _jsonl_rows(path)
-            return
-        raise DataFileError(
-            path,
-            None,
-            None,
-            f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg} (a .json file must hold one "
-            'JSON array of rows, e.g. [{"instruction": "...", "output": "..."}], or JSON Lines)',
-        ) from exc
-    if isinstance(data, dict):
-        lists = [k for k in ARRAY_KEYS if isinstance(data.get(k), list)]
-        if not lists:
-            raise DataFileError(
-                path,
-                None,
-                None,
-                f"a JSON object with keys {sorted(data)[:8]}; expected an array of rows, or an object holding "
-                f"one under {list(ARRAY_KEYS)}",
-            )
-        data = data[lists[0]]
-    if not isinstance(data, list):
-        raise DataFileError(path, None, None, f"expected a JSON array of rows, got {type(data).__name__}")
-    yield from enumerate(data, start=1)
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise DataFileError(path, None, None, f"not a readable Parquet file: {exc}") from exc
-    row = 0
-    for batch in parquet.iter_batches(batch_size=4096):
-        for record in batch.to_pylist():
-            row += 1
-            yield row, record
-
-
-def _csv_rows(path: Path, lenient: bool) -> Iterator[tuple[int, Any]]:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        if not lenient:
-            line = raw[: exc.start].count(b"\n") + 1
-            raise DataFileError(path, line, None, f"not valid UTF-8 ({exc.reason})") from exc
-        # lenient: undecodable bytes become U+FFFD, and the rows holding them are skipped (field named)
-        text = raw.decode("utf-8-sig", errors="replace")
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    for record in reader:
-        yield reader.line_num, record
-
-
-def iter_raw_rows(source: str, fmt: str, cfg: CoverageConfig) -> Iterator[tuple[int, Any]]:
-    """Yield (row number, raw record or the DataFileError of an unreadable row).
-
-    Row numbers are 1-based lines for JSONL/CSV, element numbers for JSON arrays, Parquet and datasets.
-    """
-    path = Path(source)
-    if fmt == "jsonl":
-        yield from _jsonl_rows(path)
-    elif fmt == "json":
-        yield from _json_array_rows(path)
-    elif fmt == "csv":
-        yield from _csv_rows(path, cfg.strictness == "lenient")
-    elif fmt == "parquet":
-        yield from _parquet_rows(path)
-    elif fmt in ("hf_disk", "hub"):
-        import datasets
-
-        if fmt == "hf_disk":
-            ds = datasets.load_from_disk(source)
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[cfg.hub_split]
-        else:
-            ds = datasets.load_dataset(source, cfg.hub_subset, split=cfg.hub_split)
-        yield from enumerate(ds, start=1)
-    else:
-        raise ValueError(f"unknown coverage format {fmt!r}")
-
-
-# --------------------------------------------------------------------------- normalising one row
-
-
-class RowProblem(Exception):
-    def __init__(self, field: str | None, problem: str):
-        self.field, self.problem = field, problem
-
-
-def _text(value: Any, name: str) -> str:
-    if value is None:
-        raise RowProblem(name, "missing")
-    if not isinstance(value, str):
-        raise RowProblem(name, f"expected text, got {type(value).__name__}")
-    if "\ufffd" in value:
-        raise RowProblem(name, "contains U+FFFD replacement characters (text was not valid UTF-8 upstream)")
-    if not value.strip():
-        raise RowProblem(name, "empty")
-    return value.strip()
-
-
-def _from_messages(messages: Any, name: str = "messages") -> tuple[str | None, str, str]:
-    """(system prompt or None, user turn, assistant turn) of a single-turn chat."""
-    if not isinstance(messages, list) or not messages:
-        raise RowProblem(name, "expected a non-empty list of {role, content} turns")
-    turns = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RowProblem(f"{name}[{i}]", "expected an object with 'role' and 'content'")
-        turns.append(m)
-    systems = [m for m in turns if m["role"] == "system"]
-    if len(systems) > 1 or (systems and turns[0] is not systems[0]):
-        raise RowProblem(name, "a system turn must come first, and only once")
-    system = _text(systems[0]["content"], f"{name}[system].content") if systems else None
-    dialogue = [m for m in turns if m["role"] != "system"]
-    roles = [m["role"] for m in dialogue]
-    if roles.count("user") > 1 or roles.count("assistant") > 1:
-        raise RowProblem(
-            name, f"multi-turn conversation ({len(dialogue)} turns); only single-turn pairs are used"
-        )
-    if roles != ["user", "assistant"]:
-        raise RowProblem(name, f"expected a user turn followed by an assistant turn, got roles {roles}")
-    return (
-        system,
-        _text(dialogue[0]["content"], f"{name}[user].content"),
-        _text(dialogue[1]["content"], f"{name}[assistant].content"),
-    )
-
-
-def _sharegpt_messages(conversations: Any) -> list[dict]:
-    """ShareGPT turns {"from", "value"} as chat messages {"role", "content"}."""
-    if not isinstance(conversations, list) or not conversations:
-        raise RowProblem("conversations", 'expected a non-empty list of {"from", "value"} turns')
-    messages = []
-    for i, turn in enumerate(conversations):
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise RowProblem(f"conversations[{i}]", "expected an object with 'from' and 'value'")
-        role = SHAREGPT_ROLES.get(str(turn["from"]).strip().lower())
-        if role is None:
-            raise RowProblem(
-                f"conversations[{i}].from",
-                f"unknown speaker {turn['from']!r}; expected one of {sorted(SHAREGPT_ROLES)}",
-            )
-        messages.append({"role": role, "content": turn["value"]})
-    return messages
-
-
-def _optional_text(record: dict, key: str) -> str | None:
-    value = record.get(key)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    return _text(value, key)
-
-
-def normalize_row(record: Any) -> tuple[str | None, str, str, str, str | None]:
-    """Return (id or None, instruction, response, category, system prompt or None) or raise RowProblem."""
-    if not isinstance(record, dict):
-        raise RowProblem(None, f"expected an object, got {type(record).__name__}")
-    system = _optional_text(record, "system")
-    if record.get("messages") is not None or record.get("conversations") is not None:
-        if record.get("messages") is not None:
-            chat_system, instruction, response = _from_messages(record["messages"])
-        else:
-            messages = _sharegpt_messages(record["conversations"])
-            chat_system, instruction, response = _from_messages(messages, "conversations")
-        if chat_system and system and chat_system != system:
-            raise RowProblem("system", "differs from the system turn of the conversation")
-        system = chat_system or system
-        prompt = record.get("prompt")
-        if isinstance(prompt, str) and prompt.strip() and prompt.strip() != instruction:
-            raise RowProblem("prompt", "differs from the user turn in 'messages'")
-    else:
-        ikey = next((k for k in INSTRUCTION_KEYS if k in record), None)
-        rkey = next((k for k in RESPONSE_KEYS if k in record), None)
-        if ikey is None:
-            raise RowProblem(
-                "instruction", f"missing (expected one of {INSTRUCTION_KEYS}, 'messages' or 'conversations')"
-            )
-        if rkey is None:
-            raise RowProblem(
-                "response", f"missing (expected one of {RESPONSE_KEYS}, 'messages' or 'conversations')"
-            )
-        instruction, response = _text(record[ikey], ikey), _text(record[rkey], rkey)
-        if ikey != "input":  # Alpaca: the input is part of the prompt ("instruction\n\ninput")
-            extra = _optional_text(record, "input")
-            if extra:
-                instruction = f"{instruction}\n\n{extra}"
-    raw_id = next((record[k] for k in ID_KEYS if record.get(k) not in (None, "")), None)
-    row_id = None if raw_id is None else str(raw_id).strip()
-    category = record.get("category") or "uncategorized"
-    if not isinstance(category, str):
-        raise RowProblem("category", f"expected text, got {type(category).__name__}")
-    return row_id, instruction, response, category.strip(), system
-
-
-def normalize_prompt(text: str) -> str:
-    """Key under which two prompts count as the same prompt (case, unicode form and whitespace ignored)."""
-    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().casefold()
-
-
-def content_id(instruction: str, system: str | None = None) -> str:
-    return "cov-" + hashlib.sha256(prompt_key(instruction, system).encode()).hexdigest()[:12]
-
-
-def prompt_key(instruction: str, system: str | None = None) -> str:
-    """Two rows are the same prompt when instruction and system prompt match (normalised)."""
-    key = normalize_prompt(instruction)
-    return key if not system else f"{normalize_prompt(system)}\n{key}"
+def _non_empty(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip())
+    if isinstance(value, list | tuple | dict):
+        return bool(value)
+    return value is not None
 
 
 def import_coverage(cfg: CoverageConfig) -> Imported:
@@ -372,18 +82,32 @@ def import_coverage(cfg: CoverageConfig) -> Imported:
             raise DataFileError(cfg.source, row, fld, problem)
         result.skipped.append(Skipped(row, fld, problem, row_id))
 
-    for rownum, record in iter_raw_rows(cfg.source, fmt, cfg):
+    if fmt in ("hf_disk", "hub"):
+        dataset, result.dataset_splits = open_dataset(cfg.source, fmt, cfg)
+        raw_rows: Iterable[tuple[int, Any]] = enumerate(dataset, start=1)
+    else:
+        raw_rows = iter_raw_rows(cfg.source, fmt, cfg)
+    for rownum, record in raw_rows:
         result.n_read += 1
         if isinstance(record, DataFileError):
             reject(rownum, None, record.problem)
             continue
         try:
-            row_id, instruction, response, category, system = normalize_row(record)
+            norm = normalize_row(record)
         except RowProblem as p:
             reject(rownum, p.field, p.problem)
             continue
+        row_id, instruction, response, category, system = (
+            norm.id, norm.instruction, norm.response, norm.category, norm.system
+        )  # fmt: skip
         if wanted is not None and category not in wanted:
             continue
+        # count what the row's shape leaves out before any check can drop the row: the count is per column
+        result.unused_columns.update(
+            str(k)
+            for k, v in record.items()
+            if k not in norm.used and k != cfg.split_column and _non_empty(v)
+        )
         if len(instruction) + len(response) > cfg.max_chars:
             reject(
                 rownum,
@@ -392,11 +116,16 @@ def import_coverage(cfg: CoverageConfig) -> Imported:
                 row_id,
             )
             continue
+        derived_id = row_id is None
         row_id = row_id or content_id(instruction, system)
+        key = prompt_key(instruction, system)
+        if derived_id and key in seen_prompts:  # an id made from the prompt repeats when the prompt does
+            same = "same instruction and passage" if norm.contexts else "same"
+            reject(rownum, "instruction", f"duplicate prompt ({same} as row {seen_prompts[key]})", row_id)
+            continue
         if row_id in seen_ids:
             reject(rownum, "id", f"duplicate id {row_id!r} (first seen in row {seen_ids[row_id]})", row_id)
             continue
-        key = prompt_key(instruction, system)
         if key in seen_prompts:
             reject(rownum, "instruction", f"duplicate prompt (same as row {seen_prompts[key]})", row_id)
             continue
@@ -405,6 +134,12 @@ def import_coverage(cfg: CoverageConfig) -> Imported:
         if system:
             row["system"] = system
         result.rows.append(row | {"source": f"{cfg.source}#{rownum}"})
+        result.context_columns.update(norm.contexts.keys())
+        if norm.contexts and result.example is None:
+            fields = {
+                k: record[k] for k in (*INSTRUCTION_KEYS, *CONTEXT_KEYS) if k in norm.used and k in record
+            }
+            result.example = {"row": rownum, "fields": fields, "instruction": instruction}
     if not result.rows:
         raise DataFileError(cfg.source, None, None, "no usable rows after validation")
     if cfg.max_rows is not None and len(result.rows) > cfg.max_rows:
@@ -549,6 +284,7 @@ class CoverageResult:
     train: list[dict]
     test: list[dict]
     report: dict
+    example: dict | None = None  # the first imported row with a passage (`Imported.example`), for 01
 
 
 def check_disjoint(train: list[dict], test: list[dict]) -> None:
@@ -594,12 +330,9 @@ def import_given_splits(cfg: CoverageConfig) -> tuple[Imported, dict[str, str]]:
             for skipped in part.skipped:
                 skipped.problem = f"[{name}] {skipped.problem}"
             parts[role] = part
-        imported = Imported(
-            source=cfg.source,
-            rows=parts["test"].rows + parts["train"].rows,
-            skipped=parts["test"].skipped + parts["train"].skipped,
-            n_read=parts["test"].n_read + parts["train"].n_read,
-        )
+        imported = Imported(source=cfg.source)
+        imported.merge(parts["test"])
+        imported.merge(parts["train"])
         given = {r["id"]: "test" for r in parts["test"].rows}
         train_rows = parts["train"].rows
     else:
@@ -708,9 +441,14 @@ def build_coverage(
         "train": len(train),
         "test": len(test),
         "per_category": per_cat,
+        # what became of every column: passages merged into prompts, and columns no row used (never silent)
+        "prompt_template": PROMPT_TEMPLATE if imported.context_columns else None,
+        "context_columns": dict(sorted(imported.context_columns.items())),
+        "unused_columns": dict(sorted(imported.unused_columns.items())),
+        "dataset_splits": imported.dataset_splits,
         "skipped_rows": [s.as_dict() for s in imported.skipped],
     }
-    return CoverageResult(train, test, report)
+    return CoverageResult(train, test, report, imported.example)
 
 
 def _problem_kind(problem: str) -> str:
@@ -738,14 +476,17 @@ def write_coverage(result: CoverageResult, layout: RunLayout) -> dict[str, Path]
     return {"train": layout.train_file, "test": layout.test_file, "report": layout.coverage_report}
 
 
+def curation_rows(cfg: CoverageConfig) -> list[dict]:
+    """Every imported row before curation (those of both given splits when `splits` is set), for the view."""
+    return (import_given_splits(cfg)[0] if cfg.splits is not None else import_coverage(cfg)).rows
+
+
 def curation_path(cfg: CoverageConfig, layout: RunLayout) -> Path:
     return Path(cfg.curation_file) if cfg.curation_file else layout.curation_file
 
 
 def run_coverage(cfg: CoverageConfig, seed: int, layout: RunLayout) -> CoverageResult:
     """Import, validate, apply saved curation and review decisions, split and write — the non-interactive path."""
-    from .review import load_review
-
     result = build_coverage(
         cfg, seed, load_decisions(curation_path(cfg, layout)), load_review(layout.review_file)
     )
@@ -804,3 +545,33 @@ def skipped_table(result: CoverageResult):
     import pandas as pd
 
     return pd.DataFrame(result.report["skipped_rows"], columns=["row", "field", "problem", "id"])
+
+
+def _clip(text: str, n: int = 160) -> str:
+    return text if len(text) <= n else text[:n] + "…"
+
+
+def describe_import(result: CoverageResult) -> str:
+    """What 01 made of the source's columns: the prompt template with one example, and what it left out."""
+    report, example = result.report, result.example
+    if example is not None:
+        merged = ", ".join(f"{k} ({n} rows)" for k, n in report["context_columns"].items())
+        lines = [f"Passages merged into the prompt: {merged}. Template: instruction, blank line, passage:"]
+        lines += [f"  row {example['row']}, {k}: {_clip(v)!r}" for k, v in example["fields"].items()]
+        lines.append(f"  -> instruction: {_clip(example['instruction'], 320)!r}")
+    else:
+        lines = [
+            f"No passage column ({', '.join(c for c in CONTEXT_KEYS)}): each prompt is its instruction as is "
+            "(a row with one would read: instruction, blank line, passage)."
+        ]
+    unused = report["unused_columns"]
+    lines.append(
+        "Columns not imported (non-empty values): " + ", ".join(f"{k} ({n})" for k, n in unused.items())
+        if unused
+        else "Every non-empty column went into the rows."
+    )
+    if report["dataset_splits"]:
+        found, used = report["dataset_splits"]["found"], report["dataset_splits"]["used"]
+        left = [s for s in found or [] if s not in used]
+        lines.append(f"Dataset splits read: {used}" + (f"; not read: {left}" if left else ""))
+    return "\n".join(lines)

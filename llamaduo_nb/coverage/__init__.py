@@ -1,0 +1,88 @@
+"""01_coverage: import, validate, curate and split the coverage dataset.
+
+`sources` reads the records of a file or a Hugging Face dataset (and owns the rule for datasets with several
+splits), `rows` turns one record into one row (the shapes people have, and the one template that joins a
+passage to its prompt), `stage` imports, curates, splits, reports and displays. Notebooks and tests use the
+names re-exported here.
+"""
+
+from .rows import (
+    ID_KEYS,
+    PROMPT_TEMPLATE,
+    SHAREGPT_ROLES,
+    Normalized,
+    RowProblem,
+    content_id,
+    normalize_prompt,
+    normalize_row,
+    prompt_key,
+    with_context,
+)
+from .sources import ARRAY_KEYS, detect_format, iter_raw_rows, open_dataset
+from .stage import (
+    CoverageResult,
+    Imported,
+    Skipped,
+    apply_edits,
+    apply_moves,
+    apply_review,
+    build_coverage,
+    check_disjoint,
+    curation_path,
+    curation_rows,
+    describe_import,
+    import_coverage,
+    import_given_splits,
+    load_decisions,
+    plot_split,
+    preview,
+    run_coverage,
+    save_decisions,
+    skipped_table,
+    split_as_given,
+    split_of,
+    split_rows,
+    split_table,
+    write_coverage,
+)
+
+__all__ = [
+    "ARRAY_KEYS",
+    "ID_KEYS",
+    "PROMPT_TEMPLATE",
+    "SHAREGPT_ROLES",
+    "CoverageResult",
+    "Imported",
+    "Normalized",
+    "RowProblem",
+    "Skipped",
+    "apply_edits",
+    "apply_moves",
+    "apply_review",
+    "build_coverage",
+    "check_disjoint",
+    "content_id",
+    "curation_path",
+    "curation_rows",
+    "describe_import",
+    "detect_format",
+    "import_coverage",
+    "import_given_splits",
+    "iter_raw_rows",
+    "load_decisions",
+    "normalize_prompt",
+    "normalize_row",
+    "open_dataset",
+    "plot_split",
+    "preview",
+    "prompt_key",
+    "run_coverage",
+    "save_decisions",
+    "skipped_table",
+    "split_as_given",
+    "split_of",
+    "split_rows",
+    "split_table",
+    "with_context",
+    "write_coverage",
+]
