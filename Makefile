@@ -5,6 +5,13 @@ BIN    := $(VENV)/bin
 # CPU machines pin the CPU wheel; GPU users: make TORCH_SPEC='torch' (CUDA build), see environment.yml.
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# llama-cpp-python compiles llama.cpp for this CPU (-march=native), without its AMX kernels on x86_64: on an AMX
+# CPU (a Sapphire Rapids VM) they crashed at the first quantized matmul (SIGSEGV in ggml_backend_amx_mul_mat).
+# pip's wheel cache does not know build flags, so the wheel is built once per CPU into the project's cache.
+LLAMA_CPP_PYTHON := $(shell grep -oE 'llama-cpp-python==[0-9.]+' pyproject.toml)
+CPU_TAG    := $(shell (uname -m; grep -m1 -E '^(flags|Features)' /proc/cpuinfo) | sha256sum | cut -c1-10)
+NO_AMX     := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+WHEELHOUSE := $(or $(LLAMADUO_CACHE),$(HOME)/.cache/llamaduo_nb)/wheels/$(CPU_TAG)-noamx
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install demo test bench lint format lab validate-teachers docs
@@ -15,8 +22,12 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip wheel setuptools
 	$(BIN)/python -m pip install -q '$(TORCH_SPEC)'
-	@echo "installing llamaduo-nb (first time on a machine: llama-cpp-python compiles, ~16 min; cached after)"
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	@ls $(WHEELHOUSE)/llama_cpp_python-*.whl >/dev/null 2>&1 || { \
+	  echo "building $(LLAMA_CPP_PYTHON) for this CPU (first time on a machine: ~5-16 min; cached in $(WHEELHOUSE))"; \
+	  CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" $(BIN)/python -m pip wheel -q --no-deps --no-cache-dir \
+	    --no-binary llama-cpp-python -w $(WHEELHOUSE) '$(LLAMA_CPP_PYTHON)'; }
+	$(BIN)/python -m pip install -q --no-deps --force-reinstall $(WHEELHOUSE)/llama_cpp_python-*.whl
+	$(BIN)/python -m pip install -q --find-links $(WHEELHOUSE) -e '.[dev]'
 	@# the project kernel: in the venv (for `make lab`, Papermill) and per user, where a JupyterLab the user
 	@# already runs looks (`jupyter kernelspec list` shows both)
 	$(BIN)/python -m ipykernel install --sys-prefix --name llamaduo-nb --display-name "Python (llamaduo-nb)" >/dev/null
