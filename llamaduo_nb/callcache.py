@@ -36,6 +36,14 @@ from typing import Any
 
 from .jsonio import atomic_write
 
+RETRIED = "retried: "  # how the error of a ledger row for an attempt that was retried starts
+
+
+def is_retried_attempt(row: Mapping[str, Any]) -> bool:
+    """Whether a ledger row is an attempt that was retried (not the outcome of its call)."""
+    return not row["ok"] and str(row.get("error") or "").startswith(RETRIED)
+
+
 LEDGER_COLUMNS = (
     "id",
     "ts",
