@@ -2,12 +2,14 @@
 
 Every setting of a run lives in one YAML file with one section per stage. Loading is strict: an
 unknown key, a value of the wrong type or an impossible value raises `ConfigError`, which names the
-file and the dotted key and shows a valid example of that section.
+file and the dotted key and shows a valid example of that section. `NON_SEMANTIC_KEYS` lists the settings a
+`--resume` may change without --accept-changed-params (budgets, retries, rate limits, timeouts).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import re
 import types
 import typing
@@ -22,6 +24,31 @@ from .prices import PriceError, load_prices
 
 class ConfigError(ValueError):
     """A params file or a notebook parameter is wrong; the message says where and shows a right example."""
+
+
+# Non-semantic settings: they change how much a run may spend, how fast it calls and how often it retries, never
+# what a stage asks or what its results mean. `llamaduo run --resume` accepts a change to them without
+# --accept-changed-params (e.g. a budget raised after a stage stopped at it); the change is recorded like any
+# other. Every other key is semantic: changing it on --resume needs --accept-changed-params. Dotted keys as
+# `runner.diff_params` names them (a provider by its name: `providers.<name>.<field>`); `*` is any name.
+NON_SEMANTIC_KEYS = (
+    "budget.*",  # run_usd, cycle_usd, stage_usd, run_tokens, cycle_tokens, stage_tokens
+    "providers.*.max_retries",
+    "providers.*.unusable_retries",
+    "providers.*.timeout_s",
+    "providers.*.rpm",
+    "providers.*.tpm",
+    "providers.*.max_concurrency",
+    "providers.*.failure_window",
+    "providers.*.max_failure_share",
+    "providers.*.batch_poll_s",
+    "providers.*.api_key_env",
+)
+
+
+def is_non_semantic(key: str) -> bool:
+    """Whether the dotted params key `key` is listed in `NON_SEMANTIC_KEYS`."""
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in NON_SEMANTIC_KEYS)
 
 
 # --------------------------------------------------------------------------- sections
