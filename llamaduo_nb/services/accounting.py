@@ -71,7 +71,8 @@ class _Guard:
     """Fail-fast bookkeeping of one provider in one pool.
 
     A call is one request after its retries. The first real call goes out alone (a revoked key costs one call,
-    not `max_concurrency`). Then two rules stop the stage:
+    not `max_concurrency`), and so does each next one until a call did not fail provider-side (`admit`). Two
+    rules stop the stage:
 
     - dead provider: the last `min(failure_window, DEAD_AFTER_CALLS)` calls all failed for a provider-side cause
       (rate limit, server errors, timeouts, connection errors; auth, quota and unknown models stop at once
@@ -91,16 +92,29 @@ class _Guard:
     streak: list[str] = field(default_factory=list)  # causes of the consecutive provider-side failures
     streak_attempts: int = 0
     last_error: str = ""
-    probe_started: bool = False
-    probe_done: asyncio.Event = field(default_factory=asyncio.Event)
+    opened: bool = False  # a call was answered (or rejected by the provider): calls no longer go out alone
+    probing: bool = False  # a probe is on its way
+    turn: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) when a probe ends
 
     async def admit(self) -> bool:
-        """True for the probe (the first real call); the others wait until the probe has an outcome."""
-        if not self.probe_started:
-            self.probe_started = True
-            return True
-        await self.probe_done.wait()
+        """True when the call goes out alone (a probe): the first real call, and each next one while every call
+        so far failed for a provider-side cause; the others wait for the probe's outcome. A dead provider thus
+        costs `min(failure_window, DEAD_AFTER_CALLS)` calls (each with its retries), not what concurrency
+        would have sent meanwhile."""
+        while not self.opened:
+            if not self.probing:
+                self.probing = True
+                return True
+            await self.turn.wait()
         return False
+
+    def probed(self) -> None:
+        """The probe has its outcome (recorded): open the gate unless it failed provider-side like all before."""
+        self.probing = False
+        if self.calls > len(self.streak):
+            self.opened = True
+        turn, self.turn = self.turn, asyncio.Event()
+        turn.set()
 
     def record(
         self, cause: str | None, provider_side: bool = False, attempts: int = 1, error: str = ""

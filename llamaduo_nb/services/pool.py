@@ -378,7 +378,7 @@ class ServicePool:
             return await self._call_until_usable(lane, request, key, payload)
         finally:
             if probe:
-                guard.probe_done.set()
+                guard.probed()
 
     async def _call_until_usable(
         self, lane: Lane, request: ChatRequest, key: str, payload: dict
