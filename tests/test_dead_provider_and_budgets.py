@@ -131,6 +131,7 @@ def test_a_budget_admits_every_call_that_fits_given_what_is_in_flight(tmp_path, 
                 pool.complete_many("judge", long_requests(150))
         assert server.max_in_flight() > 1  # calls went out side by side, not one by one
     spent = sum(r["cost_usd"] for r in read_ledger(layout.calls_db))
+    print(f"live: spent {spent / cap:.1%} of the cap")
     # before: stopped once ten worst cases were on their way, at one worst case spent (10 % of the cap)
     assert 0.8 * cap <= spent <= cap, spent / cap
     assert spent > cap - worst  # it stopped only when the next call's worst case could cross the cap
@@ -155,6 +156,7 @@ def test_a_provider_batch_spends_up_to_the_cap_in_rounds(tmp_path, monkeypatch):
                 pool.complete_many("judge", long_requests(150))
         assert server.batch_submits["openai"] > 1  # each round's batch held what fitted, the next round more
     spent = sum(r["cost_usd"] for r in read_ledger(layout.calls_db))
+    print(f"batch: spent {spent / cap:.1%} of the cap in {server.batch_submits['openai']} batches")
     assert 0.8 * cap <= spent <= cap, spent / cap
 
 
@@ -249,6 +251,7 @@ def test_a_run_spends_its_budget_then_resumes_after_the_cap_is_raised(tmp_path, 
         assert failed.value.stopped and "budget.run_usd=0.006 reached" in failed.value.evalue
         layout = RunLayout(tmp_path / "outputs" / "demo")
         spent = sum(r["cost_usd"] for r in read_ledger(layout.calls_db))
+        print(f"runner: spent {spent / cap:.1%} of the cap")
         assert 0.8 * cap <= spent <= cap, spent / cap
         first = len(server.entries())
         assert first < 150
