@@ -2,21 +2,26 @@
 
 `Accounts` owns the money side of the service client:
 
-- Admission and reservation: `booking(...)` clears a live attempt or a provider batch to go out: not once the
-  stage stopped, not a paid live call before its stage's forecast is recorded, and not when its worst case
-  (input estimate + all of max_tokens + the reasoning allowance, at list or batch price: `worst_case`) could
-  cross a `budget:` cap, counting what the run's ledger already paid and what is on its way. A refused booking
-  stops the stage and raises `NotSent`.
-- Settlement: the booking is a context manager and is settled when its `with` block is left, on every exit
-  path (success, error, cancellation): at what was paid (`Booking.paid`, priced by `price`), at the worst case
-  (a timed-out attempt the provider may have billed), at nothing (the default: nothing went out or nothing was
-  billed), or kept at the worst case when `committed` (a submitted batch whose bill is still out).
-- The ledger: one row per paid reply (`take_reply`, `record_paid`), one per final failure at $0
-  (`record_error`), one per timed-out attempt at its estimated cost (`record_timeout`). Only usable replies
-  are cached (run and shared cache); unusable ones are ledgered and kept raw in `failed_replies`.
-- Fail fast: each real call's outcome feeds the provider's failure window (`_Guard`, which also lets the first
-  real call go out alone); too many failures, a fatal error (`stop_if_fatal`) or a budget stop the stage
-  (`stop`, `stopped`).
+- Admission and reservation: `booking(...)` (an async context manager) clears a live attempt or a provider
+  batch to go out: not once the stage stopped, not a paid live call before its stage's forecast is recorded,
+  and only while its worst case (input estimate + all of max_tokens + the reasoning allowance, at list or batch
+  price: `worst_case`) fits under every `budget:` cap counting what the run's ledger already paid and the worst
+  cases on their way. One that would fit once calls on their way settle (they mostly cost far less than their
+  worst case) waits for them (`room_freed`); one that could cross a cap even with nothing on its way is refused:
+  that stops the stage and raises `NotSent`. A provider batch holds only the requests that fit (`batch_room`).
+- Settlement: the booking is settled when its block is left, on every exit path (success, error,
+  cancellation): at what was paid (`Booking.paid`, priced by `price`), at the worst case (a timed-out attempt
+  the provider may have billed), at nothing (the default: nothing went out or nothing was billed), or kept at
+  the worst case when `committed` (a submitted batch whose bill is still out).
+- The ledger has a row per HTTP attempt: one per paid reply (`take_reply`, `record_paid`), one per failed live
+  attempt (`record_attempt`: at $0, or at its estimated cost when it timed out; `callcache.RETRIED` marks one
+  that was retried), one per failure that is no attempt's (`record_error`). Only usable replies are cached (run
+  and shared cache); unusable ones are ledgered and kept raw in `failed_replies`.
+- Fail fast: each real call's outcome (a call is a request after its retries) feeds the provider's `_Guard`:
+  calls go out one at a time until one did not fail provider-side; a dead provider (the last
+  `min(failure_window, DEAD_AFTER_CALLS)` calls all failed for provider-side causes, or at the end of a set of
+  requests every call did: `stop_if_dead`), too many failures in the window, a fatal error (`stop_if_fatal`) or
+  a budget stop the stage (`stop`, `stopped`) with a reason naming the provider and the cause class.
 - Replay: `lookup` finds a finished call in the run's cache, else in the project's shared cache (copied into
   the run and noted as reused: paid by an earlier run); `count` keeps the pool's `PoolStats`.
 """

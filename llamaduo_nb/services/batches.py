@@ -13,9 +13,12 @@ params/prices.yaml: half the list price today). `ServicePool.complete_many` hand
 2. Resume: batches that an earlier, killed run of the same stage submitted (listed in
    `RunLayout.batches_file`, `<run>/batches/<stage>-cycle_NN.json`) are collected, never submitted again.
 3. Budget: a batch's worst case (input estimate + all of max_tokens for every request, at the batch price)
-   is booked with the pool's `Accounts` before it is submitted, exactly as a live attempt is; a batch that
-   could cross a `budget:` cap is not submitted and the stage stops, like a live call. The booking is settled
-   at what the results cost once they are read; a batch left running keeps its worst case booked.
+   is booked with the pool's `Accounts` before it is submitted, exactly as a live attempt is. A batch holds
+   only the requests whose worst case fits under the `budget:` caps given what is on its way; the rest wait
+   for the next round, once this round's batches are collected and settled at what their results cost (a
+   batch left running keeps its worst case booked). When not one request fits with nothing on its way, the
+   stage stops, like a live call. (Near a cap that is a round per batch wait: each round spends what the
+   worst cases leave room for.)
 4. Submit, in chunks within the provider's per-batch limits (`BATCH_LIMITS`). Each batch id is written
    atomically to the batches file as soon as the provider accepted it, before any polling.
 5. Poll every `batch_poll_s` seconds (the stage's tqdm bar shows the batch's status and counts) until it ended.
@@ -28,7 +31,8 @@ params/prices.yaml: half the list price today). `ServicePool.complete_many` hand
 7. Unusable replies (empty, refused, blocked; not truncated ones) are re-sent in a follow-up batch, up to the
    provider's `unusable_retries`, at the batch price: never live.
 8. An authentication, permission, quota or model-not-found error on submit stops the stage at once (one
-   ledger row for the failed submit, nothing else sent). A batch that failed validation, expired or was
+   ledger row for the failed submit, nothing else sent); a submit that still fails after its retries stops it
+   naming the cause (rate limit, server errors...), with a row per failed attempt. A batch that failed validation, expired or was
    cancelled stops the stage with its id and state; what it answered is kept, the rest is re-submitted
    by `llamaduo run --resume`.
 
