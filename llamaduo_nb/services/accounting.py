@@ -327,12 +327,19 @@ class Accounts:
         return guard
 
     def record_failure(
-        self, p: ProviderConfig, exc: BaseException | None, error: str, attempts: int = 1, where: str = ""
+        self,
+        p: ProviderConfig,
+        exc: BaseException | None,
+        error: str,
+        attempts: int = 1,
+        where: str = "",
+        live: bool = True,
     ) -> None:
         """One real call failed (after its retries) with `exc`: into the provider's failure window, stopping
-        the stage when the provider is dead or the window holds too many failures."""
+        the stage when the provider is dead or the window holds too many failures. An errored item of a
+        provider batch (not `live`: never retried, judged per batch by `batches`) counts in the window only."""
         cause = failure_class(exc) if exc is not None else None
-        why = self.guard(p).record(cause or REJECTED, cause is not None, attempts, error)
+        why = self.guard(p).record(cause or REJECTED, live and cause is not None, attempts, error)
         if why is not None:
             self.stop(f"{who(p)}: {where}{why}")
 
@@ -544,8 +551,8 @@ class Accounts:
         retried: bool,
     ) -> None:
         """Ledger one live HTTP attempt that failed (every attempt has its row, so the ledger explains the time
-        spent): `attempts` holds its number within the call, `error` starts with `RETRIED` when another attempt
-        follows. At $0, except a timed-out attempt: the provider may have computed (and billed) the reply we
+        spent): `attempts` holds its number within the call, `error` starts with `RETRIED` when the call tries
+        again (unless the stage stops first: then its next attempt is never sent). At $0, except a timed-out attempt: the provider may have computed (and billed) the reply we
         stopped waiting for, so it is settled and ledgered at its worst case (input estimate + max_tokens)."""
         timed_out = isinstance(exc, TimeoutError | asyncio.TimeoutError)
         prefix = RETRIED if retried else ""

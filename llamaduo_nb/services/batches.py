@@ -600,7 +600,7 @@ class _BatchRun:
         error = accounts.redact(f"batch {batch_id}: {describe_error(got)}")
         accounts.stop_if_fatal(p, got, error)
         accounts.record_error(p, key, error, latency, attempts=1)
-        accounts.record_failure(p, got, error, where=f"batch {batch_id}: ")
+        accounts.record_failure(p, got, error, where=f"batch {batch_id}: ", live=False)
         if item is not None:
             self.outcome[key] = ChatResult("", None, None, error, 0, 0, latency, 0.0, False, 1, key)
         return 0.0, 0
