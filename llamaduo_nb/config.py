@@ -73,7 +73,9 @@ class ProviderConfig:
     # its model needs no price. `embedded` is always free; every other provider needs a price in prices_file.
     free: bool = False
     # fail fast: when more than `max_failure_share` of the last `failure_window` real calls failed (errors after
-    # retries, unusable replies), the stage stops; auth, quota and model-not-found errors stop it at once
+    # retries, unusable replies), the stage stops; so it does when the last min(failure_window, 3) calls, or every
+    # call so far, failed for a provider-side cause (rate limit, 5xx, timeouts: a dead provider, whatever the
+    # stage's size); auth, quota and model-not-found errors stop it at once. max_failure_share: 1 switches off both
     failure_window: int = 20
     max_failure_share: float = 0.5
     unusable_retries: int = 1  # empty, refused or blocked replies are re-sent this often (never cached)
@@ -565,9 +567,12 @@ class LoopConfig:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """Spending caps on service calls (null: no cap). A call that would cross one is not sent: the stage stops
-    cleanly before it ("stopped" in the run state) and `llamaduo run --resume` continues after raising it.
-    USD counts what the ledger paid (cache replays are free); tokens count input + output."""
+    """Spending caps on service calls (null: no cap). A call goes out while its worst case fits under every cap
+    given what was paid and what is on its way (waiting for calls on their way to settle when that makes room);
+    one that could cross a cap with nothing on its way is not sent: the stage stops cleanly before it
+    ("stopped" in the run state) and `llamaduo run --resume` continues after raising it (a budget is a
+    non-semantic setting: no --accept-changed-params needed). USD counts what the ledger paid (cache replays
+    are free); tokens count input + output."""
 
     run_usd: float | None = None  # the whole run, all stages and cycles
     cycle_usd: float | None = None  # one cycle (04 + 05 of cycle N)
