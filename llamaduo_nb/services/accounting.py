@@ -61,9 +61,8 @@ def who(p: ProviderConfig) -> str:
 
 DEAD_AFTER_CALLS = 3  # consecutive calls failed provider-side (each after its retries): the provider is dead
 UNUSABLE = "unusable replies"  # answered, but not an answer (empty, truncated, refused, blocked)
-REJECTED = (
-    "requests rejected"  # an error that is not the provider's (e.g. HTTP 400: the request was malformed)
-)
+# an error that is not the provider's (e.g. HTTP 400: the request was malformed)
+REJECTED = "requests rejected"
 
 
 def _tally(causes: Sequence[str]) -> str:
@@ -82,12 +81,14 @@ class _Guard:
     - dead provider: the last `min(failure_window, DEAD_AFTER_CALLS)` calls all failed for a provider-side cause
       (rate limit, server errors, timeouts, connection errors; auth, quota and unknown models stop at once
       anyway), or, at the end of a set of requests (`dead`), every call of this pool so far did, in at least
-      that many attempts together (a stage of one call retried twice stops; one failed attempt does not). Any other
-      outcome (an answer, even an unusable one; a request the provider rejected) resets it: a healthy stage
-      is not stopped by a blip. The window is a ceiling, not a floor: a stage smaller than it stops too.
+      that many attempts together (a stage of one call retried twice stops; one failed attempt does not).
+      Any other outcome (an answer, even an unusable one; a request the provider rejected) resets it: a
+      healthy stage is not stopped by a blip. The window is a ceiling, not a floor: a stage smaller than it
+      stops too.
     - failure share: more than `max_failure_share` of the last `failure_window` calls failed, for any cause.
 
-    `max_failure_share: 1` switches both off (the provider is never stopped for failing).
+    `max_failure_share: 1` switches both off (the provider is never stopped for failing; its calls still go
+    out one at a time while every call failed).
     """
 
     window: int

@@ -452,7 +452,8 @@ class ServicePool:
             accounts.stop_if_fatal(p, exc, error)
             if exc is not failed:  # not an attempt's failure (those have their rows): ledger it here
                 accounts.record_error(p, key, error, time.monotonic() - started, attempts)
-            accounts.record_failure(p, exc, error, attempts)
+            if attempts:  # a real call failed
+                accounts.record_failure(p, exc, error, attempts)
             return ChatResult(
                 "", None, None, error, 0, 0, time.monotonic() - started, 0.0, False, attempts, key
             )
