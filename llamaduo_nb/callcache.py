@@ -397,6 +397,11 @@ def ledger_frame(db_path: str | Path, stage: str | None = None, cycle: int | Non
     return pd.DataFrame(read_ledger(db_path, stage=stage, cycle=cycle), columns=list(LEDGER_COLUMNS))
 
 
+def retried_attempts(frame: Any) -> Any:
+    """Boolean Series over a `ledger_frame`: the rows of attempts that were retried (not calls of their own)."""
+    return ~frame["ok"].astype(bool) & frame["error"].fillna("").astype(str).str.startswith(RETRIED)
+
+
 def export_ledger_csv(db_path: str | Path, csv_path: str | Path) -> int:
     """Write the whole ledger to CSV atomically (e.g. `RunLayout.ledger_csv`); returns the number of rows."""
     rows = read_ledger(db_path)

@@ -16,10 +16,13 @@ from test_failfast import stand_in
 from test_services import ask, make_pool, record_forecast
 
 from llamaduo_nb import runner
-from llamaduo_nb.callcache import read_ledger
+from llamaduo_nb.callcache import RETRIED, CallCache, LedgerRow, read_ledger
 from llamaduo_nb.config import RunConfig, build, is_non_semantic
+from llamaduo_nb.economics import ledger_costs
+from llamaduo_nb.forecast import forecast_vs_actual
 from llamaduo_nb.runlayout import STAGES, RunLayout
 from llamaduo_nb.services import ChatRequest, ServicePool, StageStopped
+from llamaduo_nb.summary import cost_lines
 from llamaduo_nb.testing import Behaviour, TestLLMServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,3 +270,26 @@ def test_a_run_spends_its_budget_then_resumes_after_the_cap_is_raised(tmp_path, 
     assert len(answered) == 150 and set(answered.values()) == {1}  # nothing paid twice
     paid = [r["cache_key"] for r in read_ledger(layout.calls_db) if r["ok"]]
     assert len(paid) == len(set(paid)) == 150
+
+
+def test_retried_attempts_count_as_attempts_not_calls(tmp_path):
+    layout = RunLayout(tmp_path / "run")
+    row = {"stage": "04_evaluate", "cycle": 0, "provider": "judge", "kind": "openai", "model": "gpt-4o-mini",
+           "latency_s": 0.1, "cache_key": "k"}  # fmt: skip
+    with CallCache(layout.calls_db) as cache:
+        for attempt, error in ((1, f"{RETRIED}HTTP 429 RateLimitError"), (2, f"{RETRIED}HTTP 503 x")):
+            cache.record(LedgerRow(**row, input_tokens=0, output_tokens=0, cost_usd=0.0, ok=False,
+                                   error=error, attempts=attempt))  # fmt: skip
+        cache.record(LedgerRow(**row, input_tokens=10, output_tokens=5, cost_usd=1e-5, ok=True, error=None,
+                               attempts=3))  # fmt: skip
+        cache.record(LedgerRow(**{**row, "cache_key": "k2"}, input_tokens=0, output_tokens=0, cost_usd=0.0,
+                               ok=False, error="HTTP 400 BadRequestError", attempts=1))  # fmt: skip
+    by_stage = ledger_costs(layout.calls_db)["by_stage"].iloc[0]
+    assert (by_stage["calls"], by_stage["failed"]) == (2, 1)
+    assert int(forecast_vs_actual(layout)["actual_calls"].iloc[0]) == 2
+
+    class State:
+        timings = {"cycle_00/04_evaluate": 1.0}
+
+    (line,) = [x for x in cost_lines(layout, State()) if x.startswith("| 04_evaluate")]
+    assert line.startswith("| 04_evaluate | 1.0 | 2 | 4 | 1 | 15 |")  # calls, HTTP attempts, failed calls
