@@ -182,7 +182,8 @@ def failure_class(exc: BaseException) -> str | None:
     fatal = stop_reason(exc)
     if fatal is not None:
         return fatal
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+    # the SDKs' own timeouts (openai.APITimeoutError, httpx.ReadTimeout...) are connection errors by type
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError) or "Timeout" in type(exc).__name__:
         return TIMEOUTS
     status = _status_code(exc)
     if status == 429:
