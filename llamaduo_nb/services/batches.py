@@ -452,12 +452,13 @@ class _BatchRun:
                     break
                 while True:
                     fits, busy = self.accounts.batch_room(self.p, self._requests(chunk))
-                    if fits or not busy or submitted:
+                    if fits or not busy or submitted or self.accounts.stopped is not None:
                         break
                     await self.accounts.room_freed()  # only others' calls are on their way: they settle
-                if (
-                    not fits and submitted
-                ):  # this round's batches settle when collected: the rest go next round
+                if self.accounts.stopped is not None:
+                    break
+                if not fits and submitted:
+                    # this round's batches settle when they are collected: the rest go in the next round
                     later = [key for rest in chunks[i:] for key in rest]
                     break
                 if fits and fits < len(chunk):
