@@ -6,10 +6,13 @@ Two tables live in that file:
   endpoint, messages, sampling parameters, JSON schema, repeat index). Re-running a stage after a
   crash replays finished calls for free, and the M repeats of one judgment never collapse into one
   answer because the repeat index is part of the key. Only usable replies are cached.
-* `ledger` — one row per real call (cache hits add nothing): when, which stage and cycle, which
-  provider and model, tokens, latency, cost in USD from `params/prices.yaml`, ok/error, attempts.
-  Paid replies that are not usable (empty, truncated, refused, blocked) have a row with ok=0, and timed-out
-  attempts one with their estimated cost (input estimate + max_tokens): the provider may have billed them.
+* `ledger` — one row per HTTP attempt of a real call (cache hits add nothing): when, which stage and cycle,
+  which provider and model, tokens, latency, cost in USD from `params/prices.yaml`, ok/error, and `attempts`:
+  the attempt's number within its call, so a call's last row (its answer or its final failure) holds how many
+  attempts the call took, and an attempt that was retried has a row of its own whose error starts with
+  `RETRIED` (429s, 5xx, dropped connections: the ledger explains the time spent). Paid replies that are not
+  usable (empty, truncated, refused, blocked) have a row with ok=0, and timed-out attempts one with their
+  estimated cost (input estimate + max_tokens): the provider may have billed them.
 * `failed_replies` — the raw text and finish reason of every unusable reply (never replayed as an answer).
 * `reused` — answers this run took from the project's shared cache (`cache.path`): paid by an earlier run.
 
@@ -35,6 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from .jsonio import atomic_write
+
+RETRIED = "retried: "  # how the error of a ledger row for an attempt that was retried starts
+
+
+def is_retried_attempt(row: Mapping[str, Any]) -> bool:
+    """Whether a ledger row is an attempt that was retried (not the outcome of its call)."""
+    return not row["ok"] and str(row.get("error") or "").startswith(RETRIED)
+
 
 LEDGER_COLUMNS = (
     "id",
@@ -384,6 +395,11 @@ def ledger_frame(db_path: str | Path, stage: str | None = None, cycle: int | Non
     import pandas as pd
 
     return pd.DataFrame(read_ledger(db_path, stage=stage, cycle=cycle), columns=list(LEDGER_COLUMNS))
+
+
+def retried_attempts(frame: Any) -> Any:
+    """Boolean Series over a `ledger_frame`: the rows of attempts that were retried (not calls of their own)."""
+    return ~frame["ok"].astype(bool) & frame["error"].fillna("").astype(str).str.startswith(RETRIED)
 
 
 def export_ledger_csv(db_path: str | Path, csv_path: str | Path) -> int:

@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--accept-changed-params",
         action="store_true",
-        help="with --resume: continue although the params differ from the run's params.yaml (recorded)",
+        help="with --resume: continue although semantic params differ from the run's params.yaml (recorded); "
+        "budgets, retries, rate limits and timeouts may change without it (config.NON_SEMANTIC_KEYS)",
     )
     run.add_argument("--no-progress", action="store_true", help="no per-notebook progress bar (cell k/n)")
     run.add_argument(

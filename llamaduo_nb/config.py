@@ -2,12 +2,14 @@
 
 Every setting of a run lives in one YAML file with one section per stage. Loading is strict: an
 unknown key, a value of the wrong type or an impossible value raises `ConfigError`, which names the
-file and the dotted key and shows a valid example of that section.
+file and the dotted key and shows a valid example of that section. `NON_SEMANTIC_KEYS` lists the settings a
+`--resume` may change without --accept-changed-params (budgets, retries, rate limits, timeouts).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import re
 import types
 import typing
@@ -22,6 +24,31 @@ from .prices import PriceError, load_prices
 
 class ConfigError(ValueError):
     """A params file or a notebook parameter is wrong; the message says where and shows a right example."""
+
+
+# Non-semantic settings: they change how much a run may spend, how fast it calls and how often it retries, never
+# what a stage asks or what its results mean. `llamaduo run --resume` accepts a change to them without
+# --accept-changed-params (e.g. a budget raised after a stage stopped at it); the change is recorded like any
+# other. Every other key is semantic: changing it on --resume needs --accept-changed-params. Dotted keys as
+# `runner.diff_params` names them (a provider by its name: `providers.<name>.<field>`); `*` is any name.
+NON_SEMANTIC_KEYS = (
+    "budget.*",  # run_usd, cycle_usd, stage_usd, run_tokens, cycle_tokens, stage_tokens
+    "providers.*.max_retries",
+    "providers.*.unusable_retries",
+    "providers.*.timeout_s",
+    "providers.*.rpm",
+    "providers.*.tpm",
+    "providers.*.max_concurrency",
+    "providers.*.failure_window",
+    "providers.*.max_failure_share",
+    "providers.*.batch_poll_s",
+    "providers.*.api_key_env",
+)
+
+
+def is_non_semantic(key: str) -> bool:
+    """Whether the dotted params key `key` is listed in `NON_SEMANTIC_KEYS`."""
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in NON_SEMANTIC_KEYS)
 
 
 # --------------------------------------------------------------------------- sections
@@ -46,7 +73,9 @@ class ProviderConfig:
     # its model needs no price. `embedded` is always free; every other provider needs a price in prices_file.
     free: bool = False
     # fail fast: when more than `max_failure_share` of the last `failure_window` real calls failed (errors after
-    # retries, unusable replies), the stage stops; auth, quota and model-not-found errors stop it at once
+    # retries, unusable replies), the stage stops; so it does when the last min(failure_window, 3) calls, or every
+    # call so far, failed for a provider-side cause (rate limit, 5xx, timeouts: a dead provider, whatever the
+    # stage's size); auth, quota and model-not-found errors stop it at once. max_failure_share: 1 switches off both
     failure_window: int = 20
     max_failure_share: float = 0.5
     unusable_retries: int = 1  # empty, refused or blocked replies are re-sent this often (never cached)
@@ -538,9 +567,12 @@ class LoopConfig:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """Spending caps on service calls (null: no cap). A call that would cross one is not sent: the stage stops
-    cleanly before it ("stopped" in the run state) and `llamaduo run --resume` continues after raising it.
-    USD counts what the ledger paid (cache replays are free); tokens count input + output."""
+    """Spending caps on service calls (null: no cap). A call goes out while its worst case fits under every cap
+    given what was paid and what is on its way (waiting for calls on their way to settle when that makes room);
+    one that could cross a cap with nothing on its way is not sent: the stage stops cleanly before it
+    ("stopped" in the run state) and `llamaduo run --resume` continues after raising it (a budget is a
+    non-semantic setting: no --accept-changed-params needed). USD counts what the ledger paid (cache replays
+    are free); tokens count input + output."""
 
     run_usd: float | None = None  # the whole run, all stages and cycles
     cycle_usd: float | None = None  # one cycle (04 + 05 of cycle N)

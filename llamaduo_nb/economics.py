@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .callcache import ledger_frame, retried_attempts
 from .config import _check, build, read_yaml  # _check: the validation hook `build` reports
 from .jsonio import save_figure
 from .runlayout import project_file
@@ -58,17 +59,16 @@ def stage_bucket(stage: str) -> str:
 
 
 def ledger_costs(db_path: str | Path, price: ServicePrice | None = None) -> dict[str, pd.DataFrame]:
-    """Calls, failures, tokens and USD from the run's ledger, grouped four ways.
+    """Calls, failed calls, tokens and USD from the run's ledger, grouped four ways.
 
     Keys: `by_provider`, `by_stage`, `by_cycle`, `total`. With `price`, a column `at_service_price_usd`
     says what the same tokens would cost at that service's prices.
     """
-    from .callcache import ledger_frame
-
     ledger = ledger_frame(db_path)
+    retried = retried_attempts(ledger)  # a row per HTTP attempt: a retried one is no call of its own
     ledger = ledger.assign(
-        calls=1,
-        failed=(~ledger["ok"].astype(bool)).astype(int),
+        calls=(~retried).astype(int),
+        failed=(~ledger["ok"].astype(bool) & ~retried).astype(int),
         stage_group=ledger["stage"].map(stage_bucket),
         cycle_label=ledger["cycle"].map(lambda c: "-" if c is None or pd.isna(c) else f"cycle {int(c):02d}"),
     )

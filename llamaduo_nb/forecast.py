@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .callcache import CallCache, ledger_frame, read_ledger
+from .callcache import CallCache, ledger_frame, read_ledger, retried_attempts
 from .config import RunConfig
 from .coverage import import_coverage
 from .deploy.parity import planned_parity_calls
@@ -393,7 +393,7 @@ def forecast_vs_actual(layout: RunLayout) -> pd.DataFrame:
         reused = pd.DataFrame(cache.reused_rows(), columns=[*keys, "saved_usd"])
     ledger = ledger_frame(layout.calls_db)
     actual = (
-        ledger.assign(calls=1)
+        ledger.assign(calls=(~retried_attempts(ledger)).astype(int))  # retried attempts are no calls
         .groupby(keys, sort=True)[["calls", "input_tokens", "output_tokens", "cost_usd"]]
         .sum()
         .reset_index()

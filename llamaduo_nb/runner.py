@@ -27,7 +27,7 @@ from typing import Any
 
 import papermill as pm
 
-from .config import ConfigError, RunConfig, dump_config, load_config
+from .config import ConfigError, RunConfig, dump_config, is_non_semantic, load_config
 from .jsonio import read_json, read_jsonl, write_json, write_jsonl
 from .runlayout import RunLayout
 from .schemas import read_metrics
@@ -334,16 +334,26 @@ def _recover_after_kill(layout: RunLayout, state: RunState, log: Callable[[str],
 
 
 def diff_params(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
-    """Changed settings as [{key: "loop.max_cycles", old: 2, new: 3}, ...] (dotted keys, sorted)."""
+    """Changed settings as [{key: "loop.max_cycles", old: 2, new: 3}, ...] (dotted keys, sorted).
+
+    A list of named sections (`providers`) whose names are unchanged is compared item by item, so a provider's
+    field is named `providers.<name>.<field>`."""
     changes = []
     for key in sorted(set(old) | set(new)):
         dotted = f"{prefix}{key}"
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
             changes += diff_params(a, b, dotted + ".")
+        elif _named(a) and _named(b) and [x["name"] for x in a] == [x["name"] for x in b]:
+            for x, y in zip(a, b, strict=True):
+                changes += diff_params(x, y, f"{dotted}.{x['name']}.")
         elif a != b:
             changes.append({"key": dotted, "old": a, "new": b})
     return changes
+
+
+def _named(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(x, dict) and "name" in x for x in value)
 
 
 def _format_changes(changes: list[dict[str, Any]]) -> str:
@@ -509,7 +519,9 @@ def run(
     """Execute a whole LlamaDuo run (continue one with `resume=True`; start over with `fresh=True`).
 
     `--resume` with settings that differ from the run's params.yaml is an error unless
-    `accept_changed_params`; accepted changes are recorded in state.json and params_changes.jsonl.
+    `accept_changed_params`, or unless every change is to a non-semantic key (`config.NON_SEMANTIC_KEYS`:
+    budgets, retries, rate limits, timeouts); accepted changes are recorded in state.json and
+    params_changes.jsonl.
     `progress` shows a per-notebook bar (cell k/n, elapsed) on stderr.
     """
     cfg = load_config(params_file, overrides)
@@ -544,18 +556,22 @@ def _open_state(
     state = previous_state if resume else RunState()
     if resume and layout.params_file.is_file():
         changes = diff_params(load_config(layout.params_file).to_dict(), cfg.to_dict())
-        if changes and not accept_changed_params:
+        semantic = [c for c in changes if not is_non_semantic(c["key"])]
+        if semantic and not accept_changed_params:
             raise ConfigError(
-                f"{params_file} differs from the run's {layout.params_file}: {_format_changes(changes)}. "
+                f"{params_file} differs from the run's {layout.params_file}: {_format_changes(semantic)}. "
                 "Resuming would mix results made under different settings; pass --accept-changed-params to "
-                "resume with the new settings anyway (the change is recorded), or resume with the same params"
+                "resume with the new settings anyway (the change is recorded), or resume with the same params "
+                "(budgets, retries, rate limits and timeouts may change freely: config.NON_SEMANTIC_KEYS)"
             )
         if changes:
-            entry = {"at": _now(), "after_steps": len(state.done), "changes": changes}
+            accepted = "--accept-changed-params" if semantic else "non-semantic settings only"
+            entry = {"at": _now(), "after_steps": len(state.done), "changes": changes, "accepted": accepted}
             state.param_changes.append(entry)
             history = read_jsonl(layout.params_changes_file) if layout.params_changes_file.is_file() else []
             write_jsonl(layout.params_changes_file, [*history, entry])
-            log(f"[llamaduo] resuming with changed settings (recorded): {_format_changes(changes)}")
+            what = "changed settings" if semantic else "changed non-semantic settings"
+            log(f"[llamaduo] resuming with {what} (recorded): {_format_changes(changes)}")
     dump_config(cfg, layout.params_file)
     return state
 

@@ -6,8 +6,10 @@ its reason, the latest Table 1 with P-Match, Fig. 2 over cycles, and where the t
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
+from .callcache import is_retried_attempt, read_ledger
 from .config import RunConfig
 from .jsonio import atomic_write, markdown_table, read_json, write_json
 from .runlayout import RunLayout
@@ -167,16 +169,17 @@ def teacher_lines(layout: RunLayout) -> list[str]:
 
 
 def cost_lines(layout: RunLayout, state: Any) -> list[str]:
-    """Service calls, tokens and USD per stage from the run's ledger, beside each stage's wall time."""
-    from collections import defaultdict
+    """Service calls, HTTP attempts, tokens and USD per stage from the run's ledger, beside each stage's wall time.
 
-    from .callcache import read_ledger
-
+    The ledger has a row per HTTP attempt: a call is its last row; rows of attempts that were retried count
+    only as attempts."""
     by_stage: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for row in read_ledger(layout.calls_db):
         entry = by_stage[row["stage"]]
-        entry["calls"] += 1
-        entry["failed"] += 0 if row["ok"] else 1
+        retried = is_retried_attempt(row)
+        entry["attempts"] += 1
+        entry["calls"] += 0 if retried else 1
+        entry["failed"] += 0 if row["ok"] or retried else 1
         entry["tokens"] += int(row["input_tokens"]) + int(row["output_tokens"])
         entry["usd"] += float(row["cost_usd"])
     seconds: dict[str, float] = defaultdict(float)
@@ -184,15 +187,19 @@ def cost_lines(layout: RunLayout, state: Any) -> list[str]:
         if step != "total":
             seconds[step.split("/")[-1]] += value
     stages = sorted(set(seconds) | set(by_stage))
-    lines = ["## Time and cost per stage", "", "| stage | seconds | paid calls | failed | tokens | USD |"]
-    lines.append("|---|---|---|---|---|---|")
+    lines = [
+        "## Time and cost per stage",
+        "",
+        "| stage | seconds | service calls | HTTP attempts | failed calls | tokens | USD |",
+    ]
+    lines.append("|---|---|---|---|---|---|---|")
     for stage in stages:
         e = by_stage.get(stage, {})
         lines.append(
-            f"| {stage} | {seconds.get(stage, 0):.1f} | {int(e.get('calls', 0))} | {int(e.get('failed', 0))} | "
-            f"{int(e.get('tokens', 0)):,} | {e.get('usd', 0.0):.4f} |"
+            f"| {stage} | {seconds.get(stage, 0):.1f} | {int(e.get('calls', 0))} | {int(e.get('attempts', 0))} | "
+            f"{int(e.get('failed', 0))} | {int(e.get('tokens', 0)):,} | {e.get('usd', 0.0):.4f} |"
         )
-    lines.append(f"| total | {state.timings.get('total', sum(seconds.values())):.1f} | | | | |")
+    lines.append(f"| total | {state.timings.get('total', sum(seconds.values())):.1f} | | | | | |")
     return lines
 
 

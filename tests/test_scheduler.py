@@ -153,8 +153,11 @@ def test_dropped_connections_5xx_and_timeouts_are_retried_and_counted_once(tmp_p
     (answered,) = [r for r in rows if r["ok"]]  # the call is ledgered once as answered ...
     assert answered["attempts"] == 4
     # ... and the attempt that hung is ledgered on its own at its estimated cost (it may have been billed)
-    (timed_out,) = [r for r in rows if not r["ok"]]
+    (timed_out,) = [r for r in rows if not r["ok"] and "imeout" in r["error"]]
     assert "imeout" in (timed_out["error"] or "") and timed_out["cost_usd"] == 0.0  # free local server
+    # every HTTP attempt has its row (issue 22): the drop, the 5xx and the hang were retried
+    assert [(r["attempts"], r["ok"]) for r in rows] == [(1, False), (2, False), (3, False), (4, True)]
+    assert all(r["error"].startswith("retried: ") for r in rows[:3])
 
 
 def test_google_connection_drops_over_aiohttp_are_retried(tmp_path, monkeypatch):

@@ -260,7 +260,10 @@ def test_429_is_retried_after_the_time_the_server_asks_for(tmp_path, llm_server)
     assert result.text == json.dumps({"score": 7, "n": 2})
     first, second = llm_server.requests
     assert second["t"] - first["t"] >= 0.95  # retry-after: 1 was honoured
-    (row,) = read_ledger(layout.calls_db)
+    # every HTTP attempt has its ledger row (issue 22): the 429, at $0, then the answer
+    retried, row = read_ledger(layout.calls_db)
+    assert not retried["ok"] and retried["error"].startswith("retried: HTTP 429") and retried["cost_usd"] == 0
+    assert retried["attempts"] == 1
     assert row["ok"] is True and row["attempts"] == 2
 
 
@@ -271,7 +274,8 @@ def test_server_errors_are_retried_until_success(tmp_path, llm_server):
     with pool:
         (result,) = pool.complete_many("judge", [ask()])
     assert result.error is None and result.attempts == 3 and len(llm_server.requests) == 3
-    assert read_ledger(layout.calls_db)[0]["attempts"] == 3
+    assert read_ledger(layout.calls_db)[-1]["attempts"] == 3  # the answer; each failed attempt has a row
+    assert [r["attempts"] for r in read_ledger(layout.calls_db)] == [1, 2, 3]
 
 
 def test_permanent_failures_come_back_as_errors_not_exceptions(tmp_path, llm_server):
@@ -290,7 +294,9 @@ def test_permanent_failures_come_back_as_errors_not_exceptions(tmp_path, llm_ser
     assert down.error.startswith("HTTP 500") and down.attempts == 2
     assert len(llm_server.requests) == 4
     rows = read_ledger(layout.calls_db)
-    assert [(r["ok"], r["attempts"]) for r in rows] == [(False, 1), (True, 1), (False, 2)]
+    # each HTTP attempt has its row (issue 22): "c"'s first 500 was retried, its second is the final failure
+    assert [(r["ok"], r["attempts"]) for r in rows] == [(False, 1), (True, 1), (False, 1), (False, 2)]
+    assert rows[2]["error"].startswith("retried: HTTP 500") and rows[3]["error"].startswith("HTTP 500")
     with pool:  # failures are not cached: a re-run tries them again
         retried = pool.complete_many("judge", [ask("a")])
     assert retried[0].error is None and not retried[0].cached

@@ -12,9 +12,11 @@ What the pool does for each request, in order:
    is hashed; a finished call with that key is replayed from `<run>/calls.sqlite` for free, else from the
    project's shared cache (`cache.path`, default `<outputs_dir>/.callcache/calls.sqlite`; `cache.shared:
    false` bypasses it), which is noted in the run's `reused` table.
-1a. Admission: the first real call to a provider goes out alone (a revoked key costs one call); a call is
-   sent only while the stage has not stopped and its worst case (input estimate + max_tokens at list
-   price) fits under every `budget:` cap, counting what the run's ledger already paid. A paid call (any
+1a. Admission: the first real call to a provider goes out alone (a revoked key costs one call), and so does
+   each next one while every call so far failed provider-side; a call is sent only while the stage has not
+   stopped and its worst case (input estimate + max_tokens at list price) fits under every `budget:` cap,
+   counting what the run's ledger already paid and the worst cases on their way. A call that fits only once
+   those settle waits for them; one that could cross a cap with nothing on its way stops the stage. A paid call (any
    provider but embedded / `free: true`) is sent only when the run's calls.sqlite holds a forecast of the
    pool's stage and cycle (`forecast.forecast_stage`; the runner records it before each paid notebook);
    without one the stage stops before its first paid call, saying what to run.
@@ -27,18 +29,21 @@ What the pool does for each request, in order:
    or exponential backoff with full jitter. The SDKs' own retries are switched off
    (`max_retries=0`, Google: `attempts=1`) so every attempt is counted exactly once here.
    Each attempt has a total timeout of `timeout_s`.
-4. Ledger: one row per real call (success or final failure) with tokens, latency and cost, one per
-   timed-out attempt at its estimated cost, one per unusable reply; `<run>/ledger.csv` is re-exported
-   when the pool closes.
+4. Ledger: one row per HTTP attempt with tokens, latency and cost: the answer, each failed attempt at $0
+   (one that was retried says so: `callcache.RETRIED`), a timed-out attempt at its estimated cost, an
+   unusable reply at its price; `<run>/ledger.csv` is re-exported when the pool closes.
 5. Usable replies only: an empty, truncated (finish_reason length), refused or blocked reply is never
    cached as an answer; it is ledgered (it was paid), kept raw in `failed_replies`, re-sent up to
    `unusable_retries` times (not when truncated: the same request would be cut again) and returned with
    `.error` set.
 6. Fail fast: an authentication or permission error, an exhausted quota or credit, or a model that does
-   not exist stops the stage at once (never retried); so does a failure share above `max_failure_share`
-   over the last `failure_window` real calls, or a budget. Calls still queued are not sent, and
-   `complete_many` raises `StageStopped` naming the provider and the reason; the runner records the stage
-   as "stopped" and `llamaduo run --resume` continues it (answered calls replay for free).
+   not exist stops the stage at once (never retried); so does a dead provider (a call is a request after its
+   retries: the last min(failure_window, 3) calls all failed for provider-side causes - rate limit, server
+   errors, timeouts, connection errors - or, at the end of `complete_many`, every call so far did, in 3
+   attempts or more, however small the stage), a failure share above `max_failure_share` over the last
+   `failure_window` real calls, or a budget. Calls still queued are not sent, and `complete_many` raises
+   `StageStopped` naming the provider and the cause; the runner records the stage as "stopped" and
+   `llamaduo run --resume` continues it (answered calls replay for free).
 7. Provider batches: for a provider with `batch: true`, steps 2-3 are replaced by the provider's batch API
    (batches.py): the uncached requests go out as batches, their ids persisted before polling, and each result
    goes through steps 4-6 like a live reply, priced at the batch discount.

@@ -16,7 +16,8 @@ Anthropic: SDK 2.x speaks API version 2026-10-21, which has no temperature/top_p
 (the model samples at its own setting, so M repeats still differ).
 
 Errors: `stop_reason` (an error that must stop the stage at once: auth, permission, quota, unknown model),
-`is_retryable`, `retry_after_seconds` (the server's hint) and `WaitRetryAfter` (tenacity's wait: a 429 pauses
+`failure_class` (the provider-side cause class of a failed attempt: those, rate limit, server errors, timeouts,
+connection errors), `is_retryable`, `retry_after_seconds` (the server's hint) and `WaitRetryAfter` (tenacity's wait: a 429 pauses
 the whole provider). The SDKs' own retries are switched off (`max_retries=0`, Google: `attempts=1`) so every
 attempt is counted exactly once by the pool.
 
@@ -162,6 +163,35 @@ def stop_reason(exc: BaseException) -> str | None:
         return "permission denied (the key may not use this model or endpoint)"
     if status == 404 or "model_not_found" in text or "not_found_error" in text:
         return "model not found (check the provider's model name and base_url)"
+    return None
+
+
+RATE_LIMITED = "rate limited (HTTP 429)"
+SERVER_ERRORS = "server errors (HTTP 5xx)"
+TIMEOUTS = "timeouts (no reply within timeout_s)"
+CONNECTION_ERRORS = "connection errors (no HTTP answer)"
+
+
+def failure_class(exc: BaseException) -> str | None:
+    """The provider-side cause class of a failed attempt, or None when the failure is not the provider's
+    (a request it rejected as malformed, a reply it answered but we could not use).
+
+    Classes: those of `stop_reason` (authentication, permission, quota, unknown model), `RATE_LIMITED`,
+    `SERVER_ERRORS`, `TIMEOUTS`, `CONNECTION_ERRORS`. A provider whose every call fails in one of them is dead
+    for this stage (`accounting._Guard`)."""
+    fatal = stop_reason(exc)
+    if fatal is not None:
+        return fatal
+    # the SDKs' own timeouts (openai.APITimeoutError, httpx.ReadTimeout...) are connection errors by type
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError) or "Timeout" in type(exc).__name__:
+        return TIMEOUTS
+    status = _status_code(exc)
+    if status == 429:
+        return RATE_LIMITED
+    if status is not None and (status >= 500 or status in (408, 409, 425)):
+        return SERVER_ERRORS
+    if status is None and isinstance(exc, _connection_error_types()):
+        return CONNECTION_ERRORS
     return None
 
 

@@ -13,9 +13,12 @@ params/prices.yaml: half the list price today). `ServicePool.complete_many` hand
 2. Resume: batches that an earlier, killed run of the same stage submitted (listed in
    `RunLayout.batches_file`, `<run>/batches/<stage>-cycle_NN.json`) are collected, never submitted again.
 3. Budget: a batch's worst case (input estimate + all of max_tokens for every request, at the batch price)
-   is booked with the pool's `Accounts` before it is submitted, exactly as a live attempt is; a batch that
-   could cross a `budget:` cap is not submitted and the stage stops, like a live call. The booking is settled
-   at what the results cost once they are read; a batch left running keeps its worst case booked.
+   is booked with the pool's `Accounts` before it is submitted, exactly as a live attempt is. A batch holds
+   only the requests whose worst case fits under the `budget:` caps given what is on its way; the rest wait
+   for the next round, once this round's batches are collected and settled at what their results cost (a
+   batch left running keeps its worst case booked). When not one request fits with nothing on its way, the
+   stage stops, like a live call. (Near a cap that is a round per batch wait: each round spends what the
+   worst cases leave room for.)
 4. Submit, in chunks within the provider's per-batch limits (`BATCH_LIMITS`). Each batch id is written
    atomically to the batches file as soon as the provider accepted it, before any polling.
 5. Poll every `batch_poll_s` seconds (the stage's tqdm bar shows the batch's status and counts) until it ended.
@@ -28,7 +31,8 @@ params/prices.yaml: half the list price today). `ServicePool.complete_many` hand
 7. Unusable replies (empty, refused, blocked; not truncated ones) are re-sent in a follow-up batch, up to the
    provider's `unusable_retries`, at the batch price: never live.
 8. An authentication, permission, quota or model-not-found error on submit stops the stage at once (one
-   ledger row for the failed submit, nothing else sent). A batch that failed validation, expired or was
+   ledger row for the failed submit, nothing else sent); a submit that still fails after its retries stops it
+   naming the cause (rate limit, server errors...), with a row per failed attempt. A batch that failed validation, expired or was
    cancelled stops the stage with its id and state; what it answered is kept, the rest is re-submitted
    by `llamaduo run --resume`.
 
@@ -53,10 +57,10 @@ from typing import Any
 
 import tenacity
 
-from ..callcache import canonical_json, request_key
+from ..callcache import RETRIED, canonical_json, request_key
 from ..jsonio import read_json, write_json
 from .accounting import Accounts, Booking, who
-from .backends import Lane, WaitRetryAfter, describe_error, is_retryable, stop_reason
+from .backends import Lane, WaitRetryAfter, describe_error, failure_class, is_retryable, stop_reason
 from .parsing import replayed
 from .types import ChatRequest, ChatResult, NotSent, Reply
 
@@ -325,12 +329,21 @@ class _BatchRun:
         self.outcome: dict[str, ChatResult] = {}
         self.resend: set[str] = set()
 
-    async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        """A submit / status / results call, retried like a live call (the SDKs' own retries are off)."""
+    async def _retrying(
+        self, call: Callable[[], Awaitable[Any]], on_retry: Callable[[BaseException, int], None] | None = None
+    ) -> Any:
+        """A submit / status / results call, retried like a live call (the SDKs' own retries are off);
+        `on_retry(error, attempt)` is told of each attempt that failed and is retried."""
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            if on_retry is not None and state.outcome is not None and state.outcome.exception() is not None:
+                on_retry(state.outcome.exception(), state.attempt_number)
+
         async for attempt in tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(self.p.max_retries + 1),
             wait=WaitRetryAfter(self.lane.scheduler),
             retry=tenacity.retry_if_exception(is_retryable),
+            before_sleep=before_sleep,
             reraise=True,
         ):
             with attempt:
@@ -375,8 +388,7 @@ class _BatchRun:
                 todo += again
                 if not todo:
                     break
-                await self._submit_and_collect(todo)
-                todo = []
+                todo = await self._submit_and_collect(todo)  # what the budgets held back goes next round
         for key, item in self.items.items():
             result = self.outcome.get(key) or self._not_sent(key)
             for n, i in enumerate(item.indices):
@@ -412,10 +424,16 @@ class _BatchRun:
         ]
         for entry in open_entries:
             requests = self._requests(entry["keys"])
-            with self.accounts.booking(self.p, requests, batch=True, committed=True) as booking:
+            async with self.accounts.booking(self.p, requests, batch=True, committed=True) as booking:
                 await self._collect(entry, booking)
 
-    async def _submit_and_collect(self, keys: list[str]) -> None:
+    async def _submit_and_collect(self, keys: list[str]) -> list[str]:
+        """Submit `keys` in batches and collect them; returns the keys held back for the next round.
+
+        Every batch is booked before it is submitted, and the bookings settle when their batches are collected.
+        A batch holds only the requests whose worst case fits under the budgets given what is on its way; the
+        rest wait for the next round, when this round's batches are collected (and settled below their worst
+        case). When not even one request fits with nothing on its way, the budget stops the stage."""
         limit_n, limit_bytes = BATCH_LIMITS[self.p.kind]
         chunks: list[list[str]] = [[]]
         size = 0
@@ -426,23 +444,38 @@ class _BatchRun:
                 size = 0
             chunks[-1].append(key)
             size += item_bytes
-        # every chunk is booked before it is submitted; the bookings settle when their batches are collected
-        with contextlib.ExitStack() as bookings:
+        later: list[str] = []
+        async with contextlib.AsyncExitStack() as bookings:
             submitted = []
-            for chunk in chunks:
+            for i, chunk in enumerate(chunks):
                 if self.accounts.stopped is not None:
                     break
+                while True:
+                    fits, busy = self.accounts.batch_room(self.p, self._requests(chunk))
+                    if fits or not busy or submitted or self.accounts.stopped is not None:
+                        break
+                    await self.accounts.room_freed()  # only others' calls are on their way: they settle
+                if self.accounts.stopped is not None:
+                    break
+                if not fits and submitted:
+                    # this round's batches settle when they are collected: the rest go in the next round
+                    later = [key for rest in chunks[i:] for key in rest]
+                    break
+                if fits and fits < len(chunk):
+                    later += chunk[fits:]
+                    chunk = chunk[:fits]
                 what = f" (a batch of {len(chunk)} requests to provider '{self.p.name}')"
                 try:
-                    booking = bookings.enter_context(
+                    booking = await bookings.enter_async_context(
                         self.accounts.booking(self.p, self._requests(chunk), batch=True, what=what)
                     )
-                except NotSent:  # it could cross a budget: the stage stopped
+                except NotSent:  # it could cross a budget with nothing on its way: the stage stopped
                     break
                 entry = await self._submit(chunk, booking)
                 if entry is not None:
                     submitted.append((entry, booking))
             await asyncio.gather(*(self._collect(entry, booking) for entry, booking in submitted))
+        return later
 
     async def _submit(self, keys: list[str], booking: Booking) -> dict | None:
         """Submit one batch; its entry in the batches file, or None when the submit failed (nothing billed)."""
@@ -451,18 +484,29 @@ class _BatchRun:
         label = f"llamaduo-{accounts.stage}-{accounts.cycle}-{p.name}-{n}"
         self.progress["batch"] = f"submitting {len(keys)} requests"
         started = time.monotonic()
+        tries = [1]
+
+        def retried(exc: BaseException, attempt: int) -> None:  # each failed submit attempt has its row
+            error = accounts.redact(describe_error(exc))
+            accounts.record_error(
+                p, keys[0], f"{RETRIED}batch submit of {len(keys)} requests failed: {error}", 0.0, attempt
+            )
+            tries[0] = attempt + 1
+
         try:
-            batch_id = await self._retrying(lambda: self.api.submit([self.items[k] for k in keys], label))
+            batch_id = await self._retrying(
+                lambda: self.api.submit([self.items[k] for k in keys], label), on_retry=retried
+            )
         except Exception as exc:
             error = accounts.redact(describe_error(exc))
-            reason = stop_reason(exc) or "the batch could not be submitted"
+            reason = failure_class(exc) or "the batch could not be submitted"
             accounts.stop(f"{who(p)}: {reason}: {error}")
             accounts.record_error(
                 p,
                 keys[0],
                 f"batch submit of {len(keys)} requests failed: {error}",
                 time.monotonic() - started,
-                attempts=1,
+                attempts=tries[0],
             )
             return None
         booking.committed()  # the provider runs (and bills) it now, whatever happens to this process
@@ -557,7 +601,7 @@ class _BatchRun:
         error = accounts.redact(f"batch {batch_id}: {describe_error(got)}")
         accounts.stop_if_fatal(p, got, error)
         accounts.record_error(p, key, error, latency, attempts=1)
-        accounts.record_failure(p, where=f"batch {batch_id}: ")
+        accounts.record_failure(p, got, error, where=f"batch {batch_id}: ", live=False)
         if item is not None:
             self.outcome[key] = ChatResult("", None, None, error, 0, 0, latency, 0.0, False, 1, key)
         return 0.0, 0

@@ -227,9 +227,12 @@ class ServicePool:
         progress = {"done": 0, "cached": 0, "failed": 0, "cost": 0.0}
 
         async def run_all() -> list[list[ChatResult]]:
-            return list(
+            results = list(
                 await asyncio.gather(*(self._run_many(p, list(rs), progress) for p, rs in groups.items()))
             )
+            for provider in groups:  # a stage smaller than the failure window stops on a dead provider too
+                self._accounts.stop_if_dead(self._lane(provider).provider)
+            return results
 
         future = asyncio.run_coroutine_threadsafe(run_all(), self._loop)
         shown, shown_batch = 0, None
@@ -355,11 +358,13 @@ class ServicePool:
             del self._inflight[key]
         return self._accounts.count(provider, result)
 
-    async def _attempt(self, lane: Lane, request: ChatRequest) -> tuple[Reply, float]:
+    async def _attempt(self, lane: Lane, request: ChatRequest, sent: list[float]) -> tuple[Reply, float]:
+        """One HTTP attempt once the scheduler gives it a slot; `sent` receives when it went out."""
         slot: Slot = await lane.scheduler.acquire(estimate_tokens(request))
         latency = None
         try:
             started = time.monotonic()
+            sent.append(started)
             reply = await asyncio.wait_for(lane.backend.call(request), timeout=lane.provider.timeout_s)
             latency = time.monotonic() - started
             return reply, latency
@@ -373,7 +378,7 @@ class ServicePool:
             return await self._call_until_usable(lane, request, key, payload)
         finally:
             if probe:
-                guard.probe_done.set()
+                guard.probed()
 
     async def _call_until_usable(
         self, lane: Lane, request: ChatRequest, key: str, payload: dict
@@ -384,8 +389,6 @@ class ServicePool:
         while True:
             outcome = await self._send(lane, request, key)
             if isinstance(outcome, ChatResult):  # failed (or never sent)
-                if outcome.attempts:
-                    self._accounts.record_failure(p)
                 return outcome
             reply, latency, attempts, cost = outcome
             result, worth_resending = self._accounts.take_reply(
@@ -401,13 +404,16 @@ class ServicePool:
     async def _send(
         self, lane: Lane, request: ChatRequest, key: str
     ) -> tuple[Reply, float, int, float] | ChatResult:
-        """One call with retries: (reply, latency, attempts, cost), or the failed ChatResult (ledgered if sent).
+        """One call with retries: (reply, latency, attempts, cost), or the failed ChatResult.
 
-        Each attempt is booked: its worst case reserved before it goes out, settled at its price when it
-        returns, at its worst case (and ledgered as an estimate) when it times out, at nothing otherwise."""
+        Each attempt is booked: its worst case reserved before it goes out (waiting while calls on their way
+        may still settle below theirs), settled at its price when it returns, at its worst case when it times
+        out, at nothing otherwise. Each failed attempt has its own ledger row; a call that failed after its
+        retries goes into the provider's failure window."""
         p = lane.provider
         accounts = self._accounts
         attempts = 0
+        failed: BaseException | None = None  # the last attempt that went out and failed (it has its row)
         started = time.monotonic()
         try:
             retrying = tenacity.AsyncRetrying(
@@ -417,27 +423,37 @@ class ServicePool:
                 reraise=True,
             )
             async for attempt in retrying:
-                with attempt, accounts.booking(p, [request]) as booking:
-                    attempts += 1
-                    try:
-                        reply, latency = await self._attempt(lane, request)
-                    except NotSent:  # stopped while it waited for its turn: nothing went out
-                        attempts -= 1
-                        raise
-                    except (TimeoutError, asyncio.TimeoutError):
-                        accounts.record_timeout(p, key, booking)
-                        raise
-                    cost = accounts.price(p, reply)
-                    booking.paid(cost, reply.input_tokens + reply.output_tokens)
+                with attempt:
+                    async with accounts.booking(p, [request]) as booking:
+                        attempts += 1
+                        sent: list[float] = []
+                        try:
+                            reply, latency = await self._attempt(lane, request, sent)
+                        except NotSent:  # stopped while it waited for its turn: nothing went out
+                            attempts -= 1
+                            raise
+                        except Exception as exc:
+                            failed = exc
+                            # tenacity retries exactly when the error is retryable and attempts are left
+                            retried = is_retryable(exc) and attempts <= p.max_retries
+                            took = time.monotonic() - sent[0] if sent else 0.0
+                            accounts.record_attempt(p, key, booking, exc, attempts, took, retried)
+                            raise
+                        cost = accounts.price(p, reply)
+                        booking.paid(cost, reply.input_tokens + reply.output_tokens)
         except NotSent as exc:
             accounts.note_not_sent()
+            if failed is not None:  # attempts went out and failed before the stage stopped
+                error = accounts.redact(describe_error(failed))
+                accounts.record_failure(p, failed, error, attempts)
             return ChatResult("", None, None, f"not sent: {exc}", 0, 0, 0.0, 0.0, False, attempts, key)
         except Exception as exc:  # one bad call must not sink the batch: report it in the result and ledger
             error = accounts.redact(describe_error(exc))
             accounts.stop_if_fatal(p, exc, error)
-            timed_out = isinstance(exc, TimeoutError | asyncio.TimeoutError)
-            if not timed_out:  # timed-out attempts have their own (estimated) rows already
+            if exc is not failed:  # not an attempt's failure (those have their rows): ledger it here
                 accounts.record_error(p, key, error, time.monotonic() - started, attempts)
+            if attempts:  # a real call failed
+                accounts.record_failure(p, exc, error, attempts)
             return ChatResult(
                 "", None, None, error, 0, 0, time.monotonic() - started, 0.0, False, attempts, key
             )
