@@ -167,6 +167,7 @@ def read_one(
     read: Callable[[Any], Any] = lambda value: value,
     *,
     what: str = "JSON value",
+    whats: str | None = None,
     examples: bool = True,
     none_found: Callable[[str], Any] | None = None,
 ) -> tuple[Any, Any]:
@@ -192,7 +193,7 @@ def read_one(
     if not candidates:
         if quoted:
             raise ValueError(
-                f"the reply holds only {quoted} quoted example or placeholder {what}(s), no answer of its own"
+                f"the reply holds only quoted examples or placeholders ({quoted}), no {what} of its own"
             )
         if none_found is not None:
             none_found(text)
@@ -200,7 +201,7 @@ def read_one(
     readings = [read(value) for value in candidates]
     if any(reading != readings[0] for reading in readings[1:]):
         shown = "; ".join(json.dumps(v, ensure_ascii=False, default=str)[:160] for v in candidates[:4])
-        raise ValueError(f"the reply holds {len(candidates)} different {what}s: {shown}")
+        raise ValueError(f"the reply holds {len(candidates)} different {whats or what + 's'}: {shown}")
     return readings[0], candidates[0]
 
 

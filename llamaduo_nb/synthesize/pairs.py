@@ -221,7 +221,13 @@ def parse_pairs(text: str) -> tuple[list[dict], int]:
     dropped and counted.
     """
     return read_one(
-        text or "", _holds_pairs, _read_pairs, what="list of pairs", examples=False, none_found=_no_pairs
+        text or "",
+        _holds_pairs,
+        _read_pairs,
+        what="list of pairs",
+        whats="lists of pairs",
+        examples=False,
+        none_found=_no_pairs,
     )[0]
 
 
