@@ -130,6 +130,8 @@ CASES = [
     (f"{judgment(85, 90)} is just an example of the format; mine: {judgment(20, 30)}", {}, (20, 30)),
     (f"e.g. {judgment(50, 50)}. Here it is: {judgment(91, 88)}", {}, (91, 88)),
     (f"Here is my judgment in the requested JSON format:\n{judgment(77, 64)}", {}, (77, 64)),
+    (f"Expected format: {judgment(85, 90)}\nMy scores: {judgment(12, 25)}", {}, (12, 25)),
+    (f"Minor issues such as missing units:\n{judgment(66, 61)}", {}, (66, 61)),
     # repeats itself (a different rationale is the same judgment)
     (f"{judgment(58, 60, 'Close.')}\nTo repeat: {judgment(58, 60, 'Close enough.')}", {}, (58, 60)),
     # corrects itself, either way round: ambiguous, a failure, never the first (or the last) attempt
@@ -171,7 +173,7 @@ def test_free_text_judge_replies_read_the_same_on_04s_real_path(tmp_path, server
             assert (result.parsed["similarity"], result.parsed["precision"]) == wanted
             assert result.parse_error is None
     # the verdict's rationale, not the example's
-    assert judgments[6]["rationale"] == "Close."
+    assert judgments[8]["rationale"] == "Close."
 
 
 def test_a_cached_reply_is_read_again_by_todays_reader(tmp_path, server):
@@ -263,6 +265,48 @@ def test_generated_replies_on_the_pool_path_are_the_verdict_or_a_failure(tmp_pat
         assert alone == (
             None if expected is None else dict(zip(("similarity", "precision"), expected, strict=True))
         )
+
+
+# --------------------------------------------------------------------------- the rule itself
+
+VERDICT, OTHER = judgment(30, 40), judgment(85, 90)
+
+
+@pytest.mark.parametrize(
+    "intro",
+    [
+        "For example: {other}\n",
+        "e.g. {other}. ",
+        "Here is an example of the format: {other}\n",
+        "The format is {other}; ",
+        "Expected format:\n```json\n{other}\n```\n",
+        "A reply should look like {other}, so:\n",
+        "{other} is just an example.\n",
+        "{other} (example)\n",
+        'Format: {{"similarity": "<integer 1-100>", "precision": "..."}}\n',
+    ],
+)
+def test_a_quoted_example_is_never_the_verdict(intro):
+    assert evaluate.parse_judgment(intro.format(other=OTHER) + VERDICT) == {
+        "similarity": 30.0,
+        "precision": 40.0,
+    }
+    with pytest.raises(ValueError, match="quoted examples or placeholders"):
+        evaluate.parse_judgment(intro.format(other=OTHER))  # an example alone is no verdict either
+
+
+@pytest.mark.parametrize(
+    "intro",
+    [
+        "Here is my judgment in the requested JSON format:\n",
+        "Following the format:\n",
+        "Minor issues such as missing units:\n",
+        "The candidate misses one example. ",
+        "My verdict:\n```json\n",
+    ],
+)
+def test_prose_that_announces_the_verdict_keeps_it(intro):
+    assert evaluate.parse_judgment(intro + VERDICT) == {"similarity": 30.0, "precision": 40.0}
 
 
 # --------------------------------------------------------------------------- the other readers

@@ -9,8 +9,8 @@ the reward judge (teacher study) and the pair generator (05) alike:
 * a quoted example or placeholder is never the answer: a value whose every text field is a hint ("<score>",
   "<integer 1-100>", "...", "1-100", "[rationale]", "your score here") is a placeholder, and (for readers that
   ask for it) a value the prose introduces as an example ("For example:", "e.g.", "an example of the
-  format", "the format is", "... would look like") or calls one right after it ("{...} is just an example")
-  is a quote, not the reply's answer;
+  format", "the format is", "Expected format:", "... would look like") or calls one right after it ("{...} is
+  just an example") is a quote, not the reply's answer ("Here is my verdict in the requested format:" is not);
 * several candidates whose readings DIFFER are a failure, never "the first" or "the last": a reply that
   quotes another object or corrects itself ("first {a} ... on reflection {b}") is ambiguous in general (the
   corrected value may come first, "{b}, not {a}", or last), and a failure is counted and kept with its raw
@@ -126,13 +126,14 @@ def is_placeholder(value: Any) -> bool:
 
 
 # The clause right before a value that introduces it as an example, and the words right after one that call
-# it one. "Here is my verdict in the requested format:" is NOT an example; "the format is:" / "e.g." are.
+# it one. "Here is my verdict in the requested format:" is NOT an example; "the format is", "Expected format:" and
+# "e.g." are.
 _EXAMPLE_BEFORE = re.compile(
     r"\bfor\s+(?:example|instance)\b|\beg\b"
     r"|(?:^|\b(?:an?|one|another|some|this\s+is\s+an?|here\s+is\s+an?|here's\s+an?)\s+)"
     r"(?:example|sample|illustration)s?\b"
     r"|\b(?:example|sample)\s+(?:output|reply|response|answer|judge?ment|verdict|object|format|json)\b"
-    r"|\bplaceholders?\b|\bhypothetical(?:ly)?\b|\bsuch\s+as\b"
+    r"|\bplaceholders?\b|\bhypothetical(?:ly)?\b"
     r"|\b(?:format|template|schema|shape)\s+(?:is|was|should\s+be|would\s+be|looks\s+like|reads)\b"
     r"|\b(?:should|would|could|might|must)\s+look\s+like\b|\b(?:something|a\s+reply)\s+like\b",
     re.IGNORECASE,
@@ -148,6 +149,14 @@ _FENCE_TAIL = re.compile(r"(?:```[A-Za-z]*|<[A-Za-z_]+>|\s)+$")
 EXAMPLE_WINDOW = 300  # how far back the clause introducing a value is looked for
 
 
+# "Expected format:", "Output format:", "Format:" right before a value name the format, not the answer; "in the
+# requested format:", "following the format:" announce the answer.
+_FORMAT_LABEL = re.compile(r"\b(?:format|schema|template)\s*:?\s*$", re.IGNORECASE)
+_IN_FORMAT = re.compile(
+    r"\b(?:in|using|with|following|per|to|as)\b.*\b(?:format|schema|template)\b", re.IGNORECASE
+)
+
+
 def quoted_as_example(text: str, start: int, end: int, since: int = 0) -> bool:
     """Whether the prose introduces the JSON value at text[start:end] as an example (the clause right before
     it, after `since`, e.g. the end of the previous value) or calls it one right after it."""
@@ -156,7 +165,7 @@ def quoted_as_example(text: str, start: int, end: int, since: int = 0) -> bool:
     if before and before[-1] in ".!?;":
         before = ""  # the value starts a sentence of its own
     clause = _SENTENCE_END.split(before)[-1]
-    if _EXAMPLE_BEFORE.search(clause):
+    if _EXAMPLE_BEFORE.search(clause) or (_FORMAT_LABEL.search(clause) and not _IN_FORMAT.search(clause)):
         return True
     return bool(_EXAMPLE_AFTER.match(text[end : end + 40]))
 
