@@ -186,23 +186,23 @@ def read_one(
     `read` reads one (ValueError when it is not an answer: a candidate that does not read is a failure of
     the reply, never skipped). Placeholders are never candidates; values introduced as examples are not
     either unless `examples` is False (a reader whose answer IS a set of examples — synthesis' pairs, "Here
-    are three example pairs:" — says so). Several candidates whose readings differ are a failure; equal
-    readings are one answer (the first value is returned). When nothing is wanted, `none_found(text)` (if
+    are three example pairs:" — says so). Several candidates whose readings differ are a failure, never the
+    first or the last (why: the module docstring); equal readings are one answer (the first value is returned). When nothing is wanted, `none_found(text)` (if
     given) raises the reader's own explanation (say what is wrong with the JSON that is there).
     """
     text = text or ""
-    candidates, quoted = [], 0
+    candidates, shown_only = [], 0
     since = 0
     for value, start, end in json_spans(text, wanted):
         if is_placeholder(value) or (examples and quoted_as_example(text, start, end, since)):
-            quoted += 1
+            shown_only += 1
         else:
             candidates.append(value)
         since = end
     if not candidates:
-        if quoted:
+        if shown_only:
             raise ValueError(
-                f"the reply holds only quoted examples or placeholders ({quoted}), no {what} of its own"
+                f"the reply holds only quoted examples or placeholders ({shown_only}), no {what} of its own"
             )
         if none_found is not None:
             none_found(text)
