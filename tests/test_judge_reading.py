@@ -176,6 +176,27 @@ def test_free_text_judge_replies_read_the_same_on_04s_real_path(tmp_path, server
     assert judgments[8]["rationale"] == "Close."
 
 
+def test_provider_batch_results_are_read_by_the_judges_reader(tmp_path, server, monkeypatch):
+    """A `batch: true` judge (OpenAI's batch API on the fake server): batch results are read like live ones."""
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    live = judge_config(tmp_path, server, "none")
+    judge = dataclasses.replace(
+        live.providers[0], kind="openai", model="gpt-4o-mini", free=False, batch=True, batch_poll_s=0.05
+    )
+    cfg = dataclasses.replace(live, providers=[judge])
+    rows = [row_for(reply, **texts) for reply, texts, _ in CASES]
+    layout = RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
+    requests = evaluate.judge_requests(rows, cfg.evaluate, evaluate.judge_template())
+    with ServicePool(cfg, layout, LEDGER_JUDGING, cycle=0) as pool:
+        batched = pool.complete_many("judge", requests)  # one batch: every result read from the batch file
+        judgments = evaluate.judge_rows(pool, rows, cfg.evaluate)  # replays
+    assert server.batch_submits["openai"] == 1 and not any(r.cached for r in batched)
+    for (reply, _, expected), result, record in zip(CASES, batched, judgments, strict=True):
+        wanted = None if expected is None else tuple(map(float, expected))
+        read = None if result.parsed is None else (result.parsed["similarity"], result.parsed["precision"])
+        assert read == wanted == scores_of(record), reply
+
+
 def test_a_cached_reply_is_read_again_by_todays_reader(tmp_path, server):
     """The reader is not part of the cache key: a reply cached before (read by another reader) replays and
     is read by the request's reader now."""
