@@ -3,7 +3,8 @@
 The notebook imports this one name (`from llamaduo_nb import evaluate`); the work is split by concern:
 
 * `judging`       the one answer-and-judge path (`answer_with_provider`, `judge_rows`), the judge prompt,
-                  parsing a judgment (scores + optional rationale); used by 04, the baselines and 06
+                  reading a judgment (`JudgmentReader`: scores + optional rationale, the judge requests'
+                  reader); used by 04, the baselines and 06
 * `metric_judges` reference-metric judges (ROUGE-L, chrF, exact match): offline, free, M = 1
 * `stats`         pure statistics: V, C@zeta, cluster-bootstrap intervals, the eq. 9 decision
 * `agreement`     how much the M repeats and the judges agree (Spearman, Kendall, Krippendorff's alpha)
@@ -28,12 +29,14 @@ from .judging import (
     RAW_KEEP_CHARS,
     SCORE_MAX,
     SCORE_MIN,
+    JudgmentReader,
     answer_failed_record,
     answer_requests,
     answer_with_provider,
     assumed_answers,
     judge_messages,
     judge_names,
+    judge_reader,
     judge_requests,
     judge_responses,
     judge_rows,
@@ -45,6 +48,7 @@ from .judging import (
     planned_answer_calls,
     planned_judge_calls,
     rationale_of,
+    read_judgment,
     scores_from_object,
 )
 from .metric_judges import METRIC_JUDGES, label_match, metric_judgments, reference_label
@@ -105,6 +109,7 @@ __all__ = [
     "JUDGMENT_SCHEMA",
     "JUDGMENT_SCHEMA_RATIONALE",
     "METRICS",
+    "JudgmentReader",
     "METRIC_JUDGES",
     "RAW_KEEP_CHARS",
     "SCORE_MAX",
@@ -129,6 +134,7 @@ __all__ = [
     "judge_messages",
     "judge_names",
     "judge_pairs",
+    "judge_reader",
     "judge_requests",
     "judge_responses",
     "judge_rows",
@@ -152,6 +158,7 @@ __all__ = [
     "plot_models_scores",
     "plot_scores",
     "rationale_of",
+    "read_judgment",
     "reference_label",
     "reference_lines",
     "reference_rows",

@@ -22,6 +22,11 @@ How 06 calls it (`deploy.parity.parity_judgments`; one pool holding the served m
     table = evaluate.comparison(                                                # V / C@zeta with CIs
         {"evaluated": cycle_judgments, "served": judgments}, cfg.evaluate)
 
+Every judge reply is read one way (`read_judgment`, on `services.read_one`'s rule): the judge requests carry a
+`JudgmentReader` as their `reader`, so the pool's `parsed` (live, cache replay, batch) and `judgment_record`
+read the same verdict; a quoted example is never scored, two different judgments in one reply are a failure,
+and only the judge's own statements of a scale count (not fractions quoted from the task).
+
 A judgment that errors after the client's retries, does not parse, or has a score outside 1..100 is a
 *failure*: it is written to `judgments.jsonl` with `ok=false` and the reason, counted per judge, and left
 out of every statistic (never scored 0). A judge may add a short `rationale` (kept for review).
@@ -33,6 +38,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +46,7 @@ from ..config import EvaluateConfig, InferenceConfig
 from ..jsonio import DataFileError, read_jsonl
 from ..plan import PlannedCall
 from ..prompts import PromptTemplate, load_template
-from ..services import ChatRequest, ChatResult, ServicePool, extract_json, find_json
+from ..services import ChatRequest, ChatResult, ServicePool, extract_json, json_spans, read_one
 from ..student import student_messages
 from .metric_judges import applicable, metric_judgments
 
@@ -130,12 +136,23 @@ def judge_messages(row: dict, template: PromptTemplate, rationale: bool = False)
 # --------------------------------------------------------------------------- parsing one judgment
 
 
-# "8/10", "4 out of 5", "on a scale of 1-10", "(0 to 10)": the reply says which scale it used.
-_SCALE_MENTION = re.compile(
-    r"\b\d+(?:\.\d+)?\s*(?:/|out\s+of)\s*(?P<den>\d+)\b(?![/\d])"
-    r"|\bscale\s+(?:of|from)\s+[01]\s*(?:-|–|to)\s*(?P<top>\d+)\b",
-    re.IGNORECASE,
+# The judge's own statements of the scale it scored on, in the prose around the verdict: "Score: 8/10",
+# "I rate it 7 out of 10", "8/10 for similarity", "on a scale of 1-10". A fraction counts only next to a score
+# word (within three words before it, or "for <score word>" right after it), so "the reference says 7/8" or
+# "it lists 3 out of 4 items" is not a statement of a scale.
+_FRACTION = re.compile(
+    r"(?<![\d.,/])(?P<num>\d+(?:\.\d+)?)\s*(?:/|out\s+of)\s*(?P<den>\d+)(?![\d/]|[.,]\d)", re.IGNORECASE
 )
+_SCALE_RANGE = re.compile(r"\bscale\s+(?:of|from)\s+[01]\s*(?:-|–|to)\s*(?P<den>\d+)\b", re.IGNORECASE)
+_SCORE_WORDS = (
+    r"(?:scor\w*|rat(?:e|es|ed|ing|ings)|grad(?:e|es|ed|ing)|similarity|precision|overall|marks?|marked"
+    r"|giv(?:e|es|ing|en)|gave|award\w*|verdict|assessment)"
+)
+_SCORE_BEFORE = re.compile(rf"\b{_SCORE_WORDS}\b(?:\W+\w+){{0,3}}?\W*$", re.IGNORECASE)
+_SCORE_AFTER = re.compile(
+    rf"\s*(?:points?|pts|stars?)?\s*(?:for|on|in)\s+(?:the\s+|its\s+|my\s+)?{_SCORE_WORDS}\b", re.IGNORECASE
+)
+_CLAUSE_END = re.compile(r"[.!?](?:\s|$)|\n")
 _SCALE_KEYS = ("out_of", "max", "max_score", "scale", "scale_max")
 _METRIC_KEYS = {metric: (metric, f"{metric}_score", f"{metric}_assessment") for metric in METRICS}
 
@@ -218,48 +235,115 @@ def scores_from_object(obj: Any, scale_max: int = SCORE_MAX) -> dict[str, float]
     return {metric: _as_score(found[metric], metric, scale_max) for metric in METRICS}
 
 
-def parse_judgment(text: str, parsed: Any = None, scale_max: int = SCORE_MAX) -> dict[str, float]:
-    """Scores of one judge reply, on 1..100; ValueError says why the reply is not a judgment.
+def _fractions(text: str) -> set[tuple[float | None, int]]:
+    """Every fraction ("7/8", "3 out of 4") and scale ("scale of 1-10", as (None, 10)) written in `text`."""
+    found: set[tuple[float | None, int]] = {
+        (float(m.group("num")), int(m.group("den"))) for m in _FRACTION.finditer(text)
+    }
+    return found | {(None, int(m.group("den"))) for m in _SCALE_RANGE.finditer(text)}
 
-    Uses the client's parsed JSON when it is an object, else the JSON object with both score keys found
-    anywhere in `text` (so "rubric [1] ... {json}" works). A reply that holds two different judgments, or
-    says (in the prose around the JSON, or with an `out_of`-style key) that it scored on another scale than
-    the 1..`scale_max` the prompt asked for ("8/10", "on a scale of 1-10"), is a failure. Pass `scale_max` only when the judge prompt asked for that scale.
+
+def _score_statements(prose: str) -> list[tuple[float | None, int, str]]:
+    """(score, top, as written) of every statement of a scale in `prose`: a fraction next to a score word,
+    or "scale of 1-N" (score None)."""
+    found = []
+    for m in _FRACTION.finditer(prose):
+        clause = _CLAUSE_END.split(prose[max(0, m.start() - 80) : m.start()])[-1]
+        if _SCORE_BEFORE.search(clause) or _SCORE_AFTER.match(prose, m.end()):
+            found.append((float(m.group("num")), int(m.group("den")), m.group(0)))
+    found += [(None, int(m.group("den")), m.group(0)) for m in _SCALE_RANGE.finditer(prose)]
+    return found
+
+
+def _prose(text: str) -> str:
+    """`text` with every JSON value in it blanked out: what the judge wrote around its objects."""
+    out, last = [], 0
+    for _, start, end in json_spans(text):
+        out.append(text[last:start])
+        last = end
+    return " ".join([*out, text[last:]])
+
+
+def read_judgment(
+    text: str, *, scale_max: int = SCORE_MAX, quoted: Sequence[str] = ()
+) -> tuple[dict[str, float], dict]:
+    """(scores on 1..100, the verdict object) of one judge reply; ValueError says why it is not a judgment.
+
+    The verdict is the JSON object with both score keys found anywhere in `text`, read by the one rule of
+    `services.read_one`: quoted examples and placeholders ("For example: {...}", {"similarity": "<integer
+    1-100>"}) are never the verdict, and a reply holding two different judgments (self-corrections
+    included) is a failure; a repeated verdict is one. A judgment on another scale than the 1..`scale_max`
+    the prompt asked for is a failure, never rescaled: a score written as "8/10", an `out_of`-style key, or a
+    statement of the judge's own in the prose ("Score: 8/10", "I rate it 7 out of 10", "on a scale of
+    1-10"). A fraction in the prose is such a statement only when (1) it sits next to a score word (see
+    `_SCORE_BEFORE` / `_SCORE_AFTER`), (2) it is not quoted from the task: the same fraction is not written in
+    `quoted` (the instruction, reference and candidate the prompt showed), and (3) a score of the verdict could
+    be on that scale (some score <= its top); so "the reference says 7/8", "3 out of 4 items" or a "Precision:
+    3 out of 4 steps" next to {"similarity": 70, "precision": 75} leave the judgment valid, while "Score:
+    8/10" next to {"similarity": 8, ...} is a failure. Pass `scale_max` only when the judge prompt asked for
+    that scale.
     """
     text = text or ""
-    first, last = text.find("{"), text.rfind("}")
-    prose = text if first < 0 or last < first else text[:first] + " " + text[last + 1 :]
-    for mention in _SCALE_MENTION.finditer(prose):
-        top = mention.group("den") or mention.group("top")
-        if int(top) != scale_max:
-            raise _other_scale(f"the reply ({mention.group(0)!r})", top, scale_max)
-    if isinstance(parsed, dict):
-        return scores_from_object(parsed, scale_max)
-    candidates = find_json(text, _judgment_keys)
-    if not candidates:  # say what is wrong with the JSON that is there (missing key, ...), if any
-        return scores_from_object(extract_json(text, lambda v: isinstance(v, dict)), scale_max)
-    judgments = [scores_from_object(obj, scale_max) for obj in candidates]
-    if any(j != judgments[0] for j in judgments[1:]):
-        raise ValueError(f"the reply holds {len(judgments)} different judgments: {judgments}")
-    return judgments[0]
+
+    def explain(reply: str) -> None:  # say what is wrong with the JSON that is there (missing key, ...)
+        scores_from_object(extract_json(reply, lambda v: isinstance(v, dict)), scale_max)
+
+    scores, verdict = read_one(
+        text,
+        _judgment_keys,
+        lambda obj: scores_from_object(obj, scale_max),
+        what="judgment",
+        none_found=explain,
+    )
+    from_task = _fractions("\n".join(quoted))
+    lowest = min(scores.values()) * scale_max / SCORE_MAX
+    for score, top, shown in _score_statements(_prose(text)):
+        if top == scale_max or (score, top) in from_task or lowest > top:
+            continue
+        raise _other_scale(f"the reply ({shown!r})", top, scale_max)
+    return scores, verdict
 
 
-def rationale_of(text: str, parsed: Any = None) -> str | None:
-    """The judge's optional short reason (`rationale`, `reason` or `explanation`), cut to a few sentences."""
-    obj = parsed if isinstance(parsed, dict) else None
-    if obj is None:
-        try:
-            obj = extract_json(text or "")
-        except ValueError:
-            return None
-    if not isinstance(obj, dict):
-        return None
+def parse_judgment(text: str, *, scale_max: int = SCORE_MAX, quoted: Sequence[str] = ()) -> dict[str, float]:
+    """Scores of one judge reply, on 1..100; ValueError says why the reply is not a judgment (`read_judgment`)."""
+    return read_judgment(text, scale_max=scale_max, quoted=quoted)[0]
+
+
+def _rationale(obj: dict) -> str | None:
     lowered = {str(k).strip().lower(): v for k, v in obj.items()}
     for key in ("rationale", "reason", "explanation"):
         value = lowered.get(key)
         if isinstance(value, str) and value.strip():
             return value.strip()[:RATIONALE_MAX_CHARS]
     return None
+
+
+def rationale_of(text: str, *, quoted: Sequence[str] = ()) -> str | None:
+    """The judge's optional short reason (`rationale`, `reason` or `explanation`) in the verdict object, cut
+    to a few sentences; None when the reply has none or is not a judgment."""
+    try:
+        return _rationale(read_judgment(text, quoted=quoted)[1])
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class JudgmentReader:
+    """The reading of a judge reply, as the judge request's `reader` and `judgment_record` both apply it:
+    {"similarity", "precision"} on 1..100 plus the "rationale" (or None); ValueError when it is not a
+    judgment. `quoted`: the texts the prompt showed (fractions written there are not the judge's scale)."""
+
+    quoted: tuple[str, ...] = ()
+    scale_max: int = SCORE_MAX
+
+    def __call__(self, text: str) -> dict[str, Any]:
+        scores, verdict = read_judgment(text, scale_max=self.scale_max, quoted=self.quoted)
+        return {**scores, "rationale": _rationale(verdict)}
+
+
+def judge_reader(row: dict) -> JudgmentReader:
+    """The reader of the judgments of `row` (its instruction, reference and candidate are the quoted texts)."""
+    return JudgmentReader(tuple(str(row.get(key) or "") for key in ("instruction", "reference", "candidate")))
 
 
 def judgment_record(row: dict, judge: str, repeat: int, result: ChatResult) -> dict:
@@ -282,14 +366,14 @@ def judgment_record(row: dict, judge: str, repeat: int, result: ChatResult) -> d
     if result.error:
         record["error"] = f"request: {result.error}"
         return record
-    try:
-        scores = parse_judgment(result.text, result.parsed)
+    try:  # the request's reader, applied to the text again: one reading, whatever filled `result.parsed`
+        reading = judge_reader(row)(result.text)
     except ValueError as exc:
         kind = "range" if "outside" in str(exc) else "parse"
         record["error"] = f"{kind}: {exc}"
         record["raw"] = (result.text or "")[:RAW_KEEP_CHARS]
         return record
-    record.update(scores, ok=True, rationale=rationale_of(result.text, result.parsed))
+    record.update(reading, ok=True)
     return record
 
 
@@ -399,6 +483,7 @@ def judge_requests(rows: Sequence[dict], cfg: EvaluateConfig, template: PromptTe
             json_schema=JUDGMENT_SCHEMA_RATIONALE if cfg.rationale else JUDGMENT_SCHEMA,
             schema_name="judgment",
             repeat=repeat,
+            reader=judge_reader(row),
         )
         for row in rows
         for repeat in range(cfg.m)

@@ -56,9 +56,11 @@ Structured output: `json_mode: schema` asks the provider to enforce the schema (
 servers: `response_format` json_schema, which the embedded server turns into a llama.cpp grammar, see
 embedded.py; Anthropic: a forced tool whose input_schema is the schema; Google: JSON mime type +
 `response_json_schema`). `object` asks for any JSON object and `none` asks nothing of the API; in
-both the schema is stated in the system prompt. Either way the reply text is parsed leniently
-(first JSON value in the text, code fences and trailing prose allowed) and checked against the
-schema; a failure sets `parse_error`, it never raises.
+both the schema is stated in the system prompt. Either way the reply text is read by one rule
+(`parsing.read_one`: the JSON value the reader wants, anywhere in the text; quoted examples and
+placeholders are never the answer; several differing candidates are a failure): by the request's own
+`reader` when it carries one (the judge, the reward judge and the pair generator do), else as the one value
+valid against the schema. The reading fills `parsed`; a failure sets `parse_error`, it never raises.
 
 Anthropic: SDK 2.x speaks API version 2026-10-21, which has no temperature/top_p; they are not sent
 (the model samples at its own setting, so M repeats still differ).
@@ -74,7 +76,8 @@ awaited from any loop.
 The modules (each imports only those listed before it):
 
 - `types`: ChatRequest, ChatResult, the raw `Reply`, PoolStats, StageStopped, MissingAPIKeyError, NotSent
-- `parsing`: find_json / extract_json / parse_structured, unusable_reason, the result of a usable reply
+- `parsing`: find_json / extract_json, `read_one` (the one rule that reads a reply's answer), parse_structured,
+  unusable_reason, the result of a usable reply (read by the request's reader)
 - `backends`: the OpenAI / Anthropic / Google backends, `Lane`, api_key_for, error classification and retry waits
 - `accounting`: `Accounts`, the one object that books every paid reply (budgets, ledger, cache writes, fail fast)
 - `batches`: provider batch APIs, run with a lane and the pool's `Accounts`
@@ -92,7 +95,15 @@ from .backends import (
     stop_reason,
 )
 from .batches import BATCH_LIMITS, BatchBook, BatchStatus, ItemError
-from .parsing import extract_json, find_json, parse_structured, unusable_reason
+from .parsing import (
+    extract_json,
+    find_json,
+    is_placeholder,
+    json_spans,
+    parse_structured,
+    read_one,
+    unusable_reason,
+)
 from .pool import EMBEDDED_N_CTX, EMBEDDED_PARALLEL, ServicePool
 from .types import ChatRequest, ChatResult, MissingAPIKeyError, PoolStats, StageStopped
 
@@ -115,8 +126,11 @@ __all__ = [
     "api_key_for",
     "extract_json",
     "find_json",
+    "is_placeholder",
     "is_retryable",
+    "json_spans",
     "parse_structured",
+    "read_one",
     "retry_after_seconds",
     "shared_cache_path",
     "stop_reason",

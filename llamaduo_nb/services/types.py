@@ -10,6 +10,7 @@ rate limiter and the budget reservation share (`estimate_tokens`).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,12 +53,18 @@ class ChatRequest:
     # Free-text answers (03's samples, Table-1 baselines, parity, teacher answers): a reply cut at max_tokens is
     # the model's answer at that budget, usable and cached. Structured replies (judge, synthesis) never are.
     allow_truncated: bool = False
+    # The stage's reading of a reply (text -> value; ValueError when the reply is not an answer): fills the
+    # result's parsed / parse_error, live, replayed or batched (`parsing.read_reply`). Not part of the request
+    # sent nor of its cache key, so a cached reply is read again by today's reader when it is replayed.
+    reader: Callable[[str], Any] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
 class ChatResult:
     text: str
-    parsed: Any | None  # the parsed JSON value when the request had a json_schema and parsing succeeded
+    # the request's reading of the reply: its reader's value, else the one JSON value valid against its
+    # json_schema (None without either, or when the reply does not read: then parse_error says why)
+    parsed: Any | None
     parse_error: str | None
     error: str | None  # set when the call failed after all retries (then text is "")
     input_tokens: int

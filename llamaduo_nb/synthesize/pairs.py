@@ -27,6 +27,7 @@ surplus is logged), so the calls stay within what `planned_synthesis_calls` (the
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 import re
@@ -46,7 +47,7 @@ from ..plan import PlannedCall, PlannedCalls
 from ..prompts import PromptTemplate, load_template
 from ..runlayout import RunLayout
 from ..schemas import LEDGER_SYNTHESIS
-from ..services import ChatRequest, ChatResult, ServicePool, extract_json, find_json
+from ..services import ChatRequest, ChatResult, ServicePool, read_one
 from .splits import load_split
 from .teacher import (
     Reward,
@@ -203,22 +204,37 @@ def _holds_pairs(obj: Any) -> bool:
     return items is not None and any(isinstance(item, dict) for item in items)
 
 
-def parse_pairs(text: str, parsed: Any = None) -> tuple[list[dict], int]:
-    """(pairs, malformed_items) from a generator reply; ValueError when no list of pairs is found.
+def _no_pairs(text: str) -> None:
+    raise ValueError(f"no list of pairs in the reply: {text[:200]!r}")
+
+
+def parse_pairs(text: str) -> tuple[list[dict], int]:
+    """(pairs, malformed_items) from a generator reply (the synthesis requests' `reader`); ValueError when no
+    list of pairs is found.
 
     Accepted shapes: {"pairs": [...]} (what we ask for), the paper's {"contents": [...]}, any single
     top-level list value, a bare list, or one {"instruction", "response"} object — found anywhere in the
-    reply (prose, fences, a "[1]" rubric before it are skipped). Items that are not objects with string
-    instruction and response are dropped and counted.
+    reply (prose, fences, a "[1]" rubric before it are skipped), by `services.read_one`'s rule: a placeholder
+    ({"pairs": [{"instruction": "...", "response": "..."}]}, the prompt's format) is never the answer, and two
+    different lists of pairs in one reply are a failure. Prose calling the pairs "examples" does not make them
+    quotes (they are examples by nature). Items that are not objects with string instruction and response are
+    dropped and counted.
     """
-    if isinstance(parsed, dict | list) and _holds_pairs(parsed):
-        obj = parsed
-    else:
-        found = find_json(text or "", _holds_pairs)
-        obj = found[0] if found else extract_json(text or "")
+    return read_one(
+        text or "",
+        _holds_pairs,
+        _read_pairs,
+        what="list of pairs",
+        whats="lists of pairs",
+        examples=False,
+        none_found=_no_pairs,
+    )[0]
+
+
+def _read_pairs(obj: Any) -> tuple[list[dict], int]:
     items = _pair_list(obj)
     if not isinstance(items, list):
-        raise ValueError(f"no list of pairs in the reply: {(text or '')[:200]!r}")
+        raise ValueError(f"no list of pairs in {json.dumps(obj)[:200]}")
     pairs, malformed = [], 0
     for item in items:
         if not isinstance(item, dict):
@@ -349,6 +365,7 @@ def request_batch(
             json_schema=PAIRS_SCHEMA,
             schema_name="pairs",
             repeat=first_repeat + i,
+            reader=parse_pairs,
         )
         for i, seed in enumerate(seeds)
     ]
@@ -376,7 +393,7 @@ def candidates_from_results(
             log.append(entry)
             continue
         try:
-            pairs, malformed = parse_pairs(result.text, result.parsed)
+            pairs, malformed = parse_pairs(result.text)  # the requests' reader, one reading
         except ValueError as exc:
             entry["error"] = f"parse: {exc}"
             entry["raw"] = (result.text or "")[:1000]

@@ -37,6 +37,7 @@ The study's calls as the forecast prices them: `planned_study_calls` (the reques
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -55,7 +56,7 @@ from ..plan import PlannedCall, PlannedCalls
 from ..prompts import PromptTemplate, load_template
 from ..runlayout import RunLayout
 from ..schemas import LEDGER_TEACHER_STUDY
-from ..services import ChatRequest, ChatResult, ServicePool, extract_json
+from ..services import ChatRequest, ChatResult, ServicePool, extract_json, read_one
 from ..student import load_student, student_messages
 from .splits import load_split
 
@@ -171,11 +172,11 @@ def reward_template() -> PromptTemplate:
     return load_template(REWARD_TEMPLATE, required=REWARD_PLACEHOLDERS)
 
 
-def parse_reward(text: str, parsed: Any = None) -> float:
-    """The 1-100 quality score of a reward-judge reply; ValueError says what is wrong."""
-    obj = parsed if isinstance(parsed, dict) else extract_json(text or "")
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+def _reward_keys(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool({str(k).strip().lower() for k in obj} & {"quality", "score"})
+
+
+def _reward_value(obj: dict) -> float:
     lowered = {str(k).strip().lower(): v for k, v in obj.items()}
     value = lowered.get("quality", lowered.get("score"))
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -183,6 +184,18 @@ def parse_reward(text: str, parsed: Any = None) -> float:
     if not REWARD_MIN <= value <= REWARD_MAX:
         raise ValueError(f"quality={value:g} is outside {REWARD_MIN}..{REWARD_MAX}")
     return float(value)
+
+
+def _explain_reward(text: str) -> None:
+    obj = extract_json(text, lambda v: isinstance(v, dict))
+    raise ValueError(f"no quality or score in {json.dumps(obj)[:200]}")
+
+
+def parse_reward(text: str) -> float:
+    """The 1-100 quality score of a reward-judge reply (the reward requests' `reader`); ValueError says what is
+    wrong. The object with a `quality` (or `score`) key anywhere in the reply, by `services.read_one`'s rule:
+    a quoted example or placeholder is never the score, two different scores in one reply are a failure."""
+    return read_one(text or "", _reward_keys, _reward_value, what="reward", none_found=_explain_reward)[0]
 
 
 def reward_requests(
@@ -198,6 +211,7 @@ def reward_requests(
             json_schema=REWARD_SCHEMA,
             schema_name="reward",
             repeat=repeat,
+            reader=parse_reward,
         )
         for inst, resp in items
         for repeat in range(cfg.m)
@@ -229,7 +243,7 @@ class JudgeReward:
                 try:
                     if result.error:
                         raise ValueError(f"request: {result.error}")
-                    scores.append(parse_reward(result.text, result.parsed))
+                    scores.append(parse_reward(result.text))  # the requests' reader, one reading
                 except ValueError as exc:
                     errors.append({"error": str(exc)[:300], "raw": (result.text or "")[:RAW_KEEP_CHARS]})
             values.append(float(np.mean(scores)) if scores else None)
