@@ -89,7 +89,7 @@ from .backends import (
 from .batches import BATCH_LIMITS, BatchBook, BatchStatus, ItemError
 from .parsing import extract_json, find_json, parse_structured, unusable_reason
 from .pool import EMBEDDED_N_CTX, EMBEDDED_PARALLEL, ServicePool
-from .types import ChatRequest, ChatResult, MissingAPIKeyError, PoolStats, StageStopped
+from .types import ChatRequest, ChatResult, Choice, MissingAPIKeyError, PoolStats, StageStopped
 
 __all__ = [
     "BATCH_LIMITS",
@@ -102,6 +102,7 @@ __all__ = [
     "BatchStatus",
     "ChatRequest",
     "ChatResult",
+    "Choice",
     "ItemError",
     "MissingAPIKeyError",
     "PoolStats",
