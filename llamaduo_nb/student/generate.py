@@ -386,9 +386,16 @@ def _generate_llamacpp(
     gguf_sha = read_json(marker)["gguf_sha256"]
     requests = llamacpp_requests(inf, rows)
     stage = LEDGER_INFERENCE if cycle is not None else LEDGER_BASELINES
+    n_ctx = max(2048, inf.max_new_tokens + 1024)
+    if not greedy:
+        # each slot holds one prompt and its answer: a prompt has at most as many tokens as UTF-8 bytes (every
+        # token but a special one is at least a byte), the chat template adds fewer than 512; so many slots
+        # fit in memory (the KV cache is ~23 KB a token for a 135M model)
+        longest = max(sum(len(m["content"].encode()) for m in r.messages) for r in requests)
+        n_ctx = min(n_ctx, -(-(longest + 512 + inf.max_new_tokens) // 256) * 256)
     with LlamaServer(
         gguf,
-        n_ctx=max(2048, inf.max_new_tokens + 1024),
+        n_ctx=n_ctx,
         n_threads=threads,
         parallel=slots,
         exact=greedy,
