@@ -68,7 +68,8 @@ awaited from any loop.
 
 The modules (each imports only those listed before it):
 
-- `types`: ChatRequest, ChatResult, the raw `Reply`, PoolStats, StageStopped, MissingAPIKeyError, NotSent
+- `types`: ChatRequest, ChatResult (an n > 1 request's `Choice`s), the raw `Reply`, PoolStats, StageStopped,
+  MissingAPIKeyError, NotSent
 - `parsing`: find_json / extract_json / parse_structured, unusable_reason, the result of a usable reply
 - `backends`: the OpenAI / Anthropic / Google backends, `Lane`, api_key_for, error classification and retry waits
 - `accounting`: `Accounts`, the one object that books every paid reply (budgets, ledger, cache writes, fail fast)
