@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from benches.common import COLUMNS, BenchLine, machine, write
+from benches.common import COLUMNS, BenchLine, cpu_label, machine, machine_info, write
 
 HERE = Path(__file__).resolve().parent
 ORDER = ("inference", "finetune", "dataquality", "scheduler")
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    run = {"machine": machine_info(), "load_start": uptime, "args": sys.argv[1:]}
     print(f"machine at start: {machine()} ({uptime})", flush=True)
     lines: list[BenchLine] = []
     for name in args.only or names:
@@ -83,14 +84,18 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # one broken bench must not hide the others' figures
             traceback.print_exc()
             lines.append(BenchLine(f"{name}: FAILED", f"{type(exc).__name__}: {exc}"[:200], "", None, ""))
-        write(lines, Path(args.out) / "summary.partial")  # a run stopped later keeps the figures so far
+        write(lines, Path(args.out) / "summary.partial", run=run)  # a stopped run keeps the figures so far
     uptime_end = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    run.update(load_end=uptime_end, seconds=round(time.monotonic() - started, 1))
+    info = run["machine"]
     preamble = (
         f"`make bench` ({' '.join(sys.argv[1:]) or 'all'}) took {time.monotonic() - started:.0f} s.\n"
+        f"Machine: {cpu_label()}; CPU flags that matter: {', '.join(info['flags']) or 'none of AVX-512/AMX'}; "
+        f"{info['system']} {info['machine']}, Python {info['python']}.\n"
         f"Load at start: {uptime}\nLoad at end: {uptime_end}\n"
         "ratio > 1 means ours is better; each ratio compares two figures taken in the same run."
     )
-    table = write(lines, Path(args.out) / "summary", preamble)
+    table = write(lines, Path(args.out) / "summary", preamble, run=run)
     print("\n" + preamble + "\n\n" + table)
     return 0
 

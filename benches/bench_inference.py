@@ -101,7 +101,7 @@ def lines(args: argparse.Namespace) -> list[BenchLine]:
         export_s = cpp["load_time_s"]
         print("03, llama.cpp engine again (GGUF reused) ...", flush=True)
         cpp_runs = [cpp, run_engine(layout, "llamacpp")]
-        print("03, llama.cpp engine with one slot (requests decoded one at a time) ...", flush=True)
+        print("03, llama.cpp engine with the fewest slots (one request at a time) ...", flush=True)
         cpp_one = run_engine(layout, "llamacpp", parallel=1)
         print("03, transformers engine again ...", flush=True)
         tf_runs.append(run_engine(layout, "transformers"))
@@ -128,12 +128,14 @@ def lines(args: argparse.Namespace) -> list[BenchLine]:
                 },
             )
         )
-        slots = cfg.inference.llamacpp_parallel
+        slots, fewest = cpp["llamacpp_parallel"], cpp_one["llamacpp_parallel"]
+        # K completions of one prompt need K slots (llama-server's n_cmpl): the fewest a sampled run can have
+        alone = "one request at a time, its K completions decoded together" if fewest > 1 else "1 slot"
         rows.append(
             BenchLine(
-                f"03 llama.cpp engine: {slots} parallel slots (continuous batching) vs 1 slot",
+                f"03 llama.cpp engine: {slots} parallel slots (continuous batching) vs {fewest}",
                 f"{cpp_rate:.1f} tok/s ({slots} slots)",
-                f"{cpp_one['tokens_per_s']:.1f} tok/s (1 slot: what llama-cpp-python's own server does)",
+                f"{cpp_one['tokens_per_s']:.1f} tok/s ({fewest} slots: {alone})",
                 cpp_rate / cpp_one["tokens_per_s"],
                 "",
                 details={"one_slot": cpp_one},

@@ -509,8 +509,9 @@ def test_parity_answers_are_fresh_calls_not_replays_of_03s_samples(tmp_path):
             sampled = pool.complete_many("served", llamacpp_requests(cfg.inference, rows))  # as 03 asks
             asked = len(server.entries())
             answers = served_answers(pool, "served", rows, cfg, "tiny-f16.gguf")
-    assert len(sampled) == asked == len(rows) * cfg.inference.k
+    # 03 asks once per prompt for its K samples (n = K); parity asks each of the K answers on its own
+    assert len(sampled) == asked == len(rows) and all(len(r.choices) == cfg.inference.k for r in sampled)
     assert len(answers) == len(rows) * cfg.inference.k and not any(a["error"] for a in answers)
-    assert len(server.entries()) == 2 * asked  # every parity answer went to the server
+    assert len(server.entries()) == asked + len(answers)  # every parity answer went to the server
     assert pool.stats.cache_hits == 0
     assert sorted(a["sample_index"] for a in answers) == sorted(list(range(cfg.inference.k)) * len(rows))

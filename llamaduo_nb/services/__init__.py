@@ -75,9 +75,10 @@ awaited from any loop.
 
 The modules (each imports only those listed before it):
 
-- `types`: ChatRequest, ChatResult, the raw `Reply`, PoolStats, StageStopped, MissingAPIKeyError, NotSent
+- `types`: ChatRequest, ChatResult (an n > 1 request's `Choice`s), the raw `Reply`, PoolStats, StageStopped,
+  MissingAPIKeyError, NotSent
 - `parsing`: find_json / extract_json, `read_one` (the one rule that reads a reply's answer), parse_structured,
-  unusable_reason, the result of a usable reply (read by the request's reader)
+  unusable_reason, the result of a usable reply (read by the request's reader; n completions cached as one list)
 - `backends`: the OpenAI / Anthropic / Google backends, `Lane`, api_key_for, error classification and retry waits
 - `accounting`: `Accounts`, the one object that books every paid reply (budgets, ledger, cache writes, fail fast)
 - `batches`: provider batch APIs, run with a lane and the pool's `Accounts`
@@ -105,7 +106,7 @@ from .parsing import (
     unusable_reason,
 )
 from .pool import EMBEDDED_N_CTX, EMBEDDED_PARALLEL, ServicePool
-from .types import ChatRequest, ChatResult, MissingAPIKeyError, PoolStats, StageStopped
+from .types import ChatRequest, ChatResult, Choice, MissingAPIKeyError, PoolStats, StageStopped
 
 __all__ = [
     "BATCH_LIMITS",
@@ -118,6 +119,7 @@ __all__ = [
     "BatchStatus",
     "ChatRequest",
     "ChatResult",
+    "Choice",
     "ItemError",
     "MissingAPIKeyError",
     "PoolStats",

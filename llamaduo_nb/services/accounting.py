@@ -43,7 +43,7 @@ from ..config import BudgetConfig, ProviderConfig, RunConfig
 from ..prices import PriceTable, load_prices
 from ..runlayout import RunLayout
 from .backends import describe_error, failure_class, reasoning_allowance, stop_reason
-from .parsing import answered, unusable_reason
+from .parsing import answered, cached_text, unusable_reason
 from .types import ChatRequest, ChatResult, NotSent, PoolStats, Reply, estimate_tokens
 
 
@@ -376,8 +376,8 @@ class Accounts:
     ) -> tuple[float, int, int]:
         """(USD, input tokens, output tokens) one attempt can cost at most: input estimate + all of max_tokens
         (at the batch price when it goes in a provider batch)."""
-        prompt = estimate_tokens(request) - int(request.max_tokens) - 1
-        output = int(request.max_tokens) + reasoning_allowance(p)
+        prompt = estimate_tokens(request) - int(request.max_tokens) * request.n - 1
+        output = (int(request.max_tokens) + reasoning_allowance(p)) * request.n
         usd = self.prices.cost(p.kind, p.model, prompt, output, free=p.is_free, batch=batch)
         return usd, prompt, output
 
@@ -597,11 +597,10 @@ class Accounts:
         unusable = unusable_reason(reply, request.max_tokens, request.allow_truncated)
         if unusable is None:
             guard.record(None)
-            self.cache.put(key, payload, reply.text, reply.input_tokens, reply.output_tokens, latency, cost)
+            text = cached_text(reply)  # n completions: all of them
+            self.cache.put(key, payload, text, reply.input_tokens, reply.output_tokens, latency, cost)
             if self.shared is not None:
-                self.shared.put(
-                    key, payload, reply.text, reply.input_tokens, reply.output_tokens, latency, cost
-                )
+                self.shared.put(key, payload, text, reply.input_tokens, reply.output_tokens, latency, cost)
             self.record_paid(p, key, reply, latency, cost, attempts, error=None)
             result = answered(
                 request,
@@ -614,6 +613,7 @@ class Accounts:
                 attempts,
                 key,
                 reply.finish_reason,
+                reply.choices,
             )
             return result, False
         why, worth_resending = unusable
@@ -637,6 +637,7 @@ class Accounts:
             attempts,
             key,
             reply.finish_reason,
+            reply.choices,
         )
         return failed, worth_resending
 

@@ -32,14 +32,14 @@ import email.utils
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import tenacity
 
 from ..config import ConfigError, ProviderConfig
 from ..scheduler import RETRY_AFTER_CAP_S, RateScheduler
-from .types import ChatRequest, MissingAPIKeyError, Reply
+from .types import ChatRequest, Choice, MissingAPIKeyError, Reply
 
 KEY_ENV_DEFAULTS: dict[str, tuple[str, ...]] = {
     "openai": ("OPENAI_API_KEY",),
@@ -340,6 +340,8 @@ class _OpenAIBackend:
         )
         if request.top_p is not None:
             kwargs["top_p"] = request.top_p
+        if request.n > 1:
+            kwargs["n"] = request.n  # n completions from one prefill of the prompt
         response_format = self._response_format(request)
         if response_format is not None:
             kwargs["response_format"] = response_format
@@ -350,28 +352,83 @@ class _OpenAIBackend:
         return kwargs
 
     async def call(self, request: ChatRequest) -> Reply:
-        return self.reply_from(await self.client.chat.completions.create(**self.request_body(request)))
+        completion = await self.client.chat.completions.create(**self.request_body(request))
+        reply = self.reply_from(completion, request.n)
+        if request.n > 1 and _llama_server_reply(completion):
+            reply = await self._count_llama_server_choices(reply, request.max_tokens)
+        return reply
 
     @staticmethod
-    def reply_from(completion: Any) -> Reply:
-        if not completion.choices:
-            raise RuntimeError("the server returned no choices")
-        message = completion.choices[0].message
+    def _choice_text(choice: Any) -> str:
+        message = choice.message
         text = message.content or ""
         if not text and getattr(message, "refusal", None):
             text = f"[refusal] {message.refusal}"
+        return text
+
+    @classmethod
+    def reply_from(cls, completion: Any, n: int = 1) -> Reply:
+        """The `Reply` of a chat completion; with n > 1 its `choices` hold all n completions (OpenAI and vLLM
+        report the prompt once and the completion tokens of all of them; for llama-server see `call`)."""
+        if not completion.choices:
+            raise RuntimeError("the server returned no choices")
         usage = completion.usage
         details = getattr(usage, "prompt_tokens_details", None)
+        output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+        choices: list[Choice] = []
+        if n > 1:
+            if len(completion.choices) != n:
+                raise RuntimeError(
+                    f"asked for n={n} completions, the server returned {len(completion.choices)}"
+                )
+            # each choice's own token count is not in the OpenAI reply: the total is split evenly
+            # (llama-server replies are counted exactly in `call`)
+            share, extra = divmod(output_tokens, n)
+            choices = [
+                Choice(cls._choice_text(c), share + int(i < extra), c.finish_reason)
+                for i, c in enumerate(completion.choices)
+            ]
         return Reply(
-            text=text,
+            text=cls._choice_text(completion.choices[0]),
             input_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-            output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            output_tokens=output_tokens,
             finish_reason=completion.choices[0].finish_reason,
             cached_input_tokens=int(getattr(details, "cached_tokens", 0) or 0),
+            choices=choices,
         )
+
+    async def _count_llama_server_choices(self, reply: Reply, max_tokens: int) -> Reply:
+        """llama-server answers `n` with one task per completion that share the prompt's prefill, but its
+        reply's usage is the first task's alone (it keeps only the other tasks' choices). The first choice's
+        count is that usage; each other one is max_tokens when cut at the limit, else its text's tokens (the
+        server's own /tokenize) plus the stop token it ended on, which llama-server counts as generated."""
+        import httpx
+
+        root = str(self.client.base_url).rstrip("/").removesuffix("/v1")
+        first = reply.output_tokens
+
+        async def count(http: httpx.AsyncClient, choice: Choice) -> int:
+            if choice.finish_reason == "length":
+                return max_tokens
+            response = await http.post(f"{root}/tokenize", json={"content": choice.text})
+            response.raise_for_status()
+            return len(response.json()["tokens"]) + 1
+
+        async with httpx.AsyncClient(timeout=self.provider.timeout_s) as http:
+            rest = await asyncio.gather(*(count(http, c) for c in reply.choices[1:]))
+        counts = [first, *rest]
+        choices = [replace(c, output_tokens=k) for c, k in zip(reply.choices, counts, strict=True)]
+        return replace(reply, output_tokens=sum(counts), choices=choices)
 
     async def aclose(self) -> None:
         await self.client.close()
+
+
+def _llama_server_reply(completion: Any) -> bool:
+    """Whether a chat completion came from llama.cpp's server (it adds its `timings` to every reply)."""
+    return isinstance(getattr(completion, "model_extra", None) or {}, dict) and "timings" in (
+        completion.model_extra or {}
+    )
 
 
 class _AnthropicBackend:
@@ -615,4 +672,5 @@ class Lane:
             "repeat": int(request.repeat),
             # only when set, so the keys of every other request stay what they were
             **({"allow_truncated": True} if request.allow_truncated else {}),
+            **({"n": int(request.n)} if request.n > 1 else {}),
         }

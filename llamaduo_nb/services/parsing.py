@@ -22,7 +22,9 @@ A request may carry its stage's `reader` (text -> value, ValueError when the rep
 provider batch results alike — and the pool never picks a value by itself; without a reader, `parse_structured`
 reads the one value valid against the request's schema by the same rule. A failure sets `parse_error`, it never
 raises. `unusable_reason` tells an answer from an empty, truncated, refused or blocked reply (those are never
-cached as answers).
+cached as answers). `answered` / `replayed` build the
+`ChatResult` of a usable reply; the n completions of an n > 1 request are cached as one JSON list in the text
+column (`cached_text`, read back by `replayed`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..callcache import CachedCall
-from .types import ChatRequest, ChatResult, Reply
+from .types import ChatRequest, ChatResult, Choice, Reply
 
 
 def json_spans(text: str, wanted: Callable[[Any], bool] | None = None) -> list[tuple[Any, int, int]]:
@@ -306,8 +308,15 @@ def unusable_reason(reply: Reply, max_tokens: int, allow_truncated: bool = False
     """(why the reply cannot be used as an answer, whether re-sending may help) or None for a usable reply.
 
     Usable replies are the only ones cached as answers; the others are ledgered (they were paid), kept with
-    their raw text in the failed-replies table, and re-sent under the provider's `unusable_retries`.
+    their raw text in the failed-replies table, and re-sent under the provider's `unusable_retries`. A reply
+    with n completions is usable when each of them is (the first unusable one gives the reason).
     """
+    for choice in reply.choices:
+        one = Reply(choice.text, reply.input_tokens, choice.output_tokens, choice.finish_reason)
+        if (why := unusable_reason(one, max_tokens, allow_truncated)) is not None:
+            return why
+    if reply.choices:
+        return None
     finish = reply.finish_reason or ""
     empty = not reply.text.strip()
     if finish in _LENGTH_STOPS:
@@ -342,6 +351,7 @@ def answered(
     attempts: int,
     cache_key: str,
     finish_reason: str | None = None,
+    choices: list[Choice] | None = None,
 ) -> ChatResult:
     """A successful call's result, live, replayed or from a batch: the text read by `read_reply`."""
     parsed, parse_error = read_reply(request, text)
@@ -358,9 +368,28 @@ def answered(
         attempts=attempts,
         cache_key=cache_key,
         finish_reason=finish_reason,
+        choices=list(choices or []),
+    )
+
+
+def cached_text(reply: Reply) -> str:
+    """What the cache keeps of a usable reply: its text, or for n completions a JSON list of
+    {"text", "output_tokens", "finish_reason"} (so one cached request replays all of them)."""
+    if not reply.choices:
+        return reply.text
+    return json.dumps(
+        [
+            {"text": c.text, "output_tokens": c.output_tokens, "finish_reason": c.finish_reason}
+            for c in reply.choices
+        ],
+        ensure_ascii=False,
     )
 
 
 def replayed(hit: CachedCall, request: ChatRequest) -> ChatResult:
-    """The result of a cached answer: free, no attempts."""
-    return answered(request, hit.text, hit.input_tokens, hit.output_tokens, 0.0, 0.0, True, 0, hit.cache_key)
+    """The result of a cached answer: free, no attempts (an n > 1 request gets its n completions back)."""
+    choices = [Choice(**c) for c in json.loads(hit.text)] if request.n > 1 else []
+    text = choices[0].text if choices else hit.text
+    return answered(
+        request, text, hit.input_tokens, hit.output_tokens, 0.0, 0.0, True, 0, hit.cache_key, choices=choices
+    )

@@ -57,6 +57,18 @@ class ChatRequest:
     # result's parsed / parse_error, live, replayed or batched (`parsing.read_reply`). Not part of the request
     # sent nor of its cache key, so a cached reply is read again by today's reader when it is replayed.
     reader: Callable[[str], Any] | None = field(default=None, compare=False, repr=False)
+    # Completions of this prompt from ONE request (one prefill; OpenAI's `n`, llama-server's `n_cmpl`). In the
+    # request body and the cache key only when > 1; the result then holds all of them in `choices`.
+    n: int = 1
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One completion of an n > 1 request: its text, its own output tokens and stop reason."""
+
+    text: str
+    output_tokens: int
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -76,10 +88,17 @@ class ChatResult:
     cache_key: str = ""
 
     finish_reason: str | None = None  # the provider's stop reason of the last reply (None for cache hits)
+    # the n completions of an n > 1 request, live or replayed (text is the first); empty for n == 1
+    choices: list[Choice] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def texts(self) -> list[str]:
+        """Every completion's text: the n choices of an n > 1 request, else [text]."""
+        return [c.text for c in self.choices] if self.choices else [self.text]
 
 
 @dataclass
@@ -93,6 +112,8 @@ class Reply:
         None  # as the provider spells it: stop / length / max_tokens / MAX_TOKENS / ...
     )
     cached_input_tokens: int = 0  # input tokens the provider served from its prompt cache (billed lower)
+    # an n > 1 request's completions (text is the first; input_tokens counts the one prompt, output_tokens all)
+    choices: list[Choice] = field(default_factory=list)
 
 
 @dataclass
@@ -113,11 +134,11 @@ class PoolStats:
 
 
 def estimate_tokens(request: ChatRequest) -> int:
-    """Tokens one call may use, known before it is sent: prompt characters / 4 + max_tokens (+ 1)."""
+    """Tokens one call may use, known before it is sent: prompt characters / 4 + n x max_tokens (+ 1)."""
     chars = sum(len(m.get("content", "")) for m in request.messages)
     if request.json_schema is not None:
         chars += len(json.dumps(request.json_schema))
-    return chars // 4 + int(request.max_tokens) + 1
+    return chars // 4 + int(request.max_tokens) * int(request.n) + 1
 
 
 def validate_request(request: ChatRequest, index: int) -> None:
@@ -133,3 +154,5 @@ def validate_request(request: ChatRequest, index: int) -> None:
             )
     if request.max_tokens < 1:
         raise ValueError(f"{where}: max_tokens must be >= 1, got {request.max_tokens}")
+    if request.n < 1:
+        raise ValueError(f"{where}: n (completions per request) must be >= 1, got {request.n}")

@@ -11,8 +11,11 @@ llama.cpp on a machine without CUDA when `llama_cpp` imports, else transformers)
   exported as GGUF F16 (`export_gguf`) once per adapter, to `cycle_NN/model-f16.gguf`, where 06
   finds it (`gguf.cycle_gguf`). llama.cpp's OpenAI-compatible server (`embedded.LlamaServer`, on
   127.0.0.1) answers through the ServicePool like every other model, so answers are cached and ledgered
-  ($0). The server (llama-server) has `inference.llamacpp_parallel` slots: that many requests are decoded
-  together in one batch (continuous batching), which is where a CPU gets its throughput. The sampler chain
+  ($0). The server (llama-server) has `inference.llamacpp_parallel` slots (at least K): that many sequences
+  are decoded together in one batch (continuous batching), which is where a CPU gets its throughput. The K
+  samples of a prompt are ONE request with `n` = K (llama-server's `n_cmpl`): the prompt is prefilled once
+  in one slot, its KV cache copied to K-1 more, and the K continuations decoded side by side; the call
+  cache keeps the K answers of that request together and replays them together. The sampler chain
   is transformers': temperature and top-p only (`LLAMACPP_SAMPLER`: top_k 0, min_p 0, repeat_penalty 1).
   Greedy answers are token-for-token the transformers engine's (tested); sampled ones follow the same
   distribution but not the same random stream: llama.cpp draws its own seeds, so a re-run samples anew
@@ -56,7 +59,7 @@ from ..embedded import LlamaServer, local_server_provider, resolve_model_path
 from ..jsonio import read_json
 from ..runlayout import RunLayout
 from ..schemas import LEDGER_BASELINES, LEDGER_INFERENCE
-from ..services import ChatRequest, ServicePool
+from ..services import ChatRequest, Choice, ServicePool
 from .chat import apply_chat_template_setting, prompt_token_ids, stop_token_ids, student_messages
 from .gguf import base_gguf, cycle_gguf
 from .loading import load_model, model_revision
@@ -336,7 +339,8 @@ LLAMACPP_SAMPLER = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
 
 
 def llamacpp_requests(inf: InferenceConfig, rows: Sequence[dict]) -> list[Any]:
-    """03's requests to the llama.cpp server: K per prompt (one when greedy), `repeat` = the sample index."""
+    """03's requests to the llama.cpp server: one per prompt, asking for its K samples at once (`n` = K, one
+    prefill); greedy: one answer per prompt (copied K times by the caller)."""
     greedy = inf.temperature == 0
     return [
         ChatRequest(
@@ -344,11 +348,10 @@ def llamacpp_requests(inf: InferenceConfig, rows: Sequence[dict]) -> list[Any]:
             temperature=inf.temperature,
             top_p=None if greedy else inf.top_p,
             max_tokens=inf.max_new_tokens,
-            repeat=j,
             allow_truncated=True,  # an answer cut at max_new_tokens is kept, as transformers' is
+            n=1 if greedy else inf.k,
         )
         for row in rows
-        for j in range(1 if greedy else inf.k)
     ]
 
 
@@ -364,25 +367,35 @@ def _generate_llamacpp(
 ) -> tuple[list[list[Sample]], dict[str, Any]]:
     """K answers per prompt from llama.cpp's server on 127.0.0.1, through the ServicePool (cache + ledger).
 
-    Sampled requests go to the server's parallel slots; each slot keeps its last prompt in its KV cache, so a
-    new request prefills only what differs from it (the chat template's system text is shared). The K
-    samples of one prompt usually run at the same time on different slots and so each prefill the prompt
-    (server logs of the demo: ~2 of 48 requests reuse a whole prompt); sharing one prefill across K
-    completions needs llama-server's `n_cmpl` and K cached answers per request, which this path does not
-    do yet. The served model's name carries the GGUF's hash, so the ledger tells exports apart.
+    Sampled: one request per prompt with `n` = K. llama-server prefills the prompt once in one slot, copies
+    its KV cache to K-1 free slots and decodes the K continuations there, together with the other requests'
+    sequences (so the server has at least K slots, and slots // K requests are in flight). The K answers come
+    back, are cached and replay as one call; each sample keeps its own token count and stop reason.
+    Greedy: one request per prompt on an `exact` one-slot server. The served model's name carries the GGUF's
+    hash, so the ledger tells exports apart.
     """
     inf = cfg.inference
     greedy = inf.temperature == 0
     n_per_prompt = 1 if greedy else inf.k
     threads = inf.llamacpp_threads or os.cpu_count() or 1
-    # greedy output is promised to equal transformers' token for token: the server runs `exact` (one slot)
-    slots = 1 if greedy else max(1, min(inf.llamacpp_parallel, len(rows) * n_per_prompt))
+    # greedy output is promised to equal transformers' token for token: the server runs `exact` (one slot);
+    # sampled: llama-server refuses n_cmpl above its slot count
+    wanted = min(inf.llamacpp_parallel, len(rows) * n_per_prompt)
+    slots = 1 if greedy else max(n_per_prompt, wanted)
+    in_flight = max(1, slots // n_per_prompt)  # requests, each holding n_per_prompt slots
     gguf_sha = read_json(marker)["gguf_sha256"]
     requests = llamacpp_requests(inf, rows)
     stage = LEDGER_INFERENCE if cycle is not None else LEDGER_BASELINES
+    n_ctx = max(2048, inf.max_new_tokens + 1024)
+    if not greedy:
+        # each slot holds one prompt and its answer: a prompt has at most as many tokens as UTF-8 bytes (every
+        # token but a special one is at least a byte), the chat template adds fewer than 512; so many slots
+        # fit in memory (the KV cache is ~23 KB a token for a 135M model)
+        longest = max(sum(len(m["content"].encode()) for m in r.messages) for r in requests)
+        n_ctx = min(n_ctx, -(-(longest + 512 + inf.max_new_tokens) // 256) * 256)
     with LlamaServer(
         gguf,
-        n_ctx=max(2048, inf.max_new_tokens + 1024),
+        n_ctx=n_ctx,
         n_threads=threads,
         parallel=slots,
         exact=greedy,
@@ -390,7 +403,7 @@ def _generate_llamacpp(
         model_alias=gguf.stem,
     ) as server:
         model = f"{cfg.run_name}-{label}-f16-{gguf_sha[:12]}"
-        provider = local_server_provider("student_llamacpp", model, server.base_url, slots=slots)
+        provider = local_server_provider("student_llamacpp", model, server.base_url, slots=in_flight)
         run_cfg = dataclasses.replace(cfg, providers=[*cfg.providers, provider])
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="no price for model")  # the local student costs $0
@@ -406,23 +419,28 @@ def _generate_llamacpp(
         i, error = failed[0]
         raise RuntimeError(
             f"llama.cpp answered {len(failed)} of {len(results)} requests with an error (first: prompt "
-            f"{rows[i // n_per_prompt]['id']}: {error}); server log: {layout.logs_dir}"
+            f"{rows[i]['id']}: {error}); server log: {layout.logs_dir}"
         )
     samples: list[list[Sample]] = []
-    for p, _row in enumerate(rows):
+    for result in results:
+        # one completion per request when greedy (or K = 1), else the request's K choices
+        completions = result.choices or [Choice(result.text, result.output_tokens, result.finish_reason)]
+        if len(completions) != n_per_prompt:
+            raise RuntimeError(
+                f"llama.cpp returned {len(completions)} answers for one prompt, not {n_per_prompt}"
+            )
         group = []
-        for j in range(n_per_prompt):
-            result = results[p * n_per_prompt + j]
-            # llama-server counts the stop token it ended on, as transformers' rows do; a cached reply has no
-            # finish reason, and one that stopped before the limit did so on a stop token
-            if result.finish_reason is not None:
-                stopped = result.finish_reason == "stop"
+        for c in completions:
+            # llama-server counts the stop token it ended on, as transformers' rows do; a reply replayed from
+            # an older cache has no finish reason, and one that stopped before the limit did so on a stop token
+            if c.finish_reason is not None:
+                stopped = c.finish_reason == "stop"
             else:
-                stopped = result.output_tokens < inf.max_new_tokens
+                stopped = c.output_tokens < inf.max_new_tokens
             group.append(
                 Sample(
-                    result.text.strip(),
-                    result.output_tokens,
+                    c.text.strip(),
+                    c.output_tokens,
                     "stop" if stopped else "length",
                     -1,  # llama.cpp seeds its sampler itself (recorded as sample_seed None)
                 )
@@ -432,7 +450,9 @@ def _generate_llamacpp(
     return samples, {
         "batches": len(requests),
         "prompt_tokens": prompt_tokens,
-        "prompt_tokens_computed": None,  # the server's prompt cache: about one prefill per prompt
+        # one prefill per prompt (less the prefix a slot still holds from its last prompt)
+        "prompt_tokens_computed": prompt_tokens,
+        "completions_per_request": n_per_prompt,
         "cached_calls": sum(r.cached for r in results),
         "llamacpp_threads": threads,
         "llamacpp_parallel": slots,

@@ -397,12 +397,14 @@ class TestLLMServer:
                 "stop_sequence": None, "usage": {"input_tokens": prompt, "output_tokens": output},
             }  # fmt: skip
         if path.endswith("/chat/completions"):
+            n = int(body.get("n") or 1)  # OpenAI's n: n choices, the prompt counted once, the completions all
             return {
                 "id": f"chatcmpl-{request_key(body)}", "object": "chat.completion", "created": 0,
                 "model": body.get("model", ""),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output},
+                "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                             "finish_reason": "stop"} for i in range(n)],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": output * n,
+                          "total_tokens": prompt + output * n},
             }  # fmt: skip
         return {
             "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP"}],
