@@ -21,7 +21,7 @@ from llamaduo_nb.runner import PROJECT_ROOT
 BASES = [20, 35, 50, 65, 75, 85, 95, 45]
 WIDE = [5, 20, 35]  # prompt 0: mean 20, range 30
 BASELINE = "gpt4o"
-JUDGE = "local"
+JUDGE = "smollm2-service"
 
 
 def student_repeats(i: int) -> list[int]:
