@@ -30,6 +30,7 @@ from .coverage import load_decisions, save_decisions
 from .runlayout import RunLayout
 
 ALL = "(all)"
+STATES = ("in its split", "rejected in curation", "dropped by review", "corrected by review")
 NEXT_KEYS = ("j", "n", "ArrowRight", "ArrowDown")
 PREV_KEYS = ("k", "p", "ArrowLeft", "ArrowUp")
 
@@ -81,11 +82,21 @@ def _key_events(source: widgets.DOMWidget, handler: Callable[[dict], None]) -> A
 
 
 class CurationView(_View):
-    def __init__(self, rows: list[dict], splits: dict[str, str], decisions_path: str | Path):
+    """`reviewed`: `coverage.review_outcomes` of the last split (CoverageResult.reviewed): rows 04's review
+    dropped, corrected or marked ambiguous show as such, with the reason and the cycle whose review it was."""
+
+    def __init__(
+        self,
+        rows: list[dict],
+        splits: dict[str, str],
+        decisions_path: str | Path,
+        reviewed: dict[str, dict] | None = None,
+    ):
         if not rows:
             raise ValueError("nothing to curate: no rows")
         self.rows = rows
         self.splits = splits
+        self.reviewed = reviewed or {}
         self.path = Path(decisions_path)
         self.decisions: dict[str, dict] = load_decisions(self.path)
         self.visible: list[int] = list(range(len(rows)))
@@ -95,6 +106,9 @@ class CurationView(_View):
 
         categories = sorted({r.get("category", "") for r in rows})
         self.category = widgets.Dropdown(options=[ALL, *categories], description="category")
+        self.state_box = widgets.Dropdown(
+            options=[ALL, *STATES], description="state", layout=widgets.Layout(width="260px")
+        )
         self.search = widgets.Text(placeholder="search prompt or response", description="search")
         self.header = widgets.HTML()
         self.position = widgets.IntSlider(
@@ -122,12 +136,13 @@ class CurationView(_View):
         self.edit_button.on_click(self.guarded(lambda _: self.decide("edit")))
         self.split.observe(self.guarded(self._on_split), names="value")
         self.category.observe(self.guarded(lambda _: self.refilter()), names="value")
+        self.state_box.observe(self.guarded(lambda _: self.refilter()), names="value")
         self.search.observe(self.guarded(lambda _: self.refilter()), names="value")
         for box in (self.instruction, self.response):
             box.observe(self.guarded(lambda _: self._show_unsaved()), names="value")
         self.widget = widgets.VBox(
             [
-                widgets.HBox([self.category, self.search]),
+                widgets.HBox([self.category, self.state_box, self.search]),
                 self.header,
                 widgets.HBox([self.prev_button, self.position, self.next_button]),
                 self.instruction,
@@ -166,14 +181,25 @@ class CurationView(_View):
             else ""
         )
 
+    def state(self, row: dict) -> str:
+        """Where a row stands after the last split: in its split, rejected, or what 04's review did to it."""
+        outcome = self.reviewed.get(row["id"])
+        if self.decisions.get(row["id"], {}).get("action") == "reject":
+            return "rejected in curation"
+        if outcome and outcome["state"] in ("dropped", "corrected"):
+            return f"{outcome['state']} by review"
+        return "in its split"
+
     def refilter(self) -> None:
-        """Rows matching the category and search boxes; shows the first of them."""
+        """Rows matching the category, state and search boxes; shows the first of them."""
         needle = self.search.value.strip().casefold()
         category = None if self.category.value == ALL else self.category.value
+        state = None if self.state_box.value == ALL else self.state_box.value
         visible = [
             i
             for i, r in enumerate(self.rows)
             if (category is None or r.get("category") == category)
+            and (state is None or self.state(r) == state)
             and (not needle or needle in f"{r['id']}\n{r['instruction']}\n{r['response']}".casefold())
         ]
         if not visible:
@@ -197,12 +223,28 @@ class CurationView(_View):
             decision = self.decisions.get(row["id"], {})
             self.position.value = position
             self.instruction.value, self.response.value = self._saved_text()
-            self.split.value = decision.get("split") or self.splits.get(row["id"], "train")
+            outcome = self.reviewed.get(row["id"])
+            split = (outcome or {}).get("split") or self.splits.get(row["id"])
+            self.split.value = decision.get("split") or split or "train"
+            self.split.disabled = outcome is not None and outcome["state"] == "dropped"
+            state = self.state(row)
+            if outcome is not None:
+                colour = "#a40e26" if outcome["state"] == "dropped" else "#9a6700"
+                review_line = (
+                    f" · <span class='llamaduo-review-state' style='color:{colour}'><b>"
+                    f"{outcome['state']} by review</b> ({_escape(outcome['reason'])}; was {outcome['split']})"
+                    "</span>"
+                )
+            elif split is None and decision.get("action") != "reject":
+                review_line = " · <span style='color:#57606a'>in no split (not in the last run)</span>"
+            else:
+                review_line = ""
             self.header.value = (
                 f"<b>{position + 1}/{len(self.visible)}</b>"
                 + (f" (of {len(self.rows)})" if len(self.visible) != len(self.rows) else "")
                 + f" · <code>{row['id']}</code> · {row.get('category', '')} · "
-                f"decision: <b class='llamaduo-decision'>{decision.get('action', 'none')}</b>"
+                f"state: <b class='llamaduo-state'>{state}</b> · "
+                f"decision: <b class='llamaduo-decision'>{decision.get('action', 'none')}</b>" + review_line
             )
         finally:
             self._showing = False
