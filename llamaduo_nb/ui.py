@@ -230,10 +230,10 @@ class CurationView(_View):
             state = self.state(row)
             if outcome is not None:
                 colour = "#a40e26" if outcome["state"] == "dropped" else "#9a6700"
+                was = f"; was in {outcome['split']}" if outcome["state"] == "dropped" else ""
                 review_line = (
-                    f" · <span class='llamaduo-review-state' style='color:{colour}'><b>"
-                    f"{outcome['state']} by review</b> ({_escape(outcome['reason'])}; was {outcome['split']})"
-                    "</span>"
+                    f" · <span class='llamaduo-review-state' style='color:{colour}'>"
+                    f"{_escape(outcome['reason'])}{was}</span>"
                 )
             elif split is None and decision.get("action") != "reject":
                 review_line = " · <span style='color:#57606a'>in no split (not in the last run)</span>"
@@ -313,8 +313,8 @@ REVIEW_CSS = """<style>
 .llamaduo-review .widget-toggle-button.mod-active{box-shadow:inset 0 0 0 2px rgba(0,0,0,.45);font-weight:700}
 .llamaduo-review .widget-toggle-button:not(.mod-active){background:#fff;border:1px solid #8c959f;color:#24292f}
 .llamaduo-review .llamaduo-decisions{border-bottom:1px solid #d0d7de;padding-bottom:4px;margin-bottom:2px}
-.llamaduo-review .llamaduo-decisions textarea{font-size:12px}
-.llamaduo-review .widget-inline-hbox{flex-wrap:wrap}
+.llamaduo-review .llamaduo-decisions textarea{font-size:12px;resize:vertical}
+.llamaduo-review .llamaduo-toolbar{gap:2px 8px}
 </style>"""
 
 
@@ -355,16 +355,16 @@ class ReviewView(_View):
             options=cycles, value=cycle, description="cycle", style=COMPACT, layout=_narrow("90px")
         )
         self.model_box = widgets.Dropdown(
-            options=[ALL], description="model", style=COMPACT, layout=_narrow("190px")
+            options=[ALL], description="model", style=COMPACT, layout=_narrow("180px")
         )
         self.category_box = widgets.Dropdown(
-            options=[ALL], description="category", style=COMPACT, layout=_narrow("210px")
+            options=[ALL], description="category", style=COMPACT, layout=_narrow("200px")
         )
         self.judge_box = widgets.Dropdown(
-            options=[DECIDING], description="judge", style=COMPACT, layout=_narrow("260px")
+            options=[DECIDING], description="judge", style=COMPACT, layout=_narrow("250px")
         )
         self.sort_box = widgets.Dropdown(
-            options=list(review.SORTS), description="sort", style=COMPACT, layout=_narrow("220px")
+            options=list(review.SORTS), description="sort", style=COMPACT, layout=_narrow("210px")
         )
         self.below_box = widgets.Checkbox(
             value=False, description="below ζ", indent=False, layout=_narrow("80px")
@@ -374,7 +374,7 @@ class ReviewView(_View):
             value=False, description="judges disagree by ≥", indent=False, layout=_narrow("170px")
         )
         self.disagree_min = widgets.FloatText(value=20.0, layout=_narrow("60px"))
-        self.search = widgets.Text(placeholder="search prompts, references, answers", layout=_narrow("260px"))
+        self.search = widgets.Text(placeholder="search prompts, references, answers", layout=_narrow("230px"))
         self.prev_button = widgets.Button(description="◀ prev (k)", layout=_narrow("100px"))
         self.next_button = widgets.Button(description="next ▶ (j)", layout=_narrow("100px"))
         self.counter = widgets.HTML()
@@ -390,15 +390,20 @@ class ReviewView(_View):
             tooltip="04 leaves it out of the decision",
         )
         self.reference_edit = widgets.Textarea(
-            placeholder="corrected reference (optional: without one, 01 drops the row)",
+            placeholder="corrected reference (else 01 drops it)",
             rows=1,
-            layout=widgets.Layout(flex="2 1 260px", height="32px"),
+            layout=widgets.Layout(flex="3 1 0%", min_width="160px", width="auto", height="30px"),
         )
         self.save_reference_button = widgets.Button(
-            description="Save corrected reference", icon="save", layout=_narrow("auto")
+            description="Save correction",
+            icon="save",
+            layout=_narrow("auto"),
+            tooltip="save the corrected reference",
         )
         self.note = widgets.Textarea(
-            placeholder="note", rows=1, layout=widgets.Layout(flex="1 1 160px", height="32px")
+            placeholder="note",
+            rows=1,
+            layout=widgets.Layout(flex="2 1 0%", min_width="120px", width="auto", height="30px"),
         )
         self.save_note_button = widgets.Button(description="Save note", icon="save", layout=_narrow("auto"))
         self.decision_bar = widgets.HBox(
@@ -435,44 +440,35 @@ class ReviewView(_View):
         self.save_note_button.on_click(self.guarded(lambda _: self.decide(note=self.note.value)))
         self.keys = _key_events(self.card_box, self.guarded(self.on_key))
 
-        hint = (
-            "keys over the card: j/→ next · k/← previous · b bad reference · a ambiguous"
+        self.hint = (
+            "keys over the card: j/k next/previous · b bad · a ambiguous"
             if self.keys is not None
             else "keyboard paging needs the ipyevents package"
         )
         row = widgets.Layout(flex_flow="row wrap", align_items="center", width="100%")
+        toolbars = [
+            widgets.HBox(
+                [self.cycle_box, self.model_box, self.category_box, self.judge_box, self.sort_box], layout=row
+            ),
+            widgets.HBox(
+                [
+                    self.below_box,
+                    self.zeta_box,
+                    self.disagree_box,
+                    self.disagree_min,
+                    self.search,
+                    self.prev_button,
+                    self.counter,
+                    self.next_button,
+                ],
+                layout=row,
+            ),
+        ]
+        for bar in toolbars:
+            bar.add_class("llamaduo-toolbar")
+        style = widgets.HTML(REVIEW_CSS, layout=widgets.Layout(height="0px", margin="0"))
         self.widget = widgets.VBox(
-            [
-                widgets.HTML(REVIEW_CSS),
-                widgets.HBox(
-                    [
-                        self.cycle_box,
-                        self.model_box,
-                        self.category_box,
-                        self.judge_box,
-                        self.sort_box,
-                        self.search,
-                    ],
-                    layout=row,
-                ),
-                widgets.HBox(
-                    [
-                        self.below_box,
-                        self.zeta_box,
-                        self.disagree_box,
-                        self.disagree_min,
-                        self.prev_button,
-                        self.counter,
-                        self.next_button,
-                        widgets.HTML(f"<small style='color:#57606a'>&nbsp;{hint}</small>"),
-                    ],
-                    layout=row,
-                ),
-                self.card_box,
-                self.counts,
-                self.status,
-                self.errors,
-            ],
+            [style, *toolbars, self.card_box, self.counts, self.status, self.errors],
             layout=widgets.Layout(width="100%", overflow="hidden"),
         )
         self.widget.add_class("llamaduo-review")
@@ -568,6 +564,7 @@ class ReviewView(_View):
             f"<span class='llamaduo-counts'>review decisions: {counts['bad_references']} bad references "
             f"({counts['edited_references']} corrected), {counts['ambiguous']} ambiguous prompts "
             f"(left out of the decision), {counts['notes']} notes — <code>{self.layout.review_file}</code></span>"
+            f"<br><small style='color:#57606a'>{self.hint}</small>"
         )
 
     def _paint(self) -> None:
