@@ -405,10 +405,11 @@ def test_notebook_judges_each_row_m_times_and_metrics_match(tmp_path):
 
     # Table 1: base student, this cycle, the embedded service baseline, P-Match; every judge a column
     table = layout.table1_md(0).read_text()
-    for label in ("base student", "cycle 0", "| local |", "P-Match"):
+    for label in ("base student", "cycle 0", "| smollm2-service |", "P-Match"):
         assert label in table
-    for judge in ("smollm2-service", "rougeL", "exact_match"):
-        assert f"{judge} precision" in table
+    assert "smollm2-service precision" in table and "smollm2-service similarity" in table
+    for judge in ("rougeL", "exact_match"):  # a reference metric: one column (precision = similarity)
+        assert f"| {judge} (mean" in table and f"{judge} similarity" not in table
     long = pd.read_csv(layout.table1_csv(0))
     assert set(long["model"]) == {"base student", "cycle 0", "smollm2-service"}
     base = read_jsonl(layout.baseline_responses_file("base_student"))

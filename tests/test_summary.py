@@ -44,7 +44,8 @@ def test_summary_shows_cycles_with_intervals_table1_and_fig2(make_params, tmp_pa
     text = summary.write_summary(cfg, layout, state)
 
     assert "Decision rule: mean over judges ['rougeL'] of mean(precision) >= epsilon 70." in text
-    assert "| 1 | 76 | 70.00 / 100% / 67% [" in text  # cycle 1: V 70, C@50 100%, C@70 2 of 3 rows
+    assert "| 1 | 76 | rougeL | 70.00 / 100% / 67% [" in text  # cycle 1: V 70, C@50 100%, C@70 2 of 3 rows
+    assert "| model | rougeL |" in text and "rougeL similarity" not in text  # a reference metric: one column
     assert "not passed: mean over ['rougeL'] of mean(precision) = 40.00" in text
     assert "## Table 1 (cycle 1)" in text and "| base student |" in text
     assert "| P-Match (best local / best service) | 100% / 100% / 67% |" in text
