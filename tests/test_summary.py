@@ -52,3 +52,46 @@ def test_summary_shows_cycles_with_intervals_table1_and_fig2(make_params, tmp_pa
     assert layout.cycles_fig2_plot.stat().st_size > 0 and "fig2_cycles.png" in text
     assert read_json(layout.summary_json)["table1_cycle"] == 1
     assert summary.table1_markdown(layout) == layout.table1_md(1).read_text()
+
+
+def test_fig2_reads_itself_one_line_per_reference_metric_and_no_colliding_text(make_params, tmp_path):
+    """Fig. 2: a column per judge, one line for a reference metric (precision = similarity), two for an LLM
+    judge; the reference models and epsilon named in one legend below the panels; no two texts overlap."""
+    import matplotlib.pyplot as plt
+
+    from llamaduo_nb.evaluate.plots import text_overlaps
+
+    cfg = load_config(make_params({"evaluate": {"bootstrap_samples": 50}}))
+    ev: EvaluateConfig = cfg.evaluate
+    layout = RunLayout(tmp_path / "run")
+
+    def both(scores: dict[str, float]) -> list[dict]:
+        llm = [
+            {**j, "similarity": max(j["precision"] - 40, 1)} for j in _judgments(scores, "smollm2-service")
+        ]
+        return _judgments(scores) + llm
+
+    for cycle, scores in {0: {"a": 30.0, "b": 50.0}, 1: {"a": 60.0, "b": 80.0}}.items():
+        write_json(layout.metrics_file(cycle), evaluate.compute_metrics(both(scores), ev, cycle))
+    references = {
+        "base student": {"rougeL": {m: {"mean": 20.0, "c@50": 0.0} for m in ("precision", "similarity")}},
+        "smollm2-service": {
+            "rougeL": {m: {"mean": 21.0, "c@50": 1.0} for m in ("precision", "similarity")},
+            "smollm2-service": {"precision": {"mean": 22.0}, "similarity": {"mean": 19.0}},
+        },
+    }
+    fig = evaluate.plot_cycles(layout, ev.epsilon, references=references)
+    try:
+        assert [ax.get_title() for ax in fig.axes[:2]] == [
+            "rougeL (reference metric)", "smollm2-service (LLM judge)",
+        ]  # fmt: skip
+        first_row = fig.axes[:2]
+        assert len(first_row[0].get_lines()) < len(first_row[1].get_lines())  # one series against two
+        legend = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert legend == [
+            "precision", "similarity", "base student (reference)", "smollm2-service (reference)", "epsilon 70",
+        ]  # fmt: skip
+        overlaps = text_overlaps(fig)
+        assert overlaps == [], overlaps
+    finally:
+        plt.close(fig)
