@@ -95,3 +95,39 @@ def test_fig2_reads_itself_one_line_per_reference_metric_and_no_colliding_text(m
         assert overlaps == [], overlaps
     finally:
         plt.close(fig)
+
+
+def test_parity_plot_is_a_dot_and_interval_plot_with_no_empty_series(tmp_path):
+    """06's parity figure: only the (judge, metric, statistic) both sides have (a judge that did not judge the
+    served answers is left out), one metric per reference metric, and no colliding text."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from llamaduo_nb.deploy.parity import parity_points, plot_parity
+    from llamaduo_nb.evaluate.plots import text_overlaps
+
+    comparison = [
+        {"judge": judge, "metric": metric, "statistic": stat, "evaluated": 40.0, "evaluated_ci95": [30.0, 50.0],
+         "served": 38.0 if served else None, "served_ci95": [28.0, 49.0] if served else None}
+        for judge, served in (("smollm2-service", False), ("rougeL", True))
+        for metric in ("precision", "similarity")
+        for stat in ("mean", "c@50", "c@70")
+    ]  # fmt: skip
+    report = {"comparison": comparison, "cycle": 0, "qtype": "f16"}
+    assert parity_points(report)["label"].tolist() == ["rougeL · V", "rougeL · C@50", "rougeL · C@70"]
+    greedy = pd.DataFrame(
+        [{"qtype": "f16", "prompt_id": "p", "exact_match": True, "transformers_chars": 9, "served_chars": 9,
+          "prefix_chars": 9, "token_agreement": 1.0}]
+    )  # fmt: skip
+    fig = plot_parity(report, greedy, tmp_path / "parity.png")
+    try:
+        left = fig.axes[0]
+        assert [t.get_text() for t in left.get_yticklabels()] == [
+            "rougeL · V",
+            "rougeL · C@50",
+            "rougeL · C@70",
+        ]
+        assert [t.get_text() for t in left.get_legend().get_texts()] == ["cycle 0 (evaluated)", "served f16"]
+        assert text_overlaps(fig) == []
+    finally:
+        plt.close(fig)
