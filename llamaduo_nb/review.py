@@ -38,6 +38,7 @@ from pygments.formatters import HtmlFormatter
 from pygments.lexers import get_lexer_by_name
 from pygments.util import ClassNotFound
 
+from .config import METRIC_JUDGE_NAMES
 from .jsonio import DataFileError, read_json, read_jsonl, write_json
 from .runlayout import RunLayout
 
@@ -450,17 +451,16 @@ def word_diff(answer: str, reference: str) -> str | None:
     return "<p>" + " ".join(out) + "</p>"
 
 
-def is_reference_metric(per_metric: dict[str, Spread]) -> bool:
-    """A judge whose precision equals its similarity on every repeat (a reference metric): one score."""
-    values = [per_metric[m].scores for m in METRICS if m in per_metric]
-    return len(values) == len(METRICS) and all(v == values[0] for v in values)
+def is_reference_metric(judge: str) -> bool:
+    """A reference metric (ROUGE-L, chrF, exact match) scores precision = similarity: one score is shown."""
+    return judge in METRIC_JUDGE_NAMES
 
 
 def _chip(judge: str, per_metric: dict[str, Spread], metric: str, zeta: float | None, deciding: bool) -> str:
     """One judge's score on one answer: the mean (both metrics for an LLM judge, one for a reference
     metric), the spread only where M > 1, failures; coloured against ζ when the judge decides."""
     main = per_metric[metric]
-    single = is_reference_metric(per_metric)
+    single = is_reference_metric(judge)
     shown = [metric] if single else [metric, *(m for m in METRICS if m != metric)]
     parts = [f"{'' if single else m[0].upper() + ' '}<b>{_fmt(per_metric[m].mean)}</b>" for m in shown]
     n = len(main.scores)

@@ -29,12 +29,15 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from reviewrun import BASES, JUDGE, make_reviewed_run
+from reviewrun import BASES, JUDGE, SERVICE, make_reviewed_run
 
+from llamaduo_nb import evaluate, gallery, summary
+from llamaduo_nb.config import load_config
 from llamaduo_nb.coverage import load_decisions
-from llamaduo_nb.jsonio import read_jsonl
+from llamaduo_nb.jsonio import read_jsonl, write_json
+from llamaduo_nb.notebook import resolve_project_paths
 from llamaduo_nb.review import load_review
-from llamaduo_nb.runner import PROJECT_ROOT
+from llamaduo_nb.runner import PROJECT_ROOT, RunState
 
 CHROMIUM = os.environ.get("LLAMADUO_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = [
@@ -218,7 +221,7 @@ def render_gallery(page, readme: Path, out: Path) -> dict:
 
     body = MarkdownIt("commonmark").enable("table").render(readme.read_text(encoding="utf-8"))
     out.write_text(
-        f"<html><head><meta charset='utf-8'><base href='{readme.parent.as_uri()}/'><style>"
+        f"<!doctype html><html><head><meta charset='utf-8'><base href='{readme.parent.as_uri()}/'><style>"
         f"body{{font:16px/1.5 -apple-system,'Segoe UI',sans-serif;max-width:{GITHUB_WIDTH_PX - 64}px;"
         "margin:0 auto;padding:32px} table{border-collapse:collapse;display:block;overflow:auto;max-width:100%}"
         "td,th{border:1px solid #d0d7de;padding:6px 13px} img{max-width:100%}</style></head>"
@@ -228,11 +231,30 @@ def render_gallery(page, readme: Path, out: Path) -> dict:
     page.goto(out.as_uri())
     page.wait_for_load_state("load")
     widths = page.evaluate(
-        "() => ({column: document.body.clientWidth,"
-        " tables: [...document.querySelectorAll('table')].map(t => t.scrollWidth)})"
+        "() => { const b = document.body, cs = getComputedStyle(b);"
+        " return {column: b.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight),"
+        " tables: [...document.querySelectorAll('table')].map(t => t.scrollWidth)}; }"
     )
     page.screenshot(path=str(out.with_suffix(".png")), full_page=True)
     return widths
+
+
+def fresh_gallery(layout, out: Path) -> Path:
+    """`make docs` on the fixture run, as this code writes it: metrics, Table 1 (the base student and the
+    service LLM from baselines/), summary.md and Fig. 2, then the gallery. Returns its README."""
+    cfg = resolve_project_paths(load_config(layout.params_file))
+    judged = [j for j in read_jsonl(layout.judgments_file(0)) if "model" not in j]
+    write_json(layout.metrics_file(0), evaluate.compute_metrics(judged, cfg.evaluate, 0, n_boot=100))
+    models = {
+        evaluate.BASE_MODEL: ("base", read_jsonl(layout.baseline_judgments_file("base_student"))),
+        "cycle 0": ("local", judged),
+        SERVICE: ("service", read_jsonl(layout.baseline_judgments_file(SERVICE))),
+    }
+    long = evaluate.table1_long(models, cfg.evaluate, n_boot=100)
+    evaluate.write_table1(long, cfg.evaluate.zetas, layout.table1_csv(0), layout.table1_md(0))
+    summary.write_summary(cfg, layout, RunState(stop_reason="a browser-test fixture", timings={"total": 0.0}))
+    gallery.build_gallery(layout.root, out)
+    return out / "README.md"
 
 
 def wait_for(predicate, what: str, timeout: float = 20.0):
@@ -393,7 +415,13 @@ def test_review_and_curation_views_in_jupyterlab(tmp_path, lab, page):
     assert decisions == {shown: {"action": "reject"}}
     shot(curation, "01_curation_rejected")
 
-    # ---- the committed gallery as a reader sees it on GitHub: tables fit the column
-    widths = render_gallery(page, PROJECT_ROOT / "docs" / "demo" / "README.md", SHOTS / "gallery.html")
+    # ---- the gallery as a reader sees it on GitHub: this code's tables fit the column, none scrolls sideways
+    readme = fresh_gallery(layout, tmp_path / "docs")
+    widths = render_gallery(page, readme, SHOTS / "gallery.html")
     print("gallery column and table widths:", widths)
-    assert widths["tables"], "the gallery shows no table"
+    assert widths["tables"] and max(widths["tables"]) <= widths["column"], widths
+    # and the committed one (docs/demo, from the last `make docs`), for comparison
+    committed = render_gallery(
+        page, PROJECT_ROOT / "docs" / "demo" / "README.md", SHOTS / "gallery_committed.html"
+    )
+    print("committed gallery column and table widths:", committed)

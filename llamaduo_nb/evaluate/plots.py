@@ -15,6 +15,7 @@ from ..jsonio import read_json, save_figure
 from ..runlayout import RunLayout
 from ..schemas import read_metrics
 from .judging import METRICS
+from .metric_judges import METRIC_JUDGES
 from .stats import score_table, zeta_key
 
 
@@ -179,7 +180,7 @@ def plot_cycles(layout: RunLayout, epsilon: float, path: str | Path | None = Non
     frame = cycles_frame(layout)
     stats = list(dict.fromkeys(frame["statistic"])) or ["mean"]
     judges = list(dict.fromkeys(frame["judge"])) or ["(no judgments)"]
-    shown = {j: _fig_metrics(frame, j) for j in judges}
+    shown = {j: _fig_metrics(j) for j in judges}
     refs = list(references or {})
     ref_style = {label: REFERENCE_STYLES[i % len(REFERENCE_STYLES)] for i, label in enumerate(refs)}
     fig, axes = plt.subplots(
@@ -240,13 +241,9 @@ def plot_cycles(layout: RunLayout, epsilon: float, path: str | Path | None = Non
     return fig
 
 
-def _fig_metrics(frame: pd.DataFrame, judge: str) -> tuple[str, ...]:
-    """A judge whose precision equals its similarity everywhere (a reference metric): one line."""
-    rows = frame[frame["judge"] == judge]
-    prec = rows[rows["metric"] == "precision"]["value"].astype(float).to_numpy()
-    sim = rows[rows["metric"] == "similarity"]["value"].astype(float).to_numpy()
-    same = len(prec) == len(sim) and np.allclose(prec, sim, equal_nan=True)
-    return ("precision",) if same else METRICS
+def _fig_metrics(judge: str) -> tuple[str, ...]:
+    """A reference metric scores precision = similarity: one line."""
+    return ("precision",) if judge in METRIC_JUDGES else METRICS
 
 
 def text_overlaps(fig) -> list[tuple[str, str]]:
