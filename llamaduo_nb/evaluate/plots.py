@@ -20,7 +20,8 @@ from .stats import score_table, zeta_key
 
 
 def plot_scores(judgments: Iterable[dict], path: str | Path, zetas: Sequence[float] = (50.0, 70.0)):
-    """Per-row mean precision vs similarity, one panel per judge, with the zeta lines; saved as PNG."""
+    """Per-row mean precision vs similarity, one panel per judge, with the zeta lines (a reference metric,
+    whose precision equals its similarity, gets a histogram of its one score); saved as PNG."""
     import matplotlib.pyplot as plt
 
     table = score_table(judgments)
@@ -28,11 +29,17 @@ def plot_scores(judgments: Iterable[dict], path: str | Path, zetas: Sequence[flo
     fig, axes = plt.subplots(1, len(judges), figsize=(4.6 * len(judges), 4.4), squeeze=False)
     for ax, judge in zip(axes[0], judges, strict=True):
         rows = table[(table["judge"] == judge) & (table["n_ok"] > 0)]
-        _density(ax, rows)
-        _zeta_lines(ax, zetas)
+        if judge in METRIC_JUDGES:  # precision = similarity: a histogram of the one score, not a diagonal
+            ax.hist(rows["precision"].astype(float), bins=np.linspace(0, 100, 21), color="#1f77b4", alpha=0.8)
+            for zeta in zetas:
+                ax.axvline(zeta, color="grey", lw=0.8, ls="--")
+            ax.set(xlim=(0, 101), xlabel="score (row mean; precision = similarity)", ylabel="rows")
+        else:
+            _density(ax, rows)
+            _zeta_lines(ax, zetas)
         unscored = int((table[table["judge"] == judge]["n_ok"] == 0).sum())
         ax.set_title(f"{judge}: {len(rows)} rows" + (f", {unscored} unscored" if unscored else ""))
-    fig.suptitle("Precision vs similarity per (prompt, sample)")
+    fig.suptitle("Scores per (prompt, sample)")
     fig.tight_layout()
     save_figure(fig, path)
     return fig

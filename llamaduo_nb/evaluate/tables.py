@@ -295,7 +295,8 @@ def failure_table(judgments: Iterable[dict]) -> pd.DataFrame:
 def category_table(
     judgments: Iterable[dict], zetas: Sequence[float], *, n_boot: int = 1000, seed: int = 0
 ) -> pd.DataFrame:
-    """Per judge and task category: rows scored, `mean / C@zeta` per metric and its 95% intervals."""
+    """Per judge and task category: rows scored, `mean / C@zeta` per metric and its 95% intervals (a reference
+    metric's similarity reads "(same)")."""
     from .stats import metric_summary
 
     table = score_table(judgments)
@@ -303,6 +304,9 @@ def category_table(
     for (judge, category), rows in table.groupby(["judge", "category"], sort=True):
         record = {"judge": judge, "category": category or "(none)", "rows": len(rows)}
         for metric in METRICS:
+            if metric not in _metrics_shown(judge):  # a reference metric's similarity is its precision
+                record[metric], record[f"{metric} 95% CI"] = "(same)", ""
+                continue
             summary = metric_summary(
                 rows[metric].tolist(), zetas, clusters=rows["prompt_id"].tolist(), n_boot=n_boot, seed=seed
             )
