@@ -376,3 +376,26 @@ def test_01_runs_from_the_notebooks_folder_with_project_relative_paths(tmp_path)
     assert json.loads(out.read_text())["metadata"]["papermill"]["parameters"]["run_dir"].startswith("..")
     assert not (PROJECT_ROOT / "notebooks" / "outputs").exists()
     assert not (Path(PROJECT_ROOT / "notebooks") / Path(data["outputs_dir"])).resolve().exists()
+
+
+def test_review_view_filters_and_sorts_on_the_deciding_judge_by_default(tmp_path):
+    """The demo-like run: ROUGE-L decides (student scores BASES), the LLM judge scores every answer 60-70.
+    The judge box starts on the deciding judges; below ζ and the sort follow the judge chosen there."""
+    run = make_reviewed_run(tmp_path / "outputs" / "demo-like", demo_like=True)
+    view = ReviewView(run, 0, zeta=70.0, deciding=["rougeL"])
+    assert view.judge_box.value == "deciding judges" and view.judges() == ["rougeL"]
+    assert len(view.item.candidates) == 6  # student, base student, service LLM: K = 2 each
+    html = view.card.value
+    assert html.count("data-judge='rougeL'") == 6 and "+1 other judge" in html
+    view.model_box.value = "student"
+    view.below_box.value = True
+    assert len(view.visible) == sum(b < 70 for b in BASES)  # on ROUGE-L
+    view.judge_box.value = JUDGE  # the LLM judge's student means are 20..95 too (its repeats BASES ± 5)
+    assert view.judges() == [JUDGE]
+    view.judge_box.value = "every judge"
+    assert view.judges() is None
+    view.judge_box.value = "deciding judges"
+    view.below_box.value = False
+    view.sort_box.value = "score ↑ (worst first)"
+    assert [i.prompt_id for i in view.visible][:2] == [i.prompt_id for i in view.items[:2]]  # BASES 20, 35
+    assert view.visible[-1].prompt_id == view.items[6].prompt_id  # BASES 95: last
