@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -164,14 +165,20 @@ def _stderr_to(path: Path):
 
 
 def quantize_log_summary(log: Path, qtype: str) -> str:
-    """One line about a quantizer log: its length, the tensors that fell back to another type, its path."""
+    """One line about a quantizer log: the tensors that fell back to another type (llama.cpp's own count when
+    it gives one), the other warnings, the log's length and path."""
     lines = log.read_text(encoding="utf-8", errors="replace").splitlines() if log.is_file() else []
-    fallbacks = sum("fallback" in line for line in lines)
-    warnings = sum("warn" in line.casefold() for line in lines)
+    counted = next((m for line in lines if (m := _FALLBACK_TOTAL.search(line))), None)
+    falling = sum("falling back" in line for line in lines)
+    other = sum("warn" in line.casefold() and "falling back" not in line for line in lines) - bool(counted)
+    fell = f"{counted['n']} of {counted['of']}" if counted else str(falling)
     return (
-        f"{qtype}: llama.cpp quantizer logged {len(lines)} lines ({fallbacks} tensors fell back to another "
-        f"type, {warnings} warnings) -> {log}"
+        f"{qtype}: {fell} tensors fell back to another type (rows that do not split into its blocks), "
+        f"{other} other warnings; llama.cpp's quantizer log ({len(lines)} lines): {log}"
     )
+
+
+_FALLBACK_TOTAL = re.compile(r"(?P<n>\d+) of (?P<of>\d+) tensor\(s\) required fallback")
 
 
 # --------------------------------------------------------------------------- llama.cpp's converter
