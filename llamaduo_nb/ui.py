@@ -111,6 +111,7 @@ class CurationView(_View):
         )
         self.search = widgets.Text(placeholder="search prompt or response", description="search")
         self.header = widgets.HTML()
+        self.left = widgets.HTML()
         self.position = widgets.IntSlider(
             min=0, max=len(rows) - 1, description="row", continuous_update=False
         )
@@ -143,6 +144,7 @@ class CurationView(_View):
         self.widget = widgets.VBox(
             [
                 widgets.HBox([self.category, self.state_box, self.search]),
+                self.left,
                 self.header,
                 widgets.HBox([self.prev_button, self.position, self.next_button]),
                 self.instruction,
@@ -179,6 +181,19 @@ class CurationView(_View):
             "<span style='color:#a60' class='llamaduo-unsaved'><b>● unsaved edit</b> — press Save edit</span>"
             if not self._showing and self.dirty()
             else ""
+        )
+
+    def _show_left(self) -> None:
+        """One line: how many rows are out of the splits, and why (curation, which cycle's review)."""
+        counts = {state: 0 for state in STATES}
+        for row in self.rows:
+            counts[self.state(row)] += 1
+        cycles = sorted({o["cycle"] for o in self.reviewed.values() if o.get("cycle") is not None})
+        parts = [f"{n} {state}" for state, n in counts.items() if n]
+        self.left.value = (
+            f"<span class='llamaduo-left'>{len(self.rows)} rows: {', '.join(parts)}"
+            + (f" (review of cycle {', '.join(map(str, cycles))})" if cycles else "")
+            + "</span>"
         )
 
     def state(self, row: dict) -> str:
@@ -248,6 +263,7 @@ class CurationView(_View):
             )
         finally:
             self._showing = False
+        self._show_left()
         self._show_unsaved()
 
     def _leave_ok(self) -> bool:

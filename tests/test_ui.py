@@ -305,6 +305,9 @@ def test_review_decisions_persist_at_once_and_01_applies_them(run):
     curation = CurationView(
         import_coverage(cfg.coverage).rows, split_of(result), run.curation_file, reviewed=result.reviewed
     )
+    assert curation.left.value.endswith(
+        "1 dropped by review, 1 corrected by review (review of cycle 0)</span>"
+    )
     curation.state_box.value = "dropped by review"
     assert [curation.row["id"]] == [curation.rows[i]["id"] for i in curation.visible] == [dropped]
     assert "dropped by review" in curation.header.value and "cycle 0" in curation.header.value
