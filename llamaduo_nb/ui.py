@@ -357,7 +357,7 @@ class ReviewView(_View):
         deciding: Sequence[str] | None = None,
     ):
         self.layout = layout
-        self.metric = metric
+        self.metric = metric if metric in review.METRICS else "precision"  # decision_metric "both": precision
         self.cycle = cycle
         self.deciding = list(deciding) if deciding else None
         self.items: list[review.ReviewItem] = []
