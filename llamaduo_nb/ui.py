@@ -10,8 +10,8 @@ top, one column per model, one row per sample, score chips per answer), with the
 reference, corrected reference, ambiguous, note) above it. Filters: below ζ and judge disagreement on the
 judge chosen in the judge box (default: the deciding judges), category, model, cycle, search; sort by prompt,
 score or disagreement. Paging: buttons, or the keys j / → (next) and k / ← (previous) while the pointer is
-over the card; b marks the reference bad, a marks the prompt ambiguous. Decisions go at once to
-`<run>/review.json`.
+over the answers (not the decision bar, where you type); b marks the reference bad, a marks the prompt
+ambiguous. Decisions go at once to `<run>/review.json`.
 
 A callback that raises shows its traceback inside the view (the `errors` area), never only in a log.
 """
@@ -434,8 +434,10 @@ class ReviewView(_View):
             layout=widgets.Layout(flex_flow="row wrap", align_items="center", width="100%"),
         )
         self.decision_bar.add_class("llamaduo-decisions")
+        # keys act over the answers only: typing a note or a correction in the decision bar is never a shortcut
+        self.answers_box = widgets.Box([self.card], layout=widgets.Layout(width="100%"))
         self.card_box = widgets.VBox(
-            [self.decision_bar, self.card],
+            [self.decision_bar, self.answers_box],
             layout=widgets.Layout(border="1px solid #d0d7de", padding="4px", width="100%"),
         )
         self.card_box.add_class("llamaduo-review-card")
@@ -454,10 +456,10 @@ class ReviewView(_View):
             self.guarded(lambda _: self.decide(reference_edit=self.reference_edit.value))
         )
         self.save_note_button.on_click(self.guarded(lambda _: self.decide(note=self.note.value)))
-        self.keys = _key_events(self.card_box, self.guarded(self.on_key))
+        self.keys = _key_events(self.answers_box, self.guarded(self.on_key))
 
         self.hint = (
-            "keys over the card: j/k next/previous · b bad · a ambiguous"
+            "keys over the answers: j/k next/previous · b bad · a ambiguous"
             if self.keys is not None
             else "keyboard paging needs the ipyevents package"
         )
