@@ -11,6 +11,7 @@ from typing import Any
 
 from .callcache import is_retried_attempt, read_ledger
 from .config import RunConfig
+from .evaluate import METRIC_JUDGES
 from .jsonio import atomic_write, markdown_table, read_json, write_json
 from .runlayout import RunLayout
 from .schemas import read_metrics
@@ -31,7 +32,8 @@ def _cell(stats: dict) -> str:
 
 
 def cycle_rows(layout: RunLayout) -> list[dict[str, Any]]:
-    """One row per evaluated cycle: training volume, V and C@zeta per judge and metric, the decision."""
+    """One row per evaluated cycle: training volume, V and C@zeta per judge and metric, the decision
+    (summary.json's wide form; summary.md shows it as `judge_rows` and `decision_rows`)."""
     rows = []
     for cycle in layout.cycles():
         metrics = read_metrics(layout, cycle)
@@ -53,6 +55,55 @@ def cycle_rows(layout: RunLayout) -> list[dict[str, Any]]:
         row["passed"] = decision.get("passed")
         row["reason"] = decision.get("reason", "")
         rows.append(row)
+    return rows
+
+
+def judge_rows(layout: RunLayout) -> list[dict[str, Any]]:
+    """The cycles table in long form, narrow enough to read on GitHub: one row per cycle and judge, one score
+    column per metric (a reference metric, whose precision equals its similarity, fills one)."""
+    rows = []
+    for cycle in layout.cycles():
+        metrics = read_metrics(layout, cycle)
+        if metrics is None:
+            continue
+        train = layout.train_summary(cycle)
+        train_rows = read_json(train).get("rows") if train.is_file() else None
+        for judge, entry in metrics.get("per_judge", {}).items():
+            reference = judge in METRIC_JUDGES
+            scored = (
+                f"{entry['n_rows'] - entry.get('rows_unscored', 0)}/{entry['n_rows']}"
+                if "n_rows" in entry
+                else ""
+            )
+            rows.append(
+                {
+                    "cycle": cycle,
+                    "train rows": train_rows,
+                    "judge": judge,
+                    "precision": _cell(entry.get("precision", {})),
+                    "similarity": "(same)" if reference else _cell(entry.get("similarity", {})),
+                    "rows scored": scored,
+                }
+            )
+    return rows
+
+
+def decision_rows(layout: RunLayout) -> list[dict[str, Any]]:
+    rows = []
+    for cycle in layout.cycles():
+        metrics = read_metrics(layout, cycle)
+        if metrics is None:
+            continue
+        decision = metrics.get("decision", {})
+        value = decision.get("value")
+        rows.append(
+            {
+                "cycle": cycle,
+                "value": "n/a" if value is None else f"{value:.2f}",
+                "passed": decision.get("passed"),
+                "reason": decision.get("reason", ""),
+            }
+        )
     return rows
 
 
@@ -160,8 +211,17 @@ def teacher_lines(layout: RunLayout) -> list[str]:
             import pandas as pd
 
             table = pd.read_csv(layout.teacher_table_csv(cycle)).round(3)
+            # "value (rank)" in one cell: half the columns, narrow enough for GitHub
+            for column in [c for c in table.columns if f"rank {c}" in table.columns]:
+                ranks = table.pop(f"rank {column}")
+                table[column] = [
+                    f"{v:g} ({r:.0f})" if pd.notna(r) else f"{v:g}"
+                    for v, r in zip(table[column], ranks, strict=True)
+                ]
             return [
                 f"## Teacher study (cycle {cycle}: CAR = r / (1 + beta L))",
+                "",
+                "Each cell: value (rank among the candidates).",
                 "",
                 *_md(table.to_dict("records")),
             ]
@@ -217,13 +277,14 @@ def write_summary(cfg: RunConfig, layout: RunLayout, state: Any) -> str:
         "",
         "## Cycles",
         "",
-        "Each cell is mean / C@zeta for zeta in "
+        "Each score is mean / C@zeta for zeta in "
         + ", ".join(f"{z:g}" for z in ev.zetas)
-        + " [95% cluster-bootstrap interval of the mean].",
+        + " [95% cluster-bootstrap interval of the mean]; a reference metric's similarity is its precision.",
         "",
     ]
     if rows:
-        lines += _md(rows)
+        lines += _md(judge_rows(layout))
+        lines += ["", "Decision per cycle:", "", *_md(decision_rows(layout))]
     t1 = latest_table1_cycle(layout)
     if t1 is not None:
         lines += ["", f"## Table 1 (cycle {t1})", "", table1_markdown(layout, t1).rstrip("\n")]

@@ -5,10 +5,13 @@ stage modules (coverage/, review.py).
 a category filter, search and a warning before an unsaved edit is lost. Every click is saved at once
 (atomically) to the curation file, which `coverage.run_coverage` applies on the next run.
 
-`ReviewView` (04) shows each test prompt's instruction | reference | candidate answers with every judge's
-scores, the spread of its M repeats and its rationale. Filters: below ζ, judge disagreement, category, model,
-cycle, search. Paging: buttons, or the keys j / → (next) and k / ← (previous) while the pointer is over the
-answers; b marks the reference bad, a marks the prompt ambiguous. Decisions go at once to `<run>/review.json`.
+`ReviewView` (04) shows one test prompt at a time as review.render_item's grid (instruction and reference on
+top, one column per model, one row per sample, score chips per answer), with the decision buttons (bad
+reference, corrected reference, ambiguous, note) above it. Filters: below ζ and judge disagreement on the
+judge chosen in the judge box (default: the deciding judges), category, model, cycle, search; sort by prompt,
+score or disagreement. Paging: buttons, or the keys j / → (next) and k / ← (previous) while the pointer is
+over the answers (not the decision bar, where you type); b marks the reference bad, a marks the prompt
+ambiguous. Decisions go at once to `<run>/review.json`.
 
 A callback that raises shows its traceback inside the view (the `errors` area), never only in a log.
 """
@@ -16,7 +19,7 @@ A callback that raises shows its traceback inside the view (the `errors` area), 
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from .coverage import load_decisions, save_decisions
 from .runlayout import RunLayout
 
 ALL = "(all)"
+STATES = ("in its split", "rejected in curation", "dropped by review", "corrected by review")
 NEXT_KEYS = ("j", "n", "ArrowRight", "ArrowDown")
 PREV_KEYS = ("k", "p", "ArrowLeft", "ArrowUp")
 
@@ -78,11 +82,21 @@ def _key_events(source: widgets.DOMWidget, handler: Callable[[dict], None]) -> A
 
 
 class CurationView(_View):
-    def __init__(self, rows: list[dict], splits: dict[str, str], decisions_path: str | Path):
+    """`reviewed`: `coverage.review_outcomes` of the last split (CoverageResult.reviewed): rows 04's review
+    dropped, corrected or marked ambiguous show as such, with the reason and the cycle whose review it was."""
+
+    def __init__(
+        self,
+        rows: list[dict],
+        splits: dict[str, str],
+        decisions_path: str | Path,
+        reviewed: dict[str, dict] | None = None,
+    ):
         if not rows:
             raise ValueError("nothing to curate: no rows")
         self.rows = rows
         self.splits = splits
+        self.reviewed = reviewed or {}
         self.path = Path(decisions_path)
         self.decisions: dict[str, dict] = load_decisions(self.path)
         self.visible: list[int] = list(range(len(rows)))
@@ -92,8 +106,12 @@ class CurationView(_View):
 
         categories = sorted({r.get("category", "") for r in rows})
         self.category = widgets.Dropdown(options=[ALL, *categories], description="category")
+        self.state_box = widgets.Dropdown(
+            options=[ALL, *STATES], description="state", layout=widgets.Layout(width="260px")
+        )
         self.search = widgets.Text(placeholder="search prompt or response", description="search")
         self.header = widgets.HTML()
+        self.left = widgets.HTML()
         self.position = widgets.IntSlider(
             min=0, max=len(rows) - 1, description="row", continuous_update=False
         )
@@ -119,12 +137,14 @@ class CurationView(_View):
         self.edit_button.on_click(self.guarded(lambda _: self.decide("edit")))
         self.split.observe(self.guarded(self._on_split), names="value")
         self.category.observe(self.guarded(lambda _: self.refilter()), names="value")
+        self.state_box.observe(self.guarded(lambda _: self.refilter()), names="value")
         self.search.observe(self.guarded(lambda _: self.refilter()), names="value")
         for box in (self.instruction, self.response):
             box.observe(self.guarded(lambda _: self._show_unsaved()), names="value")
         self.widget = widgets.VBox(
             [
-                widgets.HBox([self.category, self.search]),
+                widgets.HBox([self.category, self.state_box, self.search]),
+                self.left,
                 self.header,
                 widgets.HBox([self.prev_button, self.position, self.next_button]),
                 self.instruction,
@@ -163,14 +183,38 @@ class CurationView(_View):
             else ""
         )
 
+    def _show_left(self) -> None:
+        """One line: how many rows are out of the splits, and why (curation, which cycle's review)."""
+        counts = {state: 0 for state in STATES}
+        for row in self.rows:
+            counts[self.state(row)] += 1
+        cycles = sorted({o["cycle"] for o in self.reviewed.values() if o.get("cycle") is not None})
+        parts = [f"{n} {state}" for state, n in counts.items() if n]
+        self.left.value = (
+            f"<span class='llamaduo-left'>{len(self.rows)} rows: {', '.join(parts)}"
+            + (f" (review of cycle {', '.join(map(str, cycles))})" if cycles else "")
+            + "</span>"
+        )
+
+    def state(self, row: dict) -> str:
+        """Where a row stands after the last split: in its split, rejected, or what 04's review did to it."""
+        outcome = self.reviewed.get(row["id"])
+        if self.decisions.get(row["id"], {}).get("action") == "reject":
+            return "rejected in curation"
+        if outcome and outcome["state"] in ("dropped", "corrected"):
+            return f"{outcome['state']} by review"
+        return "in its split"
+
     def refilter(self) -> None:
-        """Rows matching the category and search boxes; shows the first of them."""
+        """Rows matching the category, state and search boxes; shows the first of them."""
         needle = self.search.value.strip().casefold()
         category = None if self.category.value == ALL else self.category.value
+        state = None if self.state_box.value == ALL else self.state_box.value
         visible = [
             i
             for i, r in enumerate(self.rows)
             if (category is None or r.get("category") == category)
+            and (state is None or self.state(r) == state)
             and (not needle or needle in f"{r['id']}\n{r['instruction']}\n{r['response']}".casefold())
         ]
         if not visible:
@@ -194,15 +238,32 @@ class CurationView(_View):
             decision = self.decisions.get(row["id"], {})
             self.position.value = position
             self.instruction.value, self.response.value = self._saved_text()
-            self.split.value = decision.get("split") or self.splits.get(row["id"], "train")
+            outcome = self.reviewed.get(row["id"])
+            split = (outcome or {}).get("split") or self.splits.get(row["id"])
+            self.split.value = decision.get("split") or split or "train"
+            self.split.disabled = outcome is not None and outcome["state"] == "dropped"
+            state = self.state(row)
+            if outcome is not None:
+                colour = "#a40e26" if outcome["state"] == "dropped" else "#9a6700"
+                was = f"; was in {outcome['split']}" if outcome["state"] == "dropped" else ""
+                review_line = (
+                    f" · <span class='llamaduo-review-state' style='color:{colour}'>"
+                    f"{_escape(outcome['reason'])}{was}</span>"
+                )
+            elif split is None and decision.get("action") != "reject":
+                review_line = " · <span style='color:#57606a'>in no split (not in the last run)</span>"
+            else:
+                review_line = ""
             self.header.value = (
                 f"<b>{position + 1}/{len(self.visible)}</b>"
                 + (f" (of {len(self.rows)})" if len(self.visible) != len(self.rows) else "")
                 + f" · <code>{row['id']}</code> · {row.get('category', '')} · "
-                f"decision: <b class='llamaduo-decision'>{decision.get('action', 'none')}</b>"
+                f"state: <b class='llamaduo-state'>{state}</b> · "
+                f"decision: <b class='llamaduo-decision'>{decision.get('action', 'none')}</b>" + review_line
             )
         finally:
             self._showing = False
+        self._show_left()
         self._show_unsaved()
 
     def _leave_ok(self) -> bool:
@@ -260,13 +321,45 @@ class CurationView(_View):
 # --------------------------------------------------------------------------- 04: side-by-side review
 
 
-class ReviewView(_View):
-    """Review one cycle's answers beside their references; decisions go to `layout.review_file` at once."""
+DECIDING = "deciding judges"
+ALL_JUDGES = "every judge"
 
-    def __init__(self, layout: RunLayout, cycle: int, zeta: float = 70.0, metric: str = "precision"):
+# the pressed state of a decision toggle, unmistakable: filled, bold, a check mark (ipywidgets adds mod-active)
+REVIEW_CSS = """<style>
+.llamaduo-review .widget-toggle-button.mod-active{box-shadow:inset 0 0 0 2px rgba(0,0,0,.45);font-weight:700}
+.llamaduo-review .widget-toggle-button:not(.mod-active){background:#fff;border:1px solid #8c959f;color:#24292f}
+.llamaduo-review .llamaduo-decisions{border-bottom:1px solid #d0d7de;padding-bottom:4px;margin-bottom:2px}
+.llamaduo-review .llamaduo-decisions textarea{font-size:12px;resize:vertical}
+.llamaduo-review .llamaduo-toolbar{gap:2px 8px}
+</style>"""
+
+
+def _narrow(width: str) -> widgets.Layout:
+    return widgets.Layout(width=width)
+
+
+COMPACT = {"description_width": "initial"}
+
+
+class ReviewView(_View):
+    """Review one cycle's answers beside their references; decisions go to `layout.review_file` at once.
+
+    `deciding`: the judges whose scores decide (evaluate.decision_judges); the judge box defaults to them,
+    and colours, ζ and disagreement filters and sorting use the judge(s) chosen there.
+    """
+
+    def __init__(
+        self,
+        layout: RunLayout,
+        cycle: int,
+        zeta: float = 70.0,
+        metric: str = "precision",
+        deciding: Sequence[str] | None = None,
+    ):
         self.layout = layout
-        self.metric = metric
+        self.metric = metric if metric in review.METRICS else "precision"  # decision_metric "both": precision
         self.cycle = cycle
+        self.deciding = list(deciding) if deciding else None
         self.items: list[review.ReviewItem] = []
         self.visible: list[review.ReviewItem] = []
         self.position = 0
@@ -274,41 +367,85 @@ class ReviewView(_View):
         self._init_feedback()
 
         cycles = review.reviewable_cycles(layout) or [cycle]
-        self.cycle_box = widgets.Dropdown(options=cycles, value=cycle, description="cycle")
-        self.model_box = widgets.Dropdown(options=[ALL], description="model")
-        self.category_box = widgets.Dropdown(options=[ALL], description="category")
-        self.below_box = widgets.Checkbox(value=False, description="below ζ", indent=False)
-        self.zeta_box = widgets.FloatText(value=zeta, description="ζ", layout=widgets.Layout(width="130px"))
-        self.disagree_box = widgets.Checkbox(value=False, description="judges disagree by ≥", indent=False)
-        self.disagree_min = widgets.FloatText(value=20.0, layout=widgets.Layout(width="80px"))
-        self.search = widgets.Text(placeholder="search prompts, references, answers", description="search")
-        self.prev_button = widgets.Button(description="◀ prev (k)")
-        self.next_button = widgets.Button(description="next ▶ (j)")
-        self.counter = widgets.HTML()
-        self.card = widgets.HTML()
-        self.card_box = widgets.Box(
-            [self.card], layout=widgets.Layout(border="1px solid #ddd", padding="4px")
+        self.cycle_box = widgets.Dropdown(
+            options=cycles, value=cycle, description="cycle", style=COMPACT, layout=_narrow("90px")
         )
-        self.card_box.add_class("llamaduo-review-card")
-        wide = widgets.Layout(width="auto")
-        self.bad_button = widgets.ToggleButton(description="reference is bad (b)", icon="ban", layout=wide)
+        self.model_box = widgets.Dropdown(
+            options=[ALL], description="model", style=COMPACT, layout=_narrow("180px")
+        )
+        self.category_box = widgets.Dropdown(
+            options=[ALL], description="category", style=COMPACT, layout=_narrow("200px")
+        )
+        self.judge_box = widgets.Dropdown(
+            options=[DECIDING], description="judge", style=COMPACT, layout=_narrow("250px")
+        )
+        self.sort_box = widgets.Dropdown(
+            options=list(review.SORTS), description="sort", style=COMPACT, layout=_narrow("210px")
+        )
+        self.below_box = widgets.Checkbox(
+            value=False, description="below ζ", indent=False, layout=_narrow("80px")
+        )
+        self.zeta_box = widgets.FloatText(value=zeta, description="ζ", style=COMPACT, layout=_narrow("80px"))
+        self.disagree_box = widgets.Checkbox(
+            value=False, description="judges disagree by ≥", indent=False, layout=_narrow("170px")
+        )
+        self.disagree_min = widgets.FloatText(value=20.0, layout=_narrow("60px"))
+        self.search = widgets.Text(placeholder="search prompts, references, answers", layout=_narrow("230px"))
+        self.prev_button = widgets.Button(description="◀ prev (k)", layout=_narrow("100px"))
+        self.next_button = widgets.Button(description="next ▶ (j)", layout=_narrow("100px"))
+        self.counter = widgets.HTML()
+        self.card = widgets.HTML(layout=widgets.Layout(width="100%"))
+
+        self.bad_button = widgets.ToggleButton(
+            description="reference is bad (b)", icon="ban", layout=_narrow("auto"), tooltip="01 drops it"
+        )
         self.ambiguous_button = widgets.ToggleButton(
-            description="prompt is ambiguous (a)", icon="question", layout=wide
+            description="prompt is ambiguous (a)",
+            icon="question",
+            layout=_narrow("auto"),
+            tooltip="04 leaves it out of the decision",
         )
         self.reference_edit = widgets.Textarea(
-            placeholder="corrected reference (optional: without one, 01 drops the row)",
-            layout=widgets.Layout(width="98%", height="80px"),
+            placeholder="corrected reference (else 01 drops it)",
+            rows=1,
+            layout=widgets.Layout(flex="3 1 0%", min_width="160px", width="auto", height="30px"),
         )
         self.save_reference_button = widgets.Button(
-            description="Save corrected reference", icon="save", layout=wide
+            description="Save correction",
+            icon="save",
+            layout=_narrow("auto"),
+            tooltip="save the corrected reference",
         )
-        self.note = widgets.Textarea(placeholder="note", layout=widgets.Layout(width="98%", height="60px"))
-        self.save_note_button = widgets.Button(description="Save note", icon="save")
+        self.note = widgets.Textarea(
+            placeholder="note",
+            rows=1,
+            layout=widgets.Layout(flex="2 1 0%", min_width="120px", width="auto", height="30px"),
+        )
+        self.save_note_button = widgets.Button(description="Save note", icon="save", layout=_narrow("auto"))
+        self.decision_bar = widgets.HBox(
+            [
+                self.bad_button,
+                self.ambiguous_button,
+                self.reference_edit,
+                self.save_reference_button,
+                self.note,
+                self.save_note_button,
+            ],
+            layout=widgets.Layout(flex_flow="row wrap", align_items="center", width="100%"),
+        )
+        self.decision_bar.add_class("llamaduo-decisions")
+        # keys act over the answers only: typing a note or a correction in the decision bar is never a shortcut
+        self.answers_box = widgets.Box([self.card], layout=widgets.Layout(width="100%"))
+        self.card_box = widgets.VBox(
+            [self.decision_bar, self.answers_box],
+            layout=widgets.Layout(border="1px solid #d0d7de", padding="4px", width="100%"),
+        )
+        self.card_box.add_class("llamaduo-review-card")
         self.counts = widgets.HTML()
 
-        for box in (self.model_box, self.category_box, self.below_box, self.zeta_box):
+        for box in (self.model_box, self.category_box, self.below_box, self.zeta_box, self.judge_box):
             box.observe(self.guarded(lambda _: self.refilter()), names="value")
-        for box in (self.disagree_box, self.disagree_min, self.search):
+        for box in (self.disagree_box, self.disagree_min, self.search, self.sort_box):
             box.observe(self.guarded(lambda _: self.refilter()), names="value")
         self.cycle_box.observe(self.guarded(lambda change: self.load(change["new"])), names="value")
         self.prev_button.on_click(self.guarded(lambda _: self.step(-1)))
@@ -319,31 +456,38 @@ class ReviewView(_View):
             self.guarded(lambda _: self.decide(reference_edit=self.reference_edit.value))
         )
         self.save_note_button.on_click(self.guarded(lambda _: self.decide(note=self.note.value)))
-        self.keys = _key_events(self.card_box, self.guarded(self.on_key))
+        self.keys = _key_events(self.answers_box, self.guarded(self.on_key))
 
-        hint = (
-            "keys over the answers: j/→ next · k/← previous · b bad reference · a ambiguous"
+        self.hint = (
+            "keys over the answers: j/k next/previous · b bad · a ambiguous"
             if self.keys is not None
             else "keyboard paging needs the ipyevents package"
         )
+        row = widgets.Layout(flex_flow="row wrap", align_items="center", width="100%")
+        toolbars = [
+            widgets.HBox(
+                [self.cycle_box, self.model_box, self.category_box, self.judge_box, self.sort_box], layout=row
+            ),
+            widgets.HBox(
+                [
+                    self.below_box,
+                    self.zeta_box,
+                    self.disagree_box,
+                    self.disagree_min,
+                    self.search,
+                    self.prev_button,
+                    self.counter,
+                    self.next_button,
+                ],
+                layout=row,
+            ),
+        ]
+        for bar in toolbars:
+            bar.add_class("llamaduo-toolbar")
+        style = widgets.HTML(REVIEW_CSS, layout=widgets.Layout(height="0px", margin="0"))
         self.widget = widgets.VBox(
-            [
-                widgets.HBox([self.cycle_box, self.model_box, self.category_box]),
-                widgets.HBox(
-                    [self.below_box, self.zeta_box, self.disagree_box, self.disagree_min, self.search]
-                ),
-                widgets.HBox([self.prev_button, self.counter, self.next_button]),
-                widgets.HTML(f"<small>{hint}</small>"),
-                self.card_box,
-                widgets.HBox([self.bad_button, self.ambiguous_button]),
-                self.reference_edit,
-                self.save_reference_button,
-                self.note,
-                self.save_note_button,
-                self.counts,
-                self.status,
-                self.errors,
-            ]
+            [style, *toolbars, self.card_box, self.counts, self.status, self.errors],
+            layout=widgets.Layout(width="100%", overflow="hidden"),
         )
         self.widget.add_class("llamaduo-review")
         self.load(cycle)
@@ -356,6 +500,13 @@ class ReviewView(_View):
     def decisions(self) -> dict[str, dict]:
         return review.load_review(self.layout.review_file)
 
+    def judges(self) -> list[str] | None:
+        """The judges chosen in the judge box (None: every judge)."""
+        value = self.judge_box.value
+        if value == DECIDING:
+            return self.deciding
+        return None if value == ALL_JUDGES else [value]
+
     def load(self, cycle: int) -> None:
         """Read one cycle's responses and judgments (the only computing step: review.load_items)."""
         self.cycle = cycle
@@ -364,9 +515,18 @@ class ReviewView(_View):
             {m for item in self.items for m in item.models()}, key=lambda m: (m != review.STUDENT, m)
         )
         categories = sorted({item.category for item in self.items})
+        judges = sorted({j for item in self.items for j in item.judges()})
+        deciding = [j for j in self.deciding or [] if j in judges]
+        judge_options = ([(f"{DECIDING} ({', '.join(deciding)})", DECIDING)] if deciding else []) + [
+            (ALL_JUDGES, ALL_JUDGES),
+            *((j, j) for j in judges),
+        ]
         self._showing = True
         self.model_box.options = [ALL, *models]
         self.category_box.options = [ALL, *categories]
+        current = self.judge_box.value
+        self.judge_box.options = judge_options
+        self.judge_box.value = current if current in dict(judge_options).values() else judge_options[0][1]
         self._showing = False
         self.refilter()
 
@@ -378,6 +538,8 @@ class ReviewView(_View):
             "category": None if self.category_box.value == ALL else self.category_box.value,
             "model": None if self.model_box.value == ALL else self.model_box.value,
             "query": self.search.value,
+            "judges": self.judges(),
+            "sort": self.sort_box.value,
         }
 
     def refilter(self) -> None:
@@ -405,19 +567,32 @@ class ReviewView(_View):
                 decision: dict = {}
             else:
                 decision = decisions.get(item.prompt_id, {})
-                self.card.value = review.render_item(item, decision, filters["model"], self.zeta_box.value)
+                self.card.value = review.render_item(
+                    item, decision, filters["model"], self.zeta_box.value, filters["judges"], self.metric
+                )
             self.bad_button.value = bool(decision.get("bad_reference"))
             self.ambiguous_button.value = bool(decision.get("ambiguous"))
             self.reference_edit.value = decision.get("reference_edit") or ""
             self.note.value = decision.get("note", "")
         finally:
             self._showing = False
+        self._paint()
         counts = review.review_counts(decisions)
         self.counts.value = (
             f"<span class='llamaduo-counts'>review decisions: {counts['bad_references']} bad references "
             f"({counts['edited_references']} corrected), {counts['ambiguous']} ambiguous prompts "
             f"(left out of the decision), {counts['notes']} notes — <code>{self.layout.review_file}</code></span>"
+            f"<br><small style='color:#57606a'>{self.hint}</small>"
         )
+
+    def _paint(self) -> None:
+        """Pressed toggles look pressed: filled colour and a check mark, not a slightly darker grey."""
+        for button, style, text in (
+            (self.bad_button, "danger", "reference is bad (b)"),
+            (self.ambiguous_button, "warning", "prompt is ambiguous (a)"),
+        ):
+            button.button_style = style if button.value else ""
+            button.description = f"✔ {text}" if button.value else text
 
     def step(self, delta: int) -> None:
         if self.visible:

@@ -94,8 +94,11 @@ def test_parity_is_judged_by_the_chosen_and_every_deciding_llm_judge(make_params
     assert parity_evaluate_config(metrics_only).judges == []  # the demo decides on ROUGE-L
     deciding = load_config(
         make_params(
-            {"evaluate": {"decision_judges": ["local"]}, "deploy": {"parity_judges": [], "parity_m": 2}}
+            {
+                "evaluate": {"decision_judges": ["smollm2-service"]},
+                "deploy": {"parity_judges": [], "parity_m": 2},
+            }
         )
     )
     parity = parity_evaluate_config(deciding)
-    assert parity.judges == ["local"] and parity.m == 2
+    assert parity.judges == ["smollm2-service"] and parity.m == 2

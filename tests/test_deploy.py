@@ -249,7 +249,7 @@ def test_model_card_validates_with_huggingface_hub_and_carries_the_cycles_result
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     metrics = json.loads(layout.metrics_file(choice.cycle).read_text())
     results = {(r.metric_type, r.metric_value) for r in card.data.eval_results}
-    mean_precision = round(metrics["per_judge"]["local"]["precision"]["mean"], 2)
+    mean_precision = round(metrics["per_judge"]["smollm2-service"]["precision"]["mean"], 2)
     assert ("llm-judge-precision-mean", mean_precision) in results
     assert any(t.startswith("llm-judge-similarity-c@") for t, _ in results)
     assert {r.dataset_name for r in card.data.eval_results} == {f"{cfg.run_name} test split"}
@@ -460,7 +460,11 @@ def test_06_notebook_ships_serves_checks_parity_and_reports_costs(tmp_path, monk
     )
     assert isinstance(parity["decision"]["flagged"], bool) and parity["decision"]["message"]
     stats = {(c["judge"], c["metric"], c["statistic"]) for c in parity["comparison"]}
-    assert ("local", "precision", "c@70") in stats and ("local", "similarity", "mean") in stats
+    assert ("smollm2-service", "precision", "c@70") in stats and (
+        "smollm2-service",
+        "similarity",
+        "mean",
+    ) in stats
     assert len(list((layout.root / "deploy").glob("parity_*.jsonl"))) == 3
     measures = {row["measure"] for row in parity["sampler_comparison"]}
     assert {"tokens", "hit_limit", "repeat_share"} <= measures

@@ -351,7 +351,7 @@ def test_notebook_judges_each_row_m_times_and_metrics_match(tmp_path):
         assert plot.stat().st_size > 0
 
     judgments = read_jsonl(layout.judgments_file(0))
-    llm = [j for j in judgments if j["judge"] == "local"]
+    llm = [j for j in judgments if j["judge"] == "smollm2-service"]
     assert len(llm) == len(RESPONSES) * M
     assert len([j for j in judgments if j["judge"] == "rougeL"]) == len(RESPONSES)
     exact = {
@@ -371,8 +371,8 @@ def test_notebook_judges_each_row_m_times_and_metrics_match(tmp_path):
     cfg = load_config(layout.params_file)
     rows = evaluate.load_responses(layout.responses_file(0))
     requests = evaluate.judge_requests(rows, cfg.evaluate, evaluate.judge_template())
-    with ServicePool(cfg, layout, "test", providers=["local"]) as pool:
-        keys = [pool.cache_key("local", request) for request in requests]
+    with ServicePool(cfg, layout, "test", providers=["smollm2-service"]) as pool:
+        keys = [pool.cache_key("smollm2-service", request) for request in requests]
     assert len(set(keys)) == len(RESPONSES) * M
     assert {r.repeat for r in requests} == set(range(M))
     request_failed = {j["cache_key"] for j in llm if (j["error"] or "").startswith("request")}
@@ -382,11 +382,11 @@ def test_notebook_judges_each_row_m_times_and_metrics_match(tmp_path):
     assert {j["cache_key"] for j in llm} == set(keys)
 
     metrics = read_json(layout.metrics_file(0))
-    local = metrics["per_judge"]["local"]
+    local = metrics["per_judge"]["smollm2-service"]
     assert local["failures"] == sum(not j["ok"] for j in llm)
     assert local["failure_rate"] == pytest.approx(local["failures"] / len(llm))
     for metric in ("precision", "similarity"):
-        expected = _recompute(judgments, "local", metric, [50.0, 70.0])
+        expected = _recompute(judgments, "smollm2-service", metric, [50.0, 70.0])
         if expected["mean"] is None:
             assert local[metric]["mean"] is None
             continue
@@ -405,22 +405,23 @@ def test_notebook_judges_each_row_m_times_and_metrics_match(tmp_path):
 
     # Table 1: base student, this cycle, the embedded service baseline, P-Match; every judge a column
     table = layout.table1_md(0).read_text()
-    for label in ("base student", "cycle 0", "| local |", "P-Match"):
+    for label in ("base student", "cycle 0", "| smollm2-service |", "P-Match"):
         assert label in table
-    for judge in ("local", "rougeL", "exact_match"):
-        assert f"{judge} precision" in table
+    assert "smollm2-service precision" in table and "smollm2-service similarity" in table
+    for judge in ("rougeL", "exact_match"):  # a reference metric: one column (precision = similarity)
+        assert f"| {judge} (mean" in table and f"{judge} similarity" not in table
     long = pd.read_csv(layout.table1_csv(0))
-    assert set(long["model"]) == {"base student", "cycle 0", "local"}
+    assert set(long["model"]) == {"base student", "cycle 0", "smollm2-service"}
     base = read_jsonl(layout.baseline_responses_file("base_student"))
     assert len(base) == len(RESPONSES) and all(r["adapter"] is None for r in base)
     # the base student answers through 03's engine (its sampler), not another one
     from llamaduo_nb.student import resolve_engine
 
     assert {r["generation"]["engine"] for r in base} == {resolve_engine(cfg.inference.engine)}
-    service = read_jsonl(layout.baseline_responses_file("local"))
+    service = read_jsonl(layout.baseline_responses_file("smollm2-service"))
     assert [r["model_id"] for r in service] == ["service:local"] * len(RESPONSES)
     assert read_json(layout.agreement_file(0))["krippendorff_alpha"]
 
     # computed once per run: a later cycle reuses the reference rows without a pool or the student
     again = evaluate.reference_rows(cfg, layout, log=lambda msg: None)
-    assert all(ref["reused"] for ref in again.values()) and list(again) == ["base_student", "local"]
+    assert all(ref["reused"] for ref in again.values()) and list(again) == ["base_student", "smollm2-service"]

@@ -234,7 +234,7 @@ def _tiny_run(make_params, tmp_path: Path) -> RunLayout:
     params = make_params(
         {
             "synthesize": {
-                "generator": "local",
+                "generator": "smollm2-service",
                 "pairs_per_request": 2,
                 "target_per_cycle": 2,
                 "growth": "double",
@@ -307,7 +307,7 @@ def test_notebook_writes_lineage_and_keeps_test_items_out(make_params, tmp_path)
         assert row["source"] == "synthetic" and row["id"].startswith("synth-c01-")
         lineage = row["lineage"]
         assert lineage["cycle"] == cycle and lineage["seed_id"] in train_ids
-        assert lineage["generator"]["provider"] == "local"
+        assert lineage["generator"]["provider"] == "smollm2-service"
         assert lineage["generator"]["model"] == "smollm2-135m-instruct-q4_1"
         assert lineage["generator"]["params"]["pairs_per_request"] == 2
     assert len({r["id"] for r in accepted}) == len(accepted)

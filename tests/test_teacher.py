@@ -123,16 +123,18 @@ def test_study_params_are_checked_with_an_example():
     base = yaml.safe_load((ROOT / "params" / "demo.yaml").read_text())
     base["teacher_study"] = {
         "candidates": [{"name": "a", "provider": "nobody"}],
-        "reward": {"kind": "judge", "judge": "local"},
+        "reward": {"kind": "judge", "judge": "smollm2-service"},
     }
     with pytest.raises(ConfigError, match=r"teacher_study.candidates\[0\].provider"):
         build(RunConfig, base, source="t")
-    base["teacher_study"]["candidates"] = [{"name": "a", "provider": "local", "n": 0}]
+    base["teacher_study"]["candidates"] = [{"name": "a", "provider": "smollm2-service", "n": 0}]
     with pytest.raises(ConfigError, match="n': must lie in 1..16"):
         build(RunConfig, base, source="t")
     with pytest.raises(ConfigError, match="model_id"):
         build(RewardConfig, {"kind": "reward_model"}, source="t")
-    base["teacher_study"] = {"candidates": [{"name": "a", "provider": "local"}]}  # no reward judge named
+    base["teacher_study"] = {
+        "candidates": [{"name": "a", "provider": "smollm2-service"}]
+    }  # no reward judge named
     with pytest.raises(ConfigError, match="teacher_study.reward.judge"):
         build(RunConfig, base, source="t")
 

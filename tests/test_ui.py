@@ -14,7 +14,14 @@ from reviewrun import BASELINE, BASES, JUDGE, make_reviewed_run
 
 from llamaduo_nb import evaluate, review
 from llamaduo_nb.config import CoverageConfig, load_config
-from llamaduo_nb.coverage import import_coverage, load_decisions, run_coverage, split_of
+from llamaduo_nb.coverage import (
+    describe_left,
+    import_coverage,
+    load_decisions,
+    run_coverage,
+    split_of,
+    split_table,
+)
 from llamaduo_nb.jsonio import read_jsonl, write_jsonl
 from llamaduo_nb.notebook import Stage, resolve_project_paths
 from llamaduo_nb.runlayout import RunLayout
@@ -158,6 +165,51 @@ def test_04_leaves_a_prompt_marked_ambiguous_out_of_the_decision(run):
     assert json.loads(run.metrics_file(0).read_text()) == json.loads(json.dumps(metrics))
 
 
+def test_review_grid_chips_filters_and_sort_follow_the_chosen_judge():
+    """Two judges: a reference metric (precision = similarity, M = 1) that decides, and an LLM judge (M = 2)
+    that scores everything high. Filters and colours follow the chosen judge; the other is one click away."""
+    responses, judgments = [], []
+    for pid, label, metric in (("p1", "Negative", 100), ("p2", "Positive", 1), ("p3", "Neutral", 40)):
+        common = {"prompt_id": pid, "instruction": "Label it:\n```python\nx = 1\n```", "reference": label}
+        for model in (None, "base student", "smollm2-service"):
+            extra = {"model": model} if model else {}
+            responses += [{**common, **extra, "candidate": "Negative", "sample_index": k} for k in (0, 1)]
+            for k in (0, 1):
+                row = {"prompt_id": pid, "sample_index": k, "ok": True, **extra}
+                judgments.append({**row, "judge": "rougeL", "precision": metric, "similarity": metric})
+                judgments += [
+                    {**row, "judge": "llm", "repeat": r, "precision": 90 + r, "similarity": 80, "rationale": "ok"}
+                    for r in (0, 1)
+                ]  # fmt: skip
+    items = review.build_items(responses, judgments, cycle=0)
+    decide = ["rougeL"]
+    below = review.filter_items(items, below=70.0, judges=decide)
+    assert [i.prompt_id for i in below] == ["p2", "p3"]
+    assert review.filter_items(items, below=70.0, judges=["llm"]) == []
+    assert review.filter_items(items, below=70.0) == items[1:]  # every judge: (1 or 40 + 90.5) / 2
+    # disagreement: the chosen judge against the others (the LLM judge's repeats spread by 1)
+    assert [i.prompt_id for i in review.filter_items(items, disagreement=20.0, judges=decide)] == ["p2", "p3"]
+    assert [i.prompt_id for i in review.filter_items(items, judges=decide, sort="score")] == [
+        "p2",
+        "p3",
+        "p1",
+    ]
+    assert [i.prompt_id for i in review.filter_items(items, judges=decide, sort="disagreement ↓")] == [
+        "p2", "p3", "p1",
+    ]  # fmt: skip
+    html = review.render_item(items[2], None, None, 70.0, decide)
+    # one column per model, one row per sample: 3 header cells then 6 answers
+    assert html.count("class='ld-col'") == 3 and html.count("class='llamaduo-candidate") == 6
+    assert html.count("llamaduo-chip ld-low' data-judge='rougeL'") == 6  # coloured against ζ
+    assert "rougeL <b>40</b></span>" in html  # a reference metric: one score, no spread (M = 1)
+    assert "llm P <b>90</b> S <b>80</b> ±1" in html  # an LLM judge with M = 2: both metrics and the spread
+    assert html.count("+1 other judge</summary>") == 6  # the LLM judge one click away, its rationale folded
+    assert "<details class='ld-why'>" in html and "“ok”" in html
+    assert "<mark class='ld-diff'" in html  # "Negative" against the reference "Neutral"
+    assert "<pre><code>" in html and "```" not in html  # code is rendered, not shown as raw fences
+    assert "<b>x</b>" not in review.render_markdown("<b>x</b>")  # raw HTML is escaped
+
+
 def test_loader_tolerates_extra_fields_foreign_rows_and_an_unjudged_cycle(tmp_path):
     responses = [
         {
@@ -240,6 +292,29 @@ def test_review_decisions_persist_at_once_and_01_applies_them(run):
     assert all(after[i] == before[i] for i in after if i != edited)  # no other row moved or changed
     assert result.report["review"] == {"references_dropped": 1, "references_edited": 1, "ambiguous": 1}
 
+    # 01's curation view and split counts show what the review did, and which cycle's review it was
+    assert result.reviewed[dropped] == {
+        "state": "dropped", "split": "test", "category": before[dropped]["category"], "cycle": 0,
+        "reason": "reference marked bad in cycle 0's review",
+    }  # fmt: skip
+    assert result.reviewed[edited]["state"] == "corrected"
+    assert result.report["left_by_category"]["dropped by review"] == {before[dropped]["category"]: 1}
+    table = split_table(result)
+    assert table["left: dropped by review"].sum() == 1 and "left: rejected in curation" not in table
+    assert "1 dropped by review" in describe_left(result) and "review of cycle 0" in describe_left(result)
+    curation = CurationView(
+        import_coverage(cfg.coverage).rows, split_of(result), run.curation_file, reviewed=result.reviewed
+    )
+    assert curation.left.value.endswith(
+        "1 dropped by review, 1 corrected by review (review of cycle 0)</span>"
+    )
+    curation.state_box.value = "dropped by review"
+    assert [curation.row["id"]] == [curation.rows[i]["id"] for i in curation.visible] == [dropped]
+    assert "dropped by review" in curation.header.value and "cycle 0" in curation.header.value
+    assert curation.split.value == "test" and curation.split.disabled
+    curation.state_box.value = "corrected by review"
+    assert curation.row["id"] == edited and "reference corrected in cycle 0" in curation.header.value
+
 
 def test_a_failing_callback_shows_its_error_inside_the_view(run):
     view = ReviewView(run, 0)
@@ -304,3 +379,26 @@ def test_01_runs_from_the_notebooks_folder_with_project_relative_paths(tmp_path)
     assert json.loads(out.read_text())["metadata"]["papermill"]["parameters"]["run_dir"].startswith("..")
     assert not (PROJECT_ROOT / "notebooks" / "outputs").exists()
     assert not (Path(PROJECT_ROOT / "notebooks") / Path(data["outputs_dir"])).resolve().exists()
+
+
+def test_review_view_filters_and_sorts_on_the_deciding_judge_by_default(tmp_path):
+    """The demo-like run: ROUGE-L decides (student scores BASES), the LLM judge scores every answer 60-70.
+    The judge box starts on the deciding judges; below ζ and the sort follow the judge chosen there."""
+    run = make_reviewed_run(tmp_path / "outputs" / "demo-like", demo_like=True)
+    view = ReviewView(run, 0, zeta=70.0, deciding=["rougeL"])
+    assert view.judge_box.value == "deciding judges" and view.judges() == ["rougeL"]
+    assert len(view.item.candidates) == 6  # student, base student, service LLM: K = 2 each
+    html = view.card.value
+    assert html.count("data-judge='rougeL'") == 6 and "+1 other judge" in html
+    view.model_box.value = "student"
+    view.below_box.value = True
+    assert len(view.visible) == sum(b < 70 for b in BASES)  # on ROUGE-L
+    view.judge_box.value = JUDGE  # the LLM judge's student means are 20..95 too (its repeats BASES ± 5)
+    assert view.judges() == [JUDGE]
+    view.judge_box.value = "every judge"
+    assert view.judges() is None
+    view.judge_box.value = "deciding judges"
+    view.below_box.value = False
+    view.sort_box.value = "score ↑ (worst first)"
+    assert [i.prompt_id for i in view.visible][:2] == [i.prompt_id for i in view.items[:2]]  # BASES 20, 35
+    assert view.visible[-1].prompt_id == view.items[6].prompt_id  # BASES 95: last

@@ -256,6 +256,7 @@ def apply_review(
 
     A reference marked bad is replaced by the reviewer's correction when there is one (the row is marked
     `reviewed`), else its row is dropped. Ambiguous prompts stay: 04 leaves them out of its decision.
+    `review_outcomes` says the same per row, for the curation view.
     """
     counts = {"references_dropped": 0, "references_edited": 0, "ambiguous": 0}
 
@@ -276,6 +277,36 @@ def apply_review(
     return apply(train), apply(test), counts
 
 
+def review_outcomes(train: list[dict], test: list[dict], review: dict[str, dict]) -> dict[str, dict]:
+    """What the 04 review did to each row it decided on: row id -> {state, split, category, cycle, reason}.
+
+    state: "dropped" (reference marked bad, no correction), "corrected" (reference replaced) or "ambiguous"
+    (kept; 04 leaves it out of its decision). `split` is the split the row was in; `cycle` whose review it was.
+    """
+    out: dict[str, dict] = {}
+    for split, rows in (("train", train), ("test", test)):
+        for row in rows:
+            entry = review.get(row["id"])
+            if not entry or not (entry.get("bad_reference") or entry.get("ambiguous")):
+                continue
+            cycle = entry.get("cycle")
+            where = f"cycle {cycle}'s review" if cycle is not None else "the review"
+            if entry.get("bad_reference") and entry.get("reference_edit"):
+                state, reason = "corrected", f"reference corrected in {where}"
+            elif entry.get("bad_reference"):
+                state, reason = "dropped", f"reference marked bad in {where}"
+            else:
+                state, reason = "ambiguous", f"prompt marked ambiguous in {where}: left out of 04's decision"
+            out[row["id"]] = {
+                "state": state,
+                "split": split,
+                "category": row.get("category"),
+                "cycle": cycle,
+                "reason": reason,
+            }
+    return out
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -285,6 +316,7 @@ class CoverageResult:
     test: list[dict]
     report: dict
     example: dict | None = None  # the first imported row with a passage (`Imported.example`), for 01
+    reviewed: dict[str, dict] = field(default_factory=dict)  # `review_outcomes`: what 04's review did
 
 
 def check_disjoint(train: list[dict], test: list[dict]) -> None:
@@ -417,6 +449,8 @@ def build_coverage(
     else:
         train, test = split_rows(rows, cfg.train_ratio, seed, cfg.stratify_by)
     train, test = apply_moves(train, test, decisions)
+    outcomes = review_outcomes(train, test, review or {})
+    rejected_ids = set(rejected)
     train, test, reviewed = apply_review(train, test, review or {})
     check_disjoint(train, test)
     per_cat = {
@@ -435,6 +469,16 @@ def build_coverage(
             "moved": sum(1 for d in decisions.values() if d.get("split")),
         },
         "review": reviewed,
+        # rows that left the splits, and why, per category (01's split table shows them)
+        "left_by_category": {
+            "rejected in curation": dict(
+                sorted(Counter(r["category"] for r in imported.rows if r["id"] in rejected_ids).items())
+            ),
+            "dropped by review": dict(
+                sorted(Counter(o["category"] for o in outcomes.values() if o["state"] == "dropped").items())
+            ),
+        },
+        "reviewed_rows": outcomes,
         "train_ratio": cfg.train_ratio if given is None else None,
         "split": "as given" if given is not None else "by train_ratio",
         "seed": seed,
@@ -448,7 +492,7 @@ def build_coverage(
         "dataset_splits": imported.dataset_splits,
         "skipped_rows": [s.as_dict() for s in imported.skipped],
     }
-    return CoverageResult(train, test, report, imported.example)
+    return CoverageResult(train, test, report, imported.example, outcomes)
 
 
 def _problem_kind(problem: str) -> str:
@@ -495,23 +539,44 @@ def run_coverage(cfg: CoverageConfig, seed: int, layout: RunLayout) -> CoverageR
 
 
 def split_table(result: CoverageResult):
-    """Rows per category and split, as a DataFrame (for display and the bar plot)."""
+    """Rows per category and split, as a DataFrame (for display and the bar plot); when rows left the splits,
+    one more column per reason (rejected in curation, dropped by review) says how many."""
     import pandas as pd
 
     frame = pd.DataFrame(result.report["per_category"]).fillna(0).astype(int)
     frame["total"] = frame.sum(axis=1)
+    for reason, per_category in result.report.get("left_by_category", {}).items():
+        if per_category:
+            frame[f"left: {reason}"] = pd.Series(per_category).reindex(frame.index).fillna(0).astype(int)
     return frame
+
+
+def describe_left(result: CoverageResult) -> str:
+    """One line: how many rows left the splits and why (curation, review: which cycle's), or that none did."""
+    left = result.report.get("left_by_category", {})
+    parts = [f"{sum(per.values())} {reason}" for reason, per in left.items() if per]
+    cycles = sorted({o["cycle"] for o in result.reviewed.values() if o["cycle"] is not None})
+    edited = result.report.get("review", {}).get("references_edited", 0)
+    line = f"{len(result.train)} train / {len(result.test)} test rows"
+    line += f"; left the splits: {', '.join(parts)}" if parts else "; no row left the splits"
+    if edited:
+        line += f"; {edited} reference(s) corrected by review"
+    if cycles and (edited or left.get("dropped by review")):
+        line += f" (review of cycle {', '.join(map(str, cycles))})"
+    return line
 
 
 def plot_split(result: CoverageResult, path: Path | None = None):
     """Bar plot of rows per category per split, and prompt/response length histograms."""
     import matplotlib.pyplot as plt
 
-    table = split_table(result).drop(columns="total")
+    table = split_table(result)[["train", "test"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     table.plot.bar(ax=ax1, rot=20)
     ax1.set_title("Rows per category and split")
     ax1.set_ylabel("rows")
+    ax1.set_ylim(0, table.to_numpy().max() * 1.3)  # head room: the legend sits above the bars
+    ax1.legend(loc="upper center", ncols=2, frameon=False)
     for split, rows in (("train", result.train), ("test", result.test)):
         ax2.hist(
             [len(r["instruction"].split()) + len(r["response"].split()) for r in rows],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,8 @@ def _llama_ftype(qtype: str) -> int:
 def quantize_gguf(source: str | Path, out_path: str | Path, qtype: str, *, threads: int = 0) -> GGUFExport:
     """`qtype` (e.g. q4_k_m, q5_k_m) from an F16/BF16/F32 GGUF with llama.cpp's own quantizer
     (`llama_cpp.llama_model_quantize`, the library behind `llama-quantize`), written atomically.
+    The quantizer's log (a line per tensor, a warning per fallback) goes to `<out>.quantize.log` beside the
+    file, not into the notebook; one line says how many tensors fell back and where the log is.
 
     llama.cpp keeps its mixture rules (Q4_K_M: Q6_K for half of attn_v/ffn_down and the output tensor) and
     falls back to a legacy type for rows that do not split into 256-value K-blocks (Q4_K -> Q5_0, Q5_K ->
@@ -119,14 +122,21 @@ def quantize_gguf(source: str | Path, out_path: str | Path, qtype: str, *, threa
     params.nthread = threads
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    log = out_path.with_name(f"{out_path.name}.quantize.log")
     try:
-        code = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+        with _stderr_to(log):
+            code = llama_cpp.llama_model_quantize(
+                str(source).encode(), str(tmp).encode(), ctypes.byref(params)
+            )
         if code != 0:
-            raise GGUFExportError(f"llama_model_quantize({source} -> {qtype}) failed with code {code}")
+            raise GGUFExportError(
+                f"llama_model_quantize({source} -> {qtype}) failed with code {code}; its log: {log}"
+            )
         os.replace(tmp, out_path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+    print(quantize_log_summary(log, qtype))
     return GGUFExport(
         qtype,
         out_path,
@@ -135,6 +145,40 @@ def quantize_gguf(source: str | Path, out_path: str | Path, qtype: str, *, threa
         f"llama_model_quantize({source.name})",
         sum(tensor_types(out_path).values()),
     )
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """Send what llama.cpp logs (through Python's sys.stderr, and C's stderr: file descriptor 2, which
+    Jupyter also shows) to `path` for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "w", encoding="utf-8") as fh:
+        try:
+            os.dup2(fh.fileno(), 2)
+            with contextlib.redirect_stderr(fh):
+                yield
+        finally:
+            fh.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def quantize_log_summary(log: Path, qtype: str) -> str:
+    """One line about a quantizer log: the tensors that fell back to another type (llama.cpp's own count when
+    it gives one), the other warnings, the log's length and path."""
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines() if log.is_file() else []
+    counted = next((m for line in lines if (m := _FALLBACK_TOTAL.search(line))), None)
+    falling = sum("falling back" in line for line in lines)
+    other = sum("warn" in line.casefold() and "falling back" not in line for line in lines) - bool(counted)
+    fell = f"{counted['n']} of {counted['of']}" if counted else str(falling)
+    return (
+        f"{qtype}: {fell} tensors fell back to another type (rows that do not split into its blocks), "
+        f"{other} other warnings; llama.cpp's quantizer log ({len(lines)} lines): {log}"
+    )
+
+
+_FALLBACK_TOTAL = re.compile(r"(?P<n>\d+) of (?P<of>\d+) tensor\(s\) required fallback")
 
 
 # --------------------------------------------------------------------------- llama.cpp's converter

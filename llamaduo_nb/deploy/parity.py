@@ -606,37 +606,67 @@ def parity_table(report: dict) -> pd.DataFrame:
     )
 
 
+def parity_points(report: dict) -> pd.DataFrame:
+    """The judged comparison as plotted: rows with both an evaluated and a served value (a judge that did not
+    judge the served answers has nothing to compare), one metric per reference metric (precision = similarity).
+    Columns: judge, metric, statistic, label, evaluated, served and their interval ends."""
+    frame = pd.DataFrame(report.get("comparison", []))
+    if frame.empty:
+        return pd.DataFrame(columns=["judge", "metric", "statistic", "label", "evaluated", "served"])
+    frame = frame[frame["evaluated"].notna() & frame["served"].notna()]
+    frame = frame[~(frame["judge"].isin(evaluate.METRIC_JUDGES) & (frame["metric"] == "similarity"))]
+    frame = frame.reset_index(drop=True)
+    frame["label"] = [
+        f"{j}{'' if j in evaluate.METRIC_JUDGES else ' ' + m} · {'V' if s == 'mean' else s.replace('c@', 'C@')}"
+        for j, m, s in zip(frame["judge"], frame["metric"], frame["statistic"], strict=True)
+    ]
+    return frame
+
+
 def plot_parity(report: dict, greedy: pd.DataFrame, path: str | Path):
-    """Left: V and C@zeta with 95% CIs, evaluated vs served. Right: greedy exact-match rate per GGUF type."""
+    """Left: a dot-and-interval plot by judge, evaluated cycle vs served GGUF (V and C@zeta, 95% CIs), only
+    what both sides have. Right: greedy exact-match rate and token agreement per GGUF type."""
     import matplotlib.pyplot as plt
 
-    frame = pd.DataFrame(report.get("comparison", []))
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
+    frame = parity_points(report)
+    rows = max(len(frame), 1)
+    fig, (ax, ax2) = plt.subplots(
+        1, 2, figsize=(11, 1.2 + 0.32 * rows), gridspec_kw={"width_ratios": [3, 1.2]}
+    )
     if not frame.empty:
-        labels = [
-            f"{j}\n{m[:4]} {s}"
-            for j, m, s in zip(frame["judge"], frame["metric"], frame["statistic"], strict=True)
-        ]
-        x = np.arange(len(frame))
-        for offset, column, label in (
-            (-0.2, "evaluated", f"cycle {report.get('cycle')}"),
-            (0.2, "served", f"served {report['qtype']}"),
+        y = np.arange(len(frame))[::-1].astype(float)
+        for offset, column, label, marker, colour in (
+            (0.14, "evaluated", f"cycle {report.get('cycle')} (evaluated)", "o", "#1f77b4"),
+            (-0.14, "served", f"served {report['qtype']}", "D", "#ff7f0e"),
         ):
-            values = frame[column].astype(float).fillna(0.0).to_numpy()
-            cis = frame[f"{column}_ci95"]
-            low = [v - c[0] if isinstance(c, list) else 0.0 for v, c in zip(values, cis, strict=True)]
-            high = [c[1] - v if isinstance(c, list) else 0.0 for v, c in zip(values, cis, strict=True)]
-            ax.bar(x + offset, values, width=0.4, label=label, yerr=[low, high], capsize=3)
-        ax.legend(loc="upper right", fontsize=8)
-        ax.set_xticks(x, labels, fontsize=8)
-    ax.set(ylim=(0, 105), ylabel="score / % of rows", title="Judged parity (95% bootstrap CIs)")
+            values = frame[column].astype(float).to_numpy()
+            for yy, ci in zip(y + offset, frame[f"{column}_ci95"], strict=True):
+                if isinstance(ci, list):
+                    ax.plot(ci, [yy, yy], color=colour, lw=1.6, alpha=0.7)
+            ax.plot(values, y + offset, marker, color=colour, ms=5, label=label, ls="none")
+        ax.set_yticks(y, frame["label"], fontsize=8)
+        judges = frame["judge"].tolist()
+        for k in range(1, len(judges)):
+            if judges[k] != judges[k - 1]:
+                ax.axhline(y[k] + 0.5, color="#cccccc", lw=0.8)
+        ax.set_ylim(-0.7, len(frame) - 0.3)
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, fontsize=8, frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no judge scored both sides", ha="center", va="center", transform=ax.transAxes)
+        ax.set_yticks([])
+    ax.set_xlim(0, 101)
+    ax.grid(axis="x", color="#eeeeee", lw=0.6)
+    ax.set_xlabel("score (V) / % of rows (C@zeta), 95% bootstrap CIs", fontsize=9)
+    ax.set_title("Judged parity", fontsize=10, pad=22)
     summary = greedy_summary(greedy)
     x2 = np.arange(len(summary))
     ax2.bar(x2 - 0.2, 100 * summary["exact_match_rate"].astype(float), width=0.4, label="exact answers")
     ax2.bar(x2 + 0.2, 100 * summary["token_agreement"].astype(float), width=0.4, label="token agreement")
     ax2.set_xticks(x2, summary["qtype"])
-    ax2.set(ylim=(0, 105), ylabel="%", title="Greedy: transformers vs GGUF")
-    ax2.legend(loc="lower right", fontsize=8)
+    ax2.set_ylim(0, 105)
+    ax2.set_ylabel("%", fontsize=9)
+    ax2.set_title("Greedy: transformers vs GGUF", fontsize=10, pad=22)
+    ax2.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, fontsize=7, frameon=False)
     fig.tight_layout()
     save_figure(fig, path)
     return fig

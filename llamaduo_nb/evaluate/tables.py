@@ -3,7 +3,11 @@
 Table 1 keeps the paper's cell format `mean / C@50 / C@70` and adds what the paper leaves out: the 95%
 cluster-bootstrap interval of each statistic and the rows a judge could score (failed judgments are
 excluded, so every cell says on how many rows it rests). The P-Match row is, per judge and metric,
-100 x (best local model) / (best service model) for each statistic, "best" taken per statistic.
+100 x (best local model) / (best service model) for each statistic, "best" taken per statistic; it is shown
+only where the best service value is at least `P_MATCH_MIN_SERVICE` (below that the service model does not do
+the task by that judge's measure, and a ratio against it says nothing: 1 -> 34 read as 3400%).
+A reference metric (ROUGE-L, chrF, exact match) scores precision = similarity: its Table-1 column is one.
+The Markdown form puts the intervals in a second table of the same shape, so both stay narrow.
 """
 
 from __future__ import annotations
@@ -17,8 +21,15 @@ from .. import jsonio
 from ..config import EvaluateConfig
 from ..jsonio import atomic_write
 from .judging import METRICS
+from .metric_judges import METRIC_JUDGES
 from .stats import score_table, summarize, zeta_key
 
+P_MATCH_MIN_SERVICE = 50.0  # mean on the 1..100 scale, or C@zeta in percent
+P_MATCH_NOTE = (
+    f"P-Match = 100 x best local / best service, shown only where the best service value is at least "
+    f"{P_MATCH_MIN_SERVICE:g} (—: the service model does not do the task by that measure, a ratio against it "
+    "says nothing)."
+)
 BASE_MODEL = "base student"  # Table-1 label of the student before fine-tuning (providers cannot hold spaces)
 KINDS = ("base", "local", "service")
 
@@ -123,17 +134,31 @@ def p_match(long: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-def table1(long: pd.DataFrame, zetas: Sequence[float], *, intervals: bool = True) -> pd.DataFrame:
-    """Paper Table 1: a line per model plus P-Match; a column per (judge, metric): `mean / C@50 / C@70`.
+def _metrics_shown(judge: str) -> tuple[str, ...]:
+    """A reference metric's precision equals its similarity: one column (its precision) is enough."""
+    return ("precision",) if judge in METRIC_JUDGES else METRICS
+
+
+def _column(judge: str, metric: str) -> str:
+    return judge if judge in METRIC_JUDGES else f"{judge} {metric}"
+
+
+def table1(
+    long: pd.DataFrame, zetas: Sequence[float], *, intervals: bool = True, only_intervals: bool = False
+) -> pd.DataFrame:
+    """Paper Table 1: a line per model plus P-Match; a column per (judge, metric): `mean / C@50 / C@70`
+    (one column per reference metric, whose precision equals its similarity).
 
     Each cell ends with the rows scored (`n=18/20`) and, when `intervals`, the 95% intervals in the same
-    order (`[61-72 / 40-80 / 10-45]`).
+    order (`[61-72 / 40-80 / 10-45]`); `only_intervals` gives the intervals alone (no P-Match row).
     """
     keys = _stat_keys(zetas)
     columns: list[str] = []
     rows: dict[str, dict[str, str]] = {}
     for (model, judge, metric), group in long.groupby(["model", "judge", "metric"], sort=False):
-        column = f"{judge} {metric}"
+        if metric not in _metrics_shown(judge):
+            continue
+        column = _column(judge, metric)
         if column not in columns:
             columns.append(column)
         by_stat = group.set_index("statistic")
@@ -145,18 +170,31 @@ def table1(long: pd.DataFrame, zetas: Sequence[float], *, intervals: bool = True
         first = group.iloc[0]
         cell += f" (n={int(first['rows_scored'])}/{int(first['rows'])})"
         lows, highs = [by_stat.loc[k, "ci_low"] for k in keys], [by_stat.loc[k, "ci_high"] for k in keys]
-        if intervals and not any(v is None or pd.isna(v) for v in lows + highs):
-            cell += " [" + " / ".join(f"{lo:.0f}-{hi:.0f}" for lo, hi in zip(lows, highs, strict=True)) + "]"
+        ci = ""
+        if not any(v is None or pd.isna(v) for v in lows + highs):
+            ci = "[" + " / ".join(f"{lo:.0f}-{hi:.0f}" for lo, hi in zip(lows, highs, strict=True)) + "]"
+        if only_intervals:
+            cell = ci or "n/a"
+        elif intervals and ci:
+            cell += " " + ci
         rows.setdefault(model, {})[column] = cell
     match = p_match(long)
-    if len(match) and (long["kind"] == "service").any():
+    if len(match) and (long["kind"] == "service").any() and not only_intervals:
         pm_row = {}
         for (judge, metric), group in match.groupby(["judge", "metric"], sort=False):
+            if metric not in _metrics_shown(judge):
+                continue
             by_stat = group.set_index("statistic")
-            ratios = [by_stat.loc[k, "p_match"] for k in keys]
-            pm_row[f"{judge} {metric}"] = " / ".join(
-                "n/a" if r is None or pd.isna(r) else f"{r:.0f}%" for r in ratios
-            )
+            cells = []
+            for k in keys:
+                ratio, service = by_stat.loc[k, "p_match"], by_stat.loc[k, "best_service"]
+                if ratio is None or pd.isna(ratio):
+                    cells.append("n/a")
+                elif service is None or pd.isna(service) or service < P_MATCH_MIN_SERVICE:
+                    cells.append("—")
+                else:
+                    cells.append(f"{ratio:.0f}%")
+            pm_row[_column(judge, metric)] = " / ".join(cells)
         rows["P-Match (best local / best service)"] = pm_row
     frame = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=columns)
     frame.index.name = "model"
@@ -176,11 +214,19 @@ def write_table1(long: pd.DataFrame, zetas: Sequence[float], csv_path: Path, md_
     wide = table1(long, zetas)
     with atomic_write(csv_path) as fh:
         long.to_csv(fh, index=False)
-    header = (
-        "Cells: mean / C@zeta (n = rows scored / rows) [95% cluster-bootstrap intervals, same order].\n\n"
-    )
+    stats = "mean / " + " / ".join(f"C@{z:g}" for z in zetas)
+
+    def short(frame: pd.DataFrame) -> pd.DataFrame:  # the caption says what a cell holds
+        return frame.rename(columns=lambda c: c.removesuffix(f" ({stats})"))
+
+    text = f"Cells: {stats} (n = rows scored / rows); a reference metric (precision = similarity) has one column.\n\n"
+    text += markdown_table(short(table1(long, zetas, intervals=False)))
+    if (long["kind"] == "service").any():
+        text += "\n" + P_MATCH_NOTE + "\n"
+    text += "\n95% cluster-bootstrap intervals, same cells and order:\n\n"
+    text += markdown_table(short(table1(long, zetas, only_intervals=True)))
     with atomic_write(md_path) as fh:
-        fh.write(header + markdown_table(wide))
+        fh.write(text)
     return wide
 
 
@@ -188,18 +234,20 @@ def write_table1(long: pd.DataFrame, zetas: Sequence[float], csv_path: Path, md_
 
 
 def results_table(metrics: dict) -> pd.DataFrame:
-    """One line per judge of this cycle: `mean / C@50 / C@70` per metric, intervals, failures."""
+    """One line per judge of this cycle: `mean / C@50 / C@70` per metric, intervals, failures (a reference
+    metric's similarity, equal to its precision, reads "(same)")."""
     zetas = metrics["zetas"]
     header = "mean / " + " / ".join(f"C@{z:g}" for z in zetas)
     records = []
     for judge, entry in metrics["per_judge"].items():
+        same = judge in METRIC_JUDGES
         records.append(
             {
                 "judge": judge,
                 f"precision ({header})": _fmt_cell(entry["precision"], zetas),
                 "precision 95% CI": _fmt_ci(entry["precision"], zetas),
-                f"similarity ({header})": _fmt_cell(entry["similarity"], zetas),
-                "similarity 95% CI": _fmt_ci(entry["similarity"], zetas),
+                f"similarity ({header})": "(same)" if same else _fmt_cell(entry["similarity"], zetas),
+                "similarity 95% CI": "" if same else _fmt_ci(entry["similarity"], zetas),
                 "rows scored": f"{entry['n_rows'] - entry['rows_unscored']}/{entry['n_rows']}",
                 "failed judgments": f"{entry['failures']}/{entry['judgments']} ({100 * entry['failure_rate']:.0f}%)",
             }
@@ -247,7 +295,8 @@ def failure_table(judgments: Iterable[dict]) -> pd.DataFrame:
 def category_table(
     judgments: Iterable[dict], zetas: Sequence[float], *, n_boot: int = 1000, seed: int = 0
 ) -> pd.DataFrame:
-    """Per judge and task category: rows scored, `mean / C@zeta` per metric and its 95% intervals."""
+    """Per judge and task category: rows scored, `mean / C@zeta` per metric and its 95% intervals (a reference
+    metric's similarity reads "(same)")."""
     from .stats import metric_summary
 
     table = score_table(judgments)
@@ -255,6 +304,9 @@ def category_table(
     for (judge, category), rows in table.groupby(["judge", "category"], sort=True):
         record = {"judge": judge, "category": category or "(none)", "rows": len(rows)}
         for metric in METRICS:
+            if metric not in _metrics_shown(judge):  # a reference metric's similarity is its precision
+                record[metric], record[f"{metric} 95% CI"] = "(same)", ""
+                continue
             summary = metric_summary(
                 rows[metric].tolist(), zetas, clusters=rows["prompt_id"].tolist(), n_boot=n_boot, seed=seed
             )
