@@ -231,9 +231,9 @@ def test_model_card_tells_where_the_model_comes_from(shipped):
     assert "## Data lineage of this cycle" in card and "coverage/test.jsonl" in card
     assert f"**cycle {choice.cycle}**" in card
     assert "## Data per cycle" in card and "| 0 | 92 |" in card  # 96 sample rows - 4 test rows
-    assert "## Judged quality per cycle" in card and "| 0 | local |" in card
-    assert "Judges: local (embedded: `smollm2-135m-instruct-q4_1`)" in card
-    assert "Teacher (synthetic data): local" in card
+    assert "## Judged quality per cycle" in card and "| 0 | smollm2-service |" in card
+    assert "Judges: smollm2-service (embedded: `smollm2-135m-instruct-q4_1`)" in card
+    assert "Teacher (synthetic data): smollm2-service" in card
     assert "Apache License 2.0" in card and "terms of use" in card
 
 

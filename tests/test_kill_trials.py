@@ -240,7 +240,8 @@ def test_judging_against_the_real_llama_cpp_server_survives_sigkill(tmp_path):
     with LlamaServer(embedded_gguf_path(), n_ctx=4096) as llama:
         provider = {"kind": "openai_compatible", "base_url": llama.base_url, "max_concurrency": 1,
                     "model": llama.model_alias, "json_mode": "schema"}  # fmt: skip
-        judge = {"m": 1, "temperature": 0.0, "max_tokens": 32}
+        # no rationale (the demo asks for one): the 32-token verdict must fit its budget
+        judge = {"m": 1, "temperature": 0.0, "max_tokens": 32, "rationale": False}
         chain, calls = trial(
             tmp_path, "04_evaluate", provider, None, 3, 13, step=1, evaluate=judge, samples=2
         )
