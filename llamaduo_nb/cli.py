@@ -9,8 +9,19 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError
+from . import forecast, runner
+from .callcache import unanswered_failures
+from .config import ConfigError, load_config
+from .dataquality import add_dedup_subparser
+from .deploy.gguf import ensure_llama_cpp_converter
+from .embedded import embedded_gguf_path, student_base_dir
+from .evaluate.stage import forget_failed_reference_rows
+from .forecast import Assumptions
+from .llamacpp import ensure_llama_server
+from .runlayout import RunLayout
+from .runner import NotebookFailed, RunInterrupted, describe_state, status_table
 from .schemas import LEDGER_BASELINES, NOTEBOOK_LEDGER_STAGES
+from .student import GGUFExportError
 from .validation import validate_teachers, validation_markdown
 
 
@@ -39,11 +50,6 @@ def retry_failed(
     replays from the cache for free, so only the calls that failed (errors, unusable replies) go out again,
     through the same pool, cache and ledger. A re-run 04 has its decision read again by the next --resume;
     steps that already ran on a re-run step's earlier outputs are named in the message (they keep them)."""
-    from . import runner
-    from .callcache import unanswered_failures
-    from .config import load_config
-    from .evaluate.stage import forget_failed_reference_rows
-    from .runlayout import RunLayout
 
     cfg = load_config(params, overrides)
     layout = RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
@@ -101,7 +107,6 @@ def retry_failed(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import runner
 
     t0 = time.monotonic()
     if args.resume and args.fresh:
@@ -125,9 +130,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_forecast(args: argparse.Namespace) -> int:
-    from . import forecast
-    from .config import load_config
-    from .runlayout import RunLayout
 
     cfg = load_config(args.params, _parse_set(args.set))
     assume = forecast.Assumptions(
@@ -147,8 +149,6 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .runlayout import RunLayout
-    from .runner import describe_state, status_table
 
     layout = RunLayout(Path(args.run_dir))
     print(describe_state(layout) if args.json else status_table(layout))
@@ -156,16 +156,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .embedded import embedded_gguf_path, student_base_dir
 
     print(f"embedded GGUF: {embedded_gguf_path()}")
     print(f"student (dequantised, cached): {student_base_dir()}")
-    from .llamacpp import ensure_llama_server
 
     # the server of the offline service LLM, 03's llama.cpp engine and 06 (compiled once per machine)
     print(f"llama-server (cached): {ensure_llama_server()}")
-    from .deploy.gguf import ensure_llama_cpp_converter
-    from .student import GGUFExportError
 
     try:  # 06 converts non-Llama students (Gemma, Qwen2, Phi-3, ...) with llama.cpp's own converter
         print(f"llama.cpp converter (cached): {ensure_llama_cpp_converter(quiet=True)}")
@@ -217,7 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
     fc = sub.add_parser("forecast", help="calls, tokens and USD the paid stages (04, 05) will spend")
     fc.add_argument("params", help="params YAML, e.g. params/paper_gemma7b.yaml")
     fc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
-    from .forecast import Assumptions
 
     defaults = Assumptions()
     for flag, value, what in (
@@ -254,12 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a param (dotted key)"
     )
     validate.set_defaults(func=cmd_validate_teachers)
-    try:
-        from .dataquality import add_dedup_subparser
-    except ImportError:
-        pass
-    else:
-        add_dedup_subparser(sub)
+    add_dedup_subparser(sub)
     return parser
 
 
@@ -271,8 +261,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llamaduo: configuration error: {exc}", file=sys.stderr)
         return 2
     except (Exception, KeyboardInterrupt) as exc:
-        from .runner import NotebookFailed, RunInterrupted
-
         if isinstance(exc, NotebookFailed):  # carries the notebook path and the cell's error
             if exc.stopped:  # a stage stopped spending (failing provider, budget): resumable, exit code 3
                 print(f"llamaduo: stage stopped, nothing was lost: {exc.evalue}", file=sys.stderr)

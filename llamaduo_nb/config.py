@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .jsonio import atomic_write
 from .prices import PriceError, load_prices
 
 
@@ -906,7 +907,6 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> Path:
-    from .jsonio import atomic_write
 
     with atomic_write(path) as fh:
         yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False, allow_unicode=True)

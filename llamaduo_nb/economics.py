@@ -35,7 +35,7 @@ import pandas as pd
 
 from .callcache import ledger_frame, retried_attempts
 from .config import _check, build, read_yaml  # _check: the validation hook `build` reports
-from .jsonio import save_figure
+from .jsonio import save_figure, write_json
 from .runlayout import project_file
 
 # ---------------------------------------------------------------------------- what the run spent
@@ -414,7 +414,6 @@ def write_economics(
     layout: Any, params: EconomicsParams, costs: dict[str, pd.DataFrame], source: str = ""
 ) -> dict:
     """Write deploy/economics.json (`RunLayout.economics_report`) and return its content."""
-    from .jsonio import write_json
 
     report = economics_report(params, costs, source)
     write_json(layout.economics_report, report)

@@ -43,6 +43,7 @@ from typing import Any
 
 from .config import ProviderConfig
 from .jsonio import atomic_dir, sha256_file
+from .llamacpp import ensure_llama_server
 from .runlayout import cache_home
 
 EMBEDDED_PREFIX = "embedded:"
@@ -350,8 +351,6 @@ class LlamaServer:
 
     # ---- internals
     def command(self, port: int) -> list[str]:
-        from .llamacpp import ensure_llama_server
-
         cmd = [
             str(ensure_llama_server()),
             "--model", str(self.model_path),

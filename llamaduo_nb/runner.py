@@ -27,6 +27,7 @@ from typing import Any
 
 import papermill as pm
 
+from . import forecast
 from .config import ConfigError, RunConfig, dump_config, is_non_semantic, load_config
 from .jsonio import read_json, read_jsonl, write_json, write_jsonl
 from .runlayout import RunLayout
@@ -485,8 +486,6 @@ def record_forecast(
     """Before a paid notebook (04, 05, 06): record its forecast in the run's calls.sqlite (the ServicePool sends
     no paid call without it) and log its calls, USD and upper bound, and any budget it may cross."""
     import warnings
-
-    from . import forecast
 
     if step.stage not in forecast.PAID_STAGES:
         return

@@ -12,6 +12,8 @@ from typing import Any
 from .callcache import is_retried_attempt, read_ledger
 from .config import RunConfig
 from .evaluate import METRIC_JUDGES
+from .evaluate.plots import plot_cycles, reference_lines
+from .evaluate.stats import decision_rule_text
 from .jsonio import atomic_write, markdown_table, read_json, write_json
 from .runlayout import RunLayout
 from .schemas import read_metrics
@@ -265,7 +267,6 @@ def cost_lines(layout: RunLayout, state: Any) -> list[str]:
 
 def write_summary(cfg: RunConfig, layout: RunLayout, state: Any) -> str:
     """summary.md + summary.json: the story of the run's cycles, Table 1, Fig. 2 and the time per notebook."""
-    from .evaluate.stats import decision_rule_text
 
     rows = cycle_rows(layout)
     ev = cfg.evaluate
@@ -292,8 +293,6 @@ def write_summary(cfg: RunConfig, layout: RunLayout, state: Any) -> str:
     if rows:
         try:
             import pandas as pd
-
-            from .evaluate.plots import plot_cycles, reference_lines
 
             refs = reference_lines(pd.read_csv(layout.table1_csv(t1))) if t1 is not None else None
             fig = plot_cycles(layout, ev.epsilon, references=refs)

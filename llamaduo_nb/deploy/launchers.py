@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..config import RunConfig
-from ..embedded import EMBEDDED_PREFIX, resolve_model_path
+from ..embedded import EMBEDDED_PREFIX, NEUTRAL_SAMPLING_ARGS, resolve_model_path
 from ..jsonio import atomic_write, read_json
 from ..runlayout import RunLayout
 from .select import CycleChoice
@@ -95,8 +95,6 @@ def llamacpp_script_text(served_name: str, gguf_rel: str, n_ctx: int) -> str:
     """A bash launcher for llama.cpp's server exactly as 06 ran it for the parity check: llama-server with
     OpenAI's sampling semantics (`embedded.NEUTRAL_SAMPLING_ARGS`), parallel slots, on a GGUF of this run."""
     import shlex
-
-    from ..embedded import NEUTRAL_SAMPLING_ARGS
 
     neutral = " ".join(shlex.quote(a) for a in NEUTRAL_SAMPLING_ARGS)
     return f"""#!/usr/bin/env bash

@@ -22,7 +22,7 @@ from ..config import EvaluateConfig
 from ..jsonio import atomic_write
 from .judging import METRICS
 from .metric_judges import METRIC_JUDGES
-from .stats import score_table, summarize, zeta_key
+from .stats import metric_summary, score_table, summarize, zeta_key
 
 P_MATCH_MIN_SERVICE = 50.0  # mean on the 1..100 scale, or C@zeta in percent
 P_MATCH_NOTE = (
@@ -297,7 +297,6 @@ def category_table(
 ) -> pd.DataFrame:
     """Per judge and task category: rows scored, `mean / C@zeta` per metric and its 95% intervals (a reference
     metric's similarity reads "(same)")."""
-    from .stats import metric_summary
 
     table = score_table(judgments)
     records = []
