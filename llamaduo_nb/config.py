@@ -4,6 +4,9 @@ Every setting of a run lives in one YAML file with one section per stage. Loadin
 unknown key, a value of the wrong type or an impossible value raises `ConfigError`, which names the
 file and the dotted key and shows a valid example of that section. `NON_SEMANTIC_KEYS` lists the settings a
 `--resume` may change without --accept-changed-params (budgets, retries, rate limits, timeouts).
+
+It stays one module (~930 lines): it is the params reference, one dataclass per YAML section in file order,
+each with its checks beside its fields, so a reader finds every key of a run in one place.
 """
 
 from __future__ import annotations
