@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
     validate = sub.add_parser(
         "validate-teachers",
-        help="rank the teacher-study candidates by real fine-tuning (paper Table 4): expensive, its own step",
+        help="check the teacher study's ranking by a short LoRA per candidate, judged like 04 (a proxy laid out "
+        "like the CAR paper's Table 4): expensive, its own step",
     )
     validate.add_argument("params", help="params YAML with teacher_study.candidates, e.g. params/demo.yaml")
     validate.add_argument("--cycle", type=int, default=0, help="whose study to validate (default 0)")

@@ -1,4 +1,7 @@
-"""`llamaduo validate-teachers`: the teacher study's ground truth (paper Table 4), end to end.
+"""`llamaduo validate-teachers`: the teacher study checked by short fine-tuning, end to end.
+
+Laid out like the CAR paper's Table 4, but a proxy of it: the paper fine-tunes each base model fully and ranks
+generators by AlpacaEval 2 and Arena-Hard; here a short LoRA per candidate is judged by 04's judges.
 
 The teacher study (05, `synthesize.teacher`) ranks candidate teachers without fine-tuning, by CAR and by the
 paper's baselines. This workflow measures what those rankings predict: a short LoRA per candidate on that

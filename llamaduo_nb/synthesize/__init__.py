@@ -10,7 +10,8 @@ is split by concern:
 * `splits`   01's splits as 05 reads them, checked
 
 Each part says the calls it will make (`planned_study_calls`, `planned_synthesis_calls`): the forecast prices
-them. The teacher study's ground truth (paper Table 4) is the workflow `llamaduo_nb.validation`.
+them. The check of the teacher study by short fine-tuning (laid out like the paper's Table 4; a proxy) is the workflow
+`llamaduo_nb.validation`.
 """
 
 from __future__ import annotations

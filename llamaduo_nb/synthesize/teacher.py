@@ -28,9 +28,10 @@ How one study runs (`run_study`):
    the direction data-selection work uses them in (longer, harder answers preferred).
 
 The candidate with the highest CAR becomes the cycle's teacher: its provider and sampling settings drive the
-cycle's synthesis, and every synthetic row's lineage names it. The paper's ground truth (its Table 4: a short
-LoRA per candidate, judged like 04, Spearman's rho against every metric's ranking) is the end-to-end workflow
-`llamaduo_nb.validation` (`llamaduo validate-teachers`), which uses this module's rankings.
+cycle's synthesis, and every synthetic row's lineage names it. A cheap check of those rankings by fine-tuning,
+laid out like the paper's Table 4 (a short LoRA per candidate, judged like 04, Spearman's rho against every
+metric's ranking; a proxy, not the paper's AlpacaEval 2 / Arena-Hard after full SFT) is the end-to-end
+workflow `llamaduo_nb.validation` (`llamaduo validate-teachers`), which uses this module's rankings.
 
 The study's calls as the forecast prices them: `planned_study_calls` (the requests `run_study` sends).
 """
