@@ -86,7 +86,7 @@ ledger.csv, summary.md / summary.json.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +166,17 @@ def read_metrics(layout: RunLayout, cycle: int, *, required: bool = False) -> di
         if field in metrics and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
             raise DataFileError(path, None, field, f"expected {tp.__name__}, got {type(value).__name__}")
     return metrics
+
+
+def evaluated_cycles(layout: RunLayout) -> Iterator[tuple[int, dict[str, Any], int | None]]:
+    """(cycle, metrics, training rows) of every cycle that has a metrics.json, in order: what the summary's
+    cycles table and Fig. 2 read (the rows from 02's finetune.json, None without it)."""
+    for cycle in layout.cycles():
+        metrics = read_metrics(layout, cycle)
+        if metrics is None:
+            continue
+        train = layout.train_summary(cycle)
+        yield cycle, metrics, (read_json(train).get("rows") if train.is_file() else None)
 
 
 def load_test_rows(path: str | Path) -> list[dict]:

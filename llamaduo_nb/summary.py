@@ -16,7 +16,7 @@ from .evaluate.plots import plot_cycles, reference_lines
 from .evaluate.stats import decision_rule_text
 from .jsonio import atomic_write, markdown_table, read_json, write_json
 from .runlayout import RunLayout
-from .schemas import read_metrics
+from .schemas import evaluated_cycles, read_metrics
 
 
 def _cell(stats: dict) -> str:
@@ -64,12 +64,7 @@ def judge_rows(layout: RunLayout) -> list[dict[str, Any]]:
     """The cycles table in long form, narrow enough to read on GitHub: one row per cycle and judge, one score
     column per metric (a reference metric, whose precision equals its similarity, fills one)."""
     rows = []
-    for cycle in layout.cycles():
-        metrics = read_metrics(layout, cycle)
-        if metrics is None:
-            continue
-        train = layout.train_summary(cycle)
-        train_rows = read_json(train).get("rows") if train.is_file() else None
+    for cycle, metrics, train_rows in evaluated_cycles(layout):
         for judge, entry in metrics.get("per_judge", {}).items():
             reference = judge in METRIC_JUDGES
             scored = (

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..jsonio import read_json, save_figure
+from ..jsonio import save_figure
 from ..runlayout import RunLayout
-from ..schemas import read_metrics
+from ..schemas import evaluated_cycles
 from .judging import METRICS
 from .metric_judges import METRIC_JUDGES
 from .stats import score_table, zeta_key
@@ -123,12 +123,7 @@ def cycles_frame(layout: RunLayout) -> pd.DataFrame:
     """One line per (cycle, judge, metric, statistic) from every cycle's metrics.json, with its interval
     and the cycle's training-set size (finetune.json `rows`)."""
     records = []
-    for cycle in layout.cycles():
-        metrics = read_metrics(layout, cycle)
-        if metrics is None:
-            continue
-        train = layout.train_summary(cycle)
-        train_rows = read_json(train).get("rows") if train.is_file() else None
+    for cycle, metrics, train_rows in evaluated_cycles(layout):
         keys = ["mean", *(zeta_key(z) for z in metrics.get("zetas", []))]
         for judge, entry in metrics.get("per_judge", {}).items():
             for metric in METRICS:
