@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_services import record_forecast
 
 from llamaduo_nb.callcache import CallCache, read_ledger
 from llamaduo_nb.config import RunConfig, build, load_config
@@ -82,8 +83,11 @@ def judge_requests(n: int = 3) -> list[ChatRequest]:
     ]
 
 
-def run_pool(cfg: RunConfig, requests: list[ChatRequest]):
+def run_pool(cfg: RunConfig, requests: list[ChatRequest], forecast: bool = True):
+    """The requests through a 04 pool of cycle 0, after recording the stage's forecast (as the runner does)."""
     layout = RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
+    if forecast:
+        record_forecast(layout, "04_evaluate", 0, "judge")
     with ServicePool(cfg, layout, stage="04_evaluate", cycle=0) as pool:
         return pool.complete_many("judge", requests), layout
 
@@ -125,8 +129,11 @@ from llamaduo_nb.runlayout import RunLayout
 from llamaduo_nb.services import ChatRequest, ServicePool
 sys.path.insert(0, {tests!r})
 from test_batches import judge_requests
+from test_services import record_forecast
 cfg = load_config({params!r})
-with ServicePool(cfg, RunLayout.for_run(cfg.outputs_dir, cfg.run_name), "04_evaluate", 0) as pool:
+layout = RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
+record_forecast(layout, "04_evaluate", 0, "judge")
+with ServicePool(cfg, layout, "04_evaluate", 0) as pool:
     pool.complete_many("judge", judge_requests(3))
 """
 
@@ -273,6 +280,19 @@ def test_a_batch_is_not_submitted_across_the_budget(tmp_path, server):
     assert server.batch_submits == {}
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_batch_is_submitted_before_its_stage_forecast(tmp_path, server, kind):
+    cfg = batch_config(tmp_path, server, kind)
+    with pytest.raises(StageStopped, match="no forecast recorded for 04_evaluate"):
+        run_pool(cfg, judge_requests(3), forecast=False)
+    assert server.batch_submits == {} and server.entries() == []
+    layout = RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
+    assert read_ledger(layout.calls_db) == []
+
+    results, _ = run_pool(cfg, judge_requests(3))  # once the forecast is recorded, the batch goes out
+    assert server.batch_submits == {kind: 1} and all(r.ok for r in results)
+
+
 def test_the_forecast_prices_a_batch_provider_at_the_batch_discount(tmp_path, server):
     from llamaduo_nb.forecast import forecast_stage
 
@@ -321,6 +341,8 @@ def test_04_judging_of_the_paper_configuration_through_three_provider_batches(tm
         for i in range(3)
     ]  # fmt: skip
     layout = RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
+    for judge in cfg.evaluate.judges:
+        record_forecast(layout, "04_evaluate", 0, judge)
     judgments = evaluate.run_judges(Stage("04_evaluate", cfg, layout, 0), rows)
 
     assert server.batch_submits == {

@@ -147,6 +147,7 @@ def test_a_provider_batch_spends_up_to_the_cap_in_rounds(tmp_path, monkeypatch):
         data = cfg.to_dict()
         data["providers"][0].update(batch=True, batch_poll_s=0.05)
         layout = RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
+        record_forecast(layout, "04_evaluate", 0, "judge")
         batch_cfg = build(RunConfig, data, source="<test>")
         with ServicePool(batch_cfg, layout, "04_evaluate", 0) as probe:
             worst = probe._accounts.worst_case(batch_cfg.provider("judge"), long_requests(1)[0], batch=True)[

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_services import record_forecast
 
 import llamaduo_nb.testing.server as fake_server
 from llamaduo_nb import evaluate, synthesize
@@ -187,6 +188,7 @@ def test_provider_batch_results_are_read_by_the_judges_reader(tmp_path, server, 
     rows = [row_for(reply, **texts) for reply, texts, _ in CASES]
     layout = RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
     requests = evaluate.judge_requests(rows, cfg.evaluate, evaluate.judge_template())
+    record_forecast(layout, LEDGER_JUDGING, 0, "judge")
     with ServicePool(cfg, layout, LEDGER_JUDGING, cycle=0) as pool:
         batched = pool.complete_many("judge", requests)  # one batch: every result read from the batch file
         judgments = evaluate.judge_rows(pool, rows, cfg.evaluate)  # replays

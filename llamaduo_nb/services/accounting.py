@@ -3,7 +3,7 @@
 `Accounts` owns the money side of the service client:
 
 - Admission and reservation: `booking(...)` (an async context manager) clears a live attempt or a provider
-  batch to go out: not once the stage stopped, not a paid live call before its stage's forecast is recorded,
+  batch to go out: not once the stage stopped, not a paid call (live or batch) before its stage's forecast is recorded,
   and only while its worst case (input estimate + all of max_tokens + the reasoning allowance, at list or batch
   price: `worst_case`) fits under every `budget:` cap counting what the run's ledger already paid and the worst
   cases on their way. One that would fit once calls on their way settle (they mostly cost far less than their
@@ -391,11 +391,12 @@ class Accounts:
         return usd, prompt, output
 
     def _admissible(self, p: ProviderConfig, batch: bool) -> None:
-        """Raise `NotSent` when the stage stopped, or when a paid live call has no forecast (that stops it)."""
+        """Raise `NotSent` when the stage stopped, or when a paid call (live or batch) has no forecast (that
+        stops it)."""
         if self.stopped is not None:
             raise NotSent(self.stopped)
-        # only live calls wait for the stage's forecast; a provider batch is submitted without one
-        if not batch and not p.is_free and not self._forecast_recorded():
+        # live calls and provider batches alike: no paid request goes out before its stage's forecast
+        if not p.is_free and not self._forecast_recorded():
             why = (
                 f"no forecast recorded for {self.stage}"
                 + (f" (cycle {self.cycle})" if self.cycle is not None else "")
@@ -444,8 +445,8 @@ class Accounts:
         Admission against the budgets: a booking whose worst case fits under every cap given what was spent
         and what is on its way goes out; one that would fit only once calls on their way have settled waits
         for them (they usually cost far less than their worst case); one that could cross a cap even with
-        nothing on its way is refused. Raises `NotSent` when the stage stopped, when a paid live call has no
-        forecast of its stage (that stops the stage), or when refused by a budget (that stops the stage;
+        nothing on its way is refused. Raises `NotSent` when the stage stopped, when a paid call (live or a
+        provider batch) has no forecast of its stage (that stops the stage), or when refused by a budget (that stops the stage;
         `what` is added to the reason). `committed` (a batch an earlier, killed run submitted) books without
         asking: spending already committed must be counted, never refused.
         """
