@@ -9,6 +9,7 @@ are exercised for real.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import json
 import threading
@@ -358,6 +359,21 @@ def test_missing_key_is_reported_by_name_before_any_call(tmp_path, llm_server, m
         with pool:
             pass
     assert llm_server.requests == [] and not layout.calls_db.exists()
+
+
+def test_a_paid_model_without_a_price_is_never_called_at_0_dollars(tmp_path, llm_server, monkeypatch):
+    """Config validation refuses a paid provider without a price; a provider that reaches the pool another way
+    (built in code, or the price table edited under a run) stops the stage before its first call."""
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    priced, layout = make_pool(
+        tmp_path, {"kind": "openai", "model": "gpt-4o", "base_url": f"{llm_server.root}/v1"}
+    )
+    unpriced = dataclasses.replace(priced.cfg.providers[0], model="gpt-unlisted-9")
+    pool = ServicePool(dataclasses.replace(priced.cfg, providers=[unpriced]), layout, "04_evaluate", 0)
+    with pytest.raises(StageStopped, match=r"model 'gpt-unlisted-9', which has no price"):
+        with pool:
+            pool.complete_many("judge", [ask()])
+    assert llm_server.requests == [] and read_ledger(layout.calls_db) == []
 
 
 def test_a_planted_api_key_is_never_written_under_the_run_folder(tmp_path, llm_server, monkeypatch):

@@ -3,7 +3,8 @@
 `Accounts` owns the money side of the service client:
 
 - Admission and reservation: `booking(...)` (an async context manager) clears a live attempt or a provider
-  batch to go out: not once the stage stopped, not a paid call (live or batch) before its stage's forecast is recorded,
+  batch to go out: not once the stage stopped, not a paid call (live or batch) without a price or before its
+  stage's forecast is recorded,
   and only while its worst case (input estimate + all of max_tokens + the reasoning allowance, at list or batch
   price: `worst_case`) fits under every `budget:` cap counting what the run's ledger already paid and the worst
   cases on their way. One that would fit once calls on their way settle (they mostly cost far less than their
@@ -391,10 +392,15 @@ class Accounts:
         return usd, prompt, output
 
     def _admissible(self, p: ProviderConfig, batch: bool) -> None:
-        """Raise `NotSent` when the stage stopped, or when a paid call (live or batch) has no forecast (that
-        stops it)."""
+        """Raise `NotSent` when the stage stopped, or when a paid call (live or batch) has no price or no
+        forecast (either stops the stage)."""
         if self.stopped is not None:
             raise NotSent(self.stopped)
+        if not p.is_free and self.prices.lookup(p.model) is None:
+            # config validation refuses this; a provider built or priced otherwise must not cost $0 by accident
+            why = f"no call sent: {self.prices.missing_advice(p)}"
+            self.stop(why)
+            raise NotSent(why)
         # live calls and provider batches alike: no paid request goes out before its stage's forecast
         if not p.is_free and not self._forecast_recorded():
             why = (
