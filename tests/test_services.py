@@ -315,6 +315,32 @@ def test_a_slow_reply_times_out_into_an_error(tmp_path, llm_server):
     assert row["ok"] is False and "timeout" in row["error"] and row["attempts"] == 1
 
 
+def test_the_pools_spend_is_its_ledgers_resent_unusable_replies_and_timeouts_included(
+    tmp_path, llm_server, monkeypatch
+):
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    empty = llm_server.answer("/v1/chat/completions", {"model": "gpt-4o"}, 0)
+    empty["choices"][0]["message"]["content"] = ""
+    llm_server.script.append((200, {}, empty))  # paid, unusable: re-sent once, then answered
+    pool, layout = make_pool(
+        tmp_path,
+        {"kind": "openai", "model": "gpt-4o", "base_url": f"{llm_server.root}/v1", "timeout_s": 0.5,
+         "max_retries": 0, "unusable_retries": 1},
+    )  # fmt: skip
+    with pool:
+        (answered,) = pool.complete_many("judge", [ask("a")])
+        llm_server.delay_s = 2.0
+        (timed_out,) = pool.complete_many("judge", [ask("b")])  # billed at its worst case
+    assert answered.error is None and "timeout" in timed_out.error.lower()
+    ledger = read_ledger(layout.calls_db)
+    assert len(ledger) == 3 and all(row["cost_usd"] > 0 for row in ledger)
+    spent = sum(row["cost_usd"] for row in ledger)
+    assert pool.stats.cost_usd == pytest.approx(spent)
+    assert pool.stats.by_provider["judge"]["cost_usd"] == pytest.approx(spent)
+    # what the results say they cost misses the unusable reply and the timed-out attempt: the ledger does not
+    assert answered.cost_usd + timed_out.cost_usd < spent
+
+
 def test_a_request_larger_than_the_token_budget_still_goes_out(tmp_path, llm_server):
     pool, _ = make_pool(tmp_path, {"base_url": f"{llm_server.root}/v1", "tpm": 50, "rpm": 1000})
     with pool:

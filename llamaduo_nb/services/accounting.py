@@ -485,6 +485,20 @@ class Accounts:
         return self._has_forecast
 
     # ---- the ledger
+    def _ledger(self, row: LedgerRow) -> None:
+        """Write one ledger row and count its cost: the pool's spend (`stats.cost_usd`, the progress bar, the
+        per-provider figures) is the sum of its ledger rows, re-sent unusable replies and timed-out attempts
+        included."""
+        self.cache.record(row)
+        with self._stats_lock:
+            self.stats.cost_usd += row.cost_usd
+            self._provider_stats(row.provider)["cost_usd"] += row.cost_usd
+
+    def _provider_stats(self, provider: str) -> dict[str, float]:
+        return self.stats.by_provider.setdefault(
+            provider, {"requests": 0, "cache_hits": 0, "failures": 0, "cost_usd": 0.0}
+        )
+
     def _row(self, p: ProviderConfig, key: str, **values: Any) -> LedgerRow:
         return LedgerRow(
             stage=self.stage,
@@ -530,11 +544,11 @@ class Accounts:
         error: str | None,
     ) -> None:
         """Ledger one paid reply."""
-        self.cache.record(self.paid_row(p, key, reply, latency, cost, attempts, error))
+        self._ledger(self.paid_row(p, key, reply, latency, cost, attempts, error))
 
     def record_error(self, p: ProviderConfig, key: str, error: str, latency: float, attempts: int) -> None:
         """Ledger a call that failed without a billed reply, at $0."""
-        self.cache.record(
+        self._ledger(
             self._row(
                 p,
                 key,
@@ -571,7 +585,7 @@ class Accounts:
         else:
             usd, prompt, output = 0.0, 0, 0
             error = self.redact(describe_error(exc))
-        self.cache.record(
+        self._ledger(
             self._row(
                 p,
                 key,
@@ -670,7 +684,7 @@ class Accounts:
             self.stats.not_sent += 1
 
     def count(self, provider: str, result: ChatResult) -> ChatResult:
-        """Add one result (cached, paid or failed) to the pool's counters."""
+        """Add one result (cached, paid or failed) to the pool's counters (its cost was counted when ledgered)."""
         with self._stats_lock:
             s = self.stats
             s.requests += 1
@@ -681,12 +695,8 @@ class Accounts:
             if not result.cached:
                 s.input_tokens += result.input_tokens
                 s.output_tokens += result.output_tokens
-            s.cost_usd += result.cost_usd
-            row = s.by_provider.setdefault(
-                provider, {"requests": 0, "cache_hits": 0, "failures": 0, "cost_usd": 0.0}
-            )
+            row = self._provider_stats(provider)
             row["requests"] += 1
             row["cache_hits"] += int(result.cached)
             row["failures"] += int(result.error is not None)
-            row["cost_usd"] += result.cost_usd
         return result

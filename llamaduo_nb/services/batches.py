@@ -402,7 +402,6 @@ class _BatchRun:
         self.progress["done"] += 1
         self.progress["cached"] += int(result.cached)
         self.progress["failed"] += int(result.error is not None)
-        self.progress["cost"] += result.cost_usd
         return result
 
     def _not_sent(self, key: str) -> ChatResult:

@@ -224,7 +224,8 @@ class ServicePool:
             return {provider: [] for provider in groups}
         from tqdm.auto import tqdm
 
-        progress = {"done": 0, "cached": 0, "failed": 0, "cost": 0.0}
+        progress = {"done": 0, "cached": 0, "failed": 0}
+        spent_before = self.stats.cost_usd  # the bar shows what the ledger booked during this call
 
         async def run_all() -> list[list[ChatResult]]:
             results = list(
@@ -252,7 +253,7 @@ class ServicePool:
                             bar.set_postfix(
                                 cached=progress["cached"],
                                 failed=progress["failed"],
-                                usd=f"{progress['cost']:.4f}",
+                                usd=f"{self.stats.cost_usd - spent_before:.4f}",
                                 # a provider batch's status while it runs (batch: true providers)
                                 **({"batch": batch} if batch else {}),
                             )
@@ -330,7 +331,6 @@ class ServicePool:
             progress["done"] += 1
             progress["cached"] += int(result.cached)
             progress["failed"] += int(result.error is not None)
-            progress["cost"] += result.cost_usd
             return result
 
         return list(await asyncio.gather(*(one(r) for r in requests)))
