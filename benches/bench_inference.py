@@ -6,7 +6,8 @@ Both comparisons run in one process on the same prompts, adapter and settings:
   K, temperature, top-p and max_new_tokens): `generate_responses` with `inference.engine: llamacpp` (the
   cycle's merged weights as GGUF F16, served by llama.cpp through the ServicePool) against `engine:
   transformers` (one left-padded batch, shared prompt cache). tokens/s = generated tokens / generation
-  wall time; the one-off merge + GGUF export is reported apart (06 reuses the file).
+  wall time, loading excluded on both sides (transformers' model load; llama-server's start, which loads the
+  GGUF); the one-off merge + GGUF export is reported apart (06 reuses the file).
 * **K-sampling, transformers**: `sample_batch` (all prompts in one batch, each prompt prefilled once and
   its KV cache shared by K samples) against the loop a user would write: one `generate` call per prompt
   and sample.
@@ -98,7 +99,7 @@ def lines(args: argparse.Namespace) -> list[BenchLine]:
         print("03, llama.cpp engine (first run: merge + GGUF F16 export) ...", flush=True)
         export_started = time.monotonic()
         cpp = run_engine(layout, "llamacpp")
-        export_s = cpp["load_time_s"]
+        export_s = cpp["load_time_s"] - cpp["server_start_s"]  # load time = merge + export + server start
         print("03, llama.cpp engine again (GGUF reused) ...", flush=True)
         cpp_runs = [cpp, run_engine(layout, "llamacpp")]
         print("03, llama.cpp engine with the fewest slots (one request at a time) ...", flush=True)

@@ -393,6 +393,7 @@ def _generate_llamacpp(
         # fit in memory (the KV cache is ~23 KB a token for a 135M model)
         longest = max(sum(len(m["content"].encode()) for m in r.messages) for r in requests)
         n_ctx = min(n_ctx, -(-(longest + 512 + inf.max_new_tokens) // 256) * 256)
+    server_started = time.monotonic()
     with LlamaServer(
         gguf,
         n_ctx=n_ctx,
@@ -402,6 +403,7 @@ def _generate_llamacpp(
         log_file=layout.logs_dir / f"llama_server_03_{label}.log",
         model_alias=gguf.stem,
     ) as server:
+        server_start_s = time.monotonic() - server_started  # loading the model, like transformers' load
         model = f"{cfg.run_name}-{label}-f16-{gguf_sha[:12]}"
         provider = local_server_provider("student_llamacpp", model, server.base_url, slots=in_flight)
         run_cfg = dataclasses.replace(cfg, providers=[*cfg.providers, provider])
@@ -457,6 +459,7 @@ def _generate_llamacpp(
         "llamacpp_threads": threads,
         "llamacpp_parallel": slots,
         "gguf": str(gguf),
+        "server_start_s": round(server_start_s, 2),
     }
 
 
@@ -519,6 +522,9 @@ def answer_prompts(
         merged = inf.merge_adapter and adapter_dir is not None
     gen_s = time.monotonic() - gen_started
     cpu_s = time.process_time() - cpu_started
+    if engine == "llamacpp":  # the server's start loads the model: load time, as transformers' load is
+        load_s += info["server_start_s"]
+        gen_s -= info["server_start_s"]
     revision = model_revision(cfg.student, model_path)
     adapter = _relative(adapter_dir, layout.root) if adapter_dir is not None else None
     base_params = generation_params(inf, engine)
