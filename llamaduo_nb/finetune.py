@@ -41,15 +41,18 @@ LoRA rank/alpha follow the paper's Table 5 by data volume (`config.table5_lora`)
 0.05, cosine schedule, max length 1024 by default. `quantization: auto` picks QLoRA (4-bit NF4 through
 bitsandbytes) when CUDA is present and plain LoRA otherwise; the choice is recorded in `finetune.json`.
 
-Multi-GPU (written for users with several GPUs; not executable on the CPU-only machine this project is
-developed on): run this module under `accelerate`, one process per GPU, after 01 has run:
+Several processes (`finetune.num_processes > 1`): the runner starts this module's CLI under
+`accelerate launch`, one process per GPU, or on a machine without CUDA that many CPU processes joined over
+gloo (`runner.finetune_launch_command`; by hand, after 01:
 
-    accelerate launch --num_processes 4 -m llamaduo_nb.finetune outputs/<run> --cycle 0
+    accelerate launch --multi_gpu --num_processes 2 --main_process_port 0 -m llamaduo_nb.finetune outputs/<run> --cycle 0
 
-Each process trains on its shard (data parallel); only the main process writes the adapter, logs and
-`finetune.json`, the same files the notebook writes. The runner itself executes 02 in one process, so
-multi-GPU training is a manual step: run the command for a cycle, then execute 03-05 for that cycle.
-Only the single-process plumbing was exercised here (`accelerate launch --num_processes 1 --cpu ...`).
+where `--multi_gpu` only selects accelerate's local multi-process launcher). Each process trains on its
+share of every global batch (DDP; the loss is normalised by the tokens of the whole global batch, so the
+steps are those of one process at the same global batch); on CPU the cores are split between the
+processes (`cpu_threads_per_process`). Only rank 0 writes the adapter, the training log, the loss plot and
+`finetune.json`. Executed on CPU by `tests/test_ddp_cpu.py`; on several GPUs (`--multi_gpu`, DeepSpeed or
+FSDP through `finetune.accelerate_config`) it is written but was never run here.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -220,6 +224,64 @@ def previous_adapter(layout: RunLayout, cycle: int) -> Path:
     return previous
 
 
+def rank_chain(start_from: str, cycle: int, lora_r: int, previous: list[dict] | None) -> list[dict]:
+    """The LoRAs the saved adapter of `cycle` carries: [{"cycle": created in, "rank": r}, ...], oldest first.
+
+    `previous` is cycle t-1's chain (its finetune.json). `base` saves this cycle's LoRA alone;
+    `previous_adapter` trains cycle t-1's LoRA further, so the chain stays what it was (one LoRA, the
+    first cycle's rank); `previous_merged` stacks a fresh LoRA on everything before it, so the chain grows
+    by one each cycle. The effective rank of the shipped update W - W_base is the sum of the chain's ranks
+    (`effective_rank`; an upper bound that holds with equality unless two cycles' updates happen to
+    share directions): 8 + 8 + ... + 32 + 32 + 32 = 160 for the paper configuration at 256K, where
+    Table 5 says 32.
+    """
+    if cycle == 0 or start_from == "base":
+        return [{"cycle": cycle, "rank": lora_r}]
+    if previous is None:
+        raise ValueError(
+            f"finetune.start_from: {start_from} at cycle {cycle} needs cycle {cycle - 1}'s rank chain"
+        )
+    if start_from == "previous_adapter":
+        return [dict(link) for link in previous]
+    if start_from == "previous_merged":
+        return [*(dict(link) for link in previous), {"cycle": cycle, "rank": lora_r}]
+    raise ValueError(f"finetune.start_from: unknown value {start_from!r}")
+
+
+def effective_rank(chain: list[dict]) -> int:
+    """Rank of the saved adapter's update to the base weights: the sum of the stacked LoRAs' ranks."""
+    return sum(int(link["rank"]) for link in chain)
+
+
+def rank_text(chain: list[dict]) -> str:
+    """ "24 (8 + 16)" for a chain of two LoRAs, "8" for one."""
+    ranks = [str(link["rank"]) for link in chain]
+    return f"{effective_rank(chain)} ({' + '.join(ranks)})" if len(ranks) > 1 else "".join(ranks)
+
+
+def previous_rank_chain(layout: RunLayout, cycle: int) -> list[dict]:
+    """Cycle t-1's chain from its finetune.json; a record written before chains were recorded gives its
+    saved adapter's rank as one link (the sum stays right, the split per cycle is lost)."""
+    record = read_json(layout.train_summary(cycle - 1)) if layout.train_summary(cycle - 1).is_file() else {}
+    if "rank_chain" in record:
+        return record["rank_chain"]
+    config = read_json(previous_adapter(layout, cycle) / "adapter_config.json")
+    return [{"cycle": cycle - 1, "rank": int(config["r"])}]
+
+
+def cpu_threads_per_process(num_processes: int, cpu_threads: int | None = None) -> int:
+    """torch threads for each of `num_processes` CPU training processes on this machine: the usable cores
+    (or `student.cpu_threads`, the budget for the whole run) split evenly, at least 1, so two processes on
+    two cores run one thread each instead of fighting over the cores with two each."""
+    if cpu_threads:
+        budget = cpu_threads
+    elif hasattr(os, "sched_getaffinity"):
+        budget = len(os.sched_getaffinity(0))
+    else:
+        budget = os.cpu_count() or 1
+    return max(1, budget // max(1, num_processes))
+
+
 # --------------------------------------------------------------------------- the training run
 
 
@@ -252,6 +314,7 @@ class FinetunePlan:
     stacked_on: Path | None = None  # previous_merged: the adapter this cycle's LoRA is stacked on when saved
     chat_template_source: str = "checkpoint"
     report_to: list[str] = field(default_factory=list)
+    rank_chain: list[dict] = field(default_factory=list)  # the LoRAs the saved adapter carries (`rank_chain`)
 
     def table(self) -> pd.DataFrame:
         rows = {
@@ -260,6 +323,7 @@ class FinetunePlan:
             "rows cut at max_length": self.truncated_rows,
             "initialised from": self.init_from,
             "LoRA rank / alpha": f"{self.lora_r} / {self.lora_alpha} ({self.lora_source})",
+            "saved adapter's effective rank": rank_text(self.rank_chain),
             "chat template": self.chat_template_source,
             "experiment tracking": ", ".join(self.report_to) or "none",
             "quantization": "QLoRA 4-bit NF4" if self.quantization == "4bit" else "none (plain LoRA)",
@@ -335,14 +399,21 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
     from trl import SFTConfig, SFTTrainer
 
     ft = cfg.finetune
-    state = PartialState()
+    on_cuda = cuda_available()
+    # Without CUDA, processes started by `accelerate launch` join over gloo (cpu=True); alone, nothing changes.
+    state = PartialState(cpu=not on_cuda)
     with state.main_process_first():
         data = build_train_data(layout, cycle)
     quantization = resolve_quantization(ft.quantization)
-    on_cuda = cuda_available()
     dtype, mixed_precision = training_precision(cfg.student, on_cuda)
+    student_cfg = cfg.student
+    if state.num_processes > 1 and not on_cuda:  # split the cores: N processes x all cores would thrash
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+        student_cfg = dataclasses.replace(
+            student_cfg, cpu_threads=cpu_threads_per_process(local, cfg.student.cpu_threads)
+        )
     set_seed(ft.seed)  # LoRA's A matrices are initialised randomly
-    model, tokenizer, model_path = load_student(cfg.student, quantization, dtype)
+    model, tokenizer, model_path = load_student(student_cfg, quantization, dtype)
     gradient_checkpointing = on_cuda  # saves GPU memory; on CPU it only costs time
 
     peft_config = None
@@ -378,11 +449,15 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
             task_type="CAUSAL_LM",
         )
 
+    chain = rank_chain(
+        start_from, cycle, lora_r, previous_rank_chain(layout, cycle) if start_from != "base" else None
+    )
     report_to = tracking_backends(ft.report_to)
     trainer_report_to, callbacks = tracking_callbacks(report_to, layout.tracking_dir(cycle))
     steps = planned_steps(ft, len(data.rows), state.num_processes)
     logging_steps = max(1, min(ft.logging_steps, steps))
-    output_dir, resume_from = checkpoint_folder(cfg, layout, cycle, data.path)
+    with state.main_process_first():  # rank 0 alone clears stale checkpoints; the others find its folder
+        output_dir, resume_from = checkpoint_folder(cfg, layout, cycle, data.path)
     try:
         args = SFTConfig(
             output_dir=str(output_dir),
@@ -415,6 +490,7 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
             include_num_input_tokens_seen="non_padding",
             padding_free=ft.padding_free,
             optim="adamw_torch_fused" if on_cuda else "adamw_torch",
+            ddp_find_unused_parameters=False,  # every LoRA weight takes part in every forward pass
             dataloader_num_workers=0,
         )
         dataset = Dataset.from_list(to_prompt_completion(data.rows))
@@ -442,8 +518,8 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
     device = "cuda" if on_cuda else "cpu"
-    if torch.cuda.device_count() > 1 and state.num_processes > 1:
-        device = f"cuda x{state.num_processes}"
+    if state.num_processes > 1:
+        device = f"{device} x{state.num_processes} ({torch.distributed.get_backend()})"
     return FinetunePlan(
         cycle=cycle,
         data=data,
@@ -470,6 +546,7 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
         stacked_on=stacked_on,
         chat_template_source=chat_template_source(cfg.student),
         report_to=report_to,
+        rank_chain=chain,
     )
 
 
@@ -592,7 +669,9 @@ def _ensure(folder: Path) -> Path:
 
 
 def train(cfg: RunConfig, layout: RunLayout, plan: FinetunePlan) -> dict[str, Any]:
-    """Run the planned steps; save adapter + tokenizer, the training log, the loss plot and `finetune.json`."""
+    """Run the planned steps; save adapter + tokenizer, the training log, the loss plot and `finetune.json`.
+
+    Under `accelerate launch` every process trains; rank 0 alone writes, the others return {}."""
     import peft
     import torch
     import transformers
@@ -649,6 +728,11 @@ def train(cfg: RunConfig, layout: RunLayout, plan: FinetunePlan) -> dict[str, An
             # previous_merged: the saved adapter stacks cycle t-1's (rank r1) and this cycle's (rank r)
             "saved": stacked or {"r": plan.lora_r, "alpha": plan.lora_alpha, "ranks": [plan.lora_r]},
         },
+        # The protocol made visible: this cycle's LoRA rank, and the rank of what the saved adapter adds to
+        # the base (previous_merged: the sum over every cycle's LoRA; see `rank_chain`).
+        "lora_rank": plan.lora_r,
+        "effective_rank": effective_rank(plan.rank_chain),
+        "rank_chain": plan.rank_chain,
         "quantization": plan.quantization,
         "quantization_setting": ft.quantization,
         "device": plan.device,
@@ -658,6 +742,10 @@ def train(cfg: RunConfig, layout: RunLayout, plan: FinetunePlan) -> dict[str, An
         "epochs": round(float(trainer.state.epoch or 0.0), 4),
         "batch_size": ft.per_device_batch_size,
         "gradient_accumulation_steps": ft.gradient_accumulation_steps,
+        "num_processes": trainer.args.world_size,  # DDP: each process trains on its share of a global batch
+        "global_batch_size": ft.per_device_batch_size
+        * ft.gradient_accumulation_steps
+        * trainer.args.world_size,
         "learning_rate": ft.learning_rate,
         "lr_scheduler": ft.lr_scheduler,
         "max_length": ft.max_length,
@@ -774,11 +862,22 @@ def main(argv: list[str] | None = None) -> int:
             f"{layout.params_file} not found: start the run with `llamaduo run params/<run>.yaml`"
         )
     summary = finetune(load_config(layout.params_file), layout, args.cycle)
-    if summary:
+    _leave_process_group()  # after a failure the launcher stops the other processes
+    if summary:  # rank 0
         print(
             f"adapter: {summary['adapter_dir']}  steps: {summary['steps']}  tokens/s: {summary['tokens_per_s']}"
         )
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under `accelerate launch`: wait until rank 0 has written the cycle's files, then leave the group
+    (torch warns about a process group left open at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
