@@ -254,7 +254,7 @@ def effective_rank(chain: list[dict]) -> int:
 
 
 def rank_text(chain: list[dict]) -> str:
-    """ "24 (8 + 16)" for a chain of two LoRAs, "8" for one."""
+    """The effective rank and what it sums: "24 (8 + 16)" for a chain of two LoRAs, "8" for one."""
     ranks = [str(link["rank"]) for link in chain]
     return f"{effective_rank(chain)} ({' + '.join(ranks)})" if len(ranks) > 1 else "".join(ranks)
 
@@ -836,6 +836,12 @@ def summary_table(summary: dict[str, Any]) -> pd.DataFrame:
     ]  # fmt: skip
     rows = [(key, summary.get(key)) for key in keys]
     rows.insert(3, ("lora r / alpha", f"{summary['lora']['r']} / {summary['lora']['alpha']}"))
+    if summary.get("rank_chain"):
+        rows.insert(4, ("saved adapter rank (effective)", rank_text(summary["rank_chain"])))
+    if summary.get("num_processes", 1) > 1:
+        rows.append(
+            ("processes (global batch)", f"{summary['num_processes']} ({summary['global_batch_size']})")
+        )
     return pd.DataFrame(rows, columns=["metric", "value"]).astype({"value": str})
 
 
