@@ -1,8 +1,10 @@
 """02 on two CPU processes: the runner's `accelerate launch` path executed for real (DDP over gloo).
 
 One tiny cycle (6 rows, 3 optimizer steps = one epoch, max_length 128) is trained twice on the embedded
-SmolLM2 student: in this process at batch 2, and by `runner.launch_distributed_finetune` as two processes
-at batch 1 each. Same seed, same global batch, gradient accumulation 1 in both, LoRA dropout 0.
+SmolLM2 student: in this process at batch 2, and by `llamaduo run` with `finetune.num_processes: 2` as two
+processes at batch 1 each (`runner.run` with stand-in notebooks for every stage but 02, which the runner
+hands to `launch_distributed_finetune`). Same seed, same global batch, gradient accumulation 1 in both,
+LoRA dropout 0.
 
 Why the two runs see the same rows at every step: the Trainer's RandomSampler becomes accelerate's
 seedable sampler (one permutation from `data_seed`, identical in every process), and each process takes
@@ -25,12 +27,13 @@ from __future__ import annotations
 import math
 
 import pytest
+from test_runner import stand_in_notebook
 from tinyrun import TEST, make_tiny_run
 
-from llamaduo_nb import finetune, student
+from llamaduo_nb import finetune, runner, student
 from llamaduo_nb.config import load_config
 from llamaduo_nb.jsonio import read_json, read_jsonl
-from llamaduo_nb.runner import Step, launch_distributed_finetune
+from llamaduo_nb.runlayout import STAGES
 
 pytestmark = pytest.mark.slow
 
@@ -52,16 +55,32 @@ def runs(tmp_path_factory):
         root / "two", {**COMMON, "per_device_batch_size": 1, "num_processes": 2}, student_overrides=FLOAT32
     )
     finetune.finetune(load_config(one.params_file), one, 0)
+
+    import nbformat
+
+    notebooks = root / "stand-ins"
+    notebooks.mkdir()
+    for stage in STAGES:
+        nb = stand_in_notebook(stage, stage not in ("01_coverage", "06_deploy"))
+        nbformat.write(nb, notebooks / f"{stage}.ipynb")
     lines: list[str] = []
-    assert launch_distributed_finetune(
-        load_config(two.params_file), two, Step("02_finetune", 0), lines.append
+    state = runner.run(
+        two.params_file, overrides={"loop.max_cycles": 1}, notebooks_dir=notebooks, log=lines.append
     )
+    assert state.status == "finished" and "cycle_00/02_finetune" in state.done
+    # 02 ran through accelerate, not as the (stand-in) notebook; the others ran as notebooks
+    assert (two.root / "executed.log").read_text().split() == [
+        "01_coverage",
+        "03_batch_inference@0",
+        "04_evaluate@0",
+        "06_deploy",
+    ]
     return one, two, lines
 
 
 def test_two_cpu_processes_train_the_steps_of_one_process_at_the_same_global_batch(runs):
     one, two, lines = runs
-    assert "2 CPU processes (DDP over gloo)" in lines[0]
+    assert any("02 on 2 CPU processes (DDP over gloo)" in line for line in lines)
     alone, split = read_json(one.train_summary(0)), read_json(two.train_summary(0))
     assert (alone["num_processes"], alone["batch_size"], alone["global_batch_size"]) == (1, 2, 2)
     assert (split["num_processes"], split["batch_size"], split["global_batch_size"]) == (2, 1, 2)
