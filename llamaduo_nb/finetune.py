@@ -137,10 +137,11 @@ class TrainData:
         )
 
 
-def build_train_data(layout: RunLayout, cycle: int) -> TrainData:
+def build_train_data(layout: RunLayout, cycle: int, write: bool = True) -> TrainData:
     """Write `train_data.jsonl` of `cycle`: coverage train split ∪ synthetic rows accepted in cycles < `cycle`.
 
-    Every row keeps its fields and gains `origin` ("coverage" or "synthetic/cycle_NN").
+    Every row keeps its fields and gains `origin` ("coverage" or "synthetic/cycle_NN"). `write=False`
+    (the other processes of a multi-process launch, after rank 0 wrote it) only reads.
     """
     if not layout.train_file.is_file():
         raise FileNotFoundError(f"{layout.train_file} not found: run 01_coverage first")
@@ -155,7 +156,8 @@ def build_train_data(layout: RunLayout, cycle: int) -> TrainData:
         else:
             missing.append(previous)
     out = layout.train_data_file(cycle)
-    write_jsonl(out, rows)
+    if write:
+        write_jsonl(out, rows)
     counts = Counter(row["origin"] for row in rows)
     by_origin = {COVERAGE_ORIGIN: counts.pop(COVERAGE_ORIGIN, 0), **dict(sorted(counts.items()))}
     return TrainData(out, rows, by_origin, missing)
@@ -402,8 +404,9 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
     on_cuda = cuda_available()
     # Without CUDA, processes started by `accelerate launch` join over gloo (cpu=True); alone, nothing changes.
     state = PartialState(cpu=not on_cuda)
+    main = state.is_main_process
     with state.main_process_first():
-        data = build_train_data(layout, cycle)
+        data = build_train_data(layout, cycle, write=main)
     quantization = resolve_quantization(ft.quantization)
     dtype, mixed_precision = training_precision(cfg.student, on_cuda)
     student_cfg = cfg.student
@@ -453,11 +456,11 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
         start_from, cycle, lora_r, previous_rank_chain(layout, cycle) if start_from != "base" else None
     )
     report_to = tracking_backends(ft.report_to)
-    trainer_report_to, callbacks = tracking_callbacks(report_to, layout.tracking_dir(cycle))
+    trainer_report_to, callbacks = tracking_callbacks(report_to, layout.tracking_dir(cycle), main)
     steps = planned_steps(ft, len(data.rows), state.num_processes)
     logging_steps = max(1, min(ft.logging_steps, steps))
     with state.main_process_first():  # rank 0 alone clears stale checkpoints; the others find its folder
-        output_dir, resume_from = checkpoint_folder(cfg, layout, cycle, data.path)
+        output_dir, resume_from = checkpoint_folder(cfg, layout, cycle, data.path, main)
     try:
         args = SFTConfig(
             output_dir=str(output_dir),
@@ -514,7 +517,7 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
         loss_mask = check_loss_mask(train_dataset, tokenizer)
         truncated = sum(1 for ids in train_dataset["input_ids"] if len(ids) >= ft.max_length)
     except BaseException:
-        if resume_from is None:  # never throw away checkpoints of an earlier, crashed attempt
+        if resume_from is None and main:  # never throw away checkpoints of an earlier, crashed attempt
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
     device = "cuda" if on_cuda else "cpu"
@@ -571,17 +574,19 @@ def tracking_backends(setting: list[str] | str) -> list[str]:
     return names
 
 
-def tracking_callbacks(report_to: list[str], folder: Path) -> tuple[list[str], list[Any]]:
+def tracking_callbacks(report_to: list[str], folder: Path, main: bool = True) -> tuple[list[str], list[Any]]:
     """(report_to for the Trainer, extra callbacks): TensorBoard writes its event files into the run folder
     (`folder`; the Trainer's own output_dir is scratch), through a writer given to its callback rather
-    than the TENSORBOARD_LOGGING_DIR environment variable."""
+    than the TENSORBOARD_LOGGING_DIR environment variable; only the main process opens one (`main`)."""
     if "tensorboard" not in report_to:
         return report_to, []
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    folder.mkdir(parents=True, exist_ok=True)
     others = [name for name in report_to if name != "tensorboard"]
+    if not main:
+        return others, []
+    folder.mkdir(parents=True, exist_ok=True)
     return others, [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))]
 
 
@@ -618,14 +623,18 @@ def last_checkpoint(folder: Path) -> Path | None:
 
 
 def checkpoint_folder(
-    cfg: RunConfig, layout: RunLayout, cycle: int, train_data: Path
+    cfg: RunConfig, layout: RunLayout, cycle: int, train_data: Path, main: bool = True
 ) -> tuple[Path, str | None]:
     """(the Trainer's output_dir, the checkpoint to resume from or None).
 
     Checkpoints of an earlier attempt are reused only when they were made from the same data and
-    settings; otherwise they are deleted and training starts over.
+    settings; otherwise they are deleted and training starts over. The other processes of a
+    multi-process launch (`main=False`) find the folder rank 0 prepared and only look.
     """
     folder = layout.checkpoints_dir(cycle)
+    if not main:
+        resume = last_checkpoint(folder)
+        return folder, None if resume is None else str(resume)
     fingerprint = checkpoint_fingerprint(cfg, train_data)
     marker = folder / "fingerprint.json"
     if folder.exists():
