@@ -251,7 +251,9 @@ class FinetuneConfig:
     #                     the saved adapter stacks both, so it still loads on the plain base
     start_from: Literal["base", "previous_adapter", "previous_merged"] = "base"
     report_to: list[str] | str = "none"  # experiment tracking: none, tensorboard, trackio, mlflow, wandb
-    num_processes: int = 1  # > 1: the runner starts 02 with `accelerate launch` (one process per GPU, DDP)
+    # > 1: the runner starts 02 with `accelerate launch`, DDP: one process per GPU, or without CUDA that many
+    # CPU processes over gloo (the cores split between them)
+    num_processes: int = 1
     accelerate_config: str | None = None  # accelerate config file (DeepSpeed ZeRO / FSDP / multi-node)
     logging_steps: int = 5
     seed: int = 42
@@ -284,7 +286,11 @@ class FinetuneConfig:
             "report_to",
             "'none' cannot be combined with trackers",
         )
-        _check(self.num_processes >= 1, "num_processes", "must be >= 1 (GPUs to train on, e.g. 4)")
+        _check(
+            self.num_processes >= 1,
+            "num_processes",
+            "must be >= 1 (training processes: one per GPU, or CPU processes; e.g. 2)",
+        )
 
 
 @dataclass(frozen=True)

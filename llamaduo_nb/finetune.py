@@ -43,15 +43,18 @@ LoRA rank/alpha follow the paper's Table 5 by data volume (`config.table5_lora`)
 0.05, cosine schedule, max length 1024 by default. `quantization: auto` picks QLoRA (4-bit NF4 through
 bitsandbytes) when CUDA is present and plain LoRA otherwise; the choice is recorded in `finetune.json`.
 
-Multi-GPU (written for users with several GPUs; not executable on the CPU-only machine this project is
-developed on): run this module under `accelerate`, one process per GPU, after 01 has run:
+Several processes (`finetune.num_processes > 1`): the runner starts this module's CLI under
+`accelerate launch`, one process per GPU, or on a machine without CUDA that many CPU processes joined over
+gloo (`runner.finetune_launch_command`; by hand, after 01:
 
-    accelerate launch --num_processes 4 -m llamaduo_nb.finetune outputs/<run> --cycle 0
+    accelerate launch --multi_gpu --num_processes 2 --main_process_port 0 -m llamaduo_nb.finetune outputs/<run> --cycle 0
 
-Each process trains on its shard (data parallel); only the main process writes the adapter, logs and
-`finetune.json`, the same files the notebook writes. The runner itself executes 02 in one process, so
-multi-GPU training is a manual step: run the command for a cycle, then execute 03-05 for that cycle.
-Only the single-process plumbing was exercised here (`accelerate launch --num_processes 1 --cpu ...`).
+where `--multi_gpu` only selects accelerate's local multi-process launcher). Each process trains on its
+share of every global batch (DDP; the loss is normalised by the tokens of the whole global batch, so the
+steps are those of one process at the same global batch); on CPU the cores are split between the
+processes (`cpu_threads_per_process`). Only rank 0 writes the adapter, the training log, the loss plot and
+`finetune.json`. Executed on CPU by `tests/test_ddp_cpu.py`; on several GPUs (`--multi_gpu`, DeepSpeed or
+FSDP through `finetune.accelerate_config`) it is written but was never run here.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -136,10 +140,11 @@ class TrainData:
         )
 
 
-def build_train_data(layout: RunLayout, cycle: int) -> TrainData:
+def build_train_data(layout: RunLayout, cycle: int, write: bool = True) -> TrainData:
     """Write `train_data.jsonl` of `cycle`: coverage train split ∪ synthetic rows accepted in cycles < `cycle`.
 
-    Every row keeps its fields and gains `origin` ("coverage" or "synthetic/cycle_NN").
+    Every row keeps its fields and gains `origin` ("coverage" or "synthetic/cycle_NN"). `write=False`
+    (the other processes of a multi-process launch, after rank 0 wrote it) only reads.
     """
     if not layout.train_file.is_file():
         raise FileNotFoundError(f"{layout.train_file} not found: run 01_coverage first")
@@ -154,7 +159,8 @@ def build_train_data(layout: RunLayout, cycle: int) -> TrainData:
         else:
             missing.append(previous)
     out = layout.train_data_file(cycle)
-    write_jsonl(out, rows)
+    if write:
+        write_jsonl(out, rows)
     counts = Counter(row["origin"] for row in rows)
     by_origin = {COVERAGE_ORIGIN: counts.pop(COVERAGE_ORIGIN, 0), **dict(sorted(counts.items()))}
     return TrainData(out, rows, by_origin, missing)
@@ -223,6 +229,64 @@ def previous_adapter(layout: RunLayout, cycle: int) -> Path:
     return previous
 
 
+def rank_chain(start_from: str, cycle: int, lora_r: int, previous: list[dict] | None) -> list[dict]:
+    """The LoRAs the saved adapter of `cycle` carries: [{"cycle": created in, "rank": r}, ...], oldest first.
+
+    `previous` is cycle t-1's chain (its finetune.json). `base` saves this cycle's LoRA alone;
+    `previous_adapter` trains cycle t-1's LoRA further, so the chain stays what it was (one LoRA, the
+    first cycle's rank); `previous_merged` stacks a fresh LoRA on everything before it, so the chain grows
+    by one each cycle. The effective rank of the shipped update W - W_base is the sum of the chain's ranks
+    (`effective_rank`; an upper bound that holds with equality unless two cycles' updates happen to
+    share directions): 8 + 8 + ... + 32 + 32 + 32 = 160 for the paper configuration at 256K, where
+    Table 5 says 32.
+    """
+    if cycle == 0 or start_from == "base":
+        return [{"cycle": cycle, "rank": lora_r}]
+    if previous is None:
+        raise ValueError(
+            f"finetune.start_from: {start_from} at cycle {cycle} needs cycle {cycle - 1}'s rank chain"
+        )
+    if start_from == "previous_adapter":
+        return [dict(link) for link in previous]
+    if start_from == "previous_merged":
+        return [*(dict(link) for link in previous), {"cycle": cycle, "rank": lora_r}]
+    raise ValueError(f"finetune.start_from: unknown value {start_from!r}")
+
+
+def effective_rank(chain: list[dict]) -> int:
+    """Rank of the saved adapter's update to the base weights: the sum of the stacked LoRAs' ranks."""
+    return sum(int(link["rank"]) for link in chain)
+
+
+def rank_text(chain: list[dict]) -> str:
+    """The effective rank and what it sums: "24 (8 + 16)" for a chain of two LoRAs, "8" for one."""
+    ranks = [str(link["rank"]) for link in chain]
+    return f"{effective_rank(chain)} ({' + '.join(ranks)})" if len(ranks) > 1 else "".join(ranks)
+
+
+def previous_rank_chain(layout: RunLayout, cycle: int) -> list[dict]:
+    """Cycle t-1's chain from its finetune.json; a record written before chains were recorded gives its
+    saved adapter's rank as one link (the sum stays right, the split per cycle is lost)."""
+    record = read_json(layout.train_summary(cycle - 1)) if layout.train_summary(cycle - 1).is_file() else {}
+    if "rank_chain" in record:
+        return record["rank_chain"]
+    config = read_json(previous_adapter(layout, cycle) / "adapter_config.json")
+    return [{"cycle": cycle - 1, "rank": int(config["r"])}]
+
+
+def cpu_threads_per_process(num_processes: int, cpu_threads: int | None = None) -> int:
+    """torch threads for each of `num_processes` CPU training processes on this machine: the usable cores
+    (or `student.cpu_threads`, the budget for the whole run) split evenly, at least 1, so two processes on
+    two cores run one thread each instead of fighting over the cores with two each."""
+    if cpu_threads:
+        budget = cpu_threads
+    elif hasattr(os, "sched_getaffinity"):
+        budget = len(os.sched_getaffinity(0))
+    else:
+        budget = os.cpu_count() or 1
+    return max(1, budget // max(1, num_processes))
+
+
 # --------------------------------------------------------------------------- the training run
 
 
@@ -255,6 +319,7 @@ class FinetunePlan:
     stacked_on: Path | None = None  # previous_merged: the adapter this cycle's LoRA is stacked on when saved
     chat_template_source: str = "checkpoint"
     report_to: list[str] = field(default_factory=list)
+    rank_chain: list[dict] = field(default_factory=list)  # the LoRAs the saved adapter carries (`rank_chain`)
 
     def table(self) -> pd.DataFrame:
         rows = {
@@ -263,6 +328,7 @@ class FinetunePlan:
             "rows cut at max_length": self.truncated_rows,
             "initialised from": self.init_from,
             "LoRA rank / alpha": f"{self.lora_r} / {self.lora_alpha} ({self.lora_source})",
+            "saved adapter's effective rank": rank_text(self.rank_chain),
             "chat template": self.chat_template_source,
             "experiment tracking": ", ".join(self.report_to) or "none",
             "quantization": "QLoRA 4-bit NF4" if self.quantization == "4bit" else "none (plain LoRA)",
@@ -338,14 +404,22 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
     from trl import SFTConfig, SFTTrainer
 
     ft = cfg.finetune
-    state = PartialState()
-    with state.main_process_first():
-        data = build_train_data(layout, cycle)
-    quantization = resolve_quantization(ft.quantization)
     on_cuda = cuda_available()
+    # Without CUDA, processes started by `accelerate launch` join over gloo (cpu=True); alone, nothing changes.
+    state = PartialState(cpu=not on_cuda)
+    main = state.is_main_process
+    with state.main_process_first():
+        data = build_train_data(layout, cycle, write=main)
+    quantization = resolve_quantization(ft.quantization)
     dtype, mixed_precision = training_precision(cfg.student, on_cuda)
+    student_cfg = cfg.student
+    if state.num_processes > 1 and not on_cuda:  # split the cores: N processes x all cores would thrash
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+        student_cfg = dataclasses.replace(
+            student_cfg, cpu_threads=cpu_threads_per_process(local, cfg.student.cpu_threads)
+        )
     set_seed(ft.seed)  # LoRA's A matrices are initialised randomly
-    model, tokenizer, model_path = load_student(cfg.student, quantization, dtype)
+    model, tokenizer, model_path = load_student(student_cfg, quantization, dtype)
     gradient_checkpointing = on_cuda  # saves GPU memory; on CPU it only costs time
 
     peft_config = None
@@ -381,11 +455,15 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
             task_type="CAUSAL_LM",
         )
 
+    chain = rank_chain(
+        start_from, cycle, lora_r, previous_rank_chain(layout, cycle) if start_from != "base" else None
+    )
     report_to = tracking_backends(ft.report_to)
-    trainer_report_to, callbacks = tracking_callbacks(report_to, layout.tracking_dir(cycle))
+    trainer_report_to, callbacks = tracking_callbacks(report_to, layout.tracking_dir(cycle), main)
     steps = planned_steps(ft, len(data.rows), state.num_processes)
     logging_steps = max(1, min(ft.logging_steps, steps))
-    output_dir, resume_from = checkpoint_folder(cfg, layout, cycle, data.path)
+    with state.main_process_first():  # rank 0 alone clears stale checkpoints; the others find its folder
+        output_dir, resume_from = checkpoint_folder(cfg, layout, cycle, data.path, main)
     try:
         args = SFTConfig(
             output_dir=str(output_dir),
@@ -418,6 +496,7 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
             include_num_input_tokens_seen="non_padding",
             padding_free=ft.padding_free,
             optim="adamw_torch_fused" if on_cuda else "adamw_torch",
+            ddp_find_unused_parameters=False,  # every LoRA weight takes part in every forward pass
             dataloader_num_workers=0,
         )
         dataset = Dataset.from_list(to_prompt_completion(data.rows))
@@ -442,12 +521,12 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
         loss_mask = check_loss_mask(train_dataset, tokenizer)
         truncated = sum(1 for ids in train_dataset["input_ids"] if len(ids) >= ft.max_length)
     except BaseException:
-        if resume_from is None:  # never throw away checkpoints of an earlier, crashed attempt
+        if resume_from is None and main:  # never throw away checkpoints of an earlier, crashed attempt
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
     device = "cuda" if on_cuda else "cpu"
-    if torch.cuda.device_count() > 1 and state.num_processes > 1:
-        device = f"cuda x{state.num_processes}"
+    if state.num_processes > 1:
+        device = f"{device} x{state.num_processes} ({torch.distributed.get_backend()})"
     return FinetunePlan(
         cycle=cycle,
         data=data,
@@ -474,6 +553,7 @@ def prepare(cfg: RunConfig, layout: RunLayout, cycle: int) -> FinetunePlan:
         stacked_on=stacked_on,
         chat_template_source=chat_template_source(cfg.student),
         report_to=report_to,
+        rank_chain=chain,
     )
 
 
@@ -498,17 +578,19 @@ def tracking_backends(setting: list[str] | str) -> list[str]:
     return names
 
 
-def tracking_callbacks(report_to: list[str], folder: Path) -> tuple[list[str], list[Any]]:
+def tracking_callbacks(report_to: list[str], folder: Path, main: bool = True) -> tuple[list[str], list[Any]]:
     """(report_to for the Trainer, extra callbacks): TensorBoard writes its event files into the run folder
     (`folder`; the Trainer's own output_dir is scratch), through a writer given to its callback rather
-    than the TENSORBOARD_LOGGING_DIR environment variable."""
+    than the TENSORBOARD_LOGGING_DIR environment variable; only the main process opens one (`main`)."""
     if "tensorboard" not in report_to:
         return report_to, []
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    folder.mkdir(parents=True, exist_ok=True)
     others = [name for name in report_to if name != "tensorboard"]
+    if not main:
+        return others, []
+    folder.mkdir(parents=True, exist_ok=True)
     return others, [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))]
 
 
@@ -545,14 +627,18 @@ def last_checkpoint(folder: Path) -> Path | None:
 
 
 def checkpoint_folder(
-    cfg: RunConfig, layout: RunLayout, cycle: int, train_data: Path
+    cfg: RunConfig, layout: RunLayout, cycle: int, train_data: Path, main: bool = True
 ) -> tuple[Path, str | None]:
     """(the Trainer's output_dir, the checkpoint to resume from or None).
 
     Checkpoints of an earlier attempt are reused only when they were made from the same data and
-    settings; otherwise they are deleted and training starts over.
+    settings; otherwise they are deleted and training starts over. The other processes of a
+    multi-process launch (`main=False`) find the folder rank 0 prepared and only look.
     """
     folder = layout.checkpoints_dir(cycle)
+    if not main:
+        resume = last_checkpoint(folder)
+        return folder, None if resume is None else str(resume)
     fingerprint = checkpoint_fingerprint(cfg, train_data)
     marker = folder / "fingerprint.json"
     if folder.exists():
@@ -673,7 +759,9 @@ def _ensure(folder: Path) -> Path:
 
 
 def train(cfg: RunConfig, layout: RunLayout, plan: FinetunePlan) -> dict[str, Any]:
-    """Run the planned steps; save adapter + tokenizer, the training log, the loss plot and `finetune.json`."""
+    """Run the planned steps; save adapter + tokenizer, the training log, the loss plot and `finetune.json`.
+
+    Under `accelerate launch` every process trains; rank 0 alone writes, the others return {}."""
     import peft
     import torch
     import transformers
@@ -730,6 +818,11 @@ def train(cfg: RunConfig, layout: RunLayout, plan: FinetunePlan) -> dict[str, An
             # previous_merged: the saved adapter stacks cycle t-1's (rank r1) and this cycle's (rank r)
             "saved": stacked or {"r": plan.lora_r, "alpha": plan.lora_alpha, "ranks": [plan.lora_r]},
         },
+        # The protocol made visible: this cycle's LoRA rank, and the rank of what the saved adapter adds to
+        # the base (previous_merged: the sum over every cycle's LoRA; see `rank_chain`).
+        "lora_rank": plan.lora_r,
+        "effective_rank": effective_rank(plan.rank_chain),
+        "rank_chain": plan.rank_chain,
         "quantization": plan.quantization,
         "quantization_setting": ft.quantization,
         "device": plan.device,
@@ -739,6 +832,10 @@ def train(cfg: RunConfig, layout: RunLayout, plan: FinetunePlan) -> dict[str, An
         "epochs": round(float(trainer.state.epoch or 0.0), 4),
         "batch_size": ft.per_device_batch_size,
         "gradient_accumulation_steps": ft.gradient_accumulation_steps,
+        "num_processes": trainer.args.world_size,  # DDP: each process trains on its share of a global batch
+        "global_batch_size": ft.per_device_batch_size
+        * ft.gradient_accumulation_steps
+        * trainer.args.world_size,
         "learning_rate": ft.learning_rate,
         "lr_scheduler": ft.lr_scheduler,
         "max_length": ft.max_length,
@@ -829,6 +926,12 @@ def summary_table(summary: dict[str, Any]) -> pd.DataFrame:
     ]  # fmt: skip
     rows = [(key, summary.get(key)) for key in keys]
     rows.insert(3, ("lora r / alpha", f"{summary['lora']['r']} / {summary['lora']['alpha']}"))
+    if summary.get("rank_chain"):
+        rows.insert(4, ("saved adapter rank (effective)", rank_text(summary["rank_chain"])))
+    if summary.get("num_processes", 1) > 1:
+        rows.append(
+            ("processes (global batch)", f"{summary['num_processes']} ({summary['global_batch_size']})")
+        )
     return pd.DataFrame(rows, columns=["metric", "value"]).astype({"value": str})
 
 
@@ -855,11 +958,22 @@ def main(argv: list[str] | None = None) -> int:
             f"{layout.params_file} not found: start the run with `llamaduo run params/<run>.yaml`"
         )
     summary = finetune(load_config(layout.params_file), layout, args.cycle)
-    if summary:
+    _leave_process_group()  # after a failure the launcher stops the other processes
+    if summary:  # rank 0
         print(
             f"adapter: {summary['adapter_dir']}  steps: {summary['steps']}  tokens/s: {summary['tokens_per_s']}"
         )
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under `accelerate launch`: wait until rank 0 has written the cycle's files, then leave the group
+    (torch warns about a process group left open at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

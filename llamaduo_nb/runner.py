@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import papermill as pm
+import yaml
 
 from . import forecast
 from .config import ConfigError, RunConfig, dump_config, is_non_semantic, load_config
+from .finetune import cpu_threads_per_process
 from .jsonio import read_json, read_jsonl, write_json, write_jsonl
 from .runlayout import RunLayout
 from .schemas import read_metrics
@@ -432,18 +434,62 @@ def stage_parameters(step: Step, layout: RunLayout, notebook: Path) -> dict[str,
     return {k: v for k, v in params.items() if k in declared}
 
 
+# accelerate config files whose processes need one CUDA GPU each
+GPU_DISTRIBUTED_TYPES = ("MULTI_GPU", "DEEPSPEED", "FSDP", "MEGATRON_LM")
+
+
 def finetune_launch_command(cfg: RunConfig, layout: RunLayout, cycle: int) -> list[str]:
     """`accelerate launch` of 02's CLI (`python -m llamaduo_nb.finetune <run> --cycle N`) on
-    `finetune.num_processes` processes; `finetune.accelerate_config` (DeepSpeed ZeRO, FSDP, several
-    machines) is passed as accelerate's --config_file. Each rank trains on its shard; rank 0 writes the
-    adapter, train log and finetune.json that 03 reads, exactly as the notebook would."""
+    `finetune.num_processes` processes of this machine: one per GPU, or on a machine without CUDA that many
+    CPU processes joined over gloo. `--multi_gpu` is the name of accelerate's local multi-process
+    (torchrun) launcher, the only one that starts several processes without MPI; on CPU the processes find
+    no GPU and `finetune.prepare` sets them up for CPU. Port 0: accelerate picks a free rendezvous port, so
+    two runs on one machine do not collide. `finetune.accelerate_config` (DeepSpeed ZeRO, FSDP, several
+    machines) replaces all of that and is passed as accelerate's --config_file. Each rank trains on its
+    share of every global batch; rank 0 writes the adapter, train log and finetune.json that 03 reads,
+    exactly as the notebook would."""
     ft = cfg.finetune
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(ft.num_processes)]
     if ft.accelerate_config:
         cmd += ["--config_file", str(Path(ft.accelerate_config).resolve())]
-    else:
-        cmd += ["--multi_gpu"] if ft.num_processes > 1 else []
+    elif ft.num_processes > 1:
+        cmd += ["--multi_gpu", "--num_machines", "1", "--main_process_port", "0"]
+        # precision is 02's decision (finetune.training_precision); these only silence accelerate's notice
+        cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     return [*cmd, "-m", "llamaduo_nb.finetune", str(layout.root), "--cycle", str(cycle)]
+
+
+def check_distributed_hardware(cfg: RunConfig, gpus: int) -> str:
+    """What the launch will run on ("2 CUDA GPUs", "2 CPU processes (gloo), 1 thread each"), or a
+    ConfigError where the settings really need GPUs this machine lacks."""
+    ft = cfg.finetune
+    if ft.accelerate_config:
+        path = Path(ft.accelerate_config)
+        if not path.is_file():
+            raise ConfigError(f"finetune.accelerate_config: {path} not found")
+        try:
+            settings = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"finetune.accelerate_config: {path} is not YAML/JSON: {exc}") from None
+        kind = str(settings.get("distributed_type", "")).upper() if isinstance(settings, dict) else ""
+        if gpus == 0 and kind in GPU_DISTRIBUTED_TYPES and not settings.get("use_cpu"):
+            raise ConfigError(
+                f"finetune.accelerate_config: {path} asks for distributed_type {kind}, which needs CUDA GPUs; "
+                f"this machine has none. For {ft.num_processes} CPU processes (DDP over gloo) remove "
+                "finetune.accelerate_config"
+            )
+        return f"{ft.num_processes} processes as {path.name} says ({kind or 'distributed_type not set'})"
+    if gpus == 0:
+        threads = cpu_threads_per_process(ft.num_processes, cfg.student.cpu_threads)
+        return f"{ft.num_processes} CPU processes (DDP over gloo), {threads} thread(s) each"
+    if gpus < ft.num_processes:
+        raise ConfigError(
+            f"finetune.num_processes = {ft.num_processes} starts one process per CUDA GPU, and this machine "
+            f"has {gpus}; set it to {gpus} or fewer, hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on "
+            "CPU processes instead, or name an accelerate config file for several machines in "
+            "finetune.accelerate_config"
+        )
+    return f"{ft.num_processes} CUDA GPUs"
 
 
 def launch_distributed_finetune(
@@ -452,8 +498,10 @@ def launch_distributed_finetune(
     """Run 02 of a cycle through `accelerate launch` when `finetune.num_processes > 1` (True when it did).
 
     The step is recorded done only when the launch exits cleanly, so `--resume` relaunches an
-    interrupted cycle instead of retraining it in one process. The 02 notebook is not executed in this mode
-    (its training would run again in one process); the launch log is `logs/accelerate_cycle_NN.log`.
+    interrupted cycle instead of retraining it in one process (checkpoints made by the launch are resumed as
+    in one process). The 02 notebook is not executed in this mode (its training would run again in one
+    process); the launch log is `logs/accelerate_cycle_NN.log`. On CPU each process gets its share of the
+    cores (OMP_NUM_THREADS, unless set).
     """
     import subprocess
 
@@ -462,18 +510,17 @@ def launch_distributed_finetune(
     import torch
 
     gpus = torch.cuda.device_count()
-    if not cfg.finetune.accelerate_config and gpus < cfg.finetune.num_processes:
-        raise ConfigError(
-            f"finetune.num_processes = {cfg.finetune.num_processes} needs as many CUDA GPUs on this machine "
-            f"(found {gpus}); set it to 1, or name an accelerate config file for several machines in "
-            "finetune.accelerate_config"
-        )
+    hardware = check_distributed_hardware(cfg, gpus)
     cmd = finetune_launch_command(cfg, layout, step.cycle)
+    env = dict(os.environ)
+    if gpus == 0:
+        threads = cpu_threads_per_process(cfg.finetune.num_processes, cfg.student.cpu_threads)
+        env.setdefault("OMP_NUM_THREADS", str(threads))  # torchrun would set 1 whatever the cores
     log_path = layout.logs_dir / f"accelerate_cycle_{step.cycle:02d}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log(f"[llamaduo] {' '.join(cmd)}  (log: {log_path})")
+    log(f"[llamaduo] 02 on {hardware}: {' '.join(cmd)}  (log: {log_path})")
     with open(log_path, "ab") as fh:
-        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT).returncode
+        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=env).returncode
     if code != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
         raise NotebookFailed(log_path, "accelerate launch", f"exit code {code}; last lines:\n{tail}", None)

@@ -14,6 +14,7 @@ from .config import RunConfig
 from .evaluate import METRIC_JUDGES
 from .evaluate.plots import plot_cycles, reference_lines
 from .evaluate.stats import decision_rule_text
+from .finetune import rank_text
 from .jsonio import atomic_write, markdown_table, read_json, write_json
 from .runlayout import RunLayout
 from .schemas import evaluated_cycles, read_metrics
@@ -45,6 +46,8 @@ def cycle_rows(layout: RunLayout) -> list[dict[str, Any]]:
         train = layout.train_summary(cycle)
         if train.is_file():
             row["train_rows"] = read_json(train).get("rows")
+        if (rank := adapter_rank(layout, cycle)) is not None:
+            row["adapter rank (effective)"] = rank
         for judge, entry in metrics.get("per_judge", {}).items():
             for metric in ("precision", "similarity"):
                 row[f"{judge} {metric}"] = _cell(entry.get(metric, {}))
@@ -85,6 +88,15 @@ def judge_rows(layout: RunLayout) -> list[dict[str, Any]]:
     return rows
 
 
+def adapter_rank(layout: RunLayout, cycle: int) -> str | None:
+    """The rank of what cycle `cycle`'s saved adapter adds to the base, with the LoRAs it stacks
+    ("24 (8 + 16)" under `finetune.start_from: previous_merged`), from its finetune.json; None for a
+    record written before ranks were recorded."""
+    train = layout.train_summary(cycle)
+    chain = read_json(train).get("rank_chain") if train.is_file() else None
+    return rank_text(chain) if chain else None
+
+
 def decision_rows(layout: RunLayout) -> list[dict[str, Any]]:
     rows = []
     for cycle in layout.cycles():
@@ -93,14 +105,14 @@ def decision_rows(layout: RunLayout) -> list[dict[str, Any]]:
             continue
         decision = metrics.get("decision", {})
         value = decision.get("value")
-        rows.append(
-            {
-                "cycle": cycle,
-                "value": "n/a" if value is None else f"{value:.2f}",
-                "passed": decision.get("passed"),
-                "reason": decision.get("reason", ""),
-            }
-        )
+        row = {
+            "cycle": cycle,
+            "value": "n/a" if value is None else f"{value:.2f}",
+            "passed": decision.get("passed"),
+        }
+        if (rank := adapter_rank(layout, cycle)) is not None:
+            row["adapter rank"] = rank
+        rows.append({**row, "reason": decision.get("reason", "")})
     return rows
 
 

@@ -73,6 +73,47 @@ def test_lora_shape_follows_table5_unless_set():
     assert finetune.lora_shape(FinetuneConfig(lora_r=4, lora_alpha=32), 10)[:2] == (4, 32)
 
 
+@pytest.mark.parametrize(
+    ("start_from", "effective", "last_chain"),
+    [
+        # a fresh LoRA on the base each cycle: the shipped adapter has this cycle's Table-5 rank
+        ("base", [8, 16, 32], [{"cycle": 2, "rank": 32}]),
+        # cycle 0's LoRA trained further: its rank stays whatever Table 5 says for later volumes
+        ("previous_adapter", [8, 8, 8], [{"cycle": 0, "rank": 8}]),
+        # eq. 1 with a fresh LoRA per cycle on the merged model: the ranks add up
+        (
+            "previous_merged",
+            [8, 24, 56],
+            [{"cycle": 0, "rank": 8}, {"cycle": 1, "rank": 16}, {"cycle": 2, "rank": 32}],
+        ),
+    ],
+)
+def test_effective_rank_over_a_three_cycle_chain(start_from, effective, last_chain):
+    chain, ranks = None, []
+    for cycle, table5_rank in enumerate([8, 16, 32]):
+        chain = finetune.rank_chain(start_from, cycle, table5_rank, chain)
+        ranks.append(finetune.effective_rank(chain))
+    assert ranks == effective and chain == last_chain
+
+
+def test_the_paper_configurations_stacked_rank_at_256k_is_160_where_table_5_says_32():
+    """previous_merged over the paper's loop: cycle 0 on the 395 coverage rows, cycles 1..9 adding 1K ... 256K."""
+    from llamaduo_nb.config import table5_lora
+
+    chain = None
+    for cycle in range(10):
+        rows = 395 + (1000 * 2 ** (cycle - 1) if cycle else 0)
+        chain = finetune.rank_chain("previous_merged", cycle, table5_lora(rows)[0], chain)
+    assert table5_lora(395 + 256_000)[0] == 32
+    assert finetune.effective_rank(chain) == 160 and len(chain) == 10
+    assert finetune.rank_text(chain).startswith("160 (8 + 8 + ")
+
+
+def test_a_chain_needs_the_previous_cycles_chain():
+    with pytest.raises(ValueError, match="needs cycle 1's rank chain"):
+        finetune.rank_chain("previous_merged", 2, 8, None)
+
+
 def test_quantization_auto_is_plain_lora_without_cuda():
     import torch
 
@@ -120,6 +161,9 @@ def test_training_log_loss_plot_and_summary(trained):
     assert summary["steps"] == 2
     assert summary["tokens"] > 0 and summary["tokens_per_s"] > 0 and summary["wall_time_s"] > 0
     assert (summary["lora"]["r"], summary["lora"]["alpha"]) == (8, 16)
+    assert (summary["lora_rank"], summary["effective_rank"]) == (8, 8)
+    assert summary["rank_chain"] == [{"cycle": 0, "rank": 8}]
+    assert (summary["num_processes"], summary["global_batch_size"]) == (1, 2)
     assert summary["quantization"] in ("none", "4bit") and summary["device"]
     assert summary["loss_mask"]["rows_checked"] == len(TRAIN)
     assert len(read_jsonl(trained.train_data_file(0))) == len(TRAIN)
@@ -241,6 +285,8 @@ def test_start_from_previous_merged_builds_on_the_last_cycles_model_with_a_new_r
     delta1, config1 = _lora_delta(trained.adapter_dir(1))
     assert (config1["r"], config1["lora_alpha"]) == (12, 12)  # 8 (cycle 0) stacked with 4 (cycle 1)
     assert summary["lora"]["saved"] == {"r": 12, "alpha": 12, "ranks": [8, 4]}
+    assert (summary["lora_rank"], summary["effective_rank"]) == (4, 12)
+    assert summary["rank_chain"] == [{"cycle": 0, "rank": 8}, {"cycle": 1, "rank": 4}]
     assert summary["start_from"] == "previous_merged"
     # The saved adapter on the plain base is the model that was trained, and it moved past cycle 0.
     torch.testing.assert_close(base + delta1, trained_weight, rtol=0, atol=1e-5)

@@ -29,7 +29,10 @@ def test_summary_shows_cycles_with_intervals_table1_and_fig2(make_params, tmp_pa
         judgments = _judgments(scores)
         write_jsonl(layout.judgments_file(cycle), judgments)
         write_json(layout.metrics_file(cycle), evaluate.compute_metrics(judgments, ev, cycle))
-        write_json(layout.train_summary(cycle), {"rows": 38 * (cycle + 1)})
+        chain = [
+            {"cycle": c, "rank": 8 * (c + 1)} for c in range(cycle + 1)
+        ]  # as previous_merged stacks them
+        write_json(layout.train_summary(cycle), {"rows": 38 * (cycle + 1), "rank_chain": chain})
     models = {
         evaluate.BASE_MODEL: ("base", _judgments({"a": 10.0, "b": 20.0, "c": 30.0})),
         "cycle 0": ("local", _judgments(cycles[0])),
@@ -51,6 +54,12 @@ def test_summary_shows_cycles_with_intervals_table1_and_fig2(make_params, tmp_pa
     assert "| P-Match (best local / best service) | 100% / 100% / 67% |" in text
     assert layout.cycles_fig2_plot.stat().st_size > 0 and "fig2_cycles.png" in text
     assert read_json(layout.summary_json)["table1_cycle"] == 1
+    # the stacked LoRA ranks of each cycle's saved adapter, in the decision table and summary.json
+    assert "| cycle | value | passed | adapter rank | reason |" in text and "| 24 (8 + 16) |" in text
+    assert [row["adapter rank (effective)"] for row in read_json(layout.summary_json)["cycles"]] == [
+        "8",
+        "24 (8 + 16)",
+    ]
     assert summary.table1_markdown(layout) == layout.table1_md(1).read_text()
 
 
