@@ -15,9 +15,9 @@ import yaml
 from tinyrun import TEST, make_tiny_run
 
 import llamaduo_nb.testing.server as fake_server
-from llamaduo_nb import evaluate, forecast
+from llamaduo_nb import evaluate, forecast, summary
 from llamaduo_nb.callcache import read_ledger
-from llamaduo_nb.config import ConfigError, RunConfig, build, dump_config
+from llamaduo_nb.config import ConfigError, RunConfig, build, dump_config, load_config
 from llamaduo_nb.jsonio import read_jsonl, write_jsonl
 from llamaduo_nb.notebook import Stage
 from llamaduo_nb.runlayout import RunLayout
@@ -114,6 +114,7 @@ def test_a_judge_that_always_picks_the_first_slot_flips_every_pair_to_a_tie(tmp_
     assert entry["pairs"] == entry["ties"] == entry["position_flips"] == entry["first_slot_both"] == pairs
     assert entry["wins"] == entry["losses"] == entry["failures"] == entry["second_slot_both"] == 0
     assert entry["win_rate"] == 0.5 and entry["win_rate_ci95"] == [0.5, 0.5]
+    assert "mostly flips" in evaluate.pairwise_line({"pairwise": {"per_judge": {"judge": entry}}})
 
 
 def test_a_judge_that_prefers_the_longer_answer_gives_the_known_win_rate(tmp_path, server):
@@ -283,6 +284,13 @@ def test_the_forecast_plans_every_pairwise_call_the_ledger_books_and_metrics_hol
     assert entry["win_rate"] == 0.5 and block["m"] == 2 and "both orders" in block["rule"]
     assert list(evaluate.pairwise_table(read_metrics(layout, 0)).index) == ["svc"]
     assert "svc 0.50" in evaluate.pairwise_line(read_metrics(layout, 0))
+    (line,) = summary.pairwise_lines(cfg, layout)
+    assert (
+        line.startswith("- cycle 0: win rate against the reference: svc 0.50 [")
+        and "mostly flips" not in line
+    )
+    demo = load_config(ROOT / "params" / "demo.yaml", {"evaluate.pairwise": True})
+    assert "the embedded 135M model; its verdicts mean little" in summary.pairwise_lines(demo, layout)[-1]
     fig = evaluate.plot_pairwise(read_metrics(layout, 0), layout.pairwise_plot(0))
     assert layout.pairwise_plot(0).stat().st_size > 0
     import matplotlib.pyplot as plt

@@ -383,12 +383,15 @@ def pairwise_table(metrics: dict) -> pd.DataFrame:
 
 
 def pairwise_line(metrics: dict) -> str:
-    """One sentence per run summary: each judge's win rate of the student against the reference."""
+    """One sentence for the run summary: each judge's win rate of the student against the reference; a judge
+    whose pairs are mostly position flips is said to read the order, not the answers."""
     block = metrics.get("pairwise") or {}
-    parts = [
-        f"{judge} {_rate(e)} ({e['wins']} W / {e['ties']} T / {e['losses']} L, {e['position_flips']} position flips)"
-        for judge, e in block.get("per_judge", {}).items()
-    ]
+    parts = []
+    for judge, e in block.get("per_judge", {}).items():
+        part = f"{judge} {_rate(e)} ({e['wins']} W / {e['ties']} T / {e['losses']} L, {e['position_flips']} position flips"
+        if e["pairs"] and e["position_flips"] > e["pairs"] / 2:
+            part += ": mostly flips, this judge reads the order rather than the answers"
+        parts.append(part + ")")
     return "win rate against the reference: " + "; ".join(parts) if parts else ""
 
 
