@@ -1,5 +1,6 @@
 """The run's summary (`summary.md`, `summary.json`): per-cycle statistics with intervals, the decision and
-its reason, the latest Table 1 with P-Match, Fig. 2 over cycles, and where the time went.
+its reason, the latest Table 1 with P-Match, Fig. 2 over cycles, pairwise win rates (with
+`evaluate.pairwise`), the token statistics per split (summary.md), and where the time went.
 
 `runner.run()` calls `write_summary` at the end of a run; 06 and the docs show `table1_markdown`.
 """
