@@ -52,6 +52,12 @@ def test_statistics_match_a_direct_count_of_every_row(tokenizer):
     # the tokenizer's own tokens, not words: a sub-word tokenizer counts more tokens than words here
     words = sum(len(r["instruction"].split()) for r in splits["train"])
     assert sum(stats.counts["train"]["prompt"]) > words
+    # the paper's rows: one category of one split, counted directly
+    closed = [r for r in splits["train"] if r["category"] == "Closed QA"]
+    assert closed and got["by_category"]["Closed QA"]["train"]["response"] == pytest.approx(
+        direct([r["response"] for r in closed], tokenizer)
+    )
+    assert stats.table(by_category=True).loc[("Closed QA", "train", "prompt"), "count"] == len(closed)
     table = stats.table()
     assert list(table.columns) == ["count", "min", "max", "mean", "std"]
     assert table.loc[("test", "response"), "count"] == 7

@@ -2,8 +2,10 @@
 per dataset), under the student's real tokenizer.
 
     stats = token_statistics({"train": train_rows, "test": test_rows}, tokenizer)
-    stats.summary()   # {"tokenizer", "counted", "std", "splits": {split: {part: {count, min, max, mean, std}}}}
-    stats.table()     # one line per (split, part): the appendix's rows, with the count of rows
+    stats.summary()   # {"tokenizer", "counted", "std", "splits": {split: {part: {count, min, max, mean, std}}},
+                      #  "by_category": {category: {split: {part: {...}}}}}
+    stats.table()     # one line per (split, part), with the count of rows
+    stats.table(by_category=True)   # one line per (category, split, part): the paper's "Task (split)" rows
 
 Each row (any schema 01_coverage accepts, read by `rows.row_text`) gives three counts: its **prompt** (the
 instruction as 01 stored it, a passage merged into it included; no system prompt, no chat template), its
@@ -68,6 +70,7 @@ class TokenStatistics:
     tokenizer: str
     counts: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     error: str | None = None
+    categories: dict[str, list[str]] = field(default_factory=dict)  # per split, each row's category ("")
 
     def summary(self) -> dict[str, Any]:
         """What report.json and summary.json keep: the statistics, not the per-row counts ({"error"} when
@@ -82,10 +85,22 @@ class TokenStatistics:
                 split: {part: describe(values) for part, values in parts.items()}
                 for split, parts in self.counts.items()
             },
+            "by_category": self._by_category(),
         }
 
-    def table(self):
-        return token_table(self.summary())
+    def _by_category(self) -> dict[str, dict[str, dict]]:
+        out: dict[str, dict[str, dict]] = {}
+        for split, parts in self.counts.items():
+            labels = self.categories.get(split) or [""] * len(parts["prompt"])
+            for category in dict.fromkeys(labels):
+                keep = [i for i, label in enumerate(labels) if label == category]
+                out.setdefault(category, {})[split] = {
+                    part: describe([values[i] for i in keep]) for part, values in parts.items()
+                }
+        return dict(sorted(out.items()))
+
+    def table(self, by_category: bool = False):
+        return token_table(self.summary(), by_category)
 
 
 def token_statistics(
@@ -100,7 +115,7 @@ def token_statistics(
     name = name or str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
     stats = TokenStatistics(name)
     for split, rows in splits.items():
-        prompts, responses = [], []
+        prompts, responses, categories = [], [], []
         for i, row in enumerate(rows):
             try:
                 prompt, response = row_text(row)
@@ -108,6 +123,8 @@ def token_statistics(
                 raise ValueError(f"{split} row {i}: {exc}") from exc
             prompts.append(prompt)
             responses.append(response)
+            categories.append(str(row.get("category") or ""))
+        stats.categories[split] = categories
         prompt_counts = count_tokens(prompts, tokenizer, batch_size)
         response_counts = count_tokens(responses, tokenizer, batch_size)
         stats.counts[split] = {
@@ -118,17 +135,28 @@ def token_statistics(
     return stats
 
 
-def token_table(summary: Mapping[str, Any]):
+def token_table(summary: Mapping[str, Any], by_category: bool = False):
     """The appendix's layout from a `TokenStatistics.summary()` (as stored in report.json): one line per split
-    and part, columns count, min, max, mean, std (mean and std rounded to 0.1)."""
+    and part (with `by_category`, per category, split and part: the paper's "Task (split)" rows), columns
+    count, min, max, mean, std (mean and std rounded to 0.1)."""
     import pandas as pd
 
-    records = [
-        {"split": split, "part": part, **{k: stats.get(k) for k in STATISTICS}}
-        for split, parts in (summary.get("splits") or {}).items()
-        for part, stats in parts.items()
-    ]
-    table = pd.DataFrame(records, columns=["split", "part", *STATISTICS])
+    if by_category:
+        keys = ["category", "split", "part"]
+        records = [
+            {"category": category, "split": split, "part": part, **{k: stats.get(k) for k in STATISTICS}}
+            for category, splits in (summary.get("by_category") or {}).items()
+            for split, parts in splits.items()
+            for part, stats in parts.items()
+        ]
+    else:
+        keys = ["split", "part"]
+        records = [
+            {"split": split, "part": part, **{k: stats.get(k) for k in STATISTICS}}
+            for split, parts in (summary.get("splits") or {}).items()
+            for part, stats in parts.items()
+        ]
+    table = pd.DataFrame(records, columns=[*keys, *STATISTICS])
     for column in ("mean", "std"):
         table[column] = pd.to_numeric(table[column]).round(1)
-    return table.set_index(["split", "part"])
+    return table.set_index(keys)
