@@ -120,15 +120,20 @@ def test_a_judge_that_always_picks_the_first_slot_flips_every_pair_to_a_tie(tmp_
 def test_a_judge_that_prefers_the_longer_answer_gives_the_known_win_rate(tmp_path, server):
     POLICY["reply"] = lambda a, b: winner("A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie")
     cfg = config(tmp_path, server)
-    rows = rows_of([*PROMPTS, ("p4", "Rome.", ["Rome."])])  # equal: a tie stated in both orders
+    # p4: as long as the reference, a tie stated in both orders; p5: the reference itself, a tie without a call
+    rows = rows_of([*PROMPTS, ("p4", "Milan.", ["Turin."]), ("p5", "Rome.", [" Rome.\n"])])
     records, entry = compare(cfg, rows)
-    longer = [len(r["candidate"]) > len(r["reference"]) for r in rows[:-1]]
+    longer = [len(r["candidate"]) > len(r["reference"]) for r in rows[:-2]]
     wins, losses = sum(longer), len(longer) - sum(longer)
-    assert (entry["wins"], entry["losses"], entry["ties"], entry["position_flips"]) == (wins, losses, 1, 0)
-    assert entry["pairs"] == len(rows) and entry["prompts"] == 4
-    assert entry["win_rate"] == pytest.approx((wins + 0.5) / len(rows))
+    assert (entry["wins"], entry["losses"], entry["ties"], entry["position_flips"]) == (wins, losses, 2, 0)
+    assert entry["pairs"] == len(rows) and entry["prompts"] == 5 and entry["identical"] == 1
+    assert entry["win_rate"] == pytest.approx((wins + 1) / len(rows))
+    same = [r for r in records if r["prompt_id"] == "p5"]
+    assert [(r["ok"], r["student"], r["identical"], r["cache_key"]) for r in same] == [
+        (True, "tie", True, None)
+    ] * 2
     # the interval resamples prompts (a prompt's K answers together), as V's does
-    points = [1.0 if s else 0.0 for s in longer] + [0.5]
+    points = [1.0 if s else 0.0 for s in longer] + [0.5, 0.5]
     expected = evaluate.cluster_bootstrap(points, [r["prompt_id"] for r in rows], n_boot=400, seed=0)
     assert entry["win_rate_ci95"] == pytest.approx(list(expected))
     lo, hi = entry["win_rate_ci95"]

@@ -11,6 +11,9 @@ student is B), `evaluate.pairwise_m` times each. The two verdicts of one (row, r
   followed the position, not the answers; the pair counts as a **tie** and as a **position flip**
   (`position_flips`; `first_slot_both` / `second_slot_both` count the pairs where the judge picked the same
   slot in both orders). This is MT-Bench's conservative rule: a win needs both orders.
+* the student's answer IS the reference (equal after stripping whitespace, common for labels): a **tie** with
+  no call (`identical`): both orders would be the same prompt, and a judge's slot preference there would
+  read as a position flip it could not avoid.
 
 Win rate of the student against the reference = (wins + ½ ties) / pairs, in [0, 1]: 0.5 is "as good as the
 reference" (or a judge that only follows position), 1 is "better every time". Its 95% interval is the cluster
@@ -61,7 +64,8 @@ VERDICT_SCHEMA: dict[str, Any] = {
 POINTS = {"win": 1.0, "tie": 0.5, "loss": 0.0}
 RULE = (
     "each pair asked in both orders; a win or loss needs both orders to agree, any disagreement (a position "
-    "flip) counts as a tie; win rate = (wins + ties / 2) / pairs"
+    "flip) counts as a tie, and so does an answer identical to the reference (no call); "
+    "win rate = (wins + ties / 2) / pairs"
 )
 OPPONENT = "reference (the test split's answer)"
 
@@ -198,6 +202,7 @@ def _record(row: dict, judge: str, repeat: int, order: str) -> dict:
         "cached": False,
         "cache_key": None,
         "raw": None,
+        "identical": False,
     }
 
 
@@ -217,11 +222,24 @@ def pairwise_record(row: dict, judge: str, repeat: int, order: str, result: Chat
     return record
 
 
-def judge_pairwise(pool: ServicePool, rows: Sequence[dict], cfg: EvaluateConfig) -> list[dict]:
+def identical(row: dict) -> bool:
+    """Whether the student's answer is the reference itself (whitespace aside): a tie without a call."""
+    return row["candidate"].strip() == row["reference"].strip()
+
+
+def _to_compare(rows: Sequence[dict]) -> list[dict]:
+    return [row for row in rows if not row.get("error") and not identical(row)]
+
+
+def judge_pairwise(pool: ServicePool | None, rows: Sequence[dict], cfg: EvaluateConfig) -> list[dict]:
     """Every answered row compared with its reference by every LLM judge, both orders, pairwise_m times,
-    through `pool`; a row whose answer failed gets failed records ("answer: ...") so it is counted."""
-    answered = [row for row in rows if not row.get("error")]
+    through `pool`; an answer equal to its reference is a tie without a call (`identical`), and a row whose
+    answer failed gets failed records ("answer: ...") so it is counted. `pool` may be None when no row needs
+    a call."""
+    answered = _to_compare(rows)
     records: list[dict] = []
+    if answered and pool is None:
+        raise ValueError(f"pairwise comparison by {cfg.judges} needs an open ServicePool")
     if answered:
         requests = pairwise_requests(answered, cfg, pairwise_template())
         per_row = cfg.pairwise_m * len(ORDERS)
@@ -234,20 +252,23 @@ def judge_pairwise(pool: ServicePool, rows: Sequence[dict], cfg: EvaluateConfig)
     for judge in cfg.judges:
         for row in rows:
             if row.get("error"):
-                for repeat in range(cfg.pairwise_m):
-                    for order in ORDERS:
-                        records.append(
-                            _record(row, judge, repeat, order) | {"error": f"answer: {row.get('error')}"}
-                        )
+                extra = {"error": f"answer: {row.get('error')}"}
+            elif identical(row):
+                extra = {"student": "tie", "ok": True, "identical": True}
+            else:
+                continue
+            for repeat in range(cfg.pairwise_m):
+                for order in ORDERS:
+                    records.append(_record(row, judge, repeat, order) | extra)
     return records
 
 
 def planned_pair_calls(
     stage: str, cycle: int | None, rows: Sequence[dict], cfg: EvaluateConfig
 ) -> list[PlannedCall]:
-    """The calls `judge_pairwise` makes for `rows`: every LLM judge, every answered row, pairwise_m repeats, both
-    orders (none when `cfg.pairwise` is off)."""
-    answered = [row for row in rows if not row.get("error")]
+    """The calls `judge_pairwise` makes for `rows`: every LLM judge, every answered row that differs from its
+    reference, pairwise_m repeats, both orders (none when `cfg.pairwise` is off)."""
+    answered = _to_compare(rows)
     if not cfg.pairwise or not cfg.judges or not answered:
         return []
     requests = pairwise_requests(answered, cfg, pairwise_template())
@@ -264,7 +285,7 @@ def pair_outcomes(records: Sequence[dict]) -> pd.DataFrame:
     Columns: judge, prompt_id, sample_index, repeat, student_first, student_second (the student's outcome in
     each order, None when it failed), outcome ("win" / "loss" / "tie", None for a failed pair), flip (the
     orders disagree), points (1 / 0.5 / 0, NaN for a failed pair), slot (the slot picked in both orders of a
-    flip: "A", "B", or None)."""
+    flip: "A", "B", or None), identical (the answer is the reference: a tie without a call)."""
     keys = ["judge", "prompt_id", "sample_index", "repeat"]
     pairs: dict[tuple, dict] = {}
     for r in records:
@@ -272,6 +293,7 @@ def pair_outcomes(records: Sequence[dict]) -> pd.DataFrame:
         entry = pairs.setdefault(key, dict(zip(keys, key, strict=True)))
         entry[r["order"]] = r["student"] if r["ok"] else None
         entry[f"{r['order']} verdict"] = r["verdict"] if r["ok"] else None
+        entry["identical"] = bool(r.get("identical"))
     lines = []
     for entry in pairs.values():
         first, second = entry.get("student_first"), entry.get("student_second")
@@ -290,17 +312,18 @@ def pair_outcomes(records: Sequence[dict]) -> pd.DataFrame:
                 "flip": flip,
                 "points": np.nan if outcome is None else POINTS[outcome],
                 "slot": slot,
+                "identical": entry["identical"],
             }
         )
-    columns = [*keys, "student_first", "student_second", "outcome", "flip", "points", "slot"]
+    columns = [*keys, "student_first", "student_second", "outcome", "flip", "points", "slot", "identical"]
     return pd.DataFrame(lines, columns=columns)
 
 
 def summarize_pairwise(
     records: Sequence[dict], *, n_boot: int = 1000, seed: int = 0, m: int | None = None
 ) -> dict:
-    """metrics.json's `pairwise` block: per judge the pairs scored, wins, losses, ties (position flips
-    included), position_flips, first_slot_both / second_slot_both, failures, win_rate in [0, 1] and its 95%
+    """metrics.json's `pairwise` block: per judge the pairs scored, wins, losses, ties (position flips and
+    identical answers included), position_flips, identical, first_slot_both / second_slot_both, failures, win_rate in [0, 1] and its 95%
     cluster-bootstrap interval over prompts (`win_rate_ci95`, None without resamples or pairs)."""
     table = pair_outcomes(records)
     per_judge: dict[str, dict] = {}
@@ -318,6 +341,7 @@ def summarize_pairwise(
             "losses": int(counts.get("loss", 0)),
             "ties": int(counts.get("tie", 0)),
             "position_flips": int(scored["flip"].sum()),
+            "identical": int(scored["identical"].sum()),
             "first_slot_both": int((scored["slot"] == "A").sum()),
             "second_slot_both": int((scored["slot"] == "B").sum()),
             "failures": int(len(rows) - n),
@@ -363,7 +387,7 @@ def _rate(entry: dict) -> str:
 
 def pairwise_table(metrics: dict) -> pd.DataFrame:
     """One line per LLM judge: wins / ties / losses of the student against the reference, the position flips
-    among the ties, failures, and the win rate with its 95% interval (empty when pairwise is off)."""
+    and identical answers among the ties, failures, and the win rate with its 95% interval (empty when pairwise is off)."""
     block = metrics.get("pairwise") or {}
     records = [
         {
@@ -373,12 +397,14 @@ def pairwise_table(metrics: dict) -> pd.DataFrame:
             "ties": e["ties"],
             "losses": e["losses"],
             "position flips (in ties)": e["position_flips"],
+            "identical answers (in ties)": e.get("identical", 0),
             "failed pairs": e["failures"],
             "win rate [95% CI]": _rate(e),
         }
         for judge, e in block.get("per_judge", {}).items()
     ]
-    columns = ["judge", "pairs", "wins", "ties", "losses", "position flips (in ties)", "failed pairs"]
+    columns = ["judge", "pairs", "wins", "ties", "losses", "position flips (in ties)"]
+    columns += ["identical answers (in ties)", "failed pairs"]
     return pd.DataFrame(records, columns=[*columns, "win rate [95% CI]"]).set_index("judge")
 
 
@@ -389,14 +415,15 @@ def pairwise_line(metrics: dict) -> str:
     parts = []
     for judge, e in block.get("per_judge", {}).items():
         part = f"{judge} {_rate(e)} ({e['wins']} W / {e['ties']} T / {e['losses']} L, {e['position_flips']} position flips"
-        if e["pairs"] and e["position_flips"] > e["pairs"] / 2:
+        judged = e["pairs"] - e.get("identical", 0)
+        if judged and e["position_flips"] > judged / 2:
             part += ": mostly flips, this judge reads the order rather than the answers"
         parts.append(part + ")")
     return "win rate against the reference: " + "; ".join(parts) if parts else ""
 
 
 def plot_pairwise(metrics: dict, path: str | Path | None = None):
-    """Left: per judge, the shares of wins, stated ties, position flips and losses; right: the win rate with
+    """Left: per judge, the shares of wins, stated ties, position flips, identical answers and losses; right: the win rate with
     its 95% interval against the 0.5 line (as good as the reference). Saved as PNG when `path` is given."""
     import matplotlib.pyplot as plt
 
@@ -407,8 +434,9 @@ def plot_pairwise(metrics: dict, path: str | Path | None = None):
     )
     parts = [
         ("wins", "#2ca02c", lambda e: e["wins"]),
-        ("ties", "#bbbbbb", lambda e: e["ties"] - e["position_flips"]),
+        ("ties", "#bbbbbb", lambda e: e["ties"] - e["position_flips"] - e.get("identical", 0)),
         ("position flips (ties)", "#ff7f0e", lambda e: e["position_flips"]),
+        ("identical answers (ties)", "#9edae5", lambda e: e.get("identical", 0)),
         ("losses", "#d62728", lambda e: e["losses"]),
     ]
     y = np.arange(len(judges))
@@ -443,7 +471,7 @@ def plot_pairwise(metrics: dict, path: str | Path | None = None):
     ax2.set(yticks=y, yticklabels=[""] * len(judges), xlim=(0, 1), xlabel="win rate (wins + ties / 2)")
     ax2.set_ylim(ax1.get_ylim())
     ax2.set_title("Win rate, 95% cluster-bootstrap interval")
-    fig.legend(handles, labels, loc="lower center", ncols=4, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncols=5, frameon=False)
     fig.tight_layout(rect=(0, 0.55 / fig.get_figheight(), 1, 1))
     if path is not None:
         save_figure(fig, path)
