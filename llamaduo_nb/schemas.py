@@ -50,8 +50,10 @@ cycle)` is the one reader of a cycle's metrics.json (the runner, 06, the summary
   cycle_NN/pairwise.jsonl                            with evaluate.pairwise: one per (prompt, sample, judge, repeat,
       order): {prompt_id, sample_index, category, judge, repeat, order ("student_first" | "student_second"),
        verdict ("A" | "B" | "tie" | null), student ("win" | "loss" | "tie" | null), ok, error, cached,
-       cache_key, raw}; metrics.json then holds `pairwise`: {opponent, rule, m, per_judge: {judge: {pairs,
-       wins, losses, ties, position_flips, failures, win_rate, win_rate_ci95}}}
+       cache_key, raw, identical (the answer is the reference: a tie without a call)}; metrics.json then holds
+       `pairwise`: {opponent, rule, m, bootstrap, per_judge: {judge: {pairs, wins, losses, ties,
+       position_flips, identical, first_slot_both, second_slot_both, failures, prompts, win_rate,
+       win_rate_ci95}}}
   cycle_NN/pairwise.png                              win / tie / loss shares and the win rate per judge
 
 05_synthesize
