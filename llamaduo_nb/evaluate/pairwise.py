@@ -27,9 +27,10 @@ JSON object naming the winner ({"winner": "A" | "B" | "tie"}, with the spellings
 "b", "Tie", "equal", ...); quoted examples and the echoed format are never the verdict, two different
 verdicts in one reply are a failure.
 
-The planned calls (`planned_pair_calls`: every LLM judge, every answered row, both orders, pairwise_m
-repeats) are built with the requests `judge_pairwise` sends; `stage.planned_pairwise_calls` gives the
-forecast the cycle's.
+The planned calls (`planned_pair_calls`: every LLM judge, every answered row that differs from its reference,
+both orders, pairwise_m repeats) are built with the requests `judge_pairwise` sends;
+`stage.planned_pairwise_calls` gives the forecast the cycle's. Equal requests are paid once (an answer given K
+times is compared once per order and repeat), so a run pays at most what is planned.
 """
 
 from __future__ import annotations
