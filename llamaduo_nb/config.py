@@ -370,10 +370,16 @@ class EvaluateConfig:
     rationale: bool = False  # ask LLM judges for a one-sentence reason (kept in judgments.jsonl)
     temperature: float = 1.0  # judge sampling temperature (M repeats only differ when > 0)
     max_tokens: int = 256
+    # pairwise comparison beside the grading: every LLM judge sees the instruction and two answers (the
+    # student's and the test split's reference) in both orders and names the better one or a tie; the
+    # student's win rate against the reference is reported, it never decides (see evaluate.pairwise)
+    pairwise: bool = False
+    pairwise_m: int = 1  # comparisons per answer, order and judge (each repeat asks both orders)
 
     EXAMPLE = (
         "judges: [gpt4o, claude]\nmetric_judges: [rougeL]\nm: 10\nzetas: [50, 70]\nepsilon: 70\n"
-        "decision_statistic: [mean, coverage@50]  # eq. 9\njudge_aggregation: mean\nbaselines: [gpt4o]"
+        "decision_statistic: [mean, coverage@50]  # eq. 9\njudge_aggregation: mean\nbaselines: [gpt4o]\n"
+        "pairwise: true  # also compare each answer with the reference, both orders"
     )
 
     @property
@@ -438,6 +444,13 @@ class EvaluateConfig:
         _check(self.max_tokens >= 1, "max_tokens", "must be >= 1")
         _check(self.bootstrap_samples >= 0, "bootstrap_samples", "must be >= 0, e.g. 1000")
         _check(len(set(self.baselines)) == len(self.baselines), "baselines", "each provider once")
+        _check(
+            not self.pairwise or len(self.judges) >= 1,
+            "pairwise",
+            "pairwise comparison needs an LLM judge (reference metrics cannot compare two answers), "
+            "e.g. judges: [gpt4o]",
+        )
+        _check(self.pairwise_m >= 1, "pairwise_m", "must be >= 1, e.g. 1 (each repeat asks both orders)")
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from .runlayout import project_file
 
 STAGE_BUCKETS = {
     "04_evaluate": "evaluation",
+    "04_pairwise": "evaluation",
     "05_synthesize": "synthesis",
     "06_deploy": "deploy parity",
 }

@@ -7,7 +7,9 @@ Each paid stage says the calls it will make, built with the very request builder
 `planned_*_calls`: `plan.PlannedCalls`); the forecast only prices and sums them, one line per ledger stage its
 pool writes, cycle and provider:
 
-* 04 (`04_evaluate`): every LLM judge scores the K answers per test prompt M times; Table 1's reference rows
+* 04 (`04_evaluate`): every LLM judge scores the K answers per test prompt M times; with `evaluate.pairwise`
+  (`04_pairwise`) every LLM judge also compares each answer with its reference in both orders, pairwise_m
+  times (a verdict is a one-word JSON object, `evaluate.PAIRWISE_REPLY_TOKENS`); Table 1's reference rows
   (`baselines`, once per run): each service baseline answers the test prompts K times, and the judges score
   the base student's and each baseline's answers like the student's (rows already computed are not counted).
 * 05 (`teacher_study`): each candidate answers `sample_size` train instructions N times, the reward judge
@@ -61,7 +63,7 @@ from .callcache import CallCache, ledger_frame, read_ledger, retried_attempts
 from .config import RunConfig
 from .coverage import import_coverage
 from .deploy.parity import planned_parity_calls
-from .evaluate import planned_baseline_calls, planned_judging_calls
+from .evaluate import planned_baseline_calls, planned_judging_calls, planned_pairwise_calls
 from .jsonio import read_jsonl
 from .plan import PlannedCall, PlannedCalls
 from .prices import PriceTable, load_prices
@@ -219,10 +221,12 @@ def _plan(
     assume: Assumptions,
     baselines: bool = True,
 ) -> PlannedCalls:
-    """What a paid notebook says it will send: 04 = the cycle's judging + Table 1's reference rows still to
-    compute (`baselines`); 05 = teacher study + synthesis; 06 = judged parity."""
+    """What a paid notebook says it will send: 04 = the cycle's judging (and pairwise comparison) + Table 1's
+    reference rows still to compute (`baselines`); 05 = teacher study + synthesis; 06 = judged parity."""
     if stage == "04_evaluate":
-        plan = planned_judging_calls(cfg, cycle, test, layout)
+        plan = planned_judging_calls(cfg, cycle, test, layout) + planned_pairwise_calls(
+            cfg, cycle, test, layout
+        )
         return plan + planned_baseline_calls(cfg, test, layout) if baselines else plan
     if stage == "05_synthesize":
         synthesis = planned_synthesis_calls(cfg, cycle, train, assume.accept_share, assume.pair_tokens)

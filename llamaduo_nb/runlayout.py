@@ -141,6 +141,11 @@ class RunLayout:
     def split_plot(self) -> Path:
         return self.coverage_dir / "split.png"
 
+    @property
+    def token_plot(self) -> Path:
+        """01's token lengths per split (the statistics are in report.json's `token_statistics`)."""
+        return self.coverage_dir / "token_lengths.png"
+
     # ---- cycles
     def cycle_dir(self, cycle: int) -> Path:
         return self.root / f"cycle_{cycle:02d}"
@@ -197,6 +202,13 @@ class RunLayout:
 
     def scores_plot(self, cycle: int) -> Path:
         return self.cycle_dir(cycle) / "precision_vs_similarity.png"
+
+    def pairwise_file(self, cycle: int) -> Path:
+        """04's pairwise verdicts (`evaluate.pairwise: true`): one line per (answer, judge, repeat, order)."""
+        return self.cycle_dir(cycle) / "pairwise.jsonl"
+
+    def pairwise_plot(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "pairwise.png"
 
     def synthetic_file(self, cycle: int) -> Path:
         return self.cycle_dir(cycle) / "synthetic.jsonl"

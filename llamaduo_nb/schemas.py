@@ -10,7 +10,10 @@ cycle)` is the one reader of a cycle's metrics.json (the runner, 06, the summary
       from a chat system turn or a `system` field; put before the user turn in training, inference and
       serving by student.student_messages)
   coverage/skipped.jsonl                             {row, field, problem, id}
-  coverage/report.json                               counts: rows_read, rows_valid, skipped, train, test, per_category
+  coverage/report.json                               counts: rows_read, rows_valid, skipped, train, test, per_category;
+      token_statistics {tokenizer, splits: {train|test: {prompt|response|pair: {count, min, max, mean, std}}}}
+      (or {error}) once 01's token cell ran
+  coverage/token_lengths.png                         token counts per split (prompt, response)
   coverage/curation.json                             {"version": 1, "decisions": {id: {action, instruction?, response?, split?}}}
 
 02_finetune (cycle t)
@@ -44,6 +47,14 @@ cycle)` is the one reader of a cycle's metrics.json (the runner, 06, the summary
        n_rows_scored}, n_rows, rows_unscored, judgments, failures, failure_rate, failure_kinds}},
        decision: {passed, metric, statistic, value, epsilon, aggregation, per_judge, reason}}
   cycle_NN/precision_vs_similarity.png               per-row mean precision vs similarity, one panel per judge
+  cycle_NN/pairwise.jsonl                            with evaluate.pairwise: one per (prompt, sample, judge, repeat,
+      order): {prompt_id, sample_index, category, judge, repeat, order ("student_first" | "student_second"),
+       verdict ("A" | "B" | "tie" | null), student ("win" | "loss" | "tie" | null), ok, error, cached,
+       cache_key, raw, identical (the answer is the reference: a tie without a call)}; metrics.json then holds
+       `pairwise`: {opponent, rule, m, bootstrap, per_judge: {judge: {pairs, wins, losses, ties,
+       position_flips, identical, first_slot_both, second_slot_both, failures, prompts, win_rate,
+       win_rate_ci95}}}
+  cycle_NN/pairwise.png                              win / tie / loss shares and the win rate per judge
 
 05_synthesize
   cycle_NN/synthetic.jsonl                           COVERAGE_ROW (source "synthetic", category of the seed) +
@@ -122,6 +133,7 @@ LEDGER_INFERENCE = (
     "03_batch_inference"  # 03 through a service provider (an OpenAI-compatible student endpoint)
 )
 LEDGER_JUDGING = "04_evaluate"  # 04: the cycle's answers judged M times
+LEDGER_PAIRWISE = "04_pairwise"  # 04: the cycle's answers compared with the reference, both orders
 LEDGER_BASELINES = "baselines"  # 04, once per run: Table 1's reference rows (service answers, base student)
 LEDGER_TEACHER_STUDY = "teacher_study"  # 05: candidate teachers answer and are rewarded (CAR)
 LEDGER_SYNTHESIS = "05_synthesize"  # 05: the chosen teacher writes the cycle's pairs
@@ -129,7 +141,7 @@ LEDGER_PARITY = "06_deploy"  # 06: the served model's answers judged against the
 LEDGER_TEACHER_VALIDATION = "teacher_validation"  # `llamaduo validate-teachers`: each trial student judged
 # the ledger stages each paid notebook pays under (the runner forecasts a notebook before it runs)
 NOTEBOOK_LEDGER_STAGES = {
-    "04_evaluate": (LEDGER_JUDGING, LEDGER_BASELINES),
+    "04_evaluate": (LEDGER_JUDGING, LEDGER_PAIRWISE, LEDGER_BASELINES),
     "05_synthesize": (LEDGER_TEACHER_STUDY, LEDGER_SYNTHESIS),
     "06_deploy": (LEDGER_PARITY,),
 }

@@ -1,5 +1,6 @@
 """The run's summary (`summary.md`, `summary.json`): per-cycle statistics with intervals, the decision and
-its reason, the latest Table 1 with P-Match, Fig. 2 over cycles, and where the time went.
+its reason, the latest Table 1 with P-Match, Fig. 2 over cycles, pairwise win rates (with
+`evaluate.pairwise`), the token statistics per split (summary.md), and where the time went.
 
 `runner.run()` calls `write_summary` at the end of a run; 06 and the docs show `table1_markdown`.
 """
@@ -11,7 +12,9 @@ from typing import Any
 
 from .callcache import is_retried_attempt, read_ledger
 from .config import RunConfig
-from .evaluate import METRIC_JUDGES
+from .coverage import run_token_statistics
+from .dataquality import token_table
+from .evaluate import METRIC_JUDGES, pairwise_line
 from .evaluate.plots import plot_cycles, reference_lines
 from .evaluate.stats import decision_rule_text
 from .finetune import rank_text
@@ -214,6 +217,30 @@ def story_lines(layout: RunLayout) -> list[str]:
     return lines
 
 
+def pairwise_lines(cfg: RunConfig, layout: RunLayout) -> list[str]:
+    """Per cycle with `evaluate.pairwise`: each judge's win rate of the student against the reference; an
+    embedded (135M) judge is said to mean little."""
+    lines = [f"- cycle {c}: {pairwise_line(m)}." for c, m, _ in evaluated_cycles(layout) if m.get("pairwise")]
+    tiny = [j for j in cfg.evaluate.judges if cfg.provider(j).kind == "embedded"]
+    if lines and tiny:
+        lines.append(f"- {', '.join(tiny)}: the embedded 135M model; its verdicts mean little.")
+    return lines
+
+
+def token_lines(cfg: RunConfig, layout: RunLayout) -> list[str]:
+    """The appendix's token statistics of every split on disk (train, test, each cycle's synthetic data)
+    under the student's tokenizer; a table that cannot be computed says why instead of costing the summary."""
+    try:
+        stats = run_token_statistics(cfg, layout)
+    except Exception as exc:  # the tokenizer or a file: never the run's summary
+        return [f"(token statistics could not be computed: {type(exc).__name__}: {exc})"]
+    if stats is None:
+        return []
+    table = token_table(stats).reset_index()
+    return [f"Tokens per row under `{stats['tokenizer']}` ({stats['counted']}; std: {stats['std']}).", "",
+            *_md(table.astype(object).where(table.notna(), "").to_dict("records"))]  # fmt: skip
+
+
 def teacher_lines(layout: RunLayout) -> list[str]:
     for cycle in reversed(layout.cycles()):
         if layout.teacher_table_csv(cycle).is_file():
@@ -314,6 +341,8 @@ def write_summary(cfg: RunConfig, layout: RunLayout, state: Any) -> str:
     for title, part in (
         ("## What changed, on the judges that decide", gain_lines(cfg, layout)),
         ("## The run, cycle by cycle", story_lines(layout)),
+        ("## Pairwise: the student against the reference (both orders)", pairwise_lines(cfg, layout)),
+        ("## Token statistics per split (paper appendix, Table 4)", token_lines(cfg, layout)),
     ):
         if part:
             lines += ["", title, "", *part]

@@ -222,6 +222,10 @@ def test_01_coverage_notebook_runs_under_papermill(tmp_path, make_params, projec
     assert {r["id"] for r in train}.isdisjoint({r["id"] for r in test})
     assert set(train[0]) >= {"id", "instruction", "response", "category"}
     assert layout.split_plot.is_file() and layout.params_file.is_file()
+    # the appendix's token statistics, under the student's tokenizer, and their plot
+    tokens = json.loads(layout.coverage_report.read_text())["token_statistics"]
+    assert tokens["tokenizer"] == "embedded:smollm2" and layout.token_plot.is_file()
+    assert [tokens["splits"][s]["pair"]["count"] for s in ("train", "test")] == [72, 24]
     executed = json.loads(out.read_text())
     assert any(
         o.get("output_type") == "display_data" for c in executed["cells"] for o in c.get("outputs", [])

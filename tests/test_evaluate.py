@@ -297,10 +297,12 @@ RESPONSES = [  # (prompt_id, sample_index, instruction, reference, candidate, ca
 
 def _tiny_run(root: Path) -> RunLayout:
     """tinyrun's folder (demo params: smollm2-service LLM judge, rougeL + exact_match, baseline smollm2-service, base student)
-    with M = 2 and this cycle's responses written as 03 would."""
+    with M = 2, pairwise comparison on, and this cycle's responses written as 03 would."""
     layout = make_tiny_run(root)
     cfg = load_config(layout.params_file)
-    ev = dataclasses.replace(cfg.evaluate, m=M, max_tokens=40, temperature=0.8, bootstrap_samples=200)
+    ev = dataclasses.replace(
+        cfg.evaluate, m=M, max_tokens=40, temperature=0.8, bootstrap_samples=200, pairwise=True
+    )
     dump_config(dataclasses.replace(cfg, evaluate=ev), layout.params_file)
     rows = [
         {
@@ -422,6 +424,14 @@ def test_notebook_judges_each_row_m_times_and_metrics_match(tmp_path):
     service = read_jsonl(layout.baseline_responses_file("smollm2-service"))
     assert [r["model_id"] for r in service] == ["service:smollm2-service"] * len(RESPONSES)
     assert read_json(layout.agreement_file(0))["krippendorff_alpha"]
+
+    # pairwise: every answer against its reference, both orders, by the LLM judge only; the block and its plot
+    pairwise = evaluate.load_pairwise(layout.pairwise_file(0))
+    assert len(pairwise) == len(RESPONSES) * 2 and {p["judge"] for p in pairwise} == {"smollm2-service"}
+    entry = metrics["pairwise"]["per_judge"]["smollm2-service"]
+    assert entry["pairs"] + entry["failures"] == len(RESPONSES)
+    assert entry["wins"] + entry["ties"] + entry["losses"] == entry["pairs"]
+    assert layout.pairwise_plot(0).stat().st_size > 0
 
     # computed once per run: a later cycle reuses the reference rows without a pool or the student
     again = evaluate.reference_rows(cfg, layout, log=lambda msg: None)

@@ -2,7 +2,8 @@
 
 `sources` reads the records of a file or a Hugging Face dataset (and owns the rule for datasets with several
 splits), `rows` turns one record into one row (the shapes people have, and the one template that joins a
-passage to its prompt), `stage` imports, curates, splits, reports and displays. Notebooks and tests use the
+passage to its prompt), `stage` imports, curates, splits, reports and displays, `tokens` adds the token
+statistics per split (train, test, each cycle's synthetic data) under the student's tokenizer. Notebooks and tests use the
 names re-exported here.
 """
 
@@ -47,8 +48,24 @@ from .stage import (
     split_table,
     write_coverage,
 )
+from .tokens import (
+    TOKEN_KEY,
+    plot_token_lengths,
+    run_splits,
+    run_token_statistics,
+    split_token_statistics,
+    synthetic_split,
+    write_token_statistics,
+)
 
 __all__ = [
+    "write_token_statistics",
+    "synthetic_split",
+    "split_token_statistics",
+    "run_token_statistics",
+    "run_splits",
+    "plot_token_lengths",
+    "TOKEN_KEY",
     "ARRAY_KEYS",
     "ID_KEYS",
     "PROMPT_TEMPLATE",

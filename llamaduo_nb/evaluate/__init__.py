@@ -5,13 +5,16 @@ The notebook imports this one name (`from llamaduo_nb import evaluate`); the wor
 * `judging`       the one answer-and-judge path (`answer_with_provider`, `judge_rows`), the judge prompt,
                   reading a judgment (`JudgmentReader`: scores + optional rationale, the judge requests'
                   reader); used by 04, the baselines and 06
+* `pairwise`      pairwise comparison beside the grading (`evaluate.pairwise`): the student's answer against
+                  the reference in both orders, one verdict reader (`read_verdict`), win rate with intervals
 * `metric_judges` reference-metric judges (ROUGE-L, chrF, exact match): offline, free, M = 1
 * `stats`         pure statistics: V, C@zeta, cluster-bootstrap intervals, the eq. 9 decision
 * `agreement`     how much the M repeats and the judges agree (Spearman, Kendall, Krippendorff's alpha)
 * `tables`        paper Table 1 with P-Match, decision / failure / category tables
 * `plots`         paper Fig. 2 (over cycles) and Fig. 3 (precision vs similarity per model), histograms
-* `stage`         04's file work: judge the cycle, reference rows once per run, metrics.json, Table 1; the
-                  calls 04 will make (`planned_judging_calls`, `planned_baseline_calls`: the forecast prices them)
+* `stage`         04's file work: judge the cycle, compare pairwise, reference rows once per run, metrics.json,
+                  Table 1; the calls 04 will make (`planned_judging_calls`, `planned_pairwise_calls`,
+                  `planned_baseline_calls`: the forecast prices them)
 
 See `judging`'s docstring for how 06 calls the shared path.
 """
@@ -52,6 +55,26 @@ from .judging import (
     scores_from_object,
 )
 from .metric_judges import METRIC_JUDGES, label_match, metric_judgments, reference_label
+from .pairwise import (
+    ORDERS,
+    PAIRWISE_PLACEHOLDERS,
+    PAIRWISE_REPLY_TOKENS,
+    VERDICT_SCHEMA,
+    judge_pairwise,
+    load_pairwise,
+    pair_outcomes,
+    pairwise_line,
+    pairwise_messages,
+    pairwise_record,
+    pairwise_requests,
+    pairwise_table,
+    pairwise_template,
+    planned_pair_calls,
+    plot_pairwise,
+    read_verdict,
+    student_outcome,
+    summarize_pairwise,
+)
 from .plots import (
     cycles_frame,
     plot_category_histograms,
@@ -64,10 +87,12 @@ from .stage import (
     base_student_responses,
     planned_baseline_calls,
     planned_judging_calls,
+    planned_pairwise_calls,
     reference_rows,
     reference_status,
     reference_todo,
     run_judges,
+    run_pairwise,
     table1_models,
     write_agreement,
     write_cycle_table1,
@@ -102,6 +127,26 @@ from .tables import (
 )
 
 __all__ = [
+    "ORDERS",
+    "PAIRWISE_PLACEHOLDERS",
+    "PAIRWISE_REPLY_TOKENS",
+    "VERDICT_SCHEMA",
+    "judge_pairwise",
+    "load_pairwise",
+    "pair_outcomes",
+    "pairwise_line",
+    "pairwise_messages",
+    "pairwise_record",
+    "pairwise_requests",
+    "pairwise_table",
+    "pairwise_template",
+    "planned_pair_calls",
+    "plot_pairwise",
+    "read_verdict",
+    "student_outcome",
+    "summarize_pairwise",
+    "planned_pairwise_calls",
+    "run_pairwise",
     "BASE_MODEL",
     "JUDGE_PLACEHOLDERS",
     "JUDGE_REPLY_TOKENS",

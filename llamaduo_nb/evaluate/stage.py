@@ -14,7 +14,8 @@ and judgments then come from the call cache where they are unchanged). `referenc
 still need computing, for `reference_rows` and for the forecast (`planned_baseline_calls`).
 
 Planned calls (what the forecast prices, built with the requests 04 sends): `planned_judging_calls` (the
-cycle's judging) and `planned_baseline_calls` (Table 1's rows still to compute).
+cycle's judging), `planned_pairwise_calls` (the cycle's pairwise comparison, with `evaluate.pairwise`) and
+`planned_baseline_calls` (Table 1's rows still to compute).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..notebook import Stage
 from ..plan import PlannedCalls
 from ..review import ambiguous_prompt_ids
 from ..runlayout import RunLayout
-from ..schemas import LEDGER_BASELINES, LEDGER_JUDGING, load_test_rows
+from ..schemas import LEDGER_BASELINES, LEDGER_JUDGING, LEDGER_PAIRWISE, load_test_rows
 from ..services import ServicePool
 from ..student import answer_prompts, resolve_engine
 from .agreement import agreement_report
@@ -45,6 +46,7 @@ from .judging import (
     planned_answer_calls,
     planned_judge_calls,
 )
+from .pairwise import judge_pairwise, planned_pair_calls, summarize_pairwise
 from .stats import compute_metrics
 from .tables import BASE_MODEL, cycle_label, table1_long, write_table1
 
@@ -63,14 +65,37 @@ def run_judges(stage: Stage, rows: Sequence[dict]) -> list[dict]:
     return judgments
 
 
-def write_metrics(stage: Stage, judgments: Sequence[dict]) -> dict:
-    """Compute this cycle's statistics and decision and write `metrics.json` (the runner reads it).
+def run_pairwise(stage: Stage, rows: Sequence[dict]) -> list[dict]:
+    """04's pairwise step (`evaluate.pairwise: true`): every LLM judge compares each answer with its reference
+    in both orders through the ServicePool (ledger stage `schemas.LEDGER_PAIRWISE`); writes pairwise.jsonl.
+    Returns [] (and writes nothing) when pairwise comparison is off."""
+    cfg = stage.cfg.evaluate
+    if not cfg.pairwise:
+        return []
+    with ServicePool(stage.cfg, stage.layout, LEDGER_PAIRWISE, stage.cycle, providers=cfg.judges) as pool:
+        records = judge_pairwise(pool, rows, cfg)
+    write_jsonl(stage.layout.pairwise_file(stage.cycle), records)
+    return records
+
+
+def write_metrics(stage: Stage, judgments: Sequence[dict], pairwise: Sequence[dict] = ()) -> dict:
+    """Compute this cycle's statistics and decision and write `metrics.json` (the runner reads it); with
+    `pairwise` records (`run_pairwise`), their per-judge win rates go in its `pairwise` block (reported,
+    never part of the decision).
 
     Test prompts marked ambiguous in the review view (`review.json`) are left out of every statistic and
     the decision; how many, and which, is recorded next to them."""
     ambiguous = ambiguous_prompt_ids(stage.layout)
     kept = [j for j in judgments if j["prompt_id"] not in ambiguous]
-    metrics = compute_metrics(kept, stage.cfg.evaluate, stage.cycle)
+    ev = stage.cfg.evaluate
+    metrics = compute_metrics(kept, ev, stage.cycle)
+    if pairwise:
+        metrics["pairwise"] = summarize_pairwise(
+            [p for p in pairwise if p["prompt_id"] not in ambiguous],
+            n_boot=ev.bootstrap_samples,
+            seed=ev.bootstrap_seed,
+            m=ev.pairwise_m,
+        )
     excluded = sorted({j["prompt_id"] for j in judgments} & ambiguous)
     metrics["ambiguous_excluded"] = {"prompts": len(excluded), "prompt_ids": excluded}
     if excluded:
@@ -220,12 +245,30 @@ def planned_judging_calls(
     answers are 03's `responses.jsonl` when it is written (the very requests `judge_rows` sends), else K per
     test prompt as long as the reference (`assumed_answers`). `stage`: the ledger stage of a judging step run
     elsewhere (validate-teachers)."""
+    rows = _cycle_answers(cfg, cycle, test_rows, layout)
+    return PlannedCalls(planned_judge_calls(stage, cycle, rows, cfg.evaluate))
+
+
+def planned_pairwise_calls(
+    cfg: RunConfig, cycle: int, test_rows: Sequence[dict], layout: RunLayout | None = None
+) -> PlannedCalls:
+    """04's pairwise step of cycle `cycle` (`run_pairwise`, ledger stage "04_pairwise"): with
+    `evaluate.pairwise`, every LLM judge compares each answer with its reference in both orders, pairwise_m
+    times; the answers as `planned_judging_calls` takes them. Empty when pairwise comparison is off."""
+    if not cfg.evaluate.pairwise:
+        return PlannedCalls()
+    rows = _cycle_answers(cfg, cycle, test_rows, layout)
+    return PlannedCalls(planned_pair_calls(LEDGER_PAIRWISE, cycle, rows, cfg.evaluate))
+
+
+def _cycle_answers(
+    cfg: RunConfig, cycle: int, test_rows: Sequence[dict], layout: RunLayout | None
+) -> list[dict]:
+    """03's answers of the cycle when written, else K per test prompt as long as the reference."""
     path = layout.responses_file(cycle) if layout is not None else None
     if path is not None and path.is_file():
-        rows = load_responses(path)
-    else:
-        rows = assumed_answers(test_rows, cfg.inference.k, cfg.inference.max_new_tokens)
-    return PlannedCalls(planned_judge_calls(stage, cycle, rows, cfg.evaluate))
+        return load_responses(path)
+    return assumed_answers(test_rows, cfg.inference.k, cfg.inference.max_new_tokens)
 
 
 def planned_baseline_calls(

@@ -1,5 +1,6 @@
 """The student's weights in memory: device, dtype and quantization decisions, the base checkpoint with its
-chat template (`load_student`), and the base with a cycle's LoRA adapter, merged or not (`load_model`).
+chat template (`load_student`; its tokenizer alone: `load_tokenizer`), and the base with a cycle's LoRA
+adapter, merged or not (`load_model`).
 
 02 trains what `load_student` returns; 03's transformers engine, 06's merge and the per-cycle GGUF cache
 build the fine-tuned model with `load_model`, so every stage sees the same weights and tokenizer.
@@ -86,13 +87,27 @@ def quiet_peft_deprecations() -> Iterator[None]:
         yield
 
 
+def load_tokenizer(student: StudentConfig) -> Any:
+    """The student base's tokenizer alone (no weights), with the chat template of `student.chat_template`:
+    what `load_student` gives 02, for counting tokens (01's token statistics). The embedded default loads
+    offline from its dequantised folder."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(student.model_id)
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, revision=student.revision, trust_remote_code=student.trust_remote_code
+    )
+    apply_chat_template_setting(tokenizer, student, str(path))
+    return tokenizer
+
+
 def load_student(student: StudentConfig, quantization: str = "none", dtype: str | None = None):
     """(model, tokenizer, model_path) for the student base; 4-bit NF4 when `quantization == '4bit'`.
 
     The tokenizer carries the chat template of `student.chat_template` when the params give one.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(student.model_id)
     if student.cpu_threads is not None:
@@ -115,10 +130,7 @@ def load_student(student: StudentConfig, quantization: str = "none", dtype: str 
         )
         # One full copy per process: under `accelerate launch` each rank holds the model on its own GPU.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, revision=student.revision, trust_remote_code=student.trust_remote_code
-    )
-    apply_chat_template_setting(tokenizer, student, str(path))
+    tokenizer = load_tokenizer(student)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return model, tokenizer, path
 
