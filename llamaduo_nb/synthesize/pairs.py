@@ -89,6 +89,7 @@ FILTERS = (
     "contaminated",
     "duplicate_in_batch",
     "duplicate_of_earlier",
+    "over_target",  # synthesize.volumes: accepted beyond the listed volume (kept out, so the volume is exact)
 )
 
 _REFUSAL = re.compile(
@@ -576,6 +577,10 @@ def synthesize_cycle(
         sent += n
         rounds += 1
 
+    if cfg.volumes is not None and len(result.accepted) > target:  # listed volumes are trained on exactly
+        surplus, result.accepted = result.accepted[target:], result.accepted[:target]
+        detail = f"beyond the {target} rows this cycle adds to reach synthesize.volumes"
+        result.rejected += [reject(row, "over_target", detail, None, None) for row in surplus]
     result.report = build_report(result, cycle, target, rounds, generator, cfg)
     return result
 
