@@ -13,8 +13,8 @@ and writes, into one folder (`RunLayout` paths):
 * `volumes_table.md/.csv` — a Table-1 cell (`mean / C@50 / C@70 [interval of the mean]`) per line × volume
   and judge, with ε's verdict and the cycle `deploy.select` picks.
 * `table1_study.md/.csv` — one Table 1 (evaluate.tables: intervals, P-Match) across the lines: each line's
-  student before fine-tuning and at its selected cycle, and the service baselines. Rows whose judgments are
-  the same file content (a study's shared cycle 0 and base student) appear once.
+  student before fine-tuning and at its selected cycle, and the service baselines (a study's arms share the
+  base student and cycle 0: those rows appear once).
 * `study.json` — what was combined: the runs, their selected cycles, the test split's SHA-256, the judges.
 
 Lines are combined only when they were judged alike: the same test split (SHA-256 of test.jsonl), the same
@@ -23,7 +23,6 @@ judges and the same zetas; otherwise `StudyError` says which run differs and how
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,39 +328,32 @@ def volumes_table(lines: Sequence[Line]) -> pd.DataFrame:
 
 
 def study_models(lines: Sequence[Line], *, shared_prefix: bool) -> dict[str, tuple[str, list]]:
-    """Table 1's rows across the lines: each line's student before fine-tuning and at its selected cycle, then
-    the service baselines. A row whose judgments file holds the same bytes as one already taken (a study's
-    shared base student and cycle 0) is not repeated; `shared_prefix` False names such shared rows without
-    a line (a study), True always with the line (compare)."""
+    """Table 1's rows across the lines: the students before fine-tuning, each line at its selected cycle, then
+    the service baselines (each once, from the first line that has it). `shared_prefix` True (compare): every
+    line brings its own base-student row, all rows named by their line. False (a study): the arms share the
+    base student and cycle 0, shown once, unnamed; an arm whose selected cycle is 0 adds no row of its own."""
     models: dict[str, tuple[str, list]] = {}
-    seen: set[str] = set()
 
     def add(label: str, kind: str, path: Path) -> None:
-        if not path.is_file():
-            return
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if digest in seen:
-            return
-        seen.add(digest)
-        models[label] = (kind, load_judgments(path))
+        if path.is_file() and label not in models:
+            models[label] = (kind, load_judgments(path))
 
+    if not shared_prefix:
+        add(BASE_MODEL, "base", lines[0].layout.baseline_judgments_file("base_student"))
+        add("cycle 0 (coverage data only)", "local", lines[0].layout.judgments_file(0))
     for line in lines:
         prefix = f"{line.label}: "
-        add(
-            f"{prefix if shared_prefix else ''}{BASE_MODEL}",
-            "base",
-            line.layout.baseline_judgments_file("base_student"),
-        )
+        if shared_prefix:
+            add(f"{prefix}{BASE_MODEL}", "base", line.layout.baseline_judgments_file("base_student"))
         choice = line.selected
-        if not shared_prefix:  # a study: the shared cycle 0, the reference of every arm's synthetic data
-            add("cycle 0 (coverage data only)", "local", line.layout.judgments_file(0))
+        if not shared_prefix and choice.cycle == 0:
+            continue
         volume = _synthetic_rows(line.layout, choice.cycle)
         what = f"cycle {choice.cycle}" + (f", {volume} synthetic rows" if volume else "")
         add(f"{prefix}{what}", "local", line.layout.judgments_file(choice.cycle))
     for line in lines:
         for model in line.cfg.evaluate.baselines:
-            if model not in models:
-                add(model, "service", line.layout.baseline_judgments_file(model))
+            add(model, "service", line.layout.baseline_judgments_file(model))
     return models
 
 

@@ -315,3 +315,33 @@ def test_a_tiny_sweep_of_two_generators_then_compare_with_another_student(tmp_pa
     report = read_json(compared.study_file)
     assert [line["student"] for line in report["lines"]] == ["embedded:smollm2", str(student)]
     assert "P-Match" in compared.study_table1_md.read_text() and compared.volumes_plot.is_file()
+
+
+def test_a_listed_volume_is_trained_on_exactly(tmp_path):
+    """05 keeps what the next volume adds and sets the surplus of its last round aside as `over_target`."""
+    from tinyrun import make_tiny_run
+
+    from llamaduo_nb import forecast
+    from llamaduo_nb.config import RunConfig, build
+    from llamaduo_nb.schemas import LEDGER_SYNTHESIS
+    from llamaduo_nb.services import ServicePool
+    from llamaduo_nb.testing import Behaviour, TestLLMServer
+
+    layout = make_tiny_run(tmp_path / "run")
+    data = yaml.safe_load(layout.params_file.read_text())
+    with TestLLMServer(Behaviour()) as server:
+        gen = {"name": "gen", "kind": "openai_compatible", "base_url": server.base_url, "model": "fake-gen",
+               "free": True}  # fmt: skip
+        data.update(providers=[*data["providers"], gen], teacher_study={"candidates": []})
+        data["synthesize"].update(
+            generator="gen", volumes=[1, 3], pairs_per_request=3, max_requests_per_cycle=4
+        )
+        data["loop"] = {"max_cycles": 3}
+        cfg = build(RunConfig, data, source="tests")
+        forecast.forecast_stage(cfg, "05_synthesize", 0, layout)
+        with ServicePool(cfg, layout, LEDGER_SYNTHESIS, 0, providers=["gen"]) as pool:
+            result = synthesize.synthesize_cycle(cfg, layout, 0, pool)
+    over = [r for r in result.rejected if r["reason"] == "over_target"]
+    assert len(result.accepted) == 1 and result.report["accepted"] == 1 and result.report["target"] == 1
+    assert len(over) == result.report["rejected"]["over_target"] >= 1  # the fake wrote more than one pair
+    assert "synthesize.volumes" in over[0]["detail"]
