@@ -98,10 +98,14 @@ def study_lines(cfg: RunConfig, layout: RunLayout) -> list[Line]:
 
 
 def run_lines(run_dirs: Sequence[str | Path]) -> list[Line]:
-    """`llamaduo compare`'s lines: each folder must be a finished run (params.yaml, state.json "finished")."""
+    """`llamaduo compare`'s lines: each folder must be a finished run (params.yaml, state.json "finished"); a
+    study's folder stands for its arms (one line per generator, named `<study>/<generator>`)."""
     lines = []
     for run_dir in run_dirs:
         layout = RunLayout(Path(run_dir))
+        if layout.arms():
+            lines += run_lines([layout.arm_dir(arm) for arm in layout.arms()])
+            continue
         if not layout.params_file.is_file():
             raise StudyError(f"{layout.root}: no params.yaml; name a run folder, e.g. outputs/demo")
         state = read_json(layout.state_file) if layout.state_file.is_file() else {}
@@ -110,11 +114,16 @@ def run_lines(run_dirs: Sequence[str | Path]) -> list[Line]:
                 f"{layout.root}: the run is not finished (status {state.get('status', 'unknown')}); compare reads "
                 "finished runs (`llamaduo run <params> --resume` finishes it)"
             )
-        lines.append(Line(layout.root.name, layout, load_config(layout.params_file)))
-    labels = [line.label for line in lines]
-    if len(set(labels)) < len(labels):  # e.g. the same arm name in two studies: add the parent folder
-        lines = [Line(f"{ln.layout.root.parent.name}/{ln.label}", ln.layout, ln.cfg) for ln in lines]
+        lines.append(Line(_run_label(layout), layout, load_config(layout.params_file)))
     return lines
+
+
+def _run_label(layout: RunLayout) -> str:
+    """A run's name in tables and legends: its folder, `<study>/<generator>` for an arm of a study."""
+    state = read_json(layout.state_file) if layout.state_file.is_file() else {}
+    if state.get("shared_from"):
+        return f"{Path(state['shared_from']).name}/{layout.root.name}"
+    return layout.root.name
 
 
 def check_comparable(lines: Sequence[Line]) -> dict[str, Any]:
@@ -330,12 +339,19 @@ def volumes_table(lines: Sequence[Line]) -> pd.DataFrame:
 def study_models(lines: Sequence[Line], *, shared_prefix: bool) -> dict[str, tuple[str, list]]:
     """Table 1's rows across the lines: the students before fine-tuning, each line at its selected cycle, then
     the service baselines (each once, from the first line that has it). `shared_prefix` True (compare): every
-    line brings its own base-student row, all rows named by their line. False (a study): the arms share the
-    base student and cycle 0, shown once, unnamed; an arm whose selected cycle is 0 adds no row of its own."""
+    line brings its own base-student row, all rows named by their line; a judgments file already taken through
+    a hard link (the arms of one study share their base student and cycle 0) is not repeated. False (a study):
+    the shared base student and cycle 0 once, unnamed; an arm whose selected cycle is 0 adds no row of its
+    own."""
     models: dict[str, tuple[str, list]] = {}
+    files: set[tuple[int, int]] = set()  # a file linked into several arms is one model's judgments: once
 
     def add(label: str, kind: str, path: Path) -> None:
-        if path.is_file() and label not in models:
+        if not path.is_file() or label in models:
+            return
+        identity = (path.stat().st_dev, path.stat().st_ino)
+        if identity not in files:
+            files.add(identity)
             models[label] = (kind, load_judgments(path))
 
     if not shared_prefix:

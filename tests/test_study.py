@@ -126,6 +126,11 @@ def test_a_study_shares_01_and_cycle_0_and_runs_each_arm_as_a_run(make_params, s
         assert load_config(arm_layout.params_file).synthesize.generator == arm
         assert "linked from the study" in runner.status_table(arm_layout)
     assert "arms     smollm2-alt, smollm2-service" in runner.status_table(layout)
+    # `llamaduo compare` given a study's folder compares its arms
+    assert [line.label for line in study.run_lines([layout.root])] == [
+        "demo/smollm2-alt",
+        "demo/smollm2-service",
+    ]
     # resuming a finished study runs nothing again
     runner.run(params, resume=True, notebooks_dir=stand_ins, log=lambda m: None)
     assert len(_executed(layout.root)) == 4 and len(_executed(layout.arm_dir("smollm2-alt"))) == 4
@@ -308,13 +313,24 @@ def test_a_tiny_sweep_of_two_generators_then_compare_with_another_student(tmp_pa
     compared = RunLayout(out)
     long = pd.read_csv(compared.study_table1_csv)
     models = long.drop_duplicates("model").set_index("model")["kind"].to_dict()
-    assert models["gen-a: base student"] == "base" and models["other-student: base student"] == "base"
+    assert (
+        models["sweep-tiny/gen-a: base student"] == "base" and models["other-student: base student"] == "base"
+    )
     assert models["other-student: cycle 0"] == "local" and models["service"] == "service"
-    assert [m for m, k in models.items() if k == "local" and m.startswith("gen-a: cycle")]
+    assert [m for m, k in models.items() if k == "local" and m.startswith("sweep-tiny/gen-a: cycle")]
     assert set(long["judge"]) == {"judge", "rougeL"}
     report = read_json(compared.study_file)
     assert [line["student"] for line in report["lines"]] == ["embedded:smollm2", str(student)]
     assert "P-Match" in compared.study_table1_md.read_text() and compared.volumes_plot.is_file()
+    # the study's folder stands for its arms; their shared base student (one file, hard-linked) is one row
+    study.compare([root.root, tmp_path / "outputs" / "other-student"], tmp_path / "compare-study")
+    long = pd.read_csv(RunLayout(tmp_path / "compare-study").study_table1_csv).drop_duplicates("model")
+    assert [m for m in long.model if "base student" in m] == ["sweep-tiny/gen-a: base student",
+                                                             "other-student: base student"]  # fmt: skip
+    assert (
+        len([m for m in long.model if m.startswith(("sweep-tiny/gen-a: cycle", "sweep-tiny/gen-b: cycle"))])
+        == 2
+    )
 
 
 def test_a_listed_volume_is_trained_on_exactly(tmp_path):
