@@ -115,6 +115,9 @@ def run_lines(run_dirs: Sequence[str | Path]) -> list[Line]:
                 "finished runs (`llamaduo run <params> --resume` finishes it)"
             )
         lines.append(Line(_run_label(layout), layout, load_config(layout.params_file)))
+    labels = [line.label for line in lines]
+    if len(set(labels)) < len(labels):  # two folders of one name: name each by its full path
+        lines = [Line(str(ln.layout.root), ln.layout, ln.cfg) for ln in lines]
     return lines
 
 
@@ -382,7 +385,10 @@ def combine(lines: Sequence[Line], out: RunLayout, *, shared_prefix: bool) -> li
     facts = check_comparable(lines)
     ev = lines[0].cfg.evaluate
     for line in lines:
-        line.selected  # noqa: B018 -- a line without an evaluated cycle and adapter cannot be combined
+        try:
+            line.selected  # noqa: B018 -- a line without an evaluated cycle and adapter cannot be combined
+        except DeployError as exc:
+            raise StudyError(f"{line.label}: {exc}") from None
     out.root.mkdir(parents=True, exist_ok=True)
     long = table1_long(study_models(lines, shared_prefix=shared_prefix), ev)
     write_table1(long, ev.zetas, out.study_table1_csv, out.study_table1_md)

@@ -159,6 +159,8 @@ def test_compare_refuses_runs_judged_on_other_prompts_or_by_other_judges(make_pa
     c = _finished_run(make_params, tmp_path, "c", rows, {"evaluate": {"metric_judges": ["rougeL"]}})
     with pytest.raises(study.StudyError, match=r"differ in their judges"):
         study.compare([a.root, c.root], tmp_path / "cmp")
+    with pytest.raises(study.StudyError, match="has both an adapter"):  # comparable, but nothing evaluated
+        study.compare([a.root, a.root], tmp_path / "cmp")
     write_json(c.state_file, {"status": "failed"})
     with pytest.raises(study.StudyError, match="not finished"):
         study.compare([a.root, c.root], tmp_path / "cmp")
