@@ -1,4 +1,4 @@
-"""`llamaduo run | forecast | status | prepare | dedup` — the command line (also `python -m llamaduo_nb`)."""
+"""`llamaduo run | forecast | status | compare | prepare | dedup` — the command line (also `python -m llamaduo_nb`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from . import forecast, runner
+from . import forecast, runner, study
 from .callcache import unanswered_failures
 from .config import ConfigError, load_config
 from .dataquality import add_dedup_subparser
@@ -155,6 +155,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    print(study.compare(args.run_dirs, args.out))
+    print(f"llamaduo: written to {args.out}/ (summary.md, table1_study.md/.csv, fig2_volumes.png/.csv)")
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
 
     print(f"embedded GGUF: {embedded_gguf_path()}")
@@ -239,6 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_dir", help="the run folder, e.g. outputs/demo")
     status.add_argument("--json", action="store_true", help="print state.json (as the runner sees it)")
     status.set_defaults(func=cmd_status)
+    cmp = sub.add_parser(
+        "compare",
+        help="one Table 1 and one Fig. 2 over synthetic volume across finished runs (e.g. two students); refuses "
+        "runs judged on another test split or by other judges",
+    )
+    cmp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run folders, e.g. outputs/demo")
+    cmp.add_argument(
+        "--out", default="outputs/compare", help="folder for the tables and figures (default %(default)s)"
+    )
+    cmp.set_defaults(func=cmd_compare)
     validate = sub.add_parser(
         "validate-teachers",
         help="check the teacher study's ranking by a short LoRA per candidate, judged like 04 (a proxy laid out "

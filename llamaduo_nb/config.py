@@ -455,12 +455,22 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class SynthesizeConfig:
-    generator: str  # provider name
+    """Who writes the synthetic pairs and how many. One `generator`, or several `generators`: each one is an
+    arm of the study (`runner`): the arms share 01, cycle 0 and the judges, then each runs its own cycles
+    1..n with its own synthetic data (Fig. 2 draws one line per generator)."""
+
+    generator: str | None = None  # provider name (or list several under `generators`)
+    generators: list[str] | None = None  # several provider names: one arm per generator, in this order
     pairs_per_request: int = 5
     target_per_cycle: int = 64  # accepted rows wanted per cycle (before growth)
     # double: cycle t adds 2^t k rows (cumulative k, 3k, 7k, ...); double_total: the cumulative synthetic
     # volume doubles (k, 2k, 4k, ...: the paper's 1K ... 256K); constant: k rows each cycle
     growth: Literal["constant", "double", "double_total"] = "double"
+    # The synthetic rows in training at cycles 1, 2, ..., n, listed (cumulative, increasing), e.g. the paper's
+    # [1000, 2000, 4000, ..., 256000]; cycle 0 trains on the coverage train split only. When given, it replaces
+    # target_per_cycle and growth (05 of cycle t asks for volumes[t] - volumes[t-1] rows) and
+    # loop.max_cycles must be len(volumes) + 1.
+    volumes: list[int] | None = None
     max_requests_per_cycle: int = 64
     temperature: float = 1.0
     max_tokens: int = 1024
@@ -470,9 +480,41 @@ class SynthesizeConfig:
     top_p: float | None = None  # nucleus sampling of the generator (None: the provider's default)
     best_of_n: int = 1  # N > 1: N responses per synthetic instruction, the highest-reward one is kept
 
-    EXAMPLE = "generator: gpt4o\npairs_per_request: 5\ntarget_per_cycle: 1000\ngrowth: double"
+    EXAMPLE = (
+        "generator: gpt4o\npairs_per_request: 5\ntarget_per_cycle: 1000\ngrowth: double\n"
+        "# or, a study of several generators over listed volumes:\n"
+        "generators: [gpt4o, claude, gemini]\nvolumes: [1000, 2000, 4000]"
+    )
+
+    @property
+    def generator_names(self) -> list[str]:
+        """Every generator of the run: [generator], or the `generators` list (one arm each when > 1)."""
+        return list(self.generators) if self.generators is not None else [self.generator]
 
     def validate(self) -> None:
+        _check(
+            (self.generator is None) != (self.generators is None),
+            "generator",
+            "name one generator (generator: gpt4o) or several (generators: [gpt4o, claude]), not both",
+        )
+        if self.generators is not None:
+            _check(
+                len(self.generators) >= 1, "generators", "list at least one provider, e.g. [gpt4o, claude]"
+            )
+            _check(
+                len(set(self.generators)) == len(self.generators),
+                "generators",
+                f"each generator once, got {self.generators}",
+            )
+        if self.volumes is not None:
+            _check(len(self.volumes) >= 1, "volumes", "list at least one volume, e.g. [1000, 2000, 4000]")
+            _check(
+                all(v >= 1 for v in self.volumes)
+                and all(b > a for a, b in zip(self.volumes, self.volumes[1:], strict=False)),
+                "volumes",
+                f"cumulative synthetic rows must be >= 1 and increasing (each cycle trains on all the data "
+                f"before it), got {self.volumes}",
+            )
         _check(self.pairs_per_request >= 1, "pairs_per_request", "must be >= 1")
         _check(self.target_per_cycle >= 1, "target_per_cycle", "must be >= 1")
         _check(self.max_requests_per_cycle >= 1, "max_requests_per_cycle", "must be >= 1")
@@ -580,12 +622,23 @@ class TeacherStudyConfig:
 
 @dataclass(frozen=True)
 class LoopConfig:
-    max_cycles: int = 3  # stop after this many fine-tune/evaluate cycles even if epsilon is not met
+    """`mode: epsilon` (default) is the paper's loop: stop at the first cycle whose decision meets epsilon
+    (eq. 9), or after `max_cycles`. `mode: sweep` is the paper's experiments: train and evaluate every cycle
+    (every volume of `synthesize.volumes`) whatever epsilon says; each cycle's verdict is still recorded in
+    its metrics.json, and 06 ships the cycle `deploy.select` picks."""
 
-    EXAMPLE = "max_cycles: 5"
+    max_cycles: int = 3  # stop after this many fine-tune/evaluate cycles even if epsilon is not met
+    mode: Literal["epsilon", "sweep"] = "epsilon"
+
+    EXAMPLE = "max_cycles: 5\n# or the paper's sweep, every volume trained and evaluated:\nmode: sweep\nmax_cycles: 10"
 
     def validate(self) -> None:
         _check(self.max_cycles >= 1, "max_cycles", "must be >= 1")
+        _check(
+            self.mode != "sweep" or self.max_cycles >= 2,
+            "max_cycles",
+            "a sweep needs at least two cycles (cycle 0 on the coverage data, then one per synthetic volume)",
+        )
 
 
 @dataclass(frozen=True)
@@ -749,11 +802,30 @@ class RunConfig:
             _check(
                 baseline in names, "evaluate.baselines", f"'{baseline}' is not a declared provider {names}"
             )
-        _check(
-            self.synthesize.generator in names,
-            "synthesize.generator",
-            f"'{self.synthesize.generator}' is not a declared provider {names}",
-        )
+        sy = self.synthesize
+        key = "synthesize.generator" if sy.generators is None else "synthesize.generators"
+        for generator in sy.generator_names:
+            _check(generator in names, key, f"'{generator}' is not a declared provider {names}")
+        if sy.volumes is not None:
+            _check(
+                self.loop.max_cycles == len(sy.volumes) + 1,
+                "loop.max_cycles",
+                f"{self.loop.max_cycles}, but synthesize.volumes lists {len(sy.volumes)} volumes: cycle 0 trains on "
+                f"the coverage data, then one cycle per volume; set max_cycles: {len(sy.volumes) + 1}",
+            )
+        if len(sy.generator_names) > 1:
+            _check(
+                not self.teacher_study.enabled,
+                "teacher_study.candidates",
+                "the teacher study chooses one generator per cycle, while synthesize.generators fixes one per "
+                "arm; leave teacher_study.candidates empty, or name one generator",
+            )
+            _check(
+                not self.deploy.enabled or self.deploy.select == "best",
+                "deploy.select",
+                f"'{self.deploy.select}' orders the cycles of one run; with several generators every arm ships "
+                "its best cycle: set deploy.select: best (or deploy.enabled: false)",
+            )
         paid = [(i, p) for i, p in enumerate(self.providers) if not p.is_free]
         if paid:
             try:
@@ -776,6 +848,27 @@ class RunConfig:
                 "teacher_study.reward.judge",
                 f"'{reward.judge}' is not a declared provider {names}",
             )
+
+    @property
+    def arms(self) -> list[str]:
+        """The study's arms: one per generator when `synthesize.generators` lists several, else none."""
+        names = self.synthesize.generator_names
+        return names if len(names) > 1 else []
+
+    def arm(self, generator: str, outputs_dir: str) -> RunConfig:
+        """The run of one arm: this configuration with `generator` as its only generator, named after it,
+        under `outputs_dir` (the study's arms folder), on the study's shared call cache."""
+        if generator not in self.arms:
+            raise ConfigError(f"'{generator}' is not an arm of this study; arms: {self.arms}")
+        cache = self.cache
+        if cache.path is None:  # the default is under outputs_dir: keep the study's, not the arms folder's
+            cache = dataclasses.replace(
+                cache, path=str(Path(self.outputs_dir) / ".callcache" / "calls.sqlite")
+            )
+        synthesize = dataclasses.replace(self.synthesize, generator=generator, generators=None)
+        return dataclasses.replace(
+            self, run_name=generator, outputs_dir=outputs_dir, synthesize=synthesize, cache=cache
+        )
 
     def provider(self, name: str) -> ProviderConfig:
         for p in self.providers:

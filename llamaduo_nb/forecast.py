@@ -40,7 +40,8 @@ table (params/prices.yaml):
   (`synthesize.expected_requests`); with best-of-N each pair adds N - 1 answers and N x M rewards.
 * A provider with `batch: true` is priced at its batch discount in `usd` and `worst_usd` (that is what it
   pays); `batch_usd` is always the batch price, to show what switching a provider to batch would save.
-* Every cycle is counted (the loop may stop earlier when epsilon is met; 05 never runs on the last cycle).
+* Every cycle is counted (the loop may stop earlier when epsilon is met; 05 never runs on the last cycle; a
+  sweep runs them all). A study of several generators is counted arm by arm (`forecast_run`'s `arm` column).
 * Reasoning models think on top of this; their thinking is not forecast (the worst case includes the
   allowance). Cache hits are free and not subtracted: this is the cost of a run from an empty cache.
 
@@ -251,24 +252,58 @@ def forecast_run(
     cfg: RunConfig, layout: RunLayout | None = None, assume: Assumptions = Assumptions()
 ) -> pd.DataFrame:
     """One line per (stage, cycle, provider) over all `loop.max_cycles` cycles and 06; `.attrs["data"]` says
-    where the rows came from."""
+    where the rows came from. A study of several generators (`cfg.arms`) is priced arm by arm: an `arm`
+    column says "shared" for cycle 0's 04 (run once, in the study's folder) and the generator for the rest
+    (05 from cycle 0 on, 04 from cycle 1 on, 06), each arm's plan built on its own run folder."""
 
     prices = load_prices(cfg.prices_file)
     train, test, origin = _rows(cfg, layout, assume)
+    if cfg.arms:
+        plan = _plan(cfg, "04_evaluate", 0, train, test, layout, assume)
+        parts = [("shared", cfg, _check("04_evaluate", _chosen(cfg, prices, plan)))]
+        study = layout or RunLayout.for_run(cfg.outputs_dir, cfg.run_name)
+        for arm in cfg.arms:
+            arm_cfg = cfg.arm(arm, str(study.arms_dir))
+            arm_layout = RunLayout(study.arm_dir(arm)) if layout is not None else None
+            calls = _cycle_calls(arm_cfg, prices, train, test, arm_layout, assume, first_judged=1)
+            parts.append((arm, arm_cfg, calls))
+        frames = []
+        for arm, part_cfg, calls in parts:
+            frame = _frame(_price(part_cfg, prices, calls))
+            frame.insert(0, "arm", arm)
+            frames.append(frame)
+        import pandas as pd
+
+        table = pd.concat(frames, ignore_index=True)
+    else:
+        table = _frame(_price(cfg, prices, _cycle_calls(cfg, prices, train, test, layout, assume)))
+    table.attrs["data"] = origin
+    return table
+
+
+def _cycle_calls(
+    cfg: RunConfig,
+    prices: PriceTable,
+    train: Sequence[dict],
+    test: Sequence[dict],
+    layout: RunLayout | None,
+    assume: Assumptions,
+    first_judged: int = 0,
+) -> list[PlannedCall]:
+    """Every cycle's 04 (from `first_judged` on) and 05, then 06: one run's (or one arm's) paid notebooks."""
     calls: list[PlannedCall] = []
     for cycle in range(cfg.loop.max_cycles):
-        # Table 1's reference rows are computed once per run: by cycle 0's 04
-        plan = _plan(cfg, "04_evaluate", cycle, train, test, layout, assume, baselines=cycle == 0)
-        calls += _check("04_evaluate", _chosen(cfg, prices, plan))
+        if cycle >= first_judged:
+            # Table 1's reference rows are computed once per run: by cycle 0's 04
+            plan = _plan(cfg, "04_evaluate", cycle, train, test, layout, assume, baselines=cycle == 0)
+            calls += _check("04_evaluate", _chosen(cfg, prices, plan))
         if cycle + 1 < cfg.loop.max_cycles:  # 05 never runs on the last cycle
             plan = _plan(cfg, "05_synthesize", cycle, train, test, layout, assume)
             calls += _check("05_synthesize", _chosen(cfg, prices, plan))
     calls += _check(
         "06_deploy", _chosen(cfg, prices, _plan(cfg, "06_deploy", None, train, test, layout, assume))
     )
-    table = _frame(_price(cfg, prices, calls))
-    table.attrs["data"] = origin
-    return table
+    return calls
 
 
 def _frame(lines: list[dict]) -> pd.DataFrame:
@@ -436,13 +471,16 @@ def markdown(table: pd.DataFrame) -> str:
     """The forecast as a Markdown table (README, CLI)."""
     import pandas as pd
 
+    arm = "arm" in table.columns  # a study of several generators: which arm pays the line
     lines = [
-        "| stage | cycle | provider | model | calls | input tokens | output tokens | USD | USD (batch) |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        ("| arm " if arm else "")
+        + "| stage | cycle | provider | model | calls | input tokens | output tokens | USD | USD (batch) |",
+        ("|---" if arm else "") + "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in table.to_dict("records"):
         lines.append(
-            f"| {r['stage']} | {'' if pd.isna(r.get('cycle')) else r['cycle']} | {r.get('provider', '')} | {r.get('model', '')} | "
+            (f"| {r['arm']} " if arm else "")
+            + f"| {r['stage']} | {'' if pd.isna(r.get('cycle')) else r['cycle']} | {r.get('provider', '')} | {r.get('model', '')} | "
             f"{int(r['calls']):,} | {int(r['input_tokens']):,} | {int(r['output_tokens']):,} | "
             f"{r['usd']:,.2f} | {r['batch_usd']:,.2f} |"
         )

@@ -13,6 +13,13 @@
       deploy/                06: merged/, gguf/, Modelfile, parity.json, economics.json, notebook
       fig2_cycles.png        V and C@zeta per judge against cycle and training-set size (04 / summary)
       summary.md             written by the runner at the end
+      arms/<generator>/      a study of several generators (synthesize.generators): one run folder per arm,
+                             its coverage/, cycle_00/ and baselines/ linked from the study's (shared), then
+                             its own cycles 1..n, state.json, lock and calls.sqlite
+      fig2_volumes.png/.csv  a sweep or a study (study.py): score against synthetic volume, one line per
+                             generator (or per run for `llamaduo compare`), with the rows behind it
+      volumes_table.md/.csv  a Table-1 cell per generator x volume; table1_study.md/.csv: Table 1 across
+                             the arms' (or compared runs') selected cycles; study.json: what was combined
       review.json            decisions of the review view in 04 (bad references, ambiguous prompts, notes);
                              01 applies them on its next run, 04 leaves ambiguous prompts out of the decision
 
@@ -275,6 +282,48 @@ class RunLayout:
     @property
     def cycles_fig2_plot(self) -> Path:
         return self.root / "fig2_cycles.png"
+
+    # ---- a study of several generators (its arms) and the combined figures (study.py, `llamaduo compare`)
+    @property
+    def arms_dir(self) -> Path:
+        return self.root / "arms"
+
+    def arm_dir(self, name: str) -> Path:
+        """The run folder of one arm (a generator) of the study in this folder."""
+        return self.arms_dir / name
+
+    def arms(self) -> list[str]:
+        """Names of the arms that have a run folder, in name order."""
+        return sorted(p.name for p in self.arms_dir.iterdir() if p.is_dir()) if self.arms_dir.is_dir() else []
+
+    @property
+    def volumes_plot(self) -> Path:
+        """Paper Fig. 2: score against synthetic volume (log axis), one line per generator or run."""
+        return self.root / "fig2_volumes.png"
+
+    @property
+    def volumes_csv(self) -> Path:
+        return self.root / "fig2_volumes.csv"
+
+    @property
+    def volumes_table_md(self) -> Path:
+        return self.root / "volumes_table.md"
+
+    @property
+    def volumes_table_csv(self) -> Path:
+        return self.root / "volumes_table.csv"
+
+    @property
+    def study_table1_md(self) -> Path:
+        return self.root / "table1_study.md"
+
+    @property
+    def study_table1_csv(self) -> Path:
+        return self.root / "table1_study.csv"
+
+    @property
+    def study_file(self) -> Path:
+        return self.root / "study.json"
 
     # ---- 06 deploy
     @property

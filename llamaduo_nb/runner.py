@@ -1,5 +1,11 @@
 """The Papermill cycle loop: 01 once; per cycle 02 -> 03 -> 04 -> (05 if below epsilon); 06 at the end.
 
+`loop.mode: sweep` runs every cycle whatever epsilon says (each verdict stays recorded). A study of several
+generators (`synthesize.generators`) runs 01 and cycle 0's 02 -> 03 -> 04 once in the study folder, then each
+generator as an arm: a run folder under `arms/<generator>/` whose 01, cycle 0 and Table 1's reference rows are
+linked from the study's (never recomputed), going on from cycle 0's 05 with its own state, lock, forecasts and
+call ledger; at the end `study.write_study` draws Fig. 2 with one line per generator into the study folder.
+
 Run state lives in `<run>/state.json` (written atomically before and after every notebook), so `--resume`
 restarts at the first notebook that did not finish. A failing notebook stops the run with the notebook's
 path and the failing cell's error. Ctrl-C, SIGTERM/SIGHUP and a dead kernel leave the state "interrupted"
@@ -28,7 +34,7 @@ from typing import Any
 import papermill as pm
 import yaml
 
-from . import forecast
+from . import forecast, study
 from .config import ConfigError, RunConfig, dump_config, is_non_semantic, load_config
 from .finetune import cpu_threads_per_process
 from .jsonio import read_json, read_jsonl, write_json, write_jsonl
@@ -171,8 +177,11 @@ STATUSES: dict[str, str] = {
     "interrupted": "Ctrl-C, SIGTERM, a dead kernel or a killed runner stopped it mid-notebook; --resume continues",
     "failed": "a notebook raised an error; fix the cause, then --resume re-runs that notebook",
     "stopped": "a stage stopped on purpose (failing provider, budget); --resume continues once resolved",
-    "finished": "the loop ended (epsilon met or max_cycles reached) and every planned notebook ran",
+    "finished": "the loop ended (epsilon met, max_cycles reached, or every volume of a sweep) and every planned "
+    "notebook ran",
 }
+
+SHARED_STEPS = ("01_coverage", "cycle_00/02_finetune", "cycle_00/03_batch_inference", "cycle_00/04_evaluate")
 
 
 def _now() -> str:
@@ -198,6 +207,7 @@ class RunState:
     updated_at: str | None = None
     runner: dict[str, Any] | None = None  # {pid, host} of the runner that wrote this state last
     param_changes: list[dict[str, Any]] = field(default_factory=list)  # accepted on --resume
+    shared_from: str | None = None  # an arm of a study: the study folder its SHARED_STEPS were linked from
 
     @classmethod
     def load(cls, path: Path) -> RunState:
@@ -388,16 +398,20 @@ def read_decision(layout: RunLayout, cycle: int) -> bool:
         raise RuntimeError(f"{layout.metrics_file(cycle)}: no decision.passed field") from exc
 
 
-def plan_next(cfg: RunConfig, state: RunState, layout: RunLayout) -> Step | None:
+def plan_next(
+    cfg: RunConfig, state: RunState, layout: RunLayout, *, shared_only: bool = False
+) -> Step | None:
     """The next notebook to run given what is done; None when the run is complete.
 
     The loop logic in one place: 01 once; for cycle t: 02, 03, 04; if 04 says passed -> 06; otherwise
     05 and cycle t+1, unless t+1 == max_cycles -> 06 (05 is skipped on the last cycle: its data would
-    never be used).
+    never be used). `loop.mode: sweep` reads and records every decision but never stops on one: every cycle
+    runs. `shared_only` (a study's own folder): 01 and cycle 0's 02, 03, 04, nothing else.
     """
     done = set(state.done)
     if "01_coverage" not in done:
         return Step("01_coverage", None)
+    sweep = cfg.loop.mode == "sweep"
     for cycle in range(cfg.loop.max_cycles):
         for stage in ("02_finetune", "03_batch_inference", "04_evaluate"):
             if step_name(stage, cycle) not in done:
@@ -405,11 +419,21 @@ def plan_next(cfg: RunConfig, state: RunState, layout: RunLayout) -> Step | None
         key = f"cycle_{cycle:02d}"
         if key not in state.decisions:
             state.decisions[key] = read_decision(layout, cycle)
-        if state.decisions[key]:
+        if shared_only:
+            state.stop_reason = "01 and cycle 0 done (shared by the arms)"
+            return None
+        if state.decisions[key] and not sweep:
             state.stop_reason = f"epsilon met in cycle {cycle}"
             break
         if cycle + 1 >= cfg.loop.max_cycles:
-            state.stop_reason = f"max_cycles={cfg.loop.max_cycles} reached without meeting epsilon"
+            if sweep:
+                passed = [int(k.split("_")[1]) for k, v in sorted(state.decisions.items()) if v]
+                state.stop_reason = (
+                    f"sweep: all {cfg.loop.max_cycles} cycles trained and evaluated; epsilon met in cycles "
+                    f"{passed or 'none'} (recorded, not acted on)"
+                )
+            else:
+                state.stop_reason = f"max_cycles={cfg.loop.max_cycles} reached without meeting epsilon"
             break
         if step_name("05_synthesize", cycle) not in done:
             return Step("05_synthesize", cycle)
@@ -580,7 +604,115 @@ def run(
                 if item != layout.lock_file:
                     shutil.rmtree(item) if item.is_dir() else item.unlink()
         state = _open_state(cfg, params_file, layout, resume, accept_changed_params, log)
+        if cfg.arms:
+            return _run_study_locked(
+                cfg, params_file, layout, state, notebooks_dir, log, progress, accept_changed_params
+            )
         return _run_locked(cfg, layout, state, notebooks_dir, log, progress)
+
+
+# --------------------------------------------------------------------------- a study of several generators
+
+
+def seed_arm(study: RunLayout, arm: RunLayout, arm_cfg: RunConfig, decisions: dict[str, bool]) -> None:
+    """Give an arm the study's shared steps: its coverage/, cycle_00/, baselines/ and review.json as hard links
+    (copies where the file system refuses links; every stage writes by temp file + rename, so an arm's later
+    write replaces its link and never touches the study's file), its params.yaml, and a state.json marking
+    SHARED_STEPS done (written last: an arm without one is seeded again)."""
+    folders = [(study.coverage_dir, arm.coverage_dir), (study.cycle_dir(0), arm.cycle_dir(0))]
+    folders.append((study.baselines_dir, arm.baselines_dir))
+    for src_dir, dst_dir in folders:
+        if not src_dir.is_dir():
+            continue
+        for src in sorted(src_dir.rglob("*")):
+            if not src.is_file() or src.name.endswith(".running.ipynb"):
+                continue
+            _link(src, dst_dir / src.relative_to(src_dir))
+    if study.review_file.is_file():
+        _link(study.review_file, arm.review_file)
+    dump_config(arm_cfg, arm.params_file)
+    state = RunState(done=list(SHARED_STEPS), decisions=dict(decisions), shared_from=str(study.root))
+    state.save(arm.state_file)
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _run_study_locked(
+    cfg: RunConfig,
+    params_file: str | Path,
+    layout: RunLayout,
+    state: RunState,
+    notebooks_dir: Path,
+    log: Callable[[str], None],
+    progress: bool,
+    accept_changed_params: bool,
+) -> RunState:
+    """The study's shared steps here, then every arm (its own run folder, lock and state; a resumed study
+    resumes each arm with the study's current settings), then Fig. 2 over the arms and the summary."""
+    started = time.monotonic()
+    state = _run_locked(cfg, layout, state, notebooks_dir, log, progress, shared_only=True)
+    try:
+        for arm in cfg.arms:
+            step = f"arms/{arm}"
+            if step in state.done:
+                continue
+            state.current = step
+            state.save(layout.state_file)
+            arm_layout = RunLayout(layout.arm_dir(arm))
+            arm_cfg = cfg.arm(arm, str(layout.arms_dir))
+            if not arm_layout.state_file.is_file():
+                seed_arm(layout, arm_layout, arm_cfg, state.decisions)
+                log(f"[llamaduo] arm {arm}: {arm_layout.root} (01 and cycle 0 linked from the study)")
+            with run_lock(arm_layout):
+                arm_state = _open_state(arm_cfg, params_file, arm_layout, True, accept_changed_params, log)
+                arm_state = _run_locked(arm_cfg, arm_layout, arm_state, notebooks_dir, log, progress)
+            state.done.append(step)
+            state.timings[step] = arm_state.timings.get("total", 0.0)
+            state.current = None
+            state.save(layout.state_file)
+    except NotebookFailed as exc:
+        state.status = "stopped" if exc.stopped else "failed"
+        state.error = f"{state.current}: {exc}"
+        state.save(layout.state_file)
+        raise
+    except (KeyboardInterrupt, RunInterrupted) as exc:
+        with _signals_ignored():
+            state.status = "interrupted"
+            state.error = f"{exc or 'interrupted by Ctrl-C (SIGINT)'} during {state.current}"
+            state.save(layout.state_file)
+        raise RunInterrupted(state.error) from None
+    state.status = "finished"
+    state.stop_reason = f"study of {len(cfg.arms)} generators finished: " + "; ".join(
+        f"{arm}: {RunState.load(RunLayout(layout.arm_dir(arm)).state_file).stop_reason}" for arm in cfg.arms
+    )
+    state.timings["total"] = round(sum(v for k, v in state.timings.items() if k != "total"), 2)
+    state.save(layout.state_file)
+    _finish(cfg, layout, state, log, started)
+    return state
+
+
+def _finish(
+    cfg: RunConfig, layout: RunLayout, state: RunState, log: Callable[[str], None], started: float
+) -> None:
+    """The run's last words: a sweep's or study's Fig. 2 over volumes, then summary.md."""
+    extra: list[str] = []
+    if cfg.arms or cfg.loop.mode == "sweep":
+        try:
+            extra = study.write_study(cfg, layout)
+        except Exception as exc:  # a figure must never cost the run its summary
+            extra = [f"(Fig. 2 over volumes could not be drawn: {type(exc).__name__}: {exc})"]
+    summary = write_summary(cfg, layout, state, extra=extra)
+    log(summary)
+    log(f"[llamaduo] finished in {time.monotonic() - started:.1f}s: {state.stop_reason}")
 
 
 def _open_state(
@@ -629,7 +761,10 @@ def _run_locked(
     notebooks_dir: Path,
     log: Callable[[str], None],
     progress: bool,
+    shared_only: bool = False,
 ) -> RunState:
+    """Execute the planned notebooks of one run folder (held locked); `shared_only`: a study's shared steps,
+    leaving the state "running" for the arms that follow."""
     state.status, state.error, state.current = "running", None, None
     state.started_at = state.started_at or _now()
     state.runner = {"pid": os.getpid(), "host": socket.gethostname()}
@@ -637,7 +772,7 @@ def _run_locked(
     started = time.monotonic()
     t0 = started
     try:
-        while (step := plan_next(cfg, state, layout)) is not None:
+        while (step := plan_next(cfg, state, layout, shared_only=shared_only)) is not None:
             src = notebook_source(step.stage, notebooks_dir)
             dst = layout.notebook_out(step.stage, step.cycle)
             where = f"cycle {step.cycle}" if step.cycle is not None else "run"
@@ -679,12 +814,12 @@ def _run_locked(
             state.save(layout.state_file)
             log(f"[llamaduo] INTERRUPTED: {state.error}; `llamaduo run <params> --resume` continues")
         raise RunInterrupted(state.error) from None
+    if shared_only:
+        return state
     state.status = "finished"
     state.timings["total"] = round(sum(v for k, v in state.timings.items() if k != "total"), 2)
     state.save(layout.state_file)
-    summary = write_summary(cfg, layout, state)
-    log(summary)
-    log(f"[llamaduo] finished in {time.monotonic() - started:.1f}s: {state.stop_reason}")
+    _finish(cfg, layout, state, log, started)
     return state
 
 
@@ -718,6 +853,11 @@ def status_table(layout: RunLayout) -> str:
         lines.append(f"reason   {state.error}")
     if state.stop_reason:
         lines.append(f"loop     {state.stop_reason}")
+    if state.shared_from:
+        lines.append(f"shared   {', '.join(SHARED_STEPS)} linked from the study {state.shared_from}")
+    arms = layout.arms()
+    if arms:
+        lines.append(f"arms     {', '.join(arms)} (`llamaduo status {layout.arms_dir}/<arm>` shows one)")
     lines.append(f"runner   {_holder_text(holder) + ' (working now)' if holder else 'none working now'}")
     if state.started_at:
         lines.append(f"started  {state.started_at}, last update {state.updated_at}")

@@ -299,8 +299,11 @@ def cost_lines(layout: RunLayout, state: Any) -> list[str]:
     return lines
 
 
-def write_summary(cfg: RunConfig, layout: RunLayout, state: Any) -> str:
-    """summary.md + summary.json: the story of the run's cycles, Table 1, Fig. 2 and the time per notebook."""
+def write_summary(cfg: RunConfig, layout: RunLayout, state: Any, extra: list[str] | None = None) -> str:
+    """summary.md + summary.json: the story of the run's cycles, Table 1, Fig. 2 and the time per notebook.
+
+    `extra`: Markdown lines placed after Fig. 2 over cycles (a sweep's or study's Fig. 2 over volumes and its
+    tables, `study.write_study`)."""
 
     rows = cycle_rows(layout)
     ev = cfg.evaluate
@@ -319,7 +322,12 @@ def write_summary(cfg: RunConfig, layout: RunLayout, state: Any) -> str:
     ]
     if rows:
         lines += _md(judge_rows(layout))
-        lines += ["", "Decision per cycle:", "", *_md(decision_rows(layout))]
+        verdicts = (
+            "Epsilon's verdict per cycle (a sweep records it and trains every volume anyway):"
+            if cfg.loop.mode == "sweep" or cfg.arms
+            else "Decision per cycle:"
+        )
+        lines += ["", verdicts, "", *_md(decision_rows(layout))]
     t1 = latest_table1_cycle(layout)
     if t1 is not None:
         lines += ["", f"## Table 1 (cycle {t1})", "", table1_markdown(layout, t1).rstrip("\n")]
@@ -338,6 +346,8 @@ def write_summary(cfg: RunConfig, layout: RunLayout, state: Any) -> str:
             lines += ["", f"(Fig. 2 could not be drawn: {type(exc).__name__}: {exc})"]
     if fig2 is not None:
         lines += ["", "## Over cycles (paper Fig. 2)", "", f"![V and C@zeta over cycles]({fig2.name})"]
+    if extra:
+        lines += ["", *extra]
     for title, part in (
         ("## What changed, on the judges that decide", gain_lines(cfg, layout)),
         ("## The run, cycle by cycle", story_lines(layout)),

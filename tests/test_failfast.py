@@ -80,7 +80,9 @@ def paper_config(tmp_path: Path, servers: dict[str, ScriptedLLMServer], **sectio
         provider["base_url"] = f"{root}/v1" if provider["kind"] == "openai" else root
         provider["max_retries"] = 1
     data["evaluate"]["m"] = 2
-    data["synthesize"].update(target_per_cycle=20, max_requests_per_cycle=4)
+    # one generator (the config's study has three arms) and a small 05
+    data["synthesize"].update(generator="gpt4o", generators=None, volumes=None, target_per_cycle=20,
+                              max_requests_per_cycle=4)  # fmt: skip
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
     return build(RunConfig, data, source="paper-shaped")

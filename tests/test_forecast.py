@@ -118,10 +118,15 @@ def test_06_forecasts_judged_parity_and_a_budget_below_the_upper_bound_is_said_b
 
 
 def test_cli_forecasts_the_paper_configuration_without_its_data(capsys):
-    assert main(["forecast", str(ROOT / "params" / "paper_gemma7b.yaml"), "--set", "loop.max_cycles=2"]) == 0
+    paper = str(ROOT / "params" / "paper_gemma7b.yaml")
+    assert main(["forecast", paper, "--set", "loop.max_cycles=2", "--set", "synthesize.volumes=[1000]"]) == 0
     out = capsys.readouterr().out
     assert "assumptions (no splits and no local coverage source)" in out
-    assert "| 04_evaluate | 0 | claude | claude-3-sonnet-20240229 | 1,000 |" in out  # 25 test x K=4 x M=10
+    # cycle 0's judging runs once for the study (25 test x K=4 x M=10); every arm pays its own 05 and cycle 1
+    assert "| shared | 04_evaluate | 0 | claude | claude-3-sonnet-20240229 | 1,000 |" in out
+    for arm in ("gpt4o", "claude", "gemini"):
+        assert f"| {arm} | 05_synthesize | 0 | {arm} |" in out
+        assert f"| {arm} | 04_evaluate | 1 | claude | claude-3-sonnet-20240229 | 1,000 |" in out
     assert "| total |" in out
 
 

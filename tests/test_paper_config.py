@@ -88,6 +88,25 @@ def test_paper_schedule_reaches_1k_to_256k_with_table5_ranks():
     assert ranks == [(8, 16)] * 6 + [(16, 32)] + [(32, 64)] * 3
     assert cfg.finetune.start_from == "previous_merged"
     assert cfg.student.chat_template == "gemma"
+    # the paper's experiment: every volume, whatever epsilon says, one arm per generator (Fig. 2's lines)
+    assert cfg.synthesize.volumes == volumes[1:]
+    assert cfg.loop.mode == "sweep" and cfg.arms == ["gpt4o", "claude", "gemini"]
+    assert cfg.deploy.select == "best"
+
+
+def test_the_paper_study_is_forecast_arm_by_arm():
+    from llamaduo_nb import forecast
+
+    cfg = load_config(PAPER)
+    table = forecast.forecast_run(cfg)
+    shared = table[table.arm == "shared"]
+    assert set(shared.stage) == {"04_evaluate", "baselines"} and set(shared.cycle.dropna()) == {0}
+    for arm in cfg.arms:
+        lines = table[table.arm == arm]
+        assert sorted(set(lines[lines.stage == "05_synthesize"].cycle)) == list(range(9))
+        assert set(lines[lines.stage == "05_synthesize"].provider) == {arm}  # each arm's own generator
+        assert sorted(set(lines[lines.stage == "04_evaluate"].cycle)) == list(range(1, 10))
+        assert lines.usd.sum() > 0
 
 
 def test_a_file_gives_its_split_in_a_column(tmp_path):

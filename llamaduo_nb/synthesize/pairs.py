@@ -15,7 +15,8 @@ One cycle of synthesis (paper §3.5, eq. 7-9):
    decontamination are `dataquality.clean`'s; every rejected row keeps its reason and what it matched.
 
 Volume: `target_per_cycle * 2**cycle` accepted rows when growth is "double"; with "double_total" the
-cumulative synthetic volume doubles (1K, 2K, 4K, ... as in the paper's Table 3/5, see `target_rows`); asked for
+cumulative synthetic volume doubles (1K, 2K, 4K, ... as in the paper's Table 3/5, see `target_rows`); with
+`synthesize.volumes` listed, what the next listed volume adds; asked for
 in rounds (sized by the yield of the rounds before) until the target is met or `max_requests_per_cycle`
 requests have been sent.
 
@@ -88,6 +89,7 @@ FILTERS = (
     "contaminated",
     "duplicate_in_batch",
     "duplicate_of_earlier",
+    "over_target",  # synthesize.volumes: accepted beyond the listed volume (kept out, so the volume is exact)
 )
 
 _REFUSAL = re.compile(
@@ -115,7 +117,13 @@ def target_rows(cfg: SynthesizeConfig, cycle: int) -> int:
 
     constant: k. double: 2^cycle k (cumulative k, 3k, 7k, ...). double_total: k, k, 2k, 4k, ... so the
     synthetic data of cycles 0..t adds up to 2^t k: the paper's volumes 1K, 2K, 4K, ..., 256K for k = 1K.
+    With `volumes` listed (the synthetic rows cycle t + 1 trains on), 05 of cycle t asks for what the next
+    volume adds: volumes[t] - volumes[t - 1] (volumes[0] in cycle 0); 0 beyond the list.
     """
+    if cfg.volumes is not None:
+        if cycle >= len(cfg.volumes):
+            return 0
+        return cfg.volumes[cycle] - (cfg.volumes[cycle - 1] if cycle else 0)
     k = cfg.target_per_cycle
     if cfg.growth == "double":
         return k * 2**cycle
@@ -569,6 +577,10 @@ def synthesize_cycle(
         sent += n
         rounds += 1
 
+    if cfg.volumes is not None and len(result.accepted) > target:  # listed volumes are trained on exactly
+        surplus, result.accepted = result.accepted[target:], result.accepted[:target]
+        detail = f"beyond the {target} rows this cycle adds to reach synthesize.volumes"
+        result.rejected += [reject(row, "over_target", detail, None, None) for row in surplus]
     result.report = build_report(result, cycle, target, rounds, generator, cfg)
     return result
 
@@ -730,7 +742,9 @@ def plan_table(run_cfg: RunConfig, layout: RunLayout, cycle: int) -> pd.DataFram
         ("generator", f"{cfg.generator} ({run_cfg.provider(cfg.generator).model})"),
         (
             "target accepted rows",
-            f"{target_rows(cfg, cycle)} ({cfg.growth}: k={cfg.target_per_cycle}, cycle {cycle})",
+            f"{target_rows(cfg, cycle)} (volumes {cfg.volumes}, cycle {cycle})"
+            if cfg.volumes is not None
+            else f"{target_rows(cfg, cycle)} ({cfg.growth}: k={cfg.target_per_cycle}, cycle {cycle})",
         ),
         ("pairs per request", cfg.pairs_per_request),
         ("request budget", cfg.max_requests_per_cycle),
