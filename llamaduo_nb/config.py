@@ -1008,10 +1008,54 @@ def read_yaml(path: str | Path, what: str = "params file") -> Any:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a params YAML file into a validated RunConfig; `overrides` use dotted keys ("loop.max_cycles")."""
+def merge_params(base: Any, extra: Any) -> Any:
+    """`extra` over `base`: mappings merge key by key, lists of named mappings (`providers`, teacher candidates)
+    merge entry by entry on `name` (a new name is appended), any other value is replaced."""
+    if isinstance(base, dict) and isinstance(extra, dict):
+        return {**base, **{k: merge_params(base[k], v) if k in base else v for k, v in extra.items()}}
+    named = (
+        isinstance(base, list)
+        and isinstance(extra, list)
+        and all(isinstance(item, dict) and "name" in item for item in [*base, *extra])
+    )
+    if named:
+        merged = {item["name"]: item for item in base}
+        for item in extra:
+            merged[item["name"]] = (
+                merge_params(merged[item["name"]], item) if item["name"] in merged else item
+            )
+        return list(merged.values())
+    return extra
+
+
+def read_params(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A params file as one mapping. `extends: other.yaml` (a path relative to the file) starts from that file
+    and overrides what this one sets (`merge_params`), so a variant states only what differs."""
     path = Path(path)
     data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a params file is a mapping of settings, e.g. `run_name: demo`")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(
+            f"{path}, key 'extends': expected a params file path, e.g. `extends: paper_gemma7b.yaml`"
+        )
+    parent_path = (path.parent / parent).resolve()
+    if parent_path in _seen or parent_path == path.resolve():
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve(), parent_path))
+        raise ConfigError(f"{path}, key 'extends': the files extend each other in a circle ({chain})")
+    if not parent_path.is_file():
+        raise ConfigError(f"{path}, key 'extends': {parent!r} not found (looked for {parent_path})")
+    return merge_params(read_params(parent_path, (*_seen, path.resolve())), data)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a params YAML file (and the file it `extends`) into a validated RunConfig; `overrides` use dotted
+    keys ("loop.max_cycles")."""
+    path = Path(path)
+    data = read_params(path)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, last = dotted.split(".")

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
-from llamaduo_nb.config import ConfigError, load_config, table5_lora
+from llamaduo_nb.config import ConfigError, load_config, read_params, table5_lora
 
 
 def test_shipped_params_load(project_root):
@@ -102,3 +103,34 @@ def test_parity_is_judged_by_the_chosen_and_every_deciding_llm_judge(make_params
     )
     parity = parity_evaluate_config(deciding)
     assert parity.judges == ["smollm2-service"] and parity.m == 2
+
+
+def test_a_params_file_extends_another_and_states_only_what_differs(tmp_path, project_root):
+    ROOT = project_root
+    base = yaml.safe_load((ROOT / "params" / "demo.yaml").read_text())
+    base["coverage"]["source"] = str(ROOT / "data" / "sample_coverage.jsonl")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+    first = base["providers"][0]["name"]
+    variant = {
+        "extends": "base.yaml",
+        "run_name": "variant",
+        "evaluate": {"m": 3},  # one key of a section: the section's other keys stay
+        "providers": [{"name": first, "rpm": 7}, {"name": "extra", "kind": "embedded", "model": "x"}],
+    }
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "variant.yaml").write_text(yaml.safe_dump({**variant, "extends": "../base.yaml"}))
+    data = read_params(tmp_path / "sub" / "variant.yaml")
+    assert data["run_name"] == "variant" and data["evaluate"]["m"] == 3
+    assert data["evaluate"]["judges"] == base["evaluate"]["judges"]
+    assert [p["name"] for p in data["providers"]] == [p["name"] for p in base["providers"]] + ["extra"]
+    merged_first = data["providers"][0]
+    assert merged_first["rpm"] == 7 and merged_first["kind"] == base["providers"][0]["kind"]
+    assert load_config(tmp_path / "sub" / "variant.yaml").evaluate.m == 3
+
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extend each other in a circle"):
+        read_params(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"c.yaml, key 'extends': 'missing.yaml' not found"):
+        read_params(tmp_path / "c.yaml")

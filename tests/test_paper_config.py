@@ -144,3 +144,24 @@ def test_a_train_row_repeating_a_test_prompt_is_dropped_and_reported(tmp_path):
         build_coverage(CoverageConfig(source=str(folder), splits=GivenSplits()), seed=1)
     with pytest.raises(DataFileError, match="no split named 'validation'"):
         build_coverage(CoverageConfig(source=str(folder), splits=GivenSplits(test="validation")), seed=1)
+
+
+def test_the_current_models_configuration_is_the_paper_one_with_two_models_replaced():
+    """`params/paper_gemma7b_current.yaml` extends the paper configuration: the retired Claude 3 Sonnet and
+    Gemini 1.5 Flash replaced by models a user can call today, every other setting the paper configuration's."""
+    from llamaduo_nb import forecast
+
+    paper, current = load_config(PAPER), load_config(PROJECT_ROOT / "params" / "paper_gemma7b_current.yaml")
+    paper_dict, current_dict = paper.to_dict(), current.to_dict()
+    assert {k for k in paper_dict if paper_dict[k] != current_dict[k]} == {"run_name", "providers"}
+    models = {p.name: p.model for p in current.providers}
+    assert models == {
+        "gpt4o": "gpt-4o-2024-08-06",
+        "claude": "claude-sonnet-4-5",
+        "gemini": "gemini-2.5-flash",
+    }
+    for before, after in zip(paper.providers, current.providers, strict=True):  # rates, keys, kinds: kept
+        assert (before.kind, before.rpm, before.api_key_env) == (after.kind, after.rpm, after.api_key_env)
+    assert current.provider("gemini").thinking_budget == 0
+    costs = forecast.forecast_run(current).groupby("provider").usd.sum()
+    assert costs["claude"] > 0 and costs["gemini"] > 0  # priced: no model at $0 by accident
