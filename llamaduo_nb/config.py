@@ -564,6 +564,12 @@ class RewardConfig:
     model_id: str | None = None  # kind reward_model: AutoModelForSequenceClassification (folder or hub id)
     batch_size: int = 8  # kind reward_model: responses per forward pass
     max_length: int = 2048  # kind reward_model: longer conversations are cut (left part kept)
+    trust_remote_code: bool = (
+        False  # kind reward_model: models with their own code (e.g. RLHFlow/ArmoRM-Llama3-8B)
+    )
+    # added to every reward before CAR = r / (1 + beta L): the ratio needs r > 0 (a negative r would favour the
+    # teacher the student fits worst); raw reward-model scores can be negative (Skywork's), so shift them up
+    offset: float = 0.0
 
     EXAMPLE = "kind: judge\njudge: gpt4o\nm: 3\n# or\nkind: reward_model\nmodel_id: Skywork/Skywork-Reward-V2-Llama-3.1-8B"
 

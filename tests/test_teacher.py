@@ -92,6 +92,29 @@ def test_candidate_summary_excludes_unscored_rows_and_refuses_a_minority():
     assert refused["car"] is None and "not ranked" in refused["note"]
 
 
+def test_negative_rewards_are_never_ranked_backwards_and_an_offset_ranks_them():
+    """Raw reward-model scores can be negative; r / (1 + beta L) would then favour the teacher the student
+    fits worse. Such a candidate is not ranked unless `reward.offset` makes its rewards positive."""
+    fits = [{"reward": -2.0, "loss": 0.5, "tokens": 10, "ppl": 1.6, "ifd": 0.5}]  # the student fits it well
+    misfits = [{"reward": -2.0, "loss": 3.0, "tokens": 10, "ppl": 20.0, "ifd": 0.5}]
+    with pytest.raises(ValueError, match="positive rewards only"):
+        teacher.car(-2.0, 0.5, 3.0)
+    raw = {
+        name: teacher.summarize_candidate(rows, 3.0, 0.5)
+        for name, rows in [("fits", fits), ("misfits", misfits)]
+    }
+    assert all(c["car"] is None and "offset" in c["note"] for c in raw.values())
+    chosen, why = teacher.choose(raw, 3.0)
+    assert chosen is None and "could be ranked" in why and "offset" in why
+    shifted = {
+        name: teacher.summarize_candidate(rows, 3.0, 0.5, offset=10.0)
+        for name, rows in [("fits", fits), ("misfits", misfits)]
+    }
+    assert shifted["fits"]["car"] == pytest.approx(8.0 / 2.5) and shifted["fits"]["reward"] == -2.0
+    chosen, why = teacher.choose(shifted, 3.0)
+    assert chosen == "fits" and "(-2.00 + 10)" in why
+
+
 def test_choice_is_the_highest_car_and_says_when_reward_alone_disagrees():
     candidates = {
         "big": {"reward": 90.0, "loss": 2.0, "car": teacher.car(90, 2.0, 3)},

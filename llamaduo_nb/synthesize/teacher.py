@@ -87,9 +87,12 @@ REWARD_SCHEMA: dict[str, Any] = {
 
 
 def car(reward: float, loss: float, beta: float) -> float:
-    """Compatibility-Adjusted Reward: r / (1 + beta * L)."""
+    """Compatibility-Adjusted Reward: r / (1 + beta * L), for r > 0 (with r <= 0 a higher loss, i.e. a teacher
+    the student fits worse, would raise the value: the ratio ranks only positive rewards)."""
     if loss < 0:
         raise ValueError(f"a mean negative log-likelihood cannot be negative, got L={loss}")
+    if reward <= 0:
+        raise ValueError(f"CAR = r / (1 + beta L) ranks positive rewards only, got r={reward}")
     return reward / (1.0 + beta * loss)
 
 
@@ -262,9 +265,12 @@ class RewardModelReward:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
             path = resolve_model_path(cfg.model_id)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            remote = cfg.trust_remote_code
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
             dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=dtype, trust_remote_code=remote
+            )
             if torch.cuda.is_available():
                 model = model.to("cuda")
         model.eval()
@@ -544,11 +550,15 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return float(np.mean(present)) if present else None
 
 
-def summarize_candidate(rows: Sequence[dict], beta: float, min_scored_share: float) -> dict:
+def summarize_candidate(
+    rows: Sequence[dict], beta: float, min_scored_share: float, offset: float = 0.0
+) -> dict:
     """One candidate's metrics from its per-instruction rows (reward, loss, tokens, ppl, ifd per row).
 
     Rows without a reward (every sample failed or was unscored) are excluded from r and counted; a
-    candidate with fewer scored rows than `min_scored_share` gets no CAR (it is not ranked)."""
+    candidate with fewer scored rows than `min_scored_share` gets no CAR (it is not ranked), and so does one
+    whose mean reward plus `offset` (`teacher_study.reward.offset`) is not positive (the ratio would rank it
+    backwards)."""
     n = len(rows)
     scored = [r for r in rows if r.get("reward") is not None and r.get("loss") is not None]
     r = _mean([row["reward"] for row in scored])
@@ -560,8 +570,8 @@ def summarize_candidate(rows: Sequence[dict], beta: float, min_scored_share: flo
         "scored_share": share,
         "reward": r,
         "loss": loss,
-        "car": car(r, loss, beta)
-        if r is not None and loss is not None and share >= min_scored_share
+        "car": car(r + offset, loss, beta)
+        if r is not None and loss is not None and share >= min_scored_share and r + offset > 0
         else None,
         "length": _mean([row.get("tokens") for row in scored]),
         "ppl": _mean([row.get("ppl") for row in scored]),
@@ -569,6 +579,13 @@ def summarize_candidate(rows: Sequence[dict], beta: float, min_scored_share: flo
     }
     if share < min_scored_share:
         entry["note"] = f"only {len(scored)}/{n} responses scored (< {min_scored_share:.0%}): not ranked"
+    elif r is not None and r + offset <= 0:
+        entry["note"] = (
+            f"mean reward {r:.3g} + offset {offset:g} is not positive: CAR = r / (1 + beta L) would rank it "
+            "backwards; not ranked (set teacher_study.reward.offset so every reward is positive)"
+        )
+    if offset:
+        entry["reward_offset"] = offset
     return entry
 
 
@@ -589,13 +606,16 @@ def choose(candidates: dict[str, dict], beta: float) -> tuple[str | None, str]:
     """(chosen candidate, why): the highest CAR; None when no candidate could be ranked."""
     ranked = {name: c["car"] for name, c in candidates.items() if c.get("car") is not None}
     if not ranked:
-        return None, "no candidate had enough scored responses to compute CAR"
+        notes = "; ".join(f"{name}: {c['note']}" for name, c in candidates.items() if c.get("note"))
+        return None, f"no candidate could be ranked by CAR ({notes or 'no candidate'})"
     best = max(ranked, key=lambda name: (ranked[name], -list(ranked).index(name)))
     c = candidates[best]
     runner_up = sorted(ranked.values(), reverse=True)[1:2]
     margin = f", ahead of the next by {ranked[best] - runner_up[0]:.2f}" if runner_up else ""
+    offset = c.get("reward_offset", 0.0)
+    reward = f"({c['reward']:.2f} + {offset:g})" if offset else f"{c['reward']:.2f}"
     why = (
-        f"highest CAR = r / (1 + {beta:g} L) = {c['reward']:.2f} / (1 + {beta:g} x {c['loss']:.3f}) "
+        f"highest CAR = r / (1 + {beta:g} L) = {reward} / (1 + {beta:g} x {c['loss']:.3f}) "
         f"= {c['car']:.2f}{margin}"
     )
     by_reward = max(ranked, key=lambda name: candidates[name]["reward"])
@@ -652,7 +672,7 @@ def run_study(
                 entry.update(next(losses))
             rows.append(entry)
         responses.extend(rows)
-        metrics = summarize_candidate(rows, study.beta, study.reward.min_scored_share)
+        metrics = summarize_candidate(rows, study.beta, study.reward.min_scored_share, study.reward.offset)
         candidates[candidate.name] = {**metrics, "info": candidate_info(run_cfg, candidate)}
     chosen, why = choose(candidates, study.beta)
     table = study_table(candidates)
