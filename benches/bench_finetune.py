@@ -6,11 +6,12 @@ shape (rank, alpha, dropout, target modules) on every side, in one process:
 
 * **ours**: `finetune.prepare` + `finetune.train`, exactly what 02 runs: precision chosen per CPU (bf16
   autocast where the CPU has native BF16 — AVX-512 BF16 / AMX, `student.cpu_has_native_bf16` — float32
-  where bf16 would be emulated), no gradient checkpointing on CPU, padding-free batches, completion-only loss;
+  where bf16 would be emulated), no gradient checkpointing on CPU, padding-free batches, completion-only loss
+  with the LM head run on the learned positions only (`finetune.learned_positions_trainer`);
 * **TRL defaults**: `SFTTrainer(model, args=SFTConfig(<the shared settings>), peft_config=<same LoRA>)`,
   every other setting left at TRL's default (padded batches, TRL's precision and checkpointing defaults);
 * **TRL configured as ours**: TRL defaults plus our precision, no checkpointing and padding-free batches:
-  what is left of the gap is our code, not our settings;
+  what is left of the gap is our code (TRL 1.16 scores every position in its LM head on CPU), not our settings;
 * **ours, the other precision**: ours with the precision this CPU did NOT get (float32 where bf16 is native,
   bf16 autocast where it is not): the gain of choosing per CPU;
 * **ours, padded**: ours with `finetune.padding_free: false`, to show what padding-free batching adds.
