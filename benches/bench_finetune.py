@@ -59,7 +59,7 @@ def run_ours(cfg: Any, layout: Any, native_bf16: bool | None = None) -> dict[str
     from llamaduo_nb import finetune
 
     patch = (
-        mock.patch.object(finetune, "cpu_has_native_bf16", lambda: native_bf16)
+        mock.patch.object(finetune.decisions, "cpu_has_native_bf16", lambda: native_bf16)
         if native_bf16 is not None
         else contextlib.nullcontext()
     )
@@ -195,7 +195,7 @@ def _equal_loss(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def lines(args: argparse.Namespace) -> list[BenchLine]:
-    from llamaduo_nb.finetune import _checkpointing_arg
+    from llamaduo_nb.finetune import checkpointing_arg
     from llamaduo_nb.student import cpu_has_native_bf16
 
     native = cpu_has_native_bf16()
@@ -212,7 +212,7 @@ def lines(args: argparse.Namespace) -> list[BenchLine]:
         print("fine-tuning, TRL SFTTrainer configured as ours ...", flush=True)
         as_ours = {
             "bf16": ours["mixed_precision"] == "bf16",
-            **_checkpointing_arg(False),
+            **checkpointing_arg(False),
             "padding_free": True,
             "max_length": None,  # TRL refuses max_length with padding_free (ours truncates rows itself)
         }
