@@ -53,7 +53,7 @@ bench: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python -m llamaduo_nb.gallery outputs/demo docs/demo
 
-# The teacher study's ground truth (paper Table 4): a short LoRA per candidate teacher, judged like 04.
+# A proxy of the teacher study's ground truth (the CAR paper's Table 4 layout): a short LoRA per candidate teacher, judged like 04.
 validate-teachers: $(STAMP)
 	$(BIN)/llamaduo validate-teachers params/demo.yaml
 
