@@ -43,7 +43,7 @@ from .evaluate import (
     write_table1,
     zeta_key,
 )
-from .evaluate.plots import REFERENCE_STYLES
+from .evaluate.plots import REFERENCE_STYLES, cycles_frame
 from .jsonio import atomic_write, read_json, save_figure, sha256_file, write_json
 from .runlayout import RunLayout
 from .schemas import evaluated_cycles
@@ -174,39 +174,35 @@ def _synthetic_rows(layout: RunLayout, cycle: int) -> int | None:
 
 def volume_frame(lines: Sequence[Line]) -> pd.DataFrame:
     """Every (line, cycle, judge, metric, statistic) with its interval, the cycle's synthetic and training rows
-    (finetune.json), ε's verdict and whether `deploy.select` picks it: the points of Fig. 2 over volume."""
-    records = []
+    (finetune.json), ε's verdict and whether `deploy.select` picks it: the points of Fig. 2 over volume. The
+    points are 04's own Fig. 2 frame (`evaluate.cycles_frame`), a reference metric's similarity left out."""
+    frames = []
     for line in lines:
         try:
             selected = line.selected.cycle
         except DeployError:
             selected = None
-        for cycle, metrics, train_rows in evaluated_cycles(line.layout):
-            passed = bool((metrics.get("decision") or {}).get("passed", False))
-            synthetic = _synthetic_rows(line.layout, cycle)
-            keys = ["mean", *(zeta_key(z) for z in metrics.get("zetas", []))]
-            for judge, entry in metrics.get("per_judge", {}).items():
-                for metric in _metrics(judge):
-                    stats = entry.get(metric, {})
-                    for key in keys:
-                        ci = stats.get(f"{key}_ci95")
-                        records.append(
-                            {
-                                "line": line.label,
-                                "cycle": cycle,
-                                "synthetic_rows": synthetic,
-                                "train_rows": train_rows,
-                                "judge": judge,
-                                "metric": metric,
-                                "statistic": key,
-                                "value": stats.get(key),
-                                "ci_low": ci[0] if ci else None,
-                                "ci_high": ci[1] if ci else None,
-                                "passed": passed,
-                                "selected": cycle == selected,
-                            }
-                        )
-    return pd.DataFrame(records, columns=FRAME_COLUMNS)
+        points = cycles_frame(line.layout)
+        if points.empty:
+            continue
+        passed = {
+            cycle: bool((metrics.get("decision") or {}).get("passed", False))
+            for cycle, metrics, _ in evaluated_cycles(line.layout)
+        }
+        wanted = [
+            metric in _metrics(judge) for judge, metric in zip(points.judge, points.metric, strict=True)
+        ]
+        points = points[wanted]
+        points = points.assign(
+            line=line.label,
+            synthetic_rows=points.cycle.map({c: _synthetic_rows(line.layout, c) for c in passed}),
+            passed=points.cycle.map(passed),
+            selected=points.cycle == selected,
+        )
+        frames.append(points[FRAME_COLUMNS])
+    if not frames:
+        return pd.DataFrame(columns=FRAME_COLUMNS)
+    return pd.concat(frames, ignore_index=True)
 
 
 def _metrics(judge: str) -> tuple[str, ...]:
