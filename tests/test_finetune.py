@@ -11,7 +11,7 @@ import math
 import shutil
 
 import pytest
-from tinyrun import TEST, TRAIN, coverage_rows, make_tiny_run
+from tinyrun import TEST, TRAIN, coverage_rows, make_tiny_run, tiny_templateless_llama
 
 from llamaduo_nb import finetune, student
 from llamaduo_nb.jsonio import DataFileError, read_json, read_jsonl, write_jsonl
@@ -335,22 +335,9 @@ def test_stacking_two_adapters_adds_their_updates(tmp_path):
 def templateless_student(tmp_path_factory):
     """A tiny random Llama with the embedded SmolLM2 tokenizer, saved without any chat template (as a
     base checkpoint such as google/gemma-7b may come)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    from llamaduo_nb.embedded import resolve_model_path
-
-    folder = tmp_path_factory.mktemp("templateless") / "student"
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:smollm2"))
-    tokenizer.chat_template = None
-    tokenizer.save_pretrained(folder)
-    (folder / "chat_template.jinja").unlink(missing_ok=True)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(folder)
+    folder = tiny_templateless_llama(tmp_path_factory.mktemp("templateless") / "student")
     assert not AutoTokenizer.from_pretrained(folder).chat_template
     return folder
 

@@ -14,6 +14,7 @@ import nbformat
 import pytest
 import yaml
 from test_runner import stand_in_notebook
+from tinyrun import tiny_templateless_llama
 
 from llamaduo_nb import runner, study, synthesize
 from llamaduo_nb.config import ConfigError, load_config
@@ -175,22 +176,7 @@ def test_compare_refuses_runs_judged_on_other_prompts_or_by_other_judges(make_pa
 def other_student(folder: Path) -> Path:
     """A second student: a tiny random Llama with the embedded SmolLM2 tokenizer and no chat template (the
     one test_finetune uses), trained here with `student.chat_template: chatml`."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from llamaduo_nb.embedded import resolve_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:smollm2"))
-    tokenizer.chat_template = None
-    tokenizer.save_pretrained(folder)
-    (folder / "chat_template.jinja").unlink(missing_ok=True)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return tiny_templateless_llama(folder)
 
 
 def _llamaduo(*args: str, env: dict) -> subprocess.CompletedProcess:

@@ -56,3 +56,24 @@ def make_tiny_run(
     write_jsonl(layout.train_file, coverage_rows(TRAIN, "train-"))
     write_jsonl(layout.test_file, coverage_rows(TEST, "test-"))
     return layout
+
+
+def tiny_templateless_llama(folder: Path) -> Path:
+    """A tiny random Llama (1 layer, hidden 32) with the embedded SmolLM2 tokenizer, saved without any chat
+    template (as a base checkpoint such as google/gemma-7b may come): a second, cheap student for tests."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from llamaduo_nb.embedded import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:smollm2"))
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
