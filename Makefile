@@ -14,7 +14,7 @@ NO_AMX     := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int
 WHEELHOUSE := $(or $(LLAMADUO_CACHE),$(HOME)/.cache/llamaduo_nb)/wheels/$(CPU_TAG)-noamx
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test bench lint format lab validate-teachers docs
+.PHONY: install demo test test-fast bench lint format lab validate-teachers docs
 
 install: $(STAMP)
 
@@ -43,8 +43,18 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab --ip=127.0.0.1 --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks \
 	  $(if $(filter 0,$(shell id -u)),--allow-root)
 
+# The suite on every core, at most 4 workers (pytest-xdist; the longest tests start first, see tests/conftest.py;
+# beyond 4 the whole-loop test alone sets the time). TEST_WORKERS=1: one process, as plain `pytest` runs it.
+# Torch threads are left to torch (one per core in each worker): on 2 cores, OMP_NUM_THREADS=1 measured the same.
+TEST_WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -q $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal)
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
+
+# The inner loop: the unit tier, every test not marked `slow` (no fine-tuning, no end-to-end notebook, no browser)
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow"
 
 bench: $(STAMP)
 	nice -n 0 $(BIN)/python -m benches $(BENCH_ARGS)

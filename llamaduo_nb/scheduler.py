@@ -57,6 +57,11 @@ LATENCY_EWMA_ALPHA = 0.2
 HEADROOM = 1.5  # concurrency allowed beyond rate x latency (latency varies call to call)
 MIN_CONCURRENCY = 4
 _POLL_S = 0.05  # how often a caller blocked only by concurrency re-checks (the cap grows with in-flight age)
+_GIVE_UP_POLL_S = 0.25  # how often a caller that may give up (`acquire(give_up=...)`) asks while it waits
+
+
+class GaveUp(Exception):
+    """`acquire` stopped waiting because its caller's `give_up()` said so; nothing was counted as sent."""
 
 
 @dataclass(frozen=True)
@@ -193,18 +198,25 @@ class RateScheduler:
         )
 
     # ---- acquire / release
-    async def acquire(self, tokens: int) -> Slot:
-        """Wait (first come, first served) until a request of `tokens` may be sent; count it as sent."""
+    async def acquire(self, tokens: int, give_up: Callable[[], bool] | None = None) -> Slot:
+        """Wait (first come, first served) until a request of `tokens` may be sent; count it as sent.
+
+        `give_up()` is asked while the caller waits (at least every 0.25 s); when it says so, `GaveUp` is raised
+        and the request takes no room in the limits (a stopped stage's queued calls leave at once instead of
+        each waiting for its turn under the rate limit).
+        """
         tokens = max(1, min(int(tokens), self.tpm))
         if self._gate is None:  # created lazily: bound to the loop that first uses them
             self._gate, self._freed = asyncio.Lock(), asyncio.Event()
         started = self._clock()
         async with self._gate:
             while True:
+                if give_up is not None and give_up():
+                    raise GaveUp()
                 now = self._clock()
                 wait = self.wait_s(tokens, now)
                 if wait > 0:
-                    await asyncio.sleep(wait)
+                    await asyncio.sleep(wait if give_up is None else min(wait, _GIVE_UP_POLL_S))
                     continue
                 if len(self._in_flight) < self.concurrency_limit(now):
                     break

@@ -14,6 +14,7 @@ and written to outputs/browser/layout.json.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -101,6 +102,16 @@ def stage_notebook(stage: str, values: dict, out: Path, *, review_only: bool = F
     out.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out)
     return out
+
+
+@pytest.fixture(autouse=True)
+def shots_folder_to_ourselves():
+    """outputs/browser/ is the checkout's one screenshot folder: two test runs of a checkout take turns at it
+    (one pytest-xdist session runs this test on one worker; a second session waits here)."""
+    SHOTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(SHOTS.parent / ".browser.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from llamaduo_nb.callcache import read_ledger
 from llamaduo_nb.config import RunConfig, build
 from llamaduo_nb.evaluate import JUDGMENT_SCHEMA
 from llamaduo_nb.runlayout import RunLayout
-from llamaduo_nb.scheduler import RateScheduler
+from llamaduo_nb.scheduler import GaveUp, RateScheduler
 from llamaduo_nb.services import ChatRequest, ServicePool
 from llamaduo_nb.synthesize import PAIRS_SCHEMA
 from llamaduo_nb.testing import Behaviour, TestLLMServer, reply_text
@@ -208,6 +208,26 @@ def test_429_cooldown_grows_without_a_hint_and_follows_the_hint_with_one():
     assert scheduler.wait_s(1) >= 7.5
     backoffs = {round(scheduler.backoff_s(3), 6) for _ in range(20)}
     assert len(backoffs) > 1 and all(0 <= b <= 4.0 for b in backoffs)  # jittered, not lockstep
+
+
+def test_a_caller_that_gives_up_leaves_the_queue_without_taking_a_turn():
+    # a stopped stage's queued calls: they leave at once, and what they leave behind is the limits as they were
+    clock = [0.0]  # stands still: a waiting caller's turn never comes by itself
+    scheduler = RateScheduler(60, 10**6, clock=lambda: clock[0])  # one request per second
+    stopped: list[str] = []
+
+    async def queue_then_stop() -> None:
+        await scheduler.acquire(1)
+        waiting = asyncio.ensure_future(scheduler.acquire(1, give_up=lambda: bool(stopped)))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        stopped.append("the stage stopped")
+        with pytest.raises(GaveUp):
+            await asyncio.wait_for(waiting, timeout=10)
+
+    asyncio.run(queue_then_stop())
+    assert scheduler.stats.sent == 1 and scheduler.in_flight == 1
+    assert scheduler.wait_s(1) == pytest.approx(1.0)  # the next turn is where it was: the leaver took none
 
 
 # --------------------------------------------------------------------------- the test server

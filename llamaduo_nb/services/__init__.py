@@ -41,9 +41,10 @@ What the pool does for each request, in order:
    retries: the last min(failure_window, 3) calls all failed for provider-side causes - rate limit, server
    errors, timeouts, connection errors - or, at the end of `complete_many`, every call so far did, in 3
    attempts or more, however small the stage), a failure share above `max_failure_share` over the last
-   `failure_window` real calls, or a budget. Calls still queued are not sent, and `complete_many` raises
-   `StageStopped` naming the provider and the cause; the runner records the stage as "stopped" and
-   `llamaduo run --resume` continues it (answered calls replay for free).
+   `failure_window` real calls, or a budget. Calls still queued are not sent (nor do they wait for a turn
+   under the rate limits first), and `complete_many` raises `StageStopped` naming the provider and the cause;
+   the runner records the stage as "stopped" and `llamaduo run --resume` continues it (answered calls replay
+   for free).
 7. Provider batches: for a provider with `batch: true`, steps 2-3 are replaced by the provider's batch API
    (batches.py): the uncached requests go out as batches, their ids persisted before polling, and each result
    goes through steps 4-6 like a live reply, priced at the batch discount.

@@ -30,7 +30,7 @@ from ..config import ConfigError, ProviderConfig, RunConfig
 from ..embedded import LlamaServer, embedded_gguf_path
 from ..llamacpp import llama_cpp_python_version
 from ..runlayout import RunLayout
-from ..scheduler import RateScheduler, Slot
+from ..scheduler import GaveUp, RateScheduler, Slot
 from .accounting import Accounts
 from .backends import (
     LOCAL_DUMMY_KEY,
@@ -64,7 +64,8 @@ class _StopGate:
     """Wraps a lane's backend: once the stage stopped, a call that got through the limiters is not sent.
 
     The check sits here, after the concurrency semaphore and the rate limiters, so calls that queued behind
-    them before the stop never go out.
+    them before the stop never go out. Calls still waiting in the limiters when the stage stops leave them at
+    once (`RateScheduler.acquire(give_up=...)`) instead of each waiting for a turn it will not use.
     """
 
     def __init__(self, backend: Any, accounts: Accounts):
@@ -360,7 +361,12 @@ class ServicePool:
 
     async def _attempt(self, lane: Lane, request: ChatRequest, sent: list[float]) -> tuple[Reply, float]:
         """One HTTP attempt once the scheduler gives it a slot; `sent` receives when it went out."""
-        slot: Slot = await lane.scheduler.acquire(estimate_tokens(request))
+        try:  # once the stage stopped, a call still waiting for its turn leaves without taking one
+            slot: Slot = await lane.scheduler.acquire(
+                estimate_tokens(request), give_up=lambda: self._accounts.stopped is not None
+            )
+        except GaveUp:
+            raise NotSent(self._accounts.stopped) from None
         latency = None
         try:
             started = time.monotonic()
