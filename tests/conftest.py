@@ -58,11 +58,13 @@ def make_params(tmp_path):
 # the order changes, never what runs; a file not named here follows, in its usual order.
 LONGEST_FIRST = (
     "test_pipeline.py",  # `llamaduo run`, two cycles, every notebook (~3.5 min)
+    "test_study.py",  # `llamaduo run` of a two-generator sweep + `llamaduo compare` (~3-5 min, its last test)
     "test_deploy.py",
     "test_kill_trials.py",
-    "test_synthesize.py",
     "test_evaluate.py",
+    "test_synthesize.py",
     "test_teacher.py",
+    "test_ddp_cpu.py",
     "test_failfast.py",
     "test_runner.py",
     "test_inference.py",
