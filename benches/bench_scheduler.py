@@ -45,6 +45,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
@@ -72,7 +73,8 @@ class ReferenceLimiter:
         self._tpm = AsyncLimiter(tpm, period_s)
         self._ids = 0
 
-    async def acquire(self, tokens: int) -> Slot:
+    async def acquire(self, tokens: int, give_up: Any = None) -> Slot:
+        # `give_up` (a stopped stage's queued calls leave at once) is the scheduler's; the old approach had none
         await self._semaphore.acquire()
         await self._rpm.acquire()
         await self._tpm.acquire(tokens)
