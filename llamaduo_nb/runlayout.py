@@ -28,7 +28,10 @@ The record schemas of these files are documented in `schemas.py`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +63,19 @@ def project_path(path: str | Path) -> Path:
 def cache_home() -> Path:
     """Machine-wide cache for derived model files (dequantised student, GGUF copies); not per run."""
     return Path(os.environ.get("LLAMADUO_CACHE", Path.home() / ".cache" / "llamaduo_nb"))
+
+
+@contextlib.contextmanager
+def cache_lock(folder: Path) -> Iterator[None]:
+    """Hold the file lock of a cache folder (`.<name>.lock` beside it) while it is checked and built: a second
+    process waits for the first build instead of repeating it or seeing half a folder."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import pandas as pd
 from ..config import GGUF_QUANTIZED_TYPES, RunConfig
 from ..jsonio import read_json
 from ..llamacpp import LlamaCppBuildError, extract_vendored, fetch_sdist
-from ..runlayout import RunLayout, cache_home
+from ..runlayout import RunLayout, cache_home, cache_lock
 from ..student import (
     LLAMA_ARCHITECTURES,
     GGUFExport,
@@ -203,6 +203,15 @@ def ensure_llama_cpp_converter(quiet: bool = False) -> Path:
     script = home / "convert_hf_to_gguf.py"
     if script.is_file():
         return script
+    with cache_lock(home):
+        if not script.is_file():  # another process may have extracted it while we waited
+            _extract_converter(home)
+    if not quiet:
+        print(f"llama.cpp converter: {script}")
+    return script
+
+
+def _extract_converter(home: Path) -> None:
     wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
     with tempfile.TemporaryDirectory(prefix="llamaduo-sdist-") as tmp:
         try:
@@ -216,9 +225,6 @@ def ensure_llama_cpp_converter(quiet: bool = False) -> Path:
         if not (staging / "convert_hf_to_gguf.py").is_file():
             raise GGUFExportError(f"{archive.name} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
         os.replace(staging, home)
-    if not quiet:
-        print(f"llama.cpp converter: {script}")
-    return script
 
 
 def _use_builtin(model_dir: Path) -> bool:
