@@ -69,15 +69,19 @@ def stand_in_notebook(stage: str, per_cycle: bool) -> nbformat.NotebookNode:
     return nb
 
 
-@pytest.fixture
-def notebooks_dir(tmp_path):
-    folder = tmp_path / "nbs"
+def stand_in_notebooks(folder: Path) -> Path:
+    """A notebooks folder of stand-ins for every stage (the cycle stages take `cycle`)."""
     folder.mkdir()
     for stage in STAGES:
         nbformat.write(
             stand_in_notebook(stage, stage not in ("01_coverage", "06_deploy")), folder / f"{stage}.ipynb"
         )
     return folder
+
+
+@pytest.fixture
+def notebooks_dir(tmp_path):
+    return stand_in_notebooks(tmp_path / "nbs")
 
 
 def executed(layout: RunLayout) -> list[str]:

@@ -10,16 +10,15 @@ import sys
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
 import yaml
-from test_runner import stand_in_notebook
+from test_runner import stand_in_notebooks
 from tinyrun import tiny_templateless_llama
 
 from llamaduo_nb import runner, study, synthesize
 from llamaduo_nb.config import ConfigError, load_config
 from llamaduo_nb.jsonio import read_json, write_json, write_jsonl
-from llamaduo_nb.runlayout import STAGES, RunLayout
+from llamaduo_nb.runlayout import RunLayout
 from llamaduo_nb.runner import PROJECT_ROOT
 
 SWEEP_TINY = PROJECT_ROOT / "params" / "sweep_tiny.yaml"
@@ -76,13 +75,7 @@ def test_listed_volumes_set_each_cycles_synthesis_target():
 
 @pytest.fixture
 def stand_ins(tmp_path) -> Path:
-    folder = tmp_path / "nbs"
-    folder.mkdir()
-    for stage in STAGES:
-        nbformat.write(
-            stand_in_notebook(stage, stage not in ("01_coverage", "06_deploy")), folder / f"{stage}.ipynb"
-        )
-    return folder
+    return stand_in_notebooks(tmp_path / "nbs")
 
 
 def _executed(folder: Path) -> list[str]:
