@@ -5,9 +5,11 @@ BIN    := $(VENV)/bin
 # CPU machines pin the CPU wheel; GPU users: make TORCH_SPEC='torch' (CUDA build), see environment.yml.
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
-# llama-cpp-python compiles llama.cpp for this CPU (-march=native), without its AMX kernels on x86_64: on an AMX
-# CPU (a Sapphire Rapids VM) they crashed at the first quantized matmul (SIGSEGV in ggml_backend_amx_mul_mat).
-# pip's wheel cache does not know build flags, so the wheel is built once per CPU into the project's cache.
+# llama-cpp-python compiles llama.cpp for this CPU (-march=native), without its AMX kernels on x86_64: built by
+# GCC 12 they crash at the first quantized matmul of an AMX CPU (SIGSEGV in ggml_backend_amx_mul_mat; cause and
+# fix in llamaduo_nb/llamacpp.py, applied to the llama-server that `llamaduo prepare` builds, which serves every
+# model; the wheel only tokenizes and quantizes). pip's wheel cache does not know build flags, so the wheel is
+# built once per CPU into the project's cache.
 LLAMA_CPP_PYTHON := $(shell grep -oE 'llama-cpp-python==[0-9.]+' pyproject.toml)
 CPU_TAG    := $(shell (uname -m; grep -m1 -E '^(flags|Features)' /proc/cpuinfo) | sha256sum | cut -c1-10)
 NO_AMX     := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)

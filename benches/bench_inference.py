@@ -4,7 +4,8 @@ Both comparisons run in one process on the same prompts, adapter and settings:
 
 * **llama.cpp vs transformers** for the demo's 03 (its test split from `params/demo.yaml`'s coverage data,
   K, temperature, top-p and max_new_tokens): `generate_responses` with `inference.engine: llamacpp` (the
-  cycle's merged weights as GGUF F16, served by llama.cpp through the ServicePool) against `engine:
+  cycle's merged weights as GGUF of type `inference.llamacpp_gguf`, Q8_0 by default, served by llama.cpp
+  through the ServicePool) against `engine:
   transformers` (one left-padded batch, shared prompt cache). tokens/s = generated tokens / generation
   wall time, loading excluded on both sides (transformers' model load; llama-server's start, which loads the
   GGUF); the one-off merge + GGUF export is reported apart (06 reuses the file).
@@ -38,14 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--inf-prompts", type=int, help="test prompts for the engine comparison (default all)")
 
 
-def run_engine(layout: Any, engine: str, parallel: int | None = None) -> dict[str, Any]:
+def run_engine(layout: Any, engine: str, parallel: int | None = None, **overrides: Any) -> dict[str, Any]:
     import dataclasses
 
     from llamaduo_nb.config import dump_config, load_config
     from llamaduo_nb.inference import generate_responses
 
     cfg = load_config(layout.params_file)
-    inf = dataclasses.replace(cfg.inference, engine=engine)
+    inf = dataclasses.replace(cfg.inference, engine=engine, **overrides)
     if parallel is not None:
         inf = dataclasses.replace(inf, llamacpp_parallel=parallel)
     cfg = dataclasses.replace(cfg, inference=inf)
@@ -96,12 +97,15 @@ def lines(args: argparse.Namespace) -> list[BenchLine]:
         inf = cfg.inference
         print("03, transformers engine ...", flush=True)
         tf_runs = [run_engine(layout, "transformers")]
-        print("03, llama.cpp engine (first run: merge + GGUF F16 export) ...", flush=True)
+        gguf_type = inf.llamacpp_gguf.upper()
+        print(f"03, llama.cpp engine (first run: merge + GGUF {gguf_type} export) ...", flush=True)
         export_started = time.monotonic()
         cpp = run_engine(layout, "llamacpp")
         export_s = cpp["load_time_s"] - cpp["server_start_s"]  # load time = merge + export + server start
         print("03, llama.cpp engine again (GGUF reused) ...", flush=True)
         cpp_runs = [cpp, run_engine(layout, "llamacpp")]
+        print("03, llama.cpp engine on GGUF F16 with an F16 KV cache ...", flush=True)
+        cpp_f16 = run_engine(layout, "llamacpp", llamacpp_gguf="f16", llamacpp_kv_cache="f16")
         print("03, llama.cpp engine with the fewest slots (one request at a time) ...", flush=True)
         cpp_one = run_engine(layout, "llamacpp", parallel=1)
         print("03, transformers engine again ...", flush=True)
@@ -116,7 +120,7 @@ def lines(args: argparse.Namespace) -> list[BenchLine]:
         rows.append(
             BenchLine(
                 f"03 on CPU, demo settings ({setting}): llama.cpp vs transformers",
-                f"{cpp_rate:.1f} tok/s (llama-server, GGUF F16, {cfg.inference.llamacpp_parallel} slots; runs {[r['tokens_per_s'] for r in cpp_runs]})",
+                f"{cpp_rate:.1f} tok/s (llama-server, GGUF {gguf_type}, {cfg.inference.llamacpp_parallel} slots; runs {[r['tokens_per_s'] for r in cpp_runs]})",
                 f"{tf_rate:.1f} tok/s (transformers, one batch, shared prompt cache; runs "
                 f"{[r['tokens_per_s'] for r in tf_runs]})",
                 ratio,
@@ -127,6 +131,17 @@ def lines(args: argparse.Namespace) -> list[BenchLine]:
                     "llamacpp": cpp_runs,
                     "merge_and_export_s": export_s,
                 },
+            )
+        )
+        rows.append(
+            BenchLine(
+                f"03 llama.cpp engine: GGUF {gguf_type} + {inf.llamacpp_kv_cache.upper()} KV cache (the default, "
+                "what 06 serves) vs F16 + F16 KV cache",
+                f"{cpp_rate:.1f} tok/s",
+                f"{cpp_f16['tokens_per_s']:.1f} tok/s (F16 export {cpp_f16['load_time_s'] - cpp_f16['server_start_s']:.1f} s)",
+                cpp_rate / cpp_f16["tokens_per_s"],
+                "",
+                details={"f16": cpp_f16},
             )
         )
         slots, fewest = cpp["llamacpp_parallel"], cpp_one["llamacpp_parallel"]
@@ -144,7 +159,7 @@ def lines(args: argparse.Namespace) -> list[BenchLine]:
         )
         rows.append(
             BenchLine(
-                "03 llama.cpp engine: one-off merge + GGUF F16 export per cycle (reused by 06)",
+                f"03 llama.cpp engine: one-off merge + GGUF {gguf_type} export per cycle",
                 f"{export_s:.1f} s",
                 f"transformers engine model load {statistics.median(r['load_time_s'] for r in tf_runs):.1f} s",
                 None,

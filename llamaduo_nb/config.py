@@ -83,6 +83,10 @@ class ProviderConfig:
     failure_window: int = 20
     max_failure_share: float = 0.5
     unusable_retries: int = 1  # empty, refused or blocked replies are re-sent this often (never cached)
+    # the first call goes out alone and the others wait for its outcome (a revoked key costs one call, not
+    # max_concurrency). The embedded server and the llama-servers 03 and 06 start are checked by their start
+    # (they answer /v1/models first) and skip it: a lone first answer of up to max_tokens held the rest back
+    probe_first_call: bool = True
     # reasoning models: OpenAI o-series / gpt-5 `reasoning_effort`; Anthropic extended thinking and Gemini 2.5
     # `thinking_budget` (tokens). The answer keeps its own max_tokens: the thinking budget is added on top.
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
@@ -295,7 +299,7 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    # auto: vLLM when CUDA + vllm, else llama.cpp (GGUF F16 of the merged cycle weights) when it imports,
+    # auto: vLLM when CUDA + vllm, else llama.cpp (GGUF of the merged cycle weights) when it imports,
     # else transformers
     engine: Literal["auto", "vllm", "transformers", "llamacpp"] = "auto"
     k: int = 4  # K: sampled answers per test prompt
@@ -311,6 +315,13 @@ class InferenceConfig:
     gpu_memory_utilization: float = 0.9  # vLLM: share of each GPU's memory it may take
     llamacpp_threads: int = 0  # llama.cpp engine: CPU threads of the server (0: all cores)
     llamacpp_parallel: int = 8  # llama.cpp engine: server slots decoded together (sampled runs; greedy: 1)
+    # llama.cpp engine: the GGUF type 03 exports and answers with. q8_0 is what 06 serves by default (04 judges
+    # the weights that ship) and 2-3x f16's tokens/s on CPU; f16 answers greedy prompts as transformers does
+    llamacpp_gguf: Literal["q8_0", "f16"] = "q8_0"
+    # llama.cpp engine: the type of the attention keys/values each slot keeps (06's served endpoint uses the
+    # same). q8_0 measured 1.16-1.31x f16's tokens/s on 03's demo workload; f16 for greedy answers as
+    # transformers gives them
+    llamacpp_kv_cache: Literal["q8_0", "f16"] = "q8_0"
 
     EXAMPLE = "engine: auto\nk: 4\ntemperature: 0.7\ntop_p: 0.9\nmax_new_tokens: 512"
 

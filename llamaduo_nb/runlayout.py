@@ -207,7 +207,7 @@ class RunLayout:
         return self.cycle_dir(cycle) / "merged"
 
     def cycle_gguf(self, cycle: int, qtype: str = "f16") -> Path:
-        """03 on the llama.cpp engine: `cycle_merged_dir` as GGUF; 06 reuses it for the chosen cycle."""
+        """03 on the llama.cpp engine: `cycle_merged_dir` as GGUF of type `qtype` (`inference.llamacpp_gguf`)."""
         return self.cycle_dir(cycle) / f"model-{qtype.lower()}.gguf"
 
     def cycle_gguf_marker(self, cycle: int, qtype: str = "f16") -> Path:

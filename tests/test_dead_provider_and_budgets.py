@@ -56,6 +56,40 @@ def test_a_dead_provider_stops_a_stage_smaller_than_the_window_after_a_few_calls
     assert sum(r["error"].startswith("retried: ") for r in rows) >= 6  # 2 retried attempts per failed call
 
 
+def test_a_server_started_and_checked_here_gets_its_calls_together_from_the_first(tmp_path):
+    """`probe_first_call: false` (the llama-servers 03 and 06 start, which answered /v1/models first): the first
+    call does not go out alone, so 4 slow calls overlap from the start; a dead one still stops the stage."""
+    with TestLLMServer(Behaviour(latency_s=0.3)) as server:
+        pool, _ = make_pool(
+            tmp_path, {"base_url": server.base_url, "max_concurrency": 4, "probe_first_call": False, **FAST}
+        )
+        with pool:
+            results = pool.complete_many("judge", [ask(repeat=i) for i in range(4)])
+        sent = server.entries()
+    assert all(r.error is None for r in results) and len(sent) == 4
+    assert max(e.arrived for e in sent) < min(e.finished for e in sent)  # all four in flight at once
+    with TestLLMServer(Behaviour(latency_s=0.3)) as server:  # the default: the first call alone
+        pool, _ = make_pool(tmp_path / "probed", {"base_url": server.base_url, "max_concurrency": 4, **FAST})
+        with pool:
+            pool.complete_many("judge", [ask(repeat=i) for i in range(4)])
+        sent = sorted(server.entries(), key=lambda e: e.arrived)
+    assert sent[0].finished <= sent[1].arrived
+    with TestLLMServer(Behaviour()) as server:
+        server.fail_next("error", FOREVER, retry_after_s=0.01)
+        pool, _ = make_pool(
+            tmp_path / "dead",
+            {
+                "base_url": server.base_url,
+                "max_retries": 0,
+                "max_concurrency": 2,
+                "probe_first_call": False,
+                **FAST,
+            },
+        )
+        with pool, pytest.raises(StageStopped, match="the last 3 calls all failed"):
+            pool.complete_many("judge", [ask(repeat=i) for i in range(16)])
+
+
 def test_a_stage_of_two_calls_stops_when_every_call_failed(tmp_path):
     with TestLLMServer(Behaviour()) as server:
         server.fail_next("rate_limited", FOREVER, retry_after_s=0.01)

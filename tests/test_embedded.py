@@ -219,3 +219,148 @@ def test_llama_server_binary_can_be_named_by_the_environment(tmp_path, monkeypat
     monkeypatch.setenv(SERVER_ENV, str(tmp_path / "absent"))
     with pytest.raises(LlamaCppBuildError, match=SERVER_ENV):
         llama_server_binary()
+
+
+# --------------------------------------------------------------------------- how llama-server runs on this CPU
+
+
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_the_packages_openmp_policy_stays_out_of_llama_server_but_a_users_does_not(tmp_path, monkeypatch):
+    """llamaduo_nb makes torch's OpenMP threads wait passively (a shared small CPU); llama-server, whose threads
+    meet at a barrier after every op, starts without that policy (it halved its tokens/s), unless the user set
+    it. The marker that tells the two apart travels with the policy into papermill's kernels."""
+    from llamaduo_nb.embedded import server_env
+
+    env = {k: v for k, v in __import__("os").environ.items() if "OMP_WAIT_POLICY" not in k}
+    fresh = subprocess.run(
+        [sys.executable, "-c", "import os, llamaduo_nb; print(os.environ['OMP_WAIT_POLICY'], "
+         "os.environ.get('LLAMADUO_DEFAULT_OMP_WAIT_POLICY'))"],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert fresh.stdout.split() == ["PASSIVE", "PASSIVE"]
+    users = subprocess.run(
+        [sys.executable, "-c", "import os, llamaduo_nb; print(os.environ.get('LLAMADUO_DEFAULT_OMP_WAIT_POLICY'))"],
+        env={**env, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert users.stdout.split() == ["None"]
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("LLAMADUO_DEFAULT_OMP_WAIT_POLICY", "PASSIVE")
+    assert "OMP_WAIT_POLICY" not in server_env() and "LLAMADUO_DEFAULT_OMP_WAIT_POLICY" not in server_env()
+    with LlamaServer(embedded_gguf_path(), n_ctx=256, log_file=tmp_path / "s.log") as server:
+        environ = Path(f"/proc/{server.process.pid}/environ").read_bytes().split(b"\0")
+    assert not [e for e in environ if e.startswith(b"OMP_WAIT_POLICY=")]
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user changed it after import: theirs
+    assert server_env()["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.delenv("LLAMADUO_DEFAULT_OMP_WAIT_POLICY")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # set by the user before import: no marker, kept
+    assert server_env()["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_the_amx_tile_configuration_patch_covers_the_vendored_llama_cpp(tmp_path):
+    """The GCC 12 fix (`llamacpp.patch_sources`) finds every `_tile_loadconfig(&config)` of the llama.cpp that
+    llama-server is built from and puts the whole-object read before it; a second run changes nothing."""
+    from llamaduo_nb.llamacpp import extract_vendored, fetch_sdist, patch_sources
+
+    source = extract_vendored(fetch_sdist(tmp_path), tmp_path / "llama.cpp", wanted=("ggml/src/",))
+    calls = [p for p in (source / "ggml" / "src").rglob("*.cpp") if "_tile_loadconfig" in p.read_text()]
+    assert calls, "llama.cpp has no AMX tile code any more: the patch and this test can go"
+    assert patch_sources(source) == sorted(str(p.relative_to(source)) for p in calls)
+    for path in calls:
+        lines = path.read_text().splitlines()
+        loads = [line for line in lines if "_tile_loadconfig(" in line]
+        assert loads and all('__asm__ volatile("" : : "m"(' in line for line in loads)
+    assert patch_sources(source) == []
+
+
+GREEDY_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Three colours of the rainbow are",
+    "Water boils",
+]
+
+
+def _greedy(extra: list[str], log: Path, steps: int = 24) -> tuple[dict, str]:
+    """Greedy continuations of GREEDY_PROMPTS by the embedded Q4_1 model: {prompt: (tokens, top-5 log-probs per
+    step)} and the server's log (at debug level: it names the buffers the weights went to)."""
+    import httpx
+
+    out = {}
+    with LlamaServer(embedded_gguf_path(), n_ctx=256, exact=True, log_file=log, extra_args=extra) as server:
+        root = server.base_url.removesuffix("/v1")
+        for prompt in GREEDY_PROMPTS:
+            body = {
+                "prompt": prompt,
+                "n_predict": steps,
+                "temperature": 0,
+                "return_tokens": True,
+                "n_probs": 5,
+            }
+            reply = httpx.post(f"{root}/completion", json=body, timeout=120).json()
+            top = [
+                {e["id"]: e["logprob"] for e in p["top_logprobs"]} for p in reply["completion_probabilities"]
+            ]
+            out[prompt] = (reply["tokens"], top)
+    return out, log.read_text()
+
+
+def _assert_continues_as(fast: dict, reference: dict) -> None:
+    """`fast` continues every prompt as `reference`: the same tokens until the two part, parting only at a near
+    tie of the reference (< 0.5 nats), chosen tokens' log-probabilities within 0.25 nats on average, and most
+    prompts identical for 12 tokens. A wrong kernel garbles every token from the first."""
+    long_agreement, gaps = 0, []
+    for prompt in GREEDY_PROMPTS:
+        (tokens_f, top_f), (tokens_r, top_r) = fast[prompt], reference[prompt]
+        assert tokens_f and tokens_r
+        same = 0
+        for f, r in zip(tokens_f, tokens_r, strict=False):
+            if f != r:
+                break
+            same += 1
+        gaps += [abs(top_f[i][tokens_f[i]] - top_r[i][tokens_f[i]]) for i in range(same)]
+        if same < min(len(tokens_f), len(tokens_r)):
+            chosen = tokens_f[same]
+            assert chosen in top_r[same], (prompt, same)
+            assert max(top_r[same].values()) - top_r[same][chosen] < 0.5, (prompt, same)
+        long_agreement += same >= 12
+    assert sum(gaps) / len(gaps) < 0.25
+    assert long_agreement >= len(GREEDY_PROMPTS) // 2 + 1
+
+
+@pytest.mark.slow
+def test_quantized_matmuls_on_amx_continue_as_the_plain_cpu_kernels_do(tmp_path):
+    """The served Q4_1 model runs its matmuls on AMX tiles where the CPU has them (the server's log says so; the
+    build used to crash right there) and continues prompts greedily as the same server with the plain CPU
+    kernels (`--no-repack`: no extra buffer types, so no AMX) does. The two quantise activations with different
+    rounding, so log-probabilities differ a little (measured median 0.03-0.10 nats, the order that separates
+    llama-cpp-python's wheel from the server)."""
+    amx, amx_log = _greedy(["-lv", "4"], tmp_path / "amx.log")
+    plain, plain_log = _greedy(["-lv", "4", "--no-repack"], tmp_path / "plain.log")
+    if "amx_int8" in _cpu_flags():
+        assert "AMX_INT8 = 1" in amx_log and "AMX model buffer size" in amx_log
+    assert "AMX model buffer size" not in plain_log
+    _assert_continues_as(amx, plain)
+
+
+@pytest.mark.slow
+def test_an_8_bit_kv_cache_continues_as_the_f16_one(tmp_path):
+    """`kv_cache="q8_0"` (03's default, `inference.llamacpp_kv_cache`) reaches the server and continues prompts
+    greedily as the f16 cache does, parting only at near ties."""
+    server = LlamaServer(embedded_gguf_path(), kv_cache="q8_0")
+    assert server.command(8080)[-4:] == ["--cache-type-k", "q8_0", "--cache-type-v", "q8_0"]
+    assert "--cache-type-k" not in LlamaServer(embedded_gguf_path()).command(8080)
+    with pytest.raises(EmbeddedModelError, match="kv_cache"):
+        LlamaServer(embedded_gguf_path(), kv_cache="q4_0")
+    q8, q8_log = _greedy(
+        ["-lv", "4", "--cache-type-k", "q8_0", "--cache-type-v", "q8_0"], tmp_path / "q8.log"
+    )
+    f16, _ = _greedy(["-lv", "4"], tmp_path / "f16.log")
+    assert "type_k = 'q8_0'" in q8_log or "K (q8_0)" in q8_log
+    _assert_continues_as(q8, f16)

@@ -199,10 +199,14 @@ def llamacpp_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_llamacpp_greedy_answers_are_the_transformers_answers(llamacpp_run):
+    """With the GGUF and the KV cache in F16 (the defaults, Q8_0, are the served model's; not exact)."""
     layout = llamacpp_run
     _, torch_rows = _generate(layout, "transformers", temperature=0.0)
-    summary, cpp_rows = _generate(layout, "llamacpp", temperature=0.0)
+    summary, cpp_rows = _generate(
+        layout, "llamacpp", temperature=0.0, llamacpp_gguf="f16", llamacpp_kv_cache="f16"
+    )
     assert summary["engine"] == "llamacpp" and summary["adapter_merged"] is True
+    assert summary["gguf_type"] == "f16" and summary["gguf"].endswith("model-f16.gguf")
     assert [(r["prompt_id"], r["sample_index"]) for r in cpp_rows] == [
         (r["prompt_id"], r["sample_index"]) for r in torch_rows
     ]
@@ -231,9 +235,10 @@ def test_llamacpp_returns_k_samples_per_prompt_with_the_transformers_schema(llam
     )  # fmt: skip
     assert all(isinstance(r["candidate"], str) and 1 <= r["output_tokens"] <= 24 for r in rows)
     assert summary["rows"] == len(TEST) * K and summary["tokens_per_s"] > 0
-    # the export is where 06 finds it, made once per adapter and reused by the next run
-    marker = read_json(layout.cycle_gguf_marker(0))
-    assert layout.cycle_gguf(0).is_file() and marker["qtype"] == "f16"
+    # the export is the default type (Q8_0, what 06 serves), made once per adapter and reused by the next run
+    assert summary["gguf_type"] == "q8_0" and summary["kv_cache"] == "q8_0"
+    marker = read_json(layout.cycle_gguf_marker(0, "q8_0"))
+    assert layout.cycle_gguf(0, "q8_0").is_file() and marker["qtype"] == "q8_0"
     again_summary, again = _generate(layout, "llamacpp")
     assert again_summary["gguf_built_now"] is False and len(again) == len(rows)
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..config import RunConfig
-from ..embedded import EMBEDDED_PREFIX, NEUTRAL_SAMPLING_ARGS, resolve_model_path
+from ..embedded import EMBEDDED_PREFIX, NEUTRAL_SAMPLING_ARGS, kv_cache_args, resolve_model_path
 from ..jsonio import atomic_write, read_json
 from ..runlayout import RunLayout
 from .select import CycleChoice
@@ -91,12 +91,13 @@ def write_vllm_script(cfg: RunConfig, layout: RunLayout, choice: CycleChoice) ->
     return layout.vllm_launch
 
 
-def llamacpp_script_text(served_name: str, gguf_rel: str, n_ctx: int) -> str:
+def llamacpp_script_text(served_name: str, gguf_rel: str, n_ctx: int, kv_cache: str = "f16") -> str:
     """A bash launcher for llama.cpp's server exactly as 06 ran it for the parity check: llama-server with
-    OpenAI's sampling semantics (`embedded.NEUTRAL_SAMPLING_ARGS`), parallel slots, on a GGUF of this run."""
+    OpenAI's sampling semantics (`embedded.NEUTRAL_SAMPLING_ARGS`), parallel slots, the KV cache type 03 answered
+    with (`inference.llamacpp_kv_cache`), on a GGUF of this run."""
     import shlex
 
-    neutral = " ".join(shlex.quote(a) for a in NEUTRAL_SAMPLING_ARGS)
+    neutral = " ".join(shlex.quote(a) for a in [*NEUTRAL_SAMPLING_ARGS, *kv_cache_args(kv_cache)])
     return f"""#!/usr/bin/env bash
 # OpenAI-compatible endpoint for this run's student on CPU (or a CUDA/Metal build of llama.cpp), the server
 # 06's parity check talked to:
@@ -131,7 +132,12 @@ exec "$LLAMA_SERVER" "${{ARGS[@]}}"
 
 def write_llamacpp_script(cfg: RunConfig, layout: RunLayout, gguf_path: Path) -> Path:
     """deploy/serve_llamacpp.sh for the served GGUF (`deploy.serve_gguf`)."""
-    text = llamacpp_script_text(cfg.run_name, _relative(gguf_path, layout.deploy_dir), cfg.deploy.n_ctx)
+    text = llamacpp_script_text(
+        cfg.run_name,
+        _relative(gguf_path, layout.deploy_dir),
+        cfg.deploy.n_ctx,
+        cfg.inference.llamacpp_kv_cache,
+    )
     with atomic_write(layout.llamacpp_launch) as fh:
         fh.write(text)
     os.chmod(layout.llamacpp_launch, 0o755)

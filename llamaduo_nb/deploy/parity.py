@@ -460,6 +460,7 @@ def judged_parity(cfg: RunConfig, layout: RunLayout, choice: CycleChoice, export
         n_ctx=cfg.deploy.n_ctx,
         log_file=layout.server_log(export.qtype),
         parallel=cfg.inference.llamacpp_parallel,
+        kv_cache=cfg.inference.llamacpp_kv_cache,  # as 03 answered: 04 judged this setting
     ) as server:
         run_cfg, name = served_provider(cfg, export.path, server.base_url, export.qtype)
         providers = [name, *dict.fromkeys(eval_cfg.judges)]

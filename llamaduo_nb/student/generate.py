@@ -8,8 +8,10 @@ llama.cpp on a machine without CUDA when `llama_cpp` imports, else transformers)
   call over all prompts, each with `SamplingParams(n=K, seed=…)` so the prompt is prefilled once and
   K continuations share its KV blocks; the cycle's adapter is served through a `LoRARequest`.
 * **llama.cpp** (CPU default): the cycle's adapter is merged into the base (`merge_adapter`) and
-  exported as GGUF F16 (`export_gguf`) once per adapter, to `cycle_NN/model-f16.gguf`, where 06
-  finds it (`gguf.cycle_gguf`). llama.cpp's OpenAI-compatible server (`embedded.LlamaServer`, on
+  exported once per adapter as GGUF of type `inference.llamacpp_gguf` (`export_gguf`), to
+  `cycle_NN/model-q8_0.gguf` by default (`gguf.cycle_gguf`): Q8_0 is what 06 serves by default, so 04 judges
+  the weights that ship, and on CPU it answers 2-3x faster than F16 (half the bytes per weight; int8 AMX
+  tiles where the CPU has them). llama.cpp's OpenAI-compatible server (`embedded.LlamaServer`, on
   127.0.0.1) answers through the ServicePool like every other model, so answers are cached and ledgered
   ($0). The server (llama-server) has `inference.llamacpp_parallel` slots (at least K): that many sequences
   are decoded together in one batch (continuous batching), which is where a CPU gets its throughput. The K
@@ -17,7 +19,8 @@ llama.cpp on a machine without CUDA when `llama_cpp` imports, else transformers)
   in one slot, its KV cache copied to K-1 more, and the K continuations decoded side by side; the call
   cache keeps the K answers of that request together and replays them together. The sampler chain
   is transformers': temperature and top-p only (`LLAMACPP_SAMPLER`: top_k 0, min_p 0, repeat_penalty 1).
-  Greedy answers are token-for-token the transformers engine's (tested); sampled ones follow the same
+  With `llamacpp_gguf: f16`, greedy answers are token-for-token the transformers engine's on most prompts
+  (tested); sampled ones follow the same
   distribution but not the same random stream: llama.cpp draws its own seeds, so a re-run samples anew
   (the call cache key holds the server's URL, whose port changes per start, so it does not replay them
   either).
@@ -402,9 +405,10 @@ def _generate_llamacpp(
         exact=greedy,
         log_file=layout.logs_dir / f"llama_server_03_{label}.log",
         model_alias=gguf.stem,
+        kv_cache=inf.llamacpp_kv_cache,
     ) as server:
         server_start_s = time.monotonic() - server_started  # loading the model, like transformers' load
-        model = f"{cfg.run_name}-{label}-f16-{gguf_sha[:12]}"
+        model = f"{cfg.run_name}-{label}-{inf.llamacpp_gguf}-kv_{inf.llamacpp_kv_cache}-{gguf_sha[:12]}"
         provider = local_server_provider("student_llamacpp", model, server.base_url, slots=in_flight)
         run_cfg = dataclasses.replace(cfg, providers=[*cfg.providers, provider])
         with warnings.catch_warnings():
@@ -459,6 +463,8 @@ def _generate_llamacpp(
         "llamacpp_threads": threads,
         "llamacpp_parallel": slots,
         "gguf": str(gguf),
+        "gguf_type": inf.llamacpp_gguf,
+        "kv_cache": inf.llamacpp_kv_cache,
         "server_start_s": round(server_start_s, 2),
     }
 
@@ -505,7 +511,7 @@ def answer_prompts(
         model_path = resolve_model_path(cfg.student.model_id)
         if cycle is not None:
             gguf, built = cycle_gguf(cfg, layout, cycle, progress)
-            marker = layout.cycle_gguf_marker(cycle)
+            marker = layout.cycle_gguf_marker(cycle, inf.llamacpp_gguf)
         else:
             gguf, marker = base_gguf(cfg, layout)
             built = None

@@ -8,9 +8,10 @@ rotary permutation of the q/k projections. For the embedded student its F16 and 
 byte for byte against llama.cpp's own `convert_hf_to_gguf.py`: identical. 06 adds the rest of what it ships
 (llama.cpp's converter for other architectures, K-quants: `deploy.gguf`).
 
-The cache: 03's llama.cpp engine answers with the cycle's adapter merged into the base and exported as F16
-(`cycle_gguf`, once per adapter content, at `cycle_NN/model-f16.gguf`, where 06 finds it again), and
-Table 1's base-student row with the base as 02 loads it (`base_gguf`, once per run).
+The cache: 03's llama.cpp engine answers with the cycle's adapter merged into the base and exported as GGUF
+of type `inference.llamacpp_gguf` (`cycle_gguf`, once per adapter content, at `cycle_NN/model-q8_0.gguf` by
+default), and Table 1's base-student row with the base as 02 loads it (`base_gguf`, once per run). 06 merges
+and exports the cycle it ships anew (into `deploy/`), with the same `merge_adapter` and `export_gguf`.
 """
 
 from __future__ import annotations
@@ -341,17 +342,19 @@ def _digest(paths: list[Path]) -> str:
 
 
 def cycle_gguf(cfg: RunConfig, layout: RunLayout, cycle: int, progress: bool = True) -> tuple[Path, bool]:
-    """(path, built now): the cycle's merged weights as GGUF F16 at `layout.cycle_gguf(cycle)`.
+    """(path, built now): the cycle's merged weights as GGUF of type `inference.llamacpp_gguf` at
+    `layout.cycle_gguf(cycle, qtype)`.
 
     Built once per adapter: the merge is `merge_adapter` (what 06 ships, the model exactly as 03's
     transformers engine builds it) into `layout.cycle_merged_dir(cycle)`, the export `export_gguf` with
-    the tokenizer check 06 runs. `layout.cycle_gguf_marker(cycle)` records the adapter's content hash,
-    so a retrained adapter is re-exported and 06 can reuse the file for the cycle it ships.
+    the tokenizer check 06 runs. `layout.cycle_gguf_marker(cycle, qtype)` records the adapter's content
+    hash, so a retrained adapter is re-exported.
     """
     adapter_dir = layout.adapter_dir(cycle)
     sources = sorted(p for p in adapter_dir.iterdir() if p.suffix in (".safetensors", ".json", ".jinja"))
     adapter_sha = _digest(sources)
-    path, marker = layout.cycle_gguf(cycle), layout.cycle_gguf_marker(cycle)
+    qtype = cfg.inference.llamacpp_gguf
+    path, marker = layout.cycle_gguf(cycle, qtype), layout.cycle_gguf_marker(cycle, qtype)
     if path.is_file() and marker.is_file() and read_json(marker).get("adapter_sha256") == adapter_sha:
         return path, False
     merged = merge_adapter(cfg, adapter_dir, layout.cycle_merged_dir(cycle))
@@ -360,16 +363,18 @@ def cycle_gguf(cfg: RunConfig, layout: RunLayout, cycle: int, progress: bool = T
         "adapter_sha256": adapter_sha,
         "merge_seconds": round(merged.seconds, 2),
     }
-    _export_f16(cfg, merged.path, path, marker, f"cycle {cycle}", record)
+    _export(cfg, merged.path, path, marker, f"cycle {cycle}", record)
     return path, True
 
 
 def base_gguf(cfg: RunConfig, layout: RunLayout) -> tuple[Path, Path]:
-    """(GGUF, its marker): the student before fine-tuning as GGUF F16, for Table 1's base-student row when
+    """(GGUF, its marker): the student before fine-tuning as GGUF (`inference.llamacpp_gguf`), for Table 1's
+    base-student row when
     03 answers through llama.cpp (the cycles' engine). The model is saved as 02 loads it
     (`load_student`, with the params' chat template) under `<run>/baselines/base_student/`."""
     folder = layout.baseline_dir("base_student")
-    path, marker = folder / "model-f16.gguf", folder / "model-f16.json"
+    qtype = cfg.inference.llamacpp_gguf
+    path, marker = folder / f"model-{qtype}.gguf", folder / f"model-{qtype}.json"
     student = cfg.student
     source = {
         "student": student.model_id,
@@ -383,17 +388,19 @@ def base_gguf(cfg: RunConfig, layout: RunLayout) -> tuple[Path, Path]:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     del model
-    _export_f16(cfg, folder / "model", path, marker, "base student", {"source": source})
+    _export(cfg, folder / "model", path, marker, "base student", {"source": source})
     return path, marker
 
 
-def _export_f16(cfg: RunConfig, model_dir: Path, path: Path, marker: Path, what: str, record: dict) -> None:
-    """The GGUF F16 export of `model_dir` to `path` plus its tokenizer check; `marker` records `record`."""
+def _export(cfg: RunConfig, model_dir: Path, path: Path, marker: Path, what: str, record: dict) -> None:
+    """The GGUF export (`inference.llamacpp_gguf`) of `model_dir` to `path` plus its tokenizer check; `marker`
+    records `record`."""
     licence, upstream, _ = base_licence(cfg.student.model_id)
+    qtype = cfg.inference.llamacpp_gguf
     export = export_gguf(
         model_dir,
         path,
-        "f16",
+        qtype,
         tokenizer_pre=tokenizer_pre_for(cfg),
         name=f"{cfg.run_name} {what} ({upstream or cfg.student.model_id})",
         licence=licence,
@@ -412,7 +419,7 @@ def _export_f16(cfg: RunConfig, model_dir: Path, path: Path, marker: Path, what:
             **record,
             "gguf": path.name,
             "gguf_sha256": _digest([path]),
-            "qtype": "f16",
+            "qtype": qtype,
             "merged_dir": str(model_dir),
             "export_seconds": round(export.seconds, 2),
         },
