@@ -434,16 +434,25 @@ class LlamaServer:
         self.process, self.port = proc, port
 
 
+# How long llama-server's OpenMP threads spin at a barrier before they sleep (libgomp's GOMP_SPINCOUNT; its
+# default is 300,000, PASSIVE is 0). Measured on 2 cores, 03's demo workload (24 slots, Q8_0): 0 -> 91 tok/s,
+# 100 -> 102, 1,000 -> 217, 300,000 -> 217; and two test workers sharing the cores (test_evaluate + test_synthesize,
+# -n 2): 0 -> 62 s, 1,000 -> 58 s, 10,000 -> 88 s, 300,000 -> more than 500 s (stopped: each server's threads
+# spun on cores the other processes needed).
+SERVER_SPINCOUNT = "1000"
+
+
 def server_env() -> dict[str, str]:
-    """The environment llama-server starts with: this process's, less the OpenMP wait policy llamaduo_nb set
-    for torch (`llamaduo_nb/__init__.py`). ggml's threads meet at a barrier after every op of the graph (some
-    600 a decoding step for a 30-layer model); told to wait passively they sleep and wake at each one.
-    Measured on 2 cores (03's demo workload, 24 slots): GGUF F16 77 tok/s with the policy vs 114 without,
-    Q8_0 112 vs 215. A policy the user set (no marker, or another value) is kept."""
+    """The environment llama-server starts with: this process's, with a short bounded spin instead of the
+    passive OpenMP wait policy llamaduo_nb set for torch (`llamaduo_nb/__init__.py`). ggml's threads meet at a
+    barrier after every op of the graph (some 600 a decoding step for a 30-layer model): sleeping at each one
+    halved llama-server's tokens/s, spinning long starved every other process on a small machine
+    (`SERVER_SPINCOUNT`). A policy or spin count the user set is kept."""
     env = dict(os.environ)
     marker = env.pop("LLAMADUO_DEFAULT_OMP_WAIT_POLICY", None)
     if marker is not None and env.get("OMP_WAIT_POLICY") == marker:
         del env["OMP_WAIT_POLICY"]
+        env.setdefault("GOMP_SPINCOUNT", SERVER_SPINCOUNT)
     return env
 
 

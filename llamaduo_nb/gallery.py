@@ -32,6 +32,7 @@ def _plots(layout: RunLayout) -> list[tuple[Path, str]]:
         ]
     picks += [
         (layout.cycles_fig2_plot, "fig2_cycles.png"),
+        (layout.volumes_plot, "fig2_volumes.png"),  # a sweep or a study (`study.py`)
         (layout.parity_plot, "06_parity.png"),
         (layout.breakeven_plot, "06_breakeven.png"),
     ]

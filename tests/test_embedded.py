@@ -233,8 +233,9 @@ def _cpu_flags() -> set[str]:
 
 def test_the_packages_openmp_policy_stays_out_of_llama_server_but_a_users_does_not(tmp_path, monkeypatch):
     """llamaduo_nb makes torch's OpenMP threads wait passively (a shared small CPU); llama-server, whose threads
-    meet at a barrier after every op, starts without that policy (it halved its tokens/s), unless the user set
-    it. The marker that tells the two apart travels with the policy into papermill's kernels."""
+    meet at a barrier after every op, starts with a short bounded spin instead (passive halved its tokens/s,
+    libgomp's default spin starved the other processes), unless the user set a policy. The marker that tells
+    the two apart travels with the policy into papermill's kernels."""
     from llamaduo_nb.embedded import server_env
 
     env = {k: v for k, v in __import__("os").environ.items() if "OMP_WAIT_POLICY" not in k}
@@ -250,12 +251,14 @@ def test_the_packages_openmp_policy_stays_out_of_llama_server_but_a_users_does_n
     )  # fmt: skip
     assert users.stdout.split() == ["None"]
 
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     monkeypatch.setenv("LLAMADUO_DEFAULT_OMP_WAIT_POLICY", "PASSIVE")
     assert "OMP_WAIT_POLICY" not in server_env() and "LLAMADUO_DEFAULT_OMP_WAIT_POLICY" not in server_env()
     with LlamaServer(embedded_gguf_path(), n_ctx=256, log_file=tmp_path / "s.log") as server:
         environ = Path(f"/proc/{server.process.pid}/environ").read_bytes().split(b"\0")
     assert not [e for e in environ if e.startswith(b"OMP_WAIT_POLICY=")]
+    assert b"GOMP_SPINCOUNT=1000" in environ  # a short spin, then sleep: fast alone, fair when shared
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user changed it after import: theirs
     assert server_env()["OMP_WAIT_POLICY"] == "ACTIVE"
     monkeypatch.delenv("LLAMADUO_DEFAULT_OMP_WAIT_POLICY")

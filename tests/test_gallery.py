@@ -36,6 +36,16 @@ def test_gallery_copies_the_summary_and_downscaled_plots(tmp_path):
         assert image.width == gallery.MAX_WIDTH_PX
 
 
+def test_a_sweeps_score_against_volume_figure_is_in_the_gallery(tmp_path):
+    layout = RunLayout(tmp_path / "run")
+    _png(layout.cycles_fig2_plot, 4)
+    _png(layout.volumes_plot, 6)
+    layout.summary_file.write_text("# Run sweep\n")
+    files = {p.name for p in gallery.build_gallery(layout.root, tmp_path / "docs")}
+    assert files == {"README.md", "fig2_cycles.png", "fig2_volumes.png"}
+    assert "![fig2_volumes.png](fig2_volumes.png)" in (tmp_path / "docs" / "README.md").read_text()
+
+
 def test_gallery_refuses_a_run_without_summary_and_a_heavy_folder(tmp_path, monkeypatch):
     layout = RunLayout(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="make demo"):
