@@ -297,6 +297,9 @@ class FinetuneConfig:
         )
 
 
+KV_CACHE_TYPES = ("q8_0", "f16")  # llama-server's KV cache types this project offers (`embedded.LlamaServer`)
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     # auto: vLLM when CUDA + vllm, else llama.cpp (GGUF of the merged cycle weights) when it imports,
@@ -321,7 +324,7 @@ class InferenceConfig:
     # llama.cpp engine: the type of the attention keys/values each slot keeps (06's served endpoint uses the
     # same). q8_0 measured 1.16-1.31x f16's tokens/s on 03's demo workload; f16 for greedy answers as
     # transformers gives them
-    llamacpp_kv_cache: Literal["q8_0", "f16"] = "q8_0"
+    llamacpp_kv_cache: Literal[KV_CACHE_TYPES] = "q8_0"
 
     EXAMPLE = "engine: auto\nk: 4\ntemperature: 0.7\ntop_p: 0.9\nmax_new_tokens: 512"
 

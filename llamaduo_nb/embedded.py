@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import ProviderConfig
+from .config import KV_CACHE_TYPES, ProviderConfig
 from .jsonio import atomic_dir, sha256_file
 from .llamacpp import ensure_llama_server
 from .runlayout import cache_home, cache_lock
@@ -231,9 +231,6 @@ def _parent_death_signal() -> Any:
     except OSError:
         return None
     return lambda: prctl(1, signal.SIGTERM)
-
-
-KV_CACHE_TYPES = ("f16", "q8_0")
 
 
 def kv_cache_args(kv_cache: str) -> list[str]:

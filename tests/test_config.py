@@ -134,3 +134,25 @@ def test_a_params_file_extends_another_and_states_only_what_differs(tmp_path, pr
     (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
     with pytest.raises(ConfigError, match=r"c.yaml, key 'extends': 'missing.yaml' not found"):
         read_params(tmp_path / "c.yaml")
+
+
+def test_llamacpp_gguf_and_kv_cache_take_the_offered_types_only(tmp_path):
+    import yaml
+
+    from llamaduo_nb.config import KV_CACHE_TYPES, ConfigError, load_config
+    from llamaduo_nb.runlayout import project_file
+
+    params = yaml.safe_load(project_file("params/demo.yaml").read_text())
+    path = tmp_path / "p.yaml"
+    for key, bad in (("llamacpp_kv_cache", "q4_0"), ("llamacpp_gguf", "q4_k_m")):
+        params["inference"][key] = bad
+        path.write_text(yaml.safe_dump(params))
+        with pytest.raises(ConfigError, match=rf"inference.{key}': '{bad}' is not one of"):
+            load_config(path)
+        params["inference"][key] = "f16"
+    path.write_text(yaml.safe_dump(params))
+    inf = load_config(path).inference
+    assert (inf.llamacpp_gguf, inf.llamacpp_kv_cache) == ("f16", "f16") and set(KV_CACHE_TYPES) == {
+        "q8_0",
+        "f16",
+    }
