@@ -32,7 +32,8 @@ cycle)` is the one reader of a cycle's metrics.json (the runner, 06, the summary
   cycle_NN/responses.jsonl                           RESPONSE_ROW, one per (prompt, sample):
       {prompt_id, instruction, reference, candidate, sample_index (0..K-1), category, model_id, model_revision,
        adapter (relative to the run folder), output_tokens, finish_reason ("stop" | "length"),
-       generation {engine, k, temperature, top_p, do_sample, max_new_tokens, seed, batch_size, sample_seed}}
+       generation {engine, k, temperature, top_p, do_sample, max_new_tokens, seed, batch_size, gguf_type,
+                  kv_cache, sample_seed}}
   cycle_NN/inference.json                            {engine, prompts, k, rows, tokens_generated, prompt_tokens,
       prompt_tokens_computed, load_time_s, wall_time_s, cpu_time_s, tokens_per_s, finish_reasons, ...}
   cycle_NN/output_lengths.png                        histogram of generated tokens per answer

@@ -354,6 +354,45 @@ def test_served_gguf_answers_greedily_like_the_merged_transformers_model(shipped
     assert table.loc["f16", "greedy exact"] >= 2 / 3 and table.loc["q4_k_m", "MiB"] < table.loc["q8_0", "MiB"]
 
 
+@pytest.mark.slow
+def test_06_links_03s_gguf_of_the_shipped_cycle_when_it_is_current_and_exports_it_otherwise(tmp_path):
+    """03 exported the cycle as Q8_0 already (`student.cycle_gguf`); 06 ships that file (a hard link, same
+    tensors as exporting its own merged folder) instead of exporting it again, unless the adapter changed."""
+    import gguf
+
+    layout = build_run(
+        tmp_path / "reuse", n_test=2, overrides={"deploy": {"gguf_types": ["q8_0"], "serve_gguf": "q8_0"}}
+    )
+    cfg = load_config(layout.params_file)
+    assert cfg.inference.llamacpp_gguf == "q8_0"
+    made, built = student.cycle_gguf(cfg, layout, 0)
+    assert built and not layout.cycle_merged_dir(0).exists()  # 03 keeps the GGUF, not the merged weights
+    student.merge_adapter(cfg, layout.adapter_dir(0), layout.merged_dir)
+
+    (linked,) = deploy.export_all(cfg, layout, cycle=0)
+    assert linked.qtype == "q8_0" and "linked" in linked.exporter
+    assert os.path.samefile(linked.path, made) and linked.n_tensors == sum(
+        student.tensor_types(made).values()
+    )
+    fresh = student.export_gguf(
+        layout.merged_dir, tmp_path / "fresh.gguf", "q8_0", tokenizer_pre=student.tokenizer_pre_for(cfg)
+    )
+    shipped_tensors = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(linked.path)).tensors}
+    fresh_tensors = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(fresh.path)).tensors}
+    assert shipped_tensors.keys() == fresh_tensors.keys()
+    assert all(np.array_equal(shipped_tensors[n], fresh_tensors[n]) for n in fresh_tensors)
+
+    # an adapter other than the one 03 exported (its recorded digest no longer matches): exported anew
+    marker = layout.cycle_gguf_marker(0, "q8_0")
+    write_json(marker, {**json.loads(marker.read_text()), "adapter_sha256": "0" * 64})
+    (again,) = deploy.export_all(cfg, layout, cycle=0)
+    assert again.exporter == "builtin" and not os.path.samefile(again.path, made)
+    assert made.is_file()  # 03's file is untouched by 06's atomic replace
+    # without the cycle (a caller that does not say which one ships) nothing is reused
+    (plain,) = deploy.export_all(cfg, layout)
+    assert plain.exporter == "builtin"
+
+
 def test_builtin_exporter_refuses_architectures_it_does_not_know(tmp_path):
     """(export_all sends those to llama.cpp's converter instead: tests/test_deploy_architectures.py)"""
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GemmaForCausalLM"]}))

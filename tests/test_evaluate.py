@@ -430,6 +430,10 @@ def test_notebook_judges_each_row_m_times_and_metrics_match(tmp_path):
     from llamaduo_nb.student import resolve_engine
 
     assert {r["generation"]["engine"] for r in base} == {resolve_engine(cfg.inference.engine)}
+    if resolve_engine(cfg.inference.engine) == "llamacpp":  # its GGUF kept, the full-precision scratch gone
+        base_dir = layout.baseline_dir("base_student")
+        assert (base_dir / f"model-{cfg.inference.llamacpp_gguf}.gguf").is_file()
+        assert not (base_dir / "model").exists() and not list(base_dir.glob("**/*.safetensors"))
     service = read_jsonl(layout.baseline_responses_file("smollm2-service"))
     assert [r["model_id"] for r in service] == ["service:smollm2-service"] * len(RESPONSES)
     assert read_json(layout.agreement_file(0))["krippendorff_alpha"]

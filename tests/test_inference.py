@@ -207,6 +207,10 @@ def test_llamacpp_greedy_answers_are_the_transformers_answers(llamacpp_run):
     )
     assert summary["engine"] == "llamacpp" and summary["adapter_merged"] is True
     assert summary["gguf_type"] == "f16" and summary["gguf"].endswith("model-f16.gguf")
+    # the merged full-precision weights were scratch for the export: only the GGUF stays in the cycle
+    assert not layout.cycle_merged_dir(0).exists() and not list(
+        layout.cycle_dir(0).glob("**/model.safetensors")
+    )
     assert [(r["prompt_id"], r["sample_index"]) for r in cpp_rows] == [
         (r["prompt_id"], r["sample_index"]) for r in torch_rows
     ]
@@ -224,6 +228,8 @@ def test_llamacpp_returns_k_samples_per_prompt_with_the_transformers_schema(llam
     summary, rows = _generate(layout, "llamacpp")
     assert set(rows[0]) == set(torch_rows[0])
     assert set(rows[0]["generation"]) == set(torch_rows[0]["generation"])
+    assert {(r["generation"]["gguf_type"], r["generation"]["kv_cache"]) for r in rows} == {("q8_0", "q8_0")}
+    assert {(r["generation"]["gguf_type"], r["generation"]["kv_cache"]) for r in torch_rows} == {(None, None)}
     by_prompt = defaultdict(list)
     for row in rows:
         by_prompt[row["prompt_id"]].append(row["sample_index"])

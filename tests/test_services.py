@@ -541,3 +541,31 @@ def test_embedded_server_answers_a_json_schema_request_through_the_openai_client
     (row,) = read_ledger(layout.calls_db)
     assert row["kind"] == "embedded" and row["cost_usd"] == 0.0
     assert row["input_tokens"] > 0 and row["output_tokens"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_the_embedded_server_gets_its_first_calls_together(tmp_path):
+    """The pool starts and checks the embedded server itself, so its first call does not go out alone: two
+    answers overlap in time (the ledger's finish time minus latency is each start). A remote
+    provider's first call goes alone: test_dead_provider_and_budgets."""
+    from datetime import datetime
+
+    pool, layout = make_pool(
+        tmp_path,
+        {"kind": "embedded", "model": "smollm2", "max_concurrency": 2, "rpm": 100_000, "tpm": 10**9},
+        stage="05_synthesize",
+    )
+    requests = [
+        ChatRequest(messages=[{"role": "user", "content": f"Name {n} colours."}], max_tokens=256)
+        for n in ("two", "three")
+    ]
+    with pool:
+        assert pool._lane("judge").provider.probe_first_call is False  # set by the pool, not the params
+        results = pool.complete_many("judge", requests)
+    assert all(r.error is None for r in results)
+    spans = []
+    for row in read_ledger(layout.calls_db):
+        end = datetime.fromisoformat(row["ts"]).timestamp()
+        spans.append((end - row["latency_s"], end))
+    assert len(spans) == 2 and max(s for s, _ in spans) < min(e for _, e in spans)  # both in flight at once

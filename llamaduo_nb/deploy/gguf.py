@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from ..student import (
     GGUFExportError,
     base_licence,
     check_gguf_tokenizer,
+    current_cycle_gguf,
     export_gguf,
     tensor_types,
     tokenizer_pre_for,
@@ -238,12 +240,17 @@ def _use_builtin(model_dir: Path) -> bool:
     return spec.get("model", {}).get("type") == "BPE" and "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
 
 
-def export_all(cfg: RunConfig, layout: RunLayout, merged_dir: str | Path | None = None) -> list[GGUFExport]:
+def export_all(
+    cfg: RunConfig, layout: RunLayout, merged_dir: str | Path | None = None, cycle: int | None = None
+) -> list[GGUFExport]:
     """Every `deploy.gguf_types` file of the merged model, each checked for tokenizer agreement.
 
     f32/f16/bf16/q8_0 come from the converter (`deploy.converter`: the built-in one for Llama-architecture
     students, llama.cpp's convert_hf_to_gguf.py for the rest); the K-quants and q4_0/q5_0 are made from the
     F16 file by llama.cpp's quantizer (an F16 file is written for it when f16 is not listed, then removed).
+    With `cycle` (the shipped one), the type 03 answered with (`inference.llamacpp_gguf`) is 03's own file of
+    that cycle when it is current, hard-linked (copied across file systems) rather than exported again:
+    the same merge and the same built-in exporter made it, so only its `general.name` says "cycle N".
     """
     merged_dir = Path(merged_dir or layout.merged_dir)
     licence, upstream, _ = base_licence(cfg.student.model_id)
@@ -258,7 +265,14 @@ def export_all(cfg: RunConfig, layout: RunLayout, merged_dir: str | Path | None 
     exports: dict[str, GGUFExport] = {}
     for qtype in converted + (["f16"] if temporary_f16 else []):
         out = layout.gguf_file(qtype)
-        if builtin:
+        made_by_03 = (
+            current_cycle_gguf(layout, cycle, qtype)
+            if builtin and cycle is not None and qtype == cfg.inference.llamacpp_gguf
+            else None
+        )
+        if made_by_03 is not None:
+            result = _link(made_by_03, out, qtype, f"builtin (03's {made_by_03.parent.name}, linked)")
+        elif builtin:
             result = export_gguf(
                 merged_dir,
                 out,
@@ -286,6 +300,30 @@ def export_all(cfg: RunConfig, layout: RunLayout, merged_dir: str | Path | None 
                 f"'{pre}' is probably wrong: set deploy.gguf_tokenizer_pre or deploy.converter: llama.cpp"
             )
     return [exports[q] for q in dep.gguf_types]
+
+
+def _link(source: Path, out: Path, qtype: str, exporter: str) -> GGUFExport:
+    """`out` as a hard link of `source` (a copy when they are on different file systems), atomically."""
+    t0 = time.monotonic()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copy2(source, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return GGUFExport(
+        qtype,
+        out,
+        out.stat().st_size,
+        time.monotonic() - t0,
+        exporter,
+        sum(tensor_types(out).values()),
+    )
 
 
 def exports_table(exports: Sequence[GGUFExport]) -> pd.DataFrame:

@@ -77,7 +77,8 @@ class _Guard:
 
     A call is one request after its retries. The first real call goes out alone (a revoked key costs one call,
     not `max_concurrency`), and so does each next one until a call did not fail provider-side (`admit`); not for
-    a server this process started and checked (`probe_first_call: false`, the embedded kind). Two
+    a server this process started and checked (`probe_first_call: false`; the pool sets it for the embedded
+    kind). Two
     rules stop the stage:
 
     - dead provider: the last `min(failure_window, DEAD_AFTER_CALLS)` calls all failed for a provider-side cause
@@ -326,8 +327,8 @@ class Accounts:
         """The provider's failure window (and first-call probe)."""
         guard = self._guards.get(p.name)
         if guard is None:
-            probe = p.probe_first_call and p.kind != "embedded"  # a server started here answered its check
-            guard = self._guards[p.name] = _Guard(p.failure_window, p.max_failure_share, opened=not probe)
+            opened = not p.probe_first_call  # a server started here answered its check (the pool says so)
+            guard = self._guards[p.name] = _Guard(p.failure_window, p.max_failure_share, opened=opened)
         return guard
 
     def record_failure(

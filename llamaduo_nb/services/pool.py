@@ -80,6 +80,12 @@ class _StopGate:
         return getattr(self._backend, name)
 
 
+def _served_here(p: ProviderConfig) -> ProviderConfig:
+    """The embedded kind is the llama-server this pool starts and checks (it answers /v1/models before the
+    first call): its first call need not go out alone (`probe_first_call`)."""
+    return replace(p, probe_first_call=False) if p.kind == "embedded" else p
+
+
 class ServicePool:
     """Context manager over the service LLMs a stage uses; see the package docstring.
 
@@ -103,7 +109,9 @@ class ServicePool:
         if isinstance(providers, str):
             providers = [providers]
         names = list(providers) if providers is not None else [p.name for p in cfg.providers]
-        self._providers: dict[str, ProviderConfig] = {name: cfg.provider(name) for name in names}
+        self._providers: dict[str, ProviderConfig] = {
+            name: _served_here(cfg.provider(name)) for name in names
+        }
         self._lanes: dict[str, Lane] = {}
         self._accounts = Accounts(stage, cycle, layout)  # budgets, ledger, caches, failure windows, stop
         self._server: Any = None

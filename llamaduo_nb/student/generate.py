@@ -19,11 +19,11 @@ llama.cpp on a machine without CUDA when `llama_cpp` imports, else transformers)
   in one slot, its KV cache copied to K-1 more, and the K continuations decoded side by side; the call
   cache keeps the K answers of that request together and replays them together. The sampler chain
   is transformers': temperature and top-p only (`LLAMACPP_SAMPLER`: top_k 0, min_p 0, repeat_penalty 1).
-  With `llamacpp_gguf: f16`, greedy answers are token-for-token the transformers engine's on most prompts
-  (tested); sampled ones follow the same
-  distribution but not the same random stream: llama.cpp draws its own seeds, so a re-run samples anew
-  (the call cache key holds the server's URL, whose port changes per start, so it does not replay them
-  either).
+  With `llamacpp_gguf: f16` and `llamacpp_kv_cache: f16`, greedy answers are token-for-token the
+  transformers engine's (tested on every prompt of the test run); with the Q8_0 defaults they are the served
+  model's, close but not equal. Sampled ones follow the same distribution but not the same random stream:
+  llama.cpp draws its own seeds, so a re-run samples anew (the call cache key holds the server's URL, whose
+  port changes per start, so it does not replay them either).
 * **transformers**: prompts are batched with LEFT padding and `num_return_sequences=K`.
   Hugging Face's `generate` repeats every prompt K times *before* the prefill (checked in transformers
   5.23, `_expand_inputs_for_generation`), so a long prompt is computed K times. With
@@ -473,8 +473,8 @@ def _generate_llamacpp(
 
 
 def generation_params(inf: InferenceConfig, engine: str) -> dict[str, Any]:
-    """The sampler settings recorded with every answer; every engine samples with temperature and top-p
-    only (top_k 0, min_p 0, no repetition penalty)."""
+    """The sampler settings (and llama.cpp's GGUF and KV-cache types) recorded with every answer; every engine
+    samples with temperature and top-p only (top_k 0, min_p 0, no repetition penalty)."""
     return {
         "engine": engine,
         "k": inf.k,
@@ -484,6 +484,9 @@ def generation_params(inf: InferenceConfig, engine: str) -> dict[str, Any]:
         "max_new_tokens": inf.max_new_tokens,
         "seed": inf.seed,
         "batch_size": inf.batch_size if engine == "transformers" else None,
+        # the llama.cpp engine answers with quantized weights and KV cache; the others with the model's dtype
+        "gguf_type": inf.llamacpp_gguf if engine == "llamacpp" else None,
+        "kv_cache": inf.llamacpp_kv_cache if engine == "llamacpp" else None,
         **LLAMACPP_SAMPLER,
     }
 

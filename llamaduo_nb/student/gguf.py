@@ -11,7 +11,8 @@ byte for byte against llama.cpp's own `convert_hf_to_gguf.py`: identical. 06 add
 The cache: 03's llama.cpp engine answers with the cycle's adapter merged into the base and exported as GGUF
 of type `inference.llamacpp_gguf` (`cycle_gguf`, once per adapter content, at `cycle_NN/model-q8_0.gguf` by
 default), and Table 1's base-student row with the base as 02 loads it (`base_gguf`, once per run). 06 merges
-and exports the cycle it ships anew (into `deploy/`), with the same `merge_adapter` and `export_gguf`.
+the cycle it ships anew into `deploy/merged/` (the shipped folder) and links 03's GGUF of that cycle into
+`deploy/gguf/` when it is current (`current_cycle_gguf`); its other types it exports with `export_gguf`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -341,29 +343,56 @@ def _digest(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def _adapter_digest(adapter_dir: Path) -> str:
+    return _digest(
+        sorted(p for p in adapter_dir.iterdir() if p.suffix in (".safetensors", ".json", ".jinja"))
+    )
+
+
+def current_cycle_gguf(
+    layout: RunLayout, cycle: int, qtype: str, adapter_sha: str | None = None
+) -> Path | None:
+    """03's GGUF of `cycle` in type `qtype` when it was built from the cycle's adapter as it is now, else
+    None. 06 links it into `deploy/gguf/` instead of exporting the same tensors again."""
+    path, marker = layout.cycle_gguf(cycle, qtype), layout.cycle_gguf_marker(cycle, qtype)
+    if not (path.is_file() and marker.is_file() and layout.adapter_dir(cycle).is_dir()):
+        return None
+    recorded = read_json(marker)
+    if recorded.get("qtype", qtype) != qtype:
+        return None
+    if recorded.get("adapter_sha256") != (adapter_sha or _adapter_digest(layout.adapter_dir(cycle))):
+        return None
+    return path
+
+
 def cycle_gguf(cfg: RunConfig, layout: RunLayout, cycle: int, progress: bool = True) -> tuple[Path, bool]:
     """(path, built now): the cycle's merged weights as GGUF of type `inference.llamacpp_gguf` at
     `layout.cycle_gguf(cycle, qtype)`.
 
     Built once per adapter: the merge is `merge_adapter` (what 06 ships, the model exactly as 03's
     transformers engine builds it) into `layout.cycle_merged_dir(cycle)`, the export `export_gguf` with
-    the tokenizer check 06 runs. `layout.cycle_gguf_marker(cycle, qtype)` records the adapter's content
+    the tokenizer check 06 runs. The merged folder is scratch, removed once the GGUF is written (success or
+    not): full-precision weights per cycle were most of a run's disk (the demo's 3.0 GB), and only 06's
+    shipped cycle needs them, which 06 writes into `deploy/merged/`. `layout.cycle_gguf_marker(cycle, qtype)` records the adapter's content
     hash, so a retrained adapter is re-exported.
     """
     adapter_dir = layout.adapter_dir(cycle)
-    sources = sorted(p for p in adapter_dir.iterdir() if p.suffix in (".safetensors", ".json", ".jinja"))
-    adapter_sha = _digest(sources)
+    adapter_sha = _adapter_digest(adapter_dir)
     qtype = cfg.inference.llamacpp_gguf
     path, marker = layout.cycle_gguf(cycle, qtype), layout.cycle_gguf_marker(cycle, qtype)
-    if path.is_file() and marker.is_file() and read_json(marker).get("adapter_sha256") == adapter_sha:
+    if current_cycle_gguf(layout, cycle, qtype, adapter_sha) is not None:
         return path, False
-    merged = merge_adapter(cfg, adapter_dir, layout.cycle_merged_dir(cycle))
-    record = {
-        "adapter": str(adapter_dir),
-        "adapter_sha256": adapter_sha,
-        "merge_seconds": round(merged.seconds, 2),
-    }
-    _export(cfg, merged.path, path, marker, f"cycle {cycle}", record)
+    scratch = layout.cycle_merged_dir(cycle)
+    try:
+        merged = merge_adapter(cfg, adapter_dir, scratch)
+        record = {
+            "adapter": str(adapter_dir),
+            "adapter_sha256": adapter_sha,
+            "merge_seconds": round(merged.seconds, 2),
+        }
+        _export(cfg, merged.path, path, marker, f"cycle {cycle}", record)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return path, True
 
 
@@ -371,7 +400,8 @@ def base_gguf(cfg: RunConfig, layout: RunLayout) -> tuple[Path, Path]:
     """(GGUF, its marker): the student before fine-tuning as GGUF (`inference.llamacpp_gguf`), for Table 1's
     base-student row when
     03 answers through llama.cpp (the cycles' engine). The model is saved as 02 loads it
-    (`load_student`, with the params' chat template) under `<run>/baselines/base_student/`."""
+    (`load_student`, with the params' chat template) into scratch `<run>/baselines/base_student/model/`,
+    removed after the export like `cycle_gguf`'s merged folder."""
     folder = layout.baseline_dir("base_student")
     qtype = cfg.inference.llamacpp_gguf
     path, marker = folder / f"model-{qtype}.gguf", folder / f"model-{qtype}.json"
@@ -384,11 +414,15 @@ def base_gguf(cfg: RunConfig, layout: RunLayout) -> tuple[Path, Path]:
     if path.is_file() and marker.is_file() and read_json(marker).get("source") == source:
         return path, marker
     model, tokenizer, _ = load_student(student, "none", resolve_dtype(student, cuda_available()))
-    with atomic_dir(folder / "model") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    del model
-    _export(cfg, folder / "model", path, marker, "base student", {"source": source})
+    scratch = folder / "model"
+    try:
+        with atomic_dir(scratch) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        del model
+        _export(cfg, scratch, path, marker, "base student", {"source": source})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return path, marker
 
 
@@ -420,7 +454,7 @@ def _export(cfg: RunConfig, model_dir: Path, path: Path, marker: Path, what: str
             "gguf": path.name,
             "gguf_sha256": _digest([path]),
             "qtype": qtype,
-            "merged_dir": str(model_dir),
+            "exported_from": f"{model_dir} (removed after the export)",
             "export_seconds": round(export.seconds, 2),
         },
     )
