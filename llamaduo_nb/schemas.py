@@ -37,6 +37,9 @@ cycle)` is the one reader of a cycle's metrics.json (the runner, 06, the summary
   cycle_NN/inference.json                            {engine, prompts, k, rows, tokens_generated, prompt_tokens,
       prompt_tokens_computed, load_time_s, wall_time_s, cpu_time_s, tokens_per_s, finish_reasons, ...}
   cycle_NN/output_lengths.png                        histogram of generated tokens per answer
+  cycle_NN/model-<type>.gguf, model-<type>.json      llama.cpp engine: the cycle's merged weights as GGUF
+      (<type> = inference.llamacpp_gguf) and {adapter, adapter_sha256, merge_seconds, gguf, gguf_sha256, qtype,
+      exported_from, export_seconds}; the merged HF folder was scratch (removed); 06 links this file when current
 
 04_evaluate
   cycle_NN/judgments.jsonl                           JUDGMENT_ROW, one per (prompt, sample, judge, repeat):
@@ -70,7 +73,8 @@ cycle)` is the one reader of a cycle's metrics.json (the runner, 06, the summary
 06_deploy
   deploy/merged/                                     HF folder (safetensors, tokenizer + chat_template.jinja,
                                                      generation_config.json) + README.md model card
-  deploy/gguf/model-<type>.gguf                      llama.cpp files, <type> in config.GGUF_TYPES (K-quants from F16)
+  deploy/gguf/model-<type>.gguf                      llama.cpp files, <type> in config.GGUF_TYPES (K-quants from F16;
+                                                     inference.llamacpp_gguf's a hard link of 03's when current)
   deploy/Modelfile, deploy/serve_llamacpp.sh        Ollama recipe; llama.cpp server launcher (relative paths)
   deploy/serve_vllm.sh                               vLLM launcher (merged, or MODE=lora; TP/PP/GPU_MEM)
   deploy/greedy_parity.jsonl                         one per (qtype, prompt): {qtype, prompt_id, category,
