@@ -7,7 +7,8 @@
       batches/               provider batches each stage submitted (<stage>-cycle_NN.json, see services/batches.py)
       coverage/              01: train.jsonl, test.jsonl, report.json, curation.json, 01_coverage.ipynb
       cycle_00/ cycle_01/ …  02-05 of each cycle: adapter/, train_log.jsonl, responses.jsonl,
-                             model-<type>.gguf (03 on llama.cpp; no merged weights are kept), judgments.jsonl, metrics.json, synthetic.jsonl, synth_report.json, notebooks
+                             model-<type>.gguf (03 on llama.cpp; no merged weights are kept), judgments.jsonl,
+                             metrics.json, synthetic.jsonl, synth_report.json, notebooks
       baselines/             04, once per run: <model>/responses.jsonl, judgments.jsonl, meta.json for the
                              student before fine-tuning (base_student) and each service baseline
       deploy/                06: merged/, gguf/, Modelfile, parity.json, economics.json, notebook

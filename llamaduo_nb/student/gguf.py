@@ -357,10 +357,7 @@ def current_cycle_gguf(
     path, marker = layout.cycle_gguf(cycle, qtype), layout.cycle_gguf_marker(cycle, qtype)
     if not (path.is_file() and marker.is_file() and layout.adapter_dir(cycle).is_dir()):
         return None
-    recorded = read_json(marker)
-    if recorded.get("qtype", qtype) != qtype:
-        return None
-    if recorded.get("adapter_sha256") != (adapter_sha or _adapter_digest(layout.adapter_dir(cycle))):
+    if read_json(marker).get("adapter_sha256") != (adapter_sha or _adapter_digest(layout.adapter_dir(cycle))):
         return None
     return path
 
@@ -373,8 +370,8 @@ def cycle_gguf(cfg: RunConfig, layout: RunLayout, cycle: int, progress: bool = T
     transformers engine builds it) into `layout.cycle_merged_dir(cycle)`, the export `export_gguf` with
     the tokenizer check 06 runs. The merged folder is scratch, removed once the GGUF is written (success or
     not): full-precision weights per cycle were most of a run's disk (the demo's 3.0 GB), and only 06's
-    shipped cycle needs them, which 06 writes into `deploy/merged/`. `layout.cycle_gguf_marker(cycle, qtype)` records the adapter's content
-    hash, so a retrained adapter is re-exported.
+    shipped cycle needs them, which 06 writes into `deploy/merged/`. `layout.cycle_gguf_marker(cycle, qtype)`
+    records the adapter's content hash, so a retrained adapter is re-exported.
     """
     adapter_dir = layout.adapter_dir(cycle)
     adapter_sha = _adapter_digest(adapter_dir)
