@@ -122,13 +122,38 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
     return Path(path)
 
 
+class NotEnoughSpace(OSError):
+    """A write would not fit on its file system; raised before anything is written."""
+
+
+def ensure_free_space(path: str | Path, need_bytes: int, what: str) -> None:
+    """Raise `NotEnoughSpace` naming `what`, the folder and both sizes when the file system holding `path`
+    (or its nearest existing parent) has less than `need_bytes` (+ 2 %) free. Model folders are written whole
+    before anything checks them, so a full disk found midway costs the minutes before it and leaves a
+    library error (safetensors' "I/O error: No space left on device") that names no file."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes * 1.02:
+        raise NotEnoughSpace(
+            f"{what}: needs about {need_bytes / 1e9:.2f} GB at {path}, but its file system has "
+            f"{free / 1e9:.2f} GB free; free some space (earlier runs under outputs/, pytest's /tmp/pytest-of-*) "
+            "or set outputs_dir to a larger disk"
+        )
+
+
 @contextlib.contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
+def atomic_dir(target: str | Path, need_bytes: int = 0, what: str = "") -> Iterator[Path]:
     """Yield a temp folder beside `target`; on success it replaces `target` whole, on error it is deleted.
 
-    Readers see the old folder or the new one, never a half-written one (model folders, adapters).
+    Readers see the old folder or the new one, never a half-written one (model folders, adapters). With
+    `need_bytes` (what the folder will hold), a file system without that much free space is refused before
+    anything is written (`ensure_free_space`; the old folder stays until the new one is complete).
     """
     target = Path(target)
+    if need_bytes:
+        ensure_free_space(target.parent, need_bytes, what or str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

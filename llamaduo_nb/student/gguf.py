@@ -413,7 +413,8 @@ def base_gguf(cfg: RunConfig, layout: RunLayout) -> tuple[Path, Path]:
     model, tokenizer, _ = load_student(student, "none", resolve_dtype(student, cuda_available()))
     scratch = folder / "model"
     try:
-        with atomic_dir(scratch) as tmp:
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        with atomic_dir(scratch, need_bytes=weights, what="the base student's weights (GGUF source)") as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         del model

@@ -45,7 +45,8 @@ def merge_adapter(cfg: RunConfig, adapter_dir: str | Path, out_dir: str | Path) 
             "would not see prompts the way it was trained"
         )
     tokenizer.padding_side = "right"  # load_model pads left for batched generation; ship the library default
-    with atomic_dir(out_dir) as tmp:
+    weights = sum(p.numel() * p.element_size() for p in merged.parameters())
+    with atomic_dir(out_dir, need_bytes=weights, what="the merged model") as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return MergeResult(
