@@ -381,6 +381,12 @@ def test_06_links_03s_gguf_of_the_shipped_cycle_when_it_is_current_and_exports_i
     fresh_tensors = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(fresh.path)).tensors}
     assert shipped_tensors.keys() == fresh_tensors.keys()
     assert all(np.array_equal(shipped_tensors[n], fresh_tensors[n]) for n in fresh_tensors)
+    (relinked,) = deploy.export_all(
+        cfg, layout, cycle=0
+    )  # 06 again: already the same file (rename is a no-op)
+    assert os.path.samefile(relinked.path, made) and [p.name for p in layout.gguf_dir.iterdir()] == [
+        made.name
+    ]
 
     # an adapter other than the one 03 exported (its recorded digest no longer matches): exported anew
     marker = layout.cycle_gguf_marker(0, "q8_0")
