@@ -138,8 +138,8 @@ def ensure_free_space(path: str | Path, need_bytes: int, what: str) -> None:
     if free < need_bytes * 1.02:
         raise NotEnoughSpace(
             f"{what}: needs about {need_bytes / 1e9:.2f} GB at {path}, but its file system has "
-            f"{free / 1e9:.2f} GB free; free some space (earlier runs under outputs/, pytest's /tmp/pytest-of-*) "
-            "or set outputs_dir to a larger disk"
+            f"{free / 1e9:.2f} GB free; free some space (e.g. earlier runs under outputs/) or set outputs_dir "
+            "to a larger disk"
         )
 
 

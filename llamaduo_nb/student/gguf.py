@@ -32,10 +32,10 @@ import numpy as np
 
 from ..config import ConfigError, RunConfig
 from ..embedded import EMBEDDED_PREFIX, embedded_gguf_path
-from ..jsonio import atomic_dir, read_json, sha256_file, write_json
+from ..jsonio import read_json, sha256_file, write_json
 from ..runlayout import RunLayout
 from .licence import base_licence
-from .loading import StudentError, cuda_available, load_student, resolve_dtype
+from .loading import StudentError, cuda_available, load_student, resolve_dtype, save_model_folder
 from .merge import merge_adapter
 
 
@@ -413,10 +413,7 @@ def base_gguf(cfg: RunConfig, layout: RunLayout) -> tuple[Path, Path]:
     model, tokenizer, _ = load_student(student, "none", resolve_dtype(student, cuda_available()))
     scratch = folder / "model"
     try:
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        with atomic_dir(scratch, need_bytes=weights, what="the base student's weights (GGUF source)") as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        save_model_folder(model, tokenizer, scratch, "the base student's weights (GGUF source)")
         del model
         _export(cfg, scratch, path, marker, "base student", {"source": source})
     finally:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import ConfigError, RunConfig, StudentConfig
 from ..embedded import resolve_model_path
-from ..jsonio import read_json
+from ..jsonio import atomic_dir, read_json
 from .chat import apply_chat_template_setting
 
 
@@ -174,3 +174,13 @@ def model_revision(student: StudentConfig, model_path: str) -> str | None:
         if sha:
             return f"gguf-sha256:{sha[:16]}"
     return None
+
+
+def save_model_folder(model: Any, tokenizer: Any, out_dir: str | Path, what: str) -> Path:
+    """`model` and `tokenizer` as a standard HF folder at `out_dir`, written whole (`atomic_dir`) and refused
+    up front when the disk cannot hold the weights (their bytes in memory, what safetensors writes)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    with atomic_dir(out_dir, need_bytes=weights, what=what) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(out_dir)

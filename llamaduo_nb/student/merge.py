@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import RunConfig
 from ..jsonio import atomic_dir, read_json, write_json
-from .loading import StudentError, load_model
+from .loading import StudentError, load_model, save_model_folder
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,7 @@ def merge_adapter(cfg: RunConfig, adapter_dir: str | Path, out_dir: str | Path) 
             "would not see prompts the way it was trained"
         )
     tokenizer.padding_side = "right"  # load_model pads left for batched generation; ship the library default
-    weights = sum(p.numel() * p.element_size() for p in merged.parameters())
-    with atomic_dir(out_dir, need_bytes=weights, what="the merged model") as tmp:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    save_model_folder(merged, tokenizer, out_dir, "the merged model")
     return MergeResult(
         path=out_dir,
         base_model=cfg.student.model_id,
